@@ -1,0 +1,868 @@
+//! Configuration: the typed settings of the daemon, where they come from
+//! (defaults < TOML file < environment < command-line flags) and their
+//! validation, which reports every problem at once, each naming its key.
+//!
+//! The TOML describes what runs (Redis, streams, plugins, limits); the flags
+//! describe the process (log format, which file). Nothing here does I/O
+//! beyond reading the one file.
+
+use figment::Figment;
+use figment::providers::{Format, Toml};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Every setting of the daemon.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The Redis that holds the streams.
+    pub redis: RedisConfig,
+    /// This worker: identity, consumer group, concurrency, recovery.
+    pub worker: WorkerConfig,
+    /// Where plugins come from and the limits of their sandboxes.
+    pub plugins: PluginsConfig,
+    /// Where task workspaces live.
+    pub workspace: WorkspaceConfig,
+    /// Lifetime and size of the streams we write, and the event writer.
+    pub streams: StreamsConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// `[redis]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// Full URL (`redis://`, `rediss://`, `unix://`); wins over the parts below when set.
+    pub url: Option<String>,
+    /// Host, as the reference SDK's REDIS_HOST.
+    pub host: String,
+    /// Port, as REDIS_PORT.
+    pub port: u16,
+    /// Database number, as REDIS_DB.
+    pub db: i64,
+    /// ACL user name, as REDIS_USERNAME.
+    pub username: Option<String>,
+    /// Password, as REDIS_PASSWORD.
+    pub password: Option<String>,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: None,
+            host: "127.0.0.1".into(),
+            port: 6379,
+            db: 0,
+            username: None,
+            password: None,
+        }
+    }
+}
+
+impl RedisConfig {
+    /// The URL to connect with: `url`, or one built from the parts.
+    pub fn connection_url(&self) -> String {
+        if let Some(url) = &self.url {
+            return url.clone();
+        }
+        let auth = match (&self.username, &self.password) {
+            (Some(user), Some(pass)) => format!("{}:{}@", encode(user), encode(pass)),
+            (None, Some(pass)) => format!(":{}@", encode(pass)),
+            (Some(user), None) => format!("{}@", encode(user)),
+            (None, None) => String::new(),
+        };
+        format!("redis://{auth}{}:{}/{}", self.host, self.port, self.db)
+    }
+}
+
+/// Percent-encodes everything but unreserved URL characters.
+fn encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+/// `[worker]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// Consumer name in the group and identity in the registry; one live process per id.
+    pub id: String,
+    /// Consumer group on every stream; shared with Python workers.
+    pub consumer_group: String,
+    /// Most tasks in flight; a permit is taken before more entries are read.
+    pub max_concurrency: usize,
+    /// Most entries one XREADGROUP returns.
+    pub fetch_count: usize,
+    /// XREADGROUP BLOCK, milliseconds; also bounds how long a shutdown waits for a read.
+    pub block_ms: u64,
+    /// An entry pending this long with another consumer is taken over, milliseconds.
+    pub claim_idle_ms: u64,
+    /// How often pending entries are checked (and our long tasks' entries renewed), milliseconds.
+    pub claim_interval_ms: u64,
+    /// An entry delivered more often than this is dead-lettered.
+    pub max_deliveries: u64,
+    /// Where rejected entries go, with the reason and their original fields.
+    pub dead_letter_stream: String,
+    /// On SIGTERM, how long in-flight tasks may finish, seconds.
+    pub shutdown_grace_s: u64,
+    /// Registry heartbeat and lock refresh interval, seconds.
+    pub heartbeat_interval_s: u64,
+    /// TTL of the worker-id lock, seconds; must exceed the heartbeat interval.
+    pub lock_ttl_s: u64,
+    /// After a graceful CANCEL_TASK, how long the plugin may take to return, milliseconds.
+    pub cancel_grace_ms: u64,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            id: "worker-1".into(),
+            consumer_group: "agent_engines".into(),
+            max_concurrency: 50,
+            fetch_count: 10,
+            block_ms: 2000,
+            claim_idle_ms: 60_000,
+            claim_interval_ms: 5000,
+            max_deliveries: 5,
+            dead_letter_stream: "byai_gateway:dead_letter".into(),
+            shutdown_grace_s: 30,
+            heartbeat_interval_s: 30,
+            lock_ttl_s: 60,
+            cancel_grace_ms: 5000,
+        }
+    }
+}
+
+/// `[plugins]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginsConfig {
+    /// Directory of `*.wasm` plugin components.
+    pub dir: PathBuf,
+    /// Memory cap of one task's sandbox, MiB.
+    pub memory_limit_mb: u64,
+    /// Wall-clock deadline of one task, host calls included, seconds.
+    pub deadline_s: u64,
+    /// Largest event one emit may produce, bytes of JSON.
+    pub max_event_bytes: usize,
+}
+
+impl Default for PluginsConfig {
+    fn default() -> Self {
+        PluginsConfig {
+            dir: PathBuf::from("plugins"),
+            memory_limit_mb: 128,
+            deadline_s: 300,
+            max_event_bytes: 1 << 20,
+        }
+    }
+}
+
+/// `[workspace]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkspaceConfig {
+    /// Base of `{session}/public` and `{session}/private/{message}` directories.
+    pub dir: PathBuf,
+}
+
+impl Default for WorkspaceConfig {
+    fn default() -> Self {
+        WorkspaceConfig {
+            dir: PathBuf::from("/tmp/gateway-workspace"),
+        }
+    }
+}
+
+/// `[streams]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamsConfig {
+    /// EXPIRE of session data streams and registries, seconds (reference: 7 days).
+    pub session_ttl_s: u64,
+    /// Approximate MAXLEN of session data streams; 0 keeps everything.
+    pub session_maxlen: u64,
+    /// XDEL control entries once acked, so control streams do not grow forever.
+    pub delete_acked: bool,
+    /// Bound of each event-writer queue, in batches; a full queue slows emitting plugins.
+    pub writer_queue: usize,
+    /// Most writes in one pipeline.
+    pub writer_batch: usize,
+}
+
+impl Default for StreamsConfig {
+    fn default() -> Self {
+        StreamsConfig {
+            session_ttl_s: 604_800,
+            session_maxlen: 10_000,
+            delete_acked: true,
+            writer_queue: 8192,
+            writer_batch: 512,
+        }
+    }
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter directive, e.g. `info` or `gatewayd=debug,info`.
+    pub level: String,
+    /// `human` or `json`.
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: LogFormat::Human,
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Readable lines.
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Settings given as command-line flags; they win over everything.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub redis_url: Option<String>,
+    pub plugin_dir: Option<PathBuf>,
+    pub worker_id: Option<String>,
+    pub log_format: Option<LogFormat>,
+    pub log_level: Option<String>,
+}
+
+/// One problem with the configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError {
+    /// Dotted key, e.g. `worker.max_concurrency`.
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
+    /// The file or environment variable the value came from, when known.
+    pub source: Option<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)?;
+        if let Some(source) = &self.source {
+            write!(f, " (from {source})")?;
+        }
+        Ok(())
+    }
+}
+
+/// Every problem found, one per line.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub struct ConfigErrors {
+    pub errors: Vec<ConfigError>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, error) in self.errors.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "  - {error}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Environment names of the reference SDK and the key each sets.
+const REFERENCE_ENV: &[(&str, &str, &str)] = &[
+    ("REDIS_HOST", "redis", "host"),
+    ("REDIS_PORT", "redis", "port"),
+    ("REDIS_DB", "redis", "db"),
+    ("REDIS_PASSWORD", "redis", "password"),
+    ("REDIS_USERNAME", "redis", "username"),
+    ("BYAI_WORKER_CONCURRENCY", "worker", "max_concurrency"),
+    ("BYAI_WORKER_FETCH_COUNT", "worker", "fetch_count"),
+    ("LOG_LEVEL", "log", "level"),
+];
+
+/// Prefix of our own environment variables: `GATEWAYD_<TABLE>__<KEY>`.
+const ENV_PREFIX: &str = "GATEWAYD_";
+
+/// A value of the merged configuration and where it came from.
+type Origins = std::collections::HashMap<String, String>;
+
+impl Config {
+    /// Loads from defaults, the file, the process environment and the flags.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigErrors> {
+        Self::load_from(file, std::env::vars(), overrides)
+    }
+
+    /// Like [`Config::load`] with an explicit environment (for tests).
+    pub fn load_from(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &Overrides,
+    ) -> Result<Config, ConfigErrors> {
+        let defaults = serde_json::to_value(Config::default()).expect("defaults serialize");
+        let mut merged = defaults.clone();
+        let mut origins = Origins::new();
+        let mut errors = Vec::new();
+
+        if let Some(path) = file {
+            match read_toml(path) {
+                Ok(table) => merge(
+                    &mut merged,
+                    table,
+                    &path.display().to_string(),
+                    &mut origins,
+                ),
+                Err(message) => errors.push(ConfigError {
+                    key: "(file)".into(),
+                    message,
+                    source: Some(path.display().to_string()),
+                }),
+            }
+        }
+
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        let mut env_layer = Map::new();
+        let mut env_origins = Vec::new();
+        // Reference names first, so that GATEWAYD_* set later wins.
+        for (name, table, key) in REFERENCE_ENV {
+            if let Some((_, value)) = env.iter().find(|(n, _)| n == name) {
+                set(
+                    &mut env_layer,
+                    table,
+                    key,
+                    typed(&defaults, table, key, value),
+                );
+                env_origins.push((format!("{table}.{key}"), name.to_string()));
+            }
+        }
+        if let Some((_, value)) = env.iter().find(|(n, _)| n == "LOG_USE_JSON") {
+            let json = matches!(value.to_ascii_lowercase().as_str(), "1" | "true" | "yes");
+            let format = if json { "json" } else { "human" };
+            set(
+                &mut env_layer,
+                "log",
+                "format",
+                Value::String(format.into()),
+            );
+            env_origins.push(("log.format".into(), "LOG_USE_JSON".into()));
+        }
+        let mut ours: Vec<&(String, String)> = env
+            .iter()
+            .filter(|(name, _)| name.starts_with(ENV_PREFIX))
+            .collect();
+        ours.sort();
+        for (name, value) in ours {
+            let path = name[ENV_PREFIX.len()..].to_ascii_lowercase();
+            match path.split_once("__") {
+                Some((table, key)) if !table.is_empty() && !key.is_empty() => {
+                    set(
+                        &mut env_layer,
+                        table,
+                        key,
+                        typed(&defaults, table, key, value),
+                    );
+                    env_origins.push((format!("{table}.{key}"), name.clone()));
+                }
+                _ => errors.push(ConfigError {
+                    key: path,
+                    message: format!("expected {ENV_PREFIX}<TABLE>__<KEY>"),
+                    source: Some(name.clone()),
+                }),
+            }
+        }
+        merge(&mut merged, Value::Object(env_layer), "", &mut origins);
+        for (key, name) in env_origins {
+            origins.insert(key, format!("environment variable {name}"));
+        }
+
+        let mut flags = Map::new();
+        let mut flag = |table: &str, key: &str, value: Value, name: &str| {
+            set(&mut flags, table, key, value);
+            origins.insert(format!("{table}.{key}"), format!("flag --{name}"));
+        };
+        if let Some(url) = &overrides.redis_url {
+            flag("redis", "url", Value::String(url.clone()), "redis-url");
+        }
+        if let Some(dir) = &overrides.plugin_dir {
+            flag(
+                "plugins",
+                "dir",
+                Value::String(dir.display().to_string()),
+                "plugin-dir",
+            );
+        }
+        if let Some(id) = &overrides.worker_id {
+            flag("worker", "id", Value::String(id.clone()), "worker-id");
+        }
+        if let Some(format) = overrides.log_format {
+            flag(
+                "log",
+                "format",
+                serde_json::to_value(format).expect("enum serializes"),
+                "log-format",
+            );
+        }
+        if let Some(level) = &overrides.log_level {
+            flag("log", "level", Value::String(level.clone()), "log-level");
+        }
+        let mut flag_origins = Origins::new();
+        merge(&mut merged, Value::Object(flags), "", &mut flag_origins);
+
+        let config = check_shape(&defaults, &merged, &origins, &mut errors);
+        if let Err(semantic) = config.validate() {
+            errors.extend(semantic.errors.into_iter().map(|mut e| {
+                e.source = origins.get(&e.key).cloned();
+                e
+            }));
+        }
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors { errors })
+        }
+    }
+
+    /// Checks the rules no type can express; every violation is reported.
+    pub fn validate(&self) -> Result<(), ConfigErrors> {
+        let mut errors = Vec::new();
+        let mut check = |ok: bool, key: &str, message: &str| {
+            if !ok {
+                errors.push(ConfigError {
+                    key: key.into(),
+                    message: message.into(),
+                    source: None,
+                });
+            }
+        };
+        let w = &self.worker;
+        let plain = |s: &str| !s.is_empty() && !s.chars().any(char::is_whitespace);
+        check(
+            plain(&w.id),
+            "worker.id",
+            "must be non-empty, without whitespace",
+        );
+        check(
+            plain(&w.consumer_group),
+            "worker.consumer_group",
+            "must be non-empty, without whitespace",
+        );
+        check(
+            plain(&w.dead_letter_stream),
+            "worker.dead_letter_stream",
+            "must be non-empty, without whitespace",
+        );
+        check(
+            (1..=10_000).contains(&w.max_concurrency),
+            "worker.max_concurrency",
+            "must be between 1 and 10000",
+        );
+        check(
+            w.fetch_count >= 1,
+            "worker.fetch_count",
+            "must be at least 1",
+        );
+        check(w.block_ms >= 1, "worker.block_ms", "must be at least 1");
+        check(
+            w.claim_idle_ms >= 1000,
+            "worker.claim_idle_ms",
+            "must be at least 1000",
+        );
+        check(
+            w.claim_interval_ms >= 10,
+            "worker.claim_interval_ms",
+            "must be at least 10",
+        );
+        check(
+            w.max_deliveries >= 1,
+            "worker.max_deliveries",
+            "must be at least 1",
+        );
+        check(
+            w.heartbeat_interval_s >= 1,
+            "worker.heartbeat_interval_s",
+            "must be at least 1",
+        );
+        check(
+            w.lock_ttl_s > w.heartbeat_interval_s,
+            "worker.lock_ttl_s",
+            "must be greater than worker.heartbeat_interval_s, or the lock expires between heartbeats",
+        );
+        let p = &self.plugins;
+        check(
+            (1..=4096).contains(&p.memory_limit_mb),
+            "plugins.memory_limit_mb",
+            "must be between 1 and 4096",
+        );
+        check(
+            p.deadline_s >= 1,
+            "plugins.deadline_s",
+            "must be at least 1",
+        );
+        check(
+            p.max_event_bytes >= 1024,
+            "plugins.max_event_bytes",
+            "must be at least 1024",
+        );
+        check(
+            !p.dir.as_os_str().is_empty(),
+            "plugins.dir",
+            "must not be empty",
+        );
+        check(
+            !self.workspace.dir.as_os_str().is_empty(),
+            "workspace.dir",
+            "must not be empty",
+        );
+        check(
+            self.streams.session_ttl_s >= 1,
+            "streams.session_ttl_s",
+            "must be at least 1",
+        );
+        check(
+            self.streams.writer_queue >= 1,
+            "streams.writer_queue",
+            "must be at least 1",
+        );
+        check(
+            self.streams.writer_batch >= 1,
+            "streams.writer_batch",
+            "must be at least 1",
+        );
+        check(self.redis.port != 0, "redis.port", "must not be 0");
+        if let Some(url) = &self.redis.url {
+            let scheme_ok = ["redis://", "rediss://", "unix://", "redis+unix://"]
+                .iter()
+                .any(|s| url.starts_with(s));
+            check(
+                scheme_ok,
+                "redis.url",
+                "must start with redis://, rediss://, unix:// or redis+unix://",
+            );
+        }
+        check(
+            tracing_subscriber::EnvFilter::try_new(&self.log.level).is_ok(),
+            "log.level",
+            "is not a valid tracing filter (e.g. `info`, `gatewayd=debug,info`)",
+        );
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors { errors })
+        }
+    }
+
+    /// XREADGROUP BLOCK.
+    pub fn block(&self) -> Duration {
+        Duration::from_millis(self.worker.block_ms)
+    }
+}
+
+fn read_toml(path: &Path) -> Result<Value, String> {
+    if !path.is_file() {
+        return Err(format!(
+            "configuration file {} does not exist",
+            path.display()
+        ));
+    }
+    Figment::from(Toml::file_exact(path))
+        .extract::<Value>()
+        .map_err(|e| e.to_string())
+}
+
+fn set(layer: &mut Map<String, Value>, table: &str, key: &str, value: Value) {
+    let entry = layer
+        .entry(table.to_owned())
+        .or_insert_with(|| Value::Object(Map::new()));
+    if let Value::Object(map) = entry {
+        map.insert(key.to_owned(), value);
+    }
+}
+
+/// Environment values are text; give them the type the default has.
+fn typed(defaults: &Value, table: &str, key: &str, text: &str) -> Value {
+    match defaults.get(table).and_then(|t| t.get(key)) {
+        Some(Value::Number(_)) => text
+            .trim()
+            .parse::<i64>()
+            .map(Value::from)
+            .or_else(|_| text.trim().parse::<u64>().map(Value::from))
+            .unwrap_or_else(|_| Value::String(text.to_owned())),
+        Some(Value::Bool(_)) => match text.trim().to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" => Value::Bool(true),
+            "false" | "0" | "no" => Value::Bool(false),
+            _ => Value::String(text.to_owned()),
+        },
+        _ => Value::String(text.to_owned()),
+    }
+}
+
+/// Overlays `layer` on `base` leaf by leaf, noting where each leaf came from.
+fn merge(base: &mut Value, layer: Value, origin: &str, origins: &mut Origins) {
+    let (Value::Object(base), Value::Object(layer)) = (base, layer) else {
+        return;
+    };
+    for (table, value) in layer {
+        match (base.get_mut(&table), value) {
+            (Some(Value::Object(base_table)), Value::Object(layer_table)) => {
+                for (key, value) in layer_table {
+                    if !origin.is_empty() {
+                        origins.insert(format!("{table}.{key}"), origin.to_owned());
+                    }
+                    base_table.insert(key, value);
+                }
+            }
+            (_, value) => {
+                if !origin.is_empty() {
+                    origins.insert(table.clone(), origin.to_owned());
+                }
+                base.insert(table, value);
+            }
+        }
+    }
+}
+
+/// Checks every table and key of the merged values against the schema (the
+/// shape of the defaults), each key on its own so that all errors are found.
+fn check_shape(
+    defaults: &Value,
+    merged: &Value,
+    origins: &Origins,
+    errors: &mut Vec<ConfigError>,
+) -> Config {
+    let defaults = defaults.as_object().expect("config is a table");
+    let merged = merged.as_object().expect("config is a table");
+    let tables: Vec<&str> = defaults.keys().map(String::as_str).collect();
+    let mut cleaned = defaults.clone();
+    for (table, value) in merged {
+        let Some(default_table) = defaults.get(table).and_then(Value::as_object) else {
+            errors.push(ConfigError {
+                key: table.clone(),
+                message: format!("unknown table, expected one of: {}", tables.join(", ")),
+                source: origins.get(table).cloned(),
+            });
+            continue;
+        };
+        let Some(table_values) = value.as_object() else {
+            errors.push(ConfigError {
+                key: table.clone(),
+                message: "must be a table".into(),
+                source: origins.get(table).cloned(),
+            });
+            continue;
+        };
+        let known: Vec<&str> = default_table.keys().map(String::as_str).collect();
+        for (key, leaf) in table_values {
+            let dotted = format!("{table}.{key}");
+            if !default_table.contains_key(key) {
+                errors.push(ConfigError {
+                    message: format!("unknown key, expected one of: {}", known.join(", ")),
+                    source: origins.get(&dotted).cloned(),
+                    key: dotted,
+                });
+                continue;
+            }
+            // Deserialize the defaults with just this key replaced.
+            let mut probe = Value::Object(defaults.clone());
+            probe[table.as_str()][key.as_str()] = leaf.clone();
+            match serde_json::from_value::<Config>(probe) {
+                Ok(_) => cleaned[table.as_str()][key.as_str()] = leaf.clone(),
+                Err(error) => {
+                    let message = error.to_string();
+                    let message = message
+                        .split(" at line")
+                        .next()
+                        .unwrap_or(&message)
+                        .to_owned();
+                    errors.push(ConfigError {
+                        message: format!("{message}, found {}", describe(leaf)),
+                        source: origins.get(&dotted).cloned(),
+                        key: dotted,
+                    });
+                }
+            }
+        }
+    }
+    // Valid keys only: the semantic rules can still be checked on the rest.
+    serde_json::from_value(Value::Object(cleaned)).expect("a config of valid leaves deserializes")
+}
+
+fn describe(value: &Value) -> String {
+    match value {
+        Value::String(s) => format!("string {s:?}"),
+        Value::Null => "nothing".into(),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write as _;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn file(text: &str) -> tempfile::NamedTempFile {
+        let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+        file.write_all(text.as_bytes()).unwrap();
+        file
+    }
+
+    #[test]
+    fn defaults_match_the_reference() {
+        let config = Config::load_from(None, env(&[]), &Overrides::default()).unwrap();
+        assert_eq!(config, Config::default());
+        assert_eq!(config.worker.id, "worker-1");
+        assert_eq!(config.worker.consumer_group, "agent_engines");
+        assert_eq!(config.worker.max_concurrency, 50);
+        assert_eq!(config.worker.fetch_count, 10);
+        assert_eq!(
+            config.workspace.dir,
+            PathBuf::from("/tmp/gateway-workspace")
+        );
+        assert_eq!(config.redis.connection_url(), "redis://127.0.0.1:6379/0");
+    }
+
+    #[test]
+    fn file_then_env_then_flags() {
+        let toml = file(
+            "[worker]\nid = \"from-file\"\nmax_concurrency = 7\nfetch_count = 3\n[redis]\nhost = \"file-host\"\n",
+        );
+        let config = Config::load_from(
+            Some(toml.path()),
+            env(&[
+                ("BYAI_WORKER_CONCURRENCY", "9"),
+                ("REDIS_HOST", "ref-host"),
+                ("GATEWAYD_REDIS__HOST", "our-host"),
+                ("GATEWAYD_WORKER__ID", "from-env"),
+                ("LOG_USE_JSON", "true"),
+            ]),
+            &Overrides {
+                worker_id: Some("from-flag".into()),
+                ..Overrides::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(config.worker.id, "from-flag");
+        assert_eq!(config.worker.max_concurrency, 9);
+        assert_eq!(config.worker.fetch_count, 3);
+        assert_eq!(config.redis.host, "our-host", "GATEWAYD_* beats REDIS_HOST");
+        assert_eq!(config.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn reference_env_names_are_honoured() {
+        let config = Config::load_from(
+            None,
+            env(&[
+                ("REDIS_HOST", "10.0.0.5"),
+                ("REDIS_PORT", "6380"),
+                ("REDIS_DB", "2"),
+                ("REDIS_USERNAME", "app"),
+                ("REDIS_PASSWORD", "p@ss word"),
+                ("BYAI_WORKER_FETCH_COUNT", "20"),
+            ]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            config.redis.connection_url(),
+            "redis://app:p%40ss%20word@10.0.0.5:6380/2"
+        );
+        assert_eq!(config.worker.fetch_count, 20);
+        let flagged = Config::load_from(
+            None,
+            env(&[("REDIS_HOST", "10.0.0.5")]),
+            &Overrides {
+                redis_url: Some("redis://other:1/0".into()),
+                ..Overrides::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(flagged.redis.connection_url(), "redis://other:1/0");
+    }
+
+    #[test]
+    fn a_bad_file_reports_every_error_with_its_key() {
+        let toml = file(
+            "[worker]\nmax_concurency = 5\nmax_concurrency = \"abc\"\nfetch_count = 0\n\n[plugin]\ndir = \"x\"\n\n[plugins]\nmemory_limit_mb = 9000\n",
+        );
+        let errors =
+            Config::load_from(Some(toml.path()), env(&[]), &Overrides::default()).unwrap_err();
+        let keys: Vec<&str> = errors.errors.iter().map(|e| e.key.as_str()).collect();
+        assert!(keys.contains(&"worker.max_concurency"), "{errors}");
+        assert!(keys.contains(&"worker.max_concurrency"), "{errors}");
+        assert!(keys.contains(&"plugin"), "{errors}");
+        assert!(
+            keys.contains(&"worker.fetch_count"),
+            "range errors too: {errors}"
+        );
+        assert!(keys.contains(&"plugins.memory_limit_mb"), "{errors}");
+        let text = errors.to_string();
+        assert!(text.contains("unknown key"), "{text}");
+        assert!(text.contains("unknown table"), "{text}");
+        assert!(text.contains("string \"abc\""), "{text}");
+        assert!(text.contains(&toml.path().display().to_string()), "{text}");
+    }
+
+    #[test]
+    fn range_errors_are_all_reported_with_their_source() {
+        let errors = Config::load_from(
+            None,
+            env(&[
+                ("GATEWAYD_WORKER__FETCH_COUNT", "0"),
+                ("GATEWAYD_PLUGINS__MEMORY_LIMIT_MB", "9000"),
+                ("GATEWAYD_WORKER__HEARTBEAT_INTERVAL_S", "90"),
+                ("GATEWAYD_NOPE", "1"),
+            ]),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        let text = errors.to_string();
+        for needle in [
+            "worker.fetch_count: must be at least 1 (from environment variable GATEWAYD_WORKER__FETCH_COUNT)",
+            "plugins.memory_limit_mb: must be between 1 and 4096",
+            "worker.lock_ttl_s: must be greater than worker.heartbeat_interval_s",
+            "GATEWAYD_NOPE",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn a_missing_file_is_an_error_naming_it() {
+        let errors = Config::load_from(
+            Some(Path::new("/nonexistent/gateway.toml")),
+            env(&[]),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(errors.to_string().contains("/nonexistent/gateway.toml"));
+    }
+}
