@@ -1,1 +1,214 @@
+//! `gatewayd`: runs AI agents as sandboxed WebAssembly components, fed by the
+//! Redis Streams of the byclaw gateway protocol.
+//!
+//! [`run`] is the whole daemon; `main.rs` only parses flags, sets up logging
+//! and waits for a signal. Tests start the daemon in-process through [`run`].
+//!
+//! Modules, from the wire inwards: [`wire`] (the protocol's shapes),
+//! [`broker`] (stream commands), [`events`] (the pipelined writer),
+//! [`executions`] (the session registry), [`plugin`] (engine, sandbox, host
+//! functions, loading), [`dispatch`] (task lifecycle and the consuming
+//! loops), [`registry`] (worker membership), [`config`].
 
+pub mod broker;
+pub mod config;
+pub mod dispatch;
+pub mod events;
+pub mod executions;
+pub mod plugin;
+pub mod registry;
+pub mod wire;
+
+use arc_swap::ArcSwap;
+use config::Config;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+/// Why the daemon could not start (or stopped with an error).
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("invalid configuration:\n{0}")]
+    Config(#[from] config::ConfigErrors),
+    #[error(transparent)]
+    Engine(#[from] plugin::PluginError),
+    #[error(transparent)]
+    PluginDir(#[from] plugin::loader::DirError),
+    #[error("no plugin could be loaded from {dir}; nothing to serve")]
+    NoPlugins { dir: std::path::PathBuf },
+    #[error(transparent)]
+    Redis(#[from] broker::BrokerError),
+    #[error(transparent)]
+    Registry(#[from] registry::RegistryError),
+}
+
+/// Runs the daemon until `shutdown` resolves, then stops gracefully: no new
+/// reads, in-flight tasks get `worker.shutdown_grace_s` to finish (those cut
+/// off stay pending for another worker), queued writes are flushed, and the
+/// worker leaves the registry.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    config.validate()?;
+    let worker = &config.worker;
+    let limits = plugin::Limits {
+        memory_bytes: (config.plugins.memory_limit_mb as usize) << 20,
+        deadline: Duration::from_secs(config.plugins.deadline_s),
+        max_event_bytes: config.plugins.max_event_bytes,
+    };
+    let sandbox = plugin::Sandbox::new(limits, worker.max_concurrency)?;
+
+    let started = std::time::Instant::now();
+    let loaded = plugin::loader::load_dir(&sandbox, &config.plugins.dir).await?;
+    for rejected in &loaded.rejected {
+        tracing::error!(error = %rejected, "plugin skipped");
+    }
+    for (capability, plugin) in &loaded.table.by_capability {
+        tracing::info!(%capability, plugin = %plugin.label(), path = %plugin.path.display(), "serving");
+    }
+    if loaded.table.by_capability.is_empty() {
+        return Err(RunError::NoPlugins {
+            dir: config.plugins.dir.clone(),
+        });
+    }
+    tracing::info!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "plugins loaded"
+    );
+    let capabilities = loaded.table.capabilities();
+    let plugins = Arc::new(ArcSwap::from_pointee(loaded.table));
+
+    let url = config.redis.connection_url();
+    let block = Duration::from_millis(worker.block_ms);
+    let blocking_timeout = block + Duration::from_secs(10);
+    let mut commands = broker::connect(&url, Duration::from_secs(10)).await?;
+    let reader = broker::connect(&url, blocking_timeout).await?;
+    let control_reader = broker::connect(&url, blocking_timeout).await?;
+    let claimer = broker::connect(&url, Duration::from_secs(10)).await?;
+
+    let capability_streams: Vec<Arc<str>> = capabilities
+        .iter()
+        .map(|c| Arc::from(wire::keys::capability_stream(c)))
+        .collect();
+    let control_stream: Arc<str> = Arc::from(wire::keys::worker_stream(&worker.id));
+    for stream in capability_streams.iter().chain([&control_stream]) {
+        broker::ensure_group(&mut commands, stream, &worker.consumer_group).await?;
+    }
+    let membership = registry::Membership::join(
+        &mut commands,
+        &worker.id,
+        capabilities.clone(),
+        worker.lock_ttl_s,
+    )
+    .await?;
+    tracing::info!(
+        worker_id = %worker.id,
+        group = %worker.consumer_group,
+        capabilities = ?capabilities,
+        max_concurrency = worker.max_concurrency,
+        "worker registered"
+    );
+
+    let stop_reading = CancellationToken::new();
+    let force_stop = CancellationToken::new();
+    let (writer, writer_lanes) = events::Writer::start(
+        commands.clone(),
+        events::WriterConfig {
+            lanes: 4,
+            queue: config.streams.writer_queue,
+            max_batch: config.streams.writer_batch,
+            session_maxlen: config.streams.session_maxlen,
+            session_ttl_s: config.streams.session_ttl_s,
+        },
+        force_stop.clone(),
+    );
+    let dispatcher = dispatch::Dispatcher::new(
+        dispatch::Settings {
+            worker_id: Arc::from(worker.id.as_str()),
+            group: Arc::from(worker.consumer_group.as_str()),
+            workspace_dir: config.workspace.dir.clone(),
+            deadline: limits_deadline(&config),
+            cancel_grace: Duration::from_millis(worker.cancel_grace_ms),
+            max_deliveries: worker.max_deliveries,
+            dead_letter_stream: worker.dead_letter_stream.clone(),
+            delete_acked: config.streams.delete_acked,
+            fetch_count: worker.fetch_count,
+            block,
+            claim_idle: Duration::from_millis(worker.claim_idle_ms),
+            claim_interval: Duration::from_millis(worker.claim_interval_ms),
+        },
+        writer,
+        plugins.clone(),
+        executions::Registry::new(config.streams.session_ttl_s),
+        commands.clone(),
+        force_stop.clone(),
+    );
+    let permits = Arc::new(Semaphore::new(worker.max_concurrency));
+    let stop_control = CancellationToken::new();
+    let loops = tokio_util::task::TaskTracker::new();
+    loops.spawn(dispatcher.clone().consume(
+        reader,
+        capability_streams.clone(),
+        permits.clone(),
+        stop_reading.clone(),
+    ));
+    loops.spawn(dispatcher.clone().reclaim(
+        claimer,
+        capability_streams.clone(),
+        permits.clone(),
+        stop_reading.clone(),
+    ));
+    loops.spawn(dispatcher.clone().control(
+        control_reader,
+        control_stream.clone(),
+        stop_control.clone(),
+    ));
+    let membership = Arc::new(membership);
+    {
+        let membership = membership.clone();
+        let conn = commands.clone();
+        let interval = Duration::from_secs(worker.heartbeat_interval_s);
+        let stop = stop_control.clone();
+        loops.spawn(async move { membership.heartbeat(conn, interval, stop).await });
+    }
+    loops.close();
+
+    shutdown.await;
+    tracing::info!("shutting down: no new tasks are read");
+    stop_reading.cancel();
+    let tasks = dispatcher.tracker().clone();
+    tasks.close();
+    let grace = Duration::from_secs(worker.shutdown_grace_s);
+    if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
+        let still_running = dispatcher.running_summary();
+        tracing::warn!(
+            grace_s = worker.shutdown_grace_s,
+            count = still_running.len(),
+            tasks = ?still_running,
+            "grace period over; cutting off the tasks still running (their entries stay pending for another worker)"
+        );
+        force_stop.cancel();
+        tasks.wait().await;
+    }
+    stop_control.cancel();
+    loops.wait().await;
+    // The last writer handles go with the dispatcher; the lanes then drain.
+    drop(dispatcher);
+    let flush = futures::future::join_all(writer_lanes);
+    if tokio::time::timeout(Duration::from_secs(10), flush)
+        .await
+        .is_err()
+    {
+        tracing::warn!("event writer did not drain within 10 s; giving up on queued writes");
+        force_stop.cancel();
+    }
+    match membership.leave(&mut commands).await {
+        Ok(()) => tracing::info!(worker_id = %worker.id, "worker unregistered"),
+        Err(error) => tracing::warn!(%error, "could not unregister the worker"),
+    }
+    Ok(())
+}
+
+fn limits_deadline(config: &Config) -> Duration {
+    Duration::from_secs(config.plugins.deadline_s)
+}

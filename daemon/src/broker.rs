@@ -1,0 +1,254 @@
+//! Redis Streams as a work queue: connections, consumer groups, reading new
+//! entries, and taking over entries that a dead consumer left pending.
+//!
+//! This module knows stream commands, not what the entries mean.
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::streams::{StreamClaimReply, StreamId, StreamPendingCountReply, StreamReadReply};
+use redis::{RedisError, Value};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A Redis failure, with what we were doing.
+#[derive(Debug, thiserror::Error)]
+#[error("redis {operation} on {key}: {source}")]
+pub struct BrokerError {
+    pub operation: &'static str,
+    pub key: String,
+    #[source]
+    pub source: RedisError,
+}
+
+fn err<'a>(operation: &'static str, key: &'a str) -> impl FnOnce(RedisError) -> BrokerError + 'a {
+    move |source| BrokerError {
+        operation,
+        key: key.to_owned(),
+        source,
+    }
+}
+
+/// Opens a reconnecting, multiplexed connection. `response_timeout` must
+/// exceed the BLOCK time of any blocking read made on it.
+pub async fn connect(
+    url: &str,
+    response_timeout: Duration,
+) -> Result<ConnectionManager, BrokerError> {
+    let client = redis::Client::open(url).map_err(err("connect", "(url)"))?;
+    let config = ConnectionManagerConfig::new()
+        .set_response_timeout(Some(response_timeout))
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_number_of_retries(6)
+        .set_max_delay(Duration::from_secs(2));
+    ConnectionManager::new_with_config(client, config)
+        .await
+        .map_err(err("connect", url))
+}
+
+/// `XGROUP CREATE <stream> <group> 0 MKSTREAM`, BUSYGROUP ignored.
+pub async fn ensure_group(
+    conn: &mut ConnectionManager,
+    stream: &str,
+    group: &str,
+) -> Result<(), BrokerError> {
+    let result: Result<(), RedisError> = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(stream)
+        .arg(group)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(conn)
+        .await;
+    match result {
+        Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+        other => other.map_err(err("XGROUP CREATE", stream)),
+    }
+}
+
+/// One entry read from a stream.
+#[derive(Debug)]
+pub struct Delivery {
+    /// The stream it came from.
+    pub stream: Arc<str>,
+    /// Its entry id.
+    pub id: String,
+    /// Its fields.
+    pub fields: Vec<(String, Vec<u8>)>,
+    /// How many times it has been delivered, this time included.
+    pub deliveries: u64,
+}
+
+impl Delivery {
+    /// The value of one field.
+    pub fn field(&self, name: &str) -> Option<&[u8]> {
+        self.fields
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_slice())
+    }
+
+    fn from_stream_id(stream: Arc<str>, entry: StreamId, deliveries: u64) -> Self {
+        let fields = entry
+            .map
+            .into_iter()
+            .map(|(name, value)| (name, value_bytes(value)))
+            .collect();
+        Delivery {
+            stream,
+            id: entry.id,
+            fields,
+            deliveries,
+        }
+    }
+}
+
+fn value_bytes(value: Value) -> Vec<u8> {
+    match value {
+        Value::BulkString(bytes) => bytes,
+        Value::SimpleString(s) => s.into_bytes(),
+        Value::Int(i) => i.to_string().into_bytes(),
+        other => format!("{other:?}").into_bytes(),
+    }
+}
+
+/// `XREADGROUP GROUP g c COUNT n BLOCK ms STREAMS s... > ...`.
+pub async fn read_group(
+    conn: &mut ConnectionManager,
+    group: &str,
+    consumer: &str,
+    streams: &[Arc<str>],
+    count: usize,
+    block: Duration,
+) -> Result<Vec<Delivery>, BrokerError> {
+    let mut cmd = redis::cmd("XREADGROUP");
+    cmd.arg("GROUP")
+        .arg(group)
+        .arg(consumer)
+        .arg("COUNT")
+        .arg(count)
+        .arg("BLOCK")
+        .arg(block.as_millis() as u64)
+        .arg("STREAMS");
+    for stream in streams {
+        cmd.arg(&**stream);
+    }
+    for _ in streams {
+        cmd.arg(">");
+    }
+    let reply: Option<StreamReadReply> = cmd
+        .query_async(conn)
+        .await
+        .map_err(err("XREADGROUP", streams.first().map_or("", |s| &**s)))?;
+    let mut out = Vec::new();
+    for key in reply.map(|r| r.keys).unwrap_or_default() {
+        let stream = streams
+            .iter()
+            .find(|s| ***s == *key.key)
+            .cloned()
+            .unwrap_or_else(|| Arc::from(key.key.as_str()));
+        for entry in key.ids {
+            out.push(Delivery::from_stream_id(stream.clone(), entry, 1));
+        }
+    }
+    Ok(out)
+}
+
+/// An entry pending in a consumer group.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    pub id: String,
+    pub consumer: String,
+    pub idle_ms: u64,
+    pub deliveries: u64,
+}
+
+/// `XPENDING <stream> <group> IDLE <ms> - + <count>`: entries idle at least `min_idle`.
+pub async fn pending_idle(
+    conn: &mut ConnectionManager,
+    stream: &str,
+    group: &str,
+    min_idle: Duration,
+    count: usize,
+) -> Result<Vec<Pending>, BrokerError> {
+    let reply: StreamPendingCountReply = redis::cmd("XPENDING")
+        .arg(stream)
+        .arg(group)
+        .arg("IDLE")
+        .arg(min_idle.as_millis() as u64)
+        .arg("-")
+        .arg("+")
+        .arg(count)
+        .query_async(conn)
+        .await
+        .map_err(err("XPENDING", stream))?;
+    Ok(reply
+        .ids
+        .into_iter()
+        .map(|p| Pending {
+            id: p.id,
+            consumer: p.consumer,
+            idle_ms: p.last_delivered_ms as u64,
+            deliveries: p.times_delivered as u64,
+        })
+        .collect())
+}
+
+/// `XCLAIM` entries idle at least `min_idle` for `consumer`. Entries deleted
+/// meanwhile are dropped from the pending list by Redis and not returned.
+pub async fn claim(
+    conn: &mut ConnectionManager,
+    stream: &Arc<str>,
+    group: &str,
+    consumer: &str,
+    min_idle: Duration,
+    pending: &[Pending],
+) -> Result<Vec<Delivery>, BrokerError> {
+    if pending.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut cmd = redis::cmd("XCLAIM");
+    cmd.arg(&**stream)
+        .arg(group)
+        .arg(consumer)
+        .arg(min_idle.as_millis() as u64);
+    for p in pending {
+        cmd.arg(&p.id);
+    }
+    let reply: StreamClaimReply = cmd.query_async(conn).await.map_err(err("XCLAIM", stream))?;
+    Ok(reply
+        .ids
+        .into_iter()
+        .map(|entry| {
+            // XCLAIM counts this delivery too.
+            let deliveries = pending
+                .iter()
+                .find(|p| p.id == entry.id)
+                .map_or(1, |p| p.deliveries + 1);
+            Delivery::from_stream_id(stream.clone(), entry, deliveries)
+        })
+        .collect())
+}
+
+/// Resets the idle time of entries this consumer is still working on, so
+/// no other worker takes them over (`XCLAIM ... 0 ids JUSTID`).
+pub async fn renew(
+    conn: &mut ConnectionManager,
+    stream: &str,
+    group: &str,
+    consumer: &str,
+    ids: &[String],
+) -> Result<(), BrokerError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let mut cmd = redis::cmd("XCLAIM");
+    cmd.arg(stream).arg(group).arg(consumer).arg(0);
+    for id in ids {
+        cmd.arg(id);
+    }
+    cmd.arg("JUSTID");
+    let _: Value = cmd
+        .query_async(conn)
+        .await
+        .map_err(err("XCLAIM JUSTID", stream))?;
+    Ok(())
+}

@@ -1,0 +1,854 @@
+//! From a stream entry to an acknowledged outcome: routing to the plugin,
+//! concurrency permits, the task lifecycle of the reference worker
+//! (replay check, workspace, run, reply to a calling agent, terminal state,
+//! execution record, XACK), dead letters, cancels, and the loops that feed it
+//! (new entries, abandoned entries, the worker's control stream).
+
+use crate::broker::{self, Delivery};
+use crate::events::{Write, Writer};
+use crate::executions::{Begin, NewExecution, Registry};
+use crate::plugin::loader::PluginTable;
+use crate::plugin::{CallError, CancelSignal, TaskDirs, TaskHost, TaskShared};
+use crate::wire::{self, Action, ControlCommand, EventOrigin, keys, state};
+use arc_swap::ArcSwap;
+use redis::aio::ConnectionManager;
+use serde_json::value::RawValue;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+/// The settings dispatch needs, taken from the config.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub worker_id: Arc<str>,
+    pub group: Arc<str>,
+    pub workspace_dir: PathBuf,
+    pub deadline: Duration,
+    pub cancel_grace: Duration,
+    pub max_deliveries: u64,
+    pub dead_letter_stream: String,
+    pub delete_acked: bool,
+    pub fetch_count: usize,
+    pub block: Duration,
+    pub claim_idle: Duration,
+    pub claim_interval: Duration,
+}
+
+/// A task in progress on this worker.
+struct Running {
+    cancel: Arc<CancelSignal>,
+    stream: Arc<str>,
+    entry_id: String,
+    agent_type: String,
+    started: Instant,
+}
+
+/// Shared by every task and loop.
+pub struct Dispatcher {
+    settings: Settings,
+    writer: Writer,
+    /// Swapped as a whole when the plugin set changes.
+    plugins: Arc<ArcSwap<PluginTable>>,
+    executions: Registry,
+    /// For the one read-modify-write per task (the execution record).
+    redis: ConnectionManager,
+    /// Tasks in progress, by message id: cancels find them here, the claimer
+    /// renews their entries, shutdown lists them.
+    running: Mutex<HashMap<String, Running>>,
+    /// Tasks spawned; shutdown waits on it.
+    tracker: TaskTracker,
+    /// Fires when tasks must stop now (grace period over): they return
+    /// without acknowledging, so their entries stay pending for another worker.
+    force_stop: CancellationToken,
+}
+
+/// How a task ended.
+enum Outcome {
+    Completed(String),
+    Failed(String),
+    Cancelled(String),
+    /// The daemon stopped under it; nothing written, entry stays pending.
+    CutOff,
+}
+
+impl Dispatcher {
+    pub fn new(
+        settings: Settings,
+        writer: Writer,
+        plugins: Arc<ArcSwap<PluginTable>>,
+        executions: Registry,
+        redis: ConnectionManager,
+        force_stop: CancellationToken,
+    ) -> Arc<Self> {
+        Arc::new(Dispatcher {
+            settings,
+            writer,
+            plugins,
+            executions,
+            redis,
+            running: Mutex::new(HashMap::new()),
+            tracker: TaskTracker::new(),
+            force_stop,
+        })
+    }
+
+    /// The task tracker, for shutdown.
+    pub fn tracker(&self) -> &TaskTracker {
+        &self.tracker
+    }
+
+    /// One line per task still running, for shutdown logs.
+    pub fn running_summary(&self) -> Vec<String> {
+        let running = self.running.lock().expect("running lock is never poisoned");
+        running
+            .iter()
+            .map(|(message_id, r)| {
+                format!(
+                    "{message_id} ({}, {:.1} s)",
+                    r.agent_type,
+                    r.started.elapsed().as_secs_f64()
+                )
+            })
+            .collect()
+    }
+
+    fn spawn(self: &Arc<Self>, delivery: Delivery, permit: OwnedSemaphorePermit) {
+        let this = self.clone();
+        self.tracker.spawn(async move {
+            this.handle(delivery).await;
+            drop(permit);
+        });
+    }
+
+    async fn handle(self: Arc<Self>, delivery: Delivery) {
+        let agent_type = delivery
+            .stream
+            .strip_prefix(&keys::capability_stream(""))
+            .unwrap_or(&delivery.stream)
+            .to_owned();
+        let Some(data) = delivery.field("data") else {
+            let reason = "entry has no `data` field".to_owned();
+            return self.dead_letter(&delivery, &agent_type, reason, None).await;
+        };
+        let command = match wire::parse_control(data) {
+            Ok(command) => command,
+            Err(malformed) => {
+                let session = wire::salvage_session_id(data);
+                return self
+                    .dead_letter(&delivery, &agent_type, malformed.0, session)
+                    .await;
+            }
+        };
+        if matches!(command.action, Action::CancelTask(_)) {
+            let reason = "CANCEL_TASK belongs on a worker control stream, not a capability stream";
+            let session = Some(command.header.session_id.clone());
+            return self
+                .dead_letter(&delivery, &agent_type, reason.into(), session)
+                .await;
+        }
+        if delivery.deliveries > self.settings.max_deliveries {
+            let reason = format!(
+                "delivered {} times without finishing (worker.max_deliveries = {})",
+                delivery.deliveries, self.settings.max_deliveries
+            );
+            let session = Some(command.header.session_id.clone());
+            return self
+                .dead_letter(&delivery, &agent_type, reason, session)
+                .await;
+        }
+        let span = tracing::info_span!(
+            "task",
+            message_id = %command.header.message_id,
+            session_id = %command.header.session_id,
+            trace_id = %command.header.trace_id,
+            agent_type = %agent_type,
+            action = command.action.name(),
+            plugin = tracing::field::Empty,
+        );
+        self.run(delivery, agent_type, command)
+            .instrument(span)
+            .await;
+    }
+
+    async fn run(&self, delivery: Delivery, agent_type: String, command: ControlCommand) {
+        let header = &command.header;
+        let begin = self
+            .executions
+            .begin(
+                &mut self.redis.clone(),
+                NewExecution {
+                    message_id: &header.message_id,
+                    session_id: &header.session_id,
+                    worker_id: &self.settings.worker_id,
+                    target_agent_type: &header.target_agent_type,
+                    stream_name: &delivery.stream,
+                    redis_message_id: &delivery.id,
+                },
+            )
+            .await;
+        let mut execution = match begin {
+            Ok(Begin::Run(execution)) => execution,
+            Ok(Begin::Terminal {
+                execution_id,
+                status,
+            }) => {
+                tracing::info!(%execution_id, %status, "already finished; redelivery acknowledged and skipped");
+                let _ = self
+                    .writer
+                    .commit(&header.session_id, vec![self.ack(&delivery)])
+                    .await;
+                return;
+            }
+            Err(error) => {
+                // Redis is failing; leave the entry pending. It is retried
+                // when claimed again after worker.claim_idle_ms.
+                tracing::warn!(%error, "cannot record the execution; entry left pending");
+                return;
+            }
+        };
+
+        let cancel = Arc::new(CancelSignal::default());
+        if execution.cancel_requested {
+            cancel.request(&execution.cancel_reason);
+        }
+        self.running
+            .lock()
+            .expect("running lock is never poisoned")
+            .entry(header.message_id.clone())
+            .or_insert_with(|| Running {
+                cancel: cancel.clone(),
+                stream: delivery.stream.clone(),
+                entry_id: delivery.id.clone(),
+                agent_type: agent_type.clone(),
+                started: Instant::now(),
+            });
+
+        let origin = EventOrigin {
+            trace_id: header.trace_id.clone(),
+            session_id: header.session_id.clone(),
+            agent_id: agent_type.clone(),
+            message_id: header.message_id.clone(),
+        };
+        let dirs = TaskDirs::new(
+            &self.settings.workspace_dir,
+            &header.session_id,
+            &header.message_id,
+        );
+        let outcome = self
+            .execute(&command, &agent_type, &origin, &dirs, &cancel)
+            .await;
+        if let Outcome::CutOff = outcome {
+            tracing::warn!("cut off by shutdown; entry left pending for another worker");
+        } else {
+            let writes = self.finish_writes(
+                &command,
+                &agent_type,
+                &origin,
+                &delivery,
+                &mut execution,
+                outcome,
+                &cancel,
+            );
+            if self
+                .writer
+                .commit(&header.session_id, writes)
+                .await
+                .is_err()
+            {
+                tracing::warn!("writer stopped before the outcome was written; entry left pending");
+            }
+        }
+        self.running
+            .lock()
+            .expect("running lock is never poisoned")
+            .remove(&header.message_id);
+        let private = dirs.clone();
+        let removed = tokio::task::spawn_blocking(move || private.remove_private()).await;
+        if let Ok(Err(error)) = removed {
+            tracing::warn!(dir = %dirs.private.display(), %error, "cannot remove the private workspace");
+        }
+    }
+
+    async fn execute(
+        &self,
+        command: &ControlCommand,
+        agent_type: &str,
+        origin: &EventOrigin,
+        dirs: &TaskDirs,
+        cancel: &Arc<CancelSignal>,
+    ) -> Outcome {
+        if cancel.is_requested() {
+            return Outcome::Cancelled(cancel.reason());
+        }
+        let Some(plugin) = self.plugins.load().get(agent_type).cloned() else {
+            return Outcome::Failed(format!(
+                "no plugin serves agent type {agent_type:?} on this worker"
+            ));
+        };
+        tracing::Span::current().record("plugin", plugin.label());
+        let created = {
+            let dirs = dirs.clone();
+            tokio::task::spawn_blocking(move || dirs.create()).await
+        };
+        match created {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                return Outcome::Failed(format!("cannot create the workspace: {error}"));
+            }
+            Err(error) => return Outcome::Failed(format!("cannot create the workspace: {error}")),
+        }
+        let stream: Arc<str> = Arc::from(keys::session_data_stream(&origin.session_id));
+        let shared = Arc::new(TaskShared {
+            origin: origin.clone(),
+            stream: stream.clone(),
+            writer: self.writer.clone(),
+            cancel: cancel.clone(),
+            plugin: plugin.clone(),
+            plugin_label: Arc::from(plugin.label()),
+            message_id: Arc::from(origin.message_id.as_str()),
+            dirs: Some(dirs.clone()),
+            reply: Mutex::new(String::new()),
+        });
+        if let Action::Resume { .. } = command.action {
+            let resumed = wire::state_event(origin, state::RESUMED, None);
+            let write = Write::Event {
+                stream,
+                data: resumed,
+            };
+            if self
+                .writer
+                .send(&origin.session_id, vec![write])
+                .await
+                .is_err()
+            {
+                return Outcome::CutOff;
+            }
+        }
+        let host = TaskHost { shared, depth: 0 };
+        let call = tokio::time::timeout(
+            self.settings.deadline,
+            plugin.handle(host, command, agent_type),
+        );
+        let result = tokio::select! {
+            result = call => result,
+            _ = cancel.force.cancelled() => {
+                return Outcome::Cancelled(cancel.reason());
+            }
+            _ = self.force_stop.cancelled() => return Outcome::CutOff,
+        };
+        if cancel.is_requested() {
+            return Outcome::Cancelled(cancel.reason());
+        }
+        match result {
+            Ok(Ok(json)) => Outcome::Completed(json),
+            Ok(Err(error @ CallError::Guest(_))) => Outcome::Failed(error.to_string()),
+            Ok(Err(CallError::Trap(reason))) => {
+                if reason.contains("the daemon is stopping") {
+                    Outcome::CutOff
+                } else {
+                    Outcome::Failed(reason)
+                }
+            }
+            Err(_) => Outcome::Failed(format!(
+                "deadline of {} s exceeded",
+                self.settings.deadline.as_secs_f64()
+            )),
+        }
+    }
+
+    /// The writes that end a task, in order: events, the reply to a calling
+    /// agent, the execution record, the XACK.
+    #[allow(clippy::too_many_arguments)]
+    fn finish_writes(
+        &self,
+        command: &ControlCommand,
+        agent_type: &str,
+        origin: &EventOrigin,
+        delivery: &Delivery,
+        execution: &mut wire::Execution,
+        outcome: Outcome,
+        cancel: &CancelSignal,
+    ) -> Vec<Write> {
+        let header = &command.header;
+        let stream: Arc<str> = Arc::from(keys::session_data_stream(&header.session_id));
+        let event = |data: String| Write::Event {
+            stream: stream.clone(),
+            data,
+        };
+        let caller = match command.action {
+            Action::AskAgent { .. } if !header.source_agent_id.is_empty() => {
+                Some(header.source_agent_id.as_str())
+            }
+            _ => None,
+        };
+        let mut writes = Vec::with_capacity(5);
+        let reply_to_caller = |status: &str, reply_data: serde_json::Value| {
+            let caller = caller?;
+            let resume_header = wire::Header {
+                message_id: wire::new_message_id(),
+                session_id: header.session_id.clone(),
+                trace_id: header.trace_id.clone(),
+                source_agent_id: if agent_type.is_empty() {
+                    self.settings.worker_id.to_string()
+                } else {
+                    agent_type.to_owned()
+                },
+                target_agent_type: caller.to_owned(),
+                parent_message_id: header.message_id.clone(),
+                task_group_id: header.task_group_id.clone(),
+                tenant_id: header.tenant_id.clone(),
+                metadata: serde_json::json!({}),
+            };
+            let body = serde_json::json!({
+                "content": "",
+                "status": status,
+                "reply_data": reply_data,
+            });
+            Some(Write::Control {
+                stream: keys::capability_stream(caller),
+                data: wire::control_json("RESUME", &resume_header, &body),
+            })
+        };
+        let status = match outcome {
+            Outcome::Completed(json) => {
+                let result: serde_json::Value =
+                    serde_json::from_str(&json).unwrap_or(serde_json::Value::Null);
+                let metadata = RawValue::from_string(format!("{{\"result\":{json}}}")).ok();
+                let terminal = match caller {
+                    Some(caller) => format!("QUEUED: {caller}"),
+                    None => state::COMPLETED.to_owned(),
+                };
+                if let Some(resume) = reply_to_caller(state::COMPLETED, result) {
+                    writes.push(resume);
+                }
+                writes.push(event(wire::state_event(
+                    origin,
+                    &terminal,
+                    metadata.as_deref(),
+                )));
+                tracing::info!(elapsed_ms = execution_elapsed(execution), "completed");
+                state::COMPLETED
+            }
+            Outcome::Failed(reason) => {
+                if let Some(resume) =
+                    reply_to_caller(state::FAILED, serde_json::json!({ "error": reason }))
+                {
+                    writes.push(resume);
+                }
+                writes.push(event(wire::state_event(
+                    origin,
+                    &format!("FAILED: {reason}"),
+                    None,
+                )));
+                tracing::warn!(%reason, "failed");
+                state::FAILED
+            }
+            Outcome::Cancelled(reason) => {
+                writes.push(event(wire::state_event(origin, state::CANCELLING, None)));
+                if let Some(resume) =
+                    reply_to_caller(state::CANCELLED, serde_json::json!({ "reason": reason }))
+                {
+                    writes.push(resume);
+                }
+                writes.push(event(wire::state_event(origin, state::CANCELLED, None)));
+                tracing::info!(%reason, "cancelled");
+                state::CANCELLED
+            }
+            Outcome::CutOff => unreachable!("cut-off tasks write nothing"),
+        };
+        if cancel.is_requested() {
+            execution.cancel_requested = true;
+            execution.cancel_reason = cancel.reason();
+        }
+        writes.push(self.executions.finish(execution, status));
+        writes.push(self.ack(delivery));
+        writes
+    }
+
+    fn ack(&self, delivery: &Delivery) -> Write {
+        Write::Ack {
+            stream: delivery.stream.clone(),
+            group: self.settings.group.clone(),
+            id: delivery.id.clone(),
+            delete: self.settings.delete_acked,
+        }
+    }
+
+    /// Moves an entry to the dead-letter stream with the reason and its
+    /// original fields, tells its session (when known), and acks it.
+    async fn dead_letter(
+        &self,
+        delivery: &Delivery,
+        agent_type: &str,
+        reason: String,
+        session: Option<String>,
+    ) {
+        tracing::warn!(
+            stream = %delivery.stream,
+            entry_id = %delivery.id,
+            deliveries = delivery.deliveries,
+            %reason,
+            "entry dead-lettered"
+        );
+        let mut fields: Vec<(String, Vec<u8>)> = vec![
+            ("reason".into(), reason.clone().into_bytes()),
+            ("source_stream".into(), delivery.stream.as_bytes().to_vec()),
+            ("source_id".into(), delivery.id.clone().into_bytes()),
+            (
+                "consumer_group".into(),
+                self.settings.group.as_bytes().to_vec(),
+            ),
+            (
+                "worker_id".into(),
+                self.settings.worker_id.as_bytes().to_vec(),
+            ),
+            (
+                "delivery_count".into(),
+                delivery.deliveries.to_string().into_bytes(),
+            ),
+            (
+                "dead_lettered_at".into(),
+                wire::now_ms().to_string().into_bytes(),
+            ),
+        ];
+        for (name, value) in &delivery.fields {
+            let name = if fields.iter().any(|(n, _)| n == name) {
+                format!("original_{name}")
+            } else {
+                name.clone()
+            };
+            fields.push((name, value.clone()));
+        }
+        let mut writes = vec![Write::Fields {
+            stream: self.settings.dead_letter_stream.clone(),
+            fields,
+        }];
+        if let Some(session_id) = &session {
+            let (trace_id, message_id) = delivery
+                .field("data")
+                .and_then(|d| serde_json::from_slice::<serde_json::Value>(d).ok())
+                .map(|v| {
+                    let h = &v["header"];
+                    (
+                        h["trace_id"].as_str().unwrap_or_default().to_owned(),
+                        h["message_id"].as_str().unwrap_or_default().to_owned(),
+                    )
+                })
+                .unwrap_or_default();
+            let origin = EventOrigin {
+                trace_id,
+                session_id: session_id.clone(),
+                agent_id: agent_type.to_owned(),
+                message_id,
+            };
+            writes.push(Write::Event {
+                stream: Arc::from(keys::session_data_stream(session_id)),
+                data: wire::state_event(&origin, &format!("FAILED: {reason}"), None),
+            });
+        }
+        writes.push(self.ack(delivery));
+        let lane = session.as_deref().unwrap_or(&delivery.id);
+        if self.writer.commit(lane, writes).await.is_err() {
+            tracing::warn!(entry_id = %delivery.id, "writer stopped; dead-letter entry left pending");
+        }
+    }
+
+    /// Applies a CANCEL_TASK to a task running here.
+    fn cancel(self: &Arc<Self>, request: &wire::CancelRequest) -> bool {
+        let running = self.running.lock().expect("running lock is never poisoned");
+        let Some(task) = running.get(&request.target_message_id) else {
+            return false;
+        };
+        let reason = if request.reason.is_empty() {
+            "cancelled by request".to_owned()
+        } else {
+            request.reason.clone()
+        };
+        task.cancel.request(&reason);
+        if request.is_force() {
+            task.cancel.force.cancel();
+        } else {
+            let force = task.cancel.force.clone();
+            let grace = self.settings.cancel_grace;
+            self.tracker.spawn(async move {
+                tokio::select! {
+                    _ = tokio::time::sleep(grace) => force.cancel(),
+                    _ = force.cancelled() => {}
+                }
+            });
+        }
+        true
+    }
+
+    /// Reads new entries of the capability streams while permits are free,
+    /// until `stop` fires. A read in flight is finished, not abandoned, so no
+    /// entry is delivered to this consumer and then forgotten.
+    pub async fn consume(
+        self: Arc<Self>,
+        mut conn: ConnectionManager,
+        streams: Vec<Arc<str>>,
+        permits: Arc<Semaphore>,
+        stop: CancellationToken,
+    ) {
+        if streams.is_empty() {
+            return;
+        }
+        let mut offset = 0usize;
+        let mut backoff = Duration::from_millis(100);
+        let mut held: Vec<OwnedSemaphorePermit> = Vec::with_capacity(self.settings.fetch_count);
+        loop {
+            let first = tokio::select! {
+                permit = permits.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => return,
+                },
+                _ = stop.cancelled() => return,
+            };
+            held.push(first);
+            while held.len() < self.settings.fetch_count {
+                match permits.clone().try_acquire_owned() {
+                    Ok(permit) => held.push(permit),
+                    Err(_) => break,
+                }
+            }
+            // COUNT applies per stream: never ask for more than the permits held.
+            let (selected, count) = if held.len() >= streams.len() {
+                (streams.clone(), held.len() / streams.len())
+            } else {
+                let picked = (0..held.len())
+                    .map(|i| streams[(offset + i) % streams.len()].clone())
+                    .collect();
+                offset = (offset + held.len()) % streams.len();
+                (picked, 1)
+            };
+            let read = broker::read_group(
+                &mut conn,
+                &self.settings.group,
+                &self.settings.worker_id,
+                &selected,
+                count,
+                self.settings.block,
+            )
+            .await;
+            match read {
+                Ok(deliveries) => {
+                    backoff = Duration::from_millis(100);
+                    for delivery in deliveries {
+                        let permit = held.pop().expect("never more entries than permits");
+                        self.spawn(delivery, permit);
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "reading capability streams failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stop.cancelled() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+            held.clear();
+            if stop.is_cancelled() {
+                return;
+            }
+        }
+    }
+
+    /// Every `claim_interval`: renews the entries of long tasks running here
+    /// and takes over entries other consumers left pending longer than
+    /// `claim_idle` (those past `max_deliveries` are dead-lettered).
+    pub async fn reclaim(
+        self: Arc<Self>,
+        mut conn: ConnectionManager,
+        streams: Vec<Arc<str>>,
+        permits: Arc<Semaphore>,
+        stop: CancellationToken,
+    ) {
+        let mut ticker = tokio::time::interval(self.settings.claim_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = stop.cancelled() => return,
+            }
+            if let Err(error) = self.renew_leases(&mut conn).await {
+                tracing::warn!(%error, "renewing in-flight entries failed");
+            }
+            for stream in &streams {
+                if stop.is_cancelled() {
+                    return;
+                }
+                if let Err(error) = self.claim_stream(&mut conn, stream, &permits).await {
+                    tracing::warn!(%error, "claiming abandoned entries failed");
+                }
+            }
+        }
+    }
+
+    async fn renew_leases(&self, conn: &mut ConnectionManager) -> Result<(), broker::BrokerError> {
+        let half_idle = self.settings.claim_idle / 2;
+        let mut by_stream: HashMap<Arc<str>, Vec<String>> = HashMap::new();
+        {
+            let running = self.running.lock().expect("running lock is never poisoned");
+            for task in running.values() {
+                if task.started.elapsed() >= half_idle {
+                    by_stream
+                        .entry(task.stream.clone())
+                        .or_default()
+                        .push(task.entry_id.clone());
+                }
+            }
+        }
+        for (stream, ids) in by_stream {
+            broker::renew(
+                conn,
+                &stream,
+                &self.settings.group,
+                &self.settings.worker_id,
+                &ids,
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn claim_stream(
+        self: &Arc<Self>,
+        conn: &mut ConnectionManager,
+        stream: &Arc<str>,
+        permits: &Arc<Semaphore>,
+    ) -> Result<(), broker::BrokerError> {
+        let free = permits.available_permits().min(100);
+        if free == 0 {
+            return Ok(());
+        }
+        let pending = broker::pending_idle(
+            conn,
+            stream,
+            &self.settings.group,
+            self.settings.claim_idle,
+            free,
+        )
+        .await?;
+        let in_flight: Vec<String> = {
+            let running = self.running.lock().expect("running lock is never poisoned");
+            running.values().map(|r| r.entry_id.clone()).collect()
+        };
+        let mut candidates = Vec::new();
+        let mut held = Vec::new();
+        for entry in pending {
+            if in_flight.contains(&entry.id) {
+                continue;
+            }
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                break;
+            };
+            held.push(permit);
+            candidates.push(entry);
+        }
+        if candidates.is_empty() {
+            return Ok(());
+        }
+        let claimed = broker::claim(
+            conn,
+            stream,
+            &self.settings.group,
+            &self.settings.worker_id,
+            self.settings.claim_idle,
+            &candidates,
+        )
+        .await?;
+        for delivery in claimed {
+            let from = candidates
+                .iter()
+                .find(|c| c.id == delivery.id)
+                .map(|c| c.consumer.clone())
+                .unwrap_or_default();
+            tracing::info!(
+                stream = %delivery.stream,
+                entry_id = %delivery.id,
+                from_consumer = %from,
+                deliveries = delivery.deliveries,
+                "took over an abandoned entry"
+            );
+            let permit = held.pop().expect("one permit per candidate");
+            self.spawn(delivery, permit);
+        }
+        Ok(())
+    }
+
+    /// Reads the worker's control stream (CANCEL_TASK) until `stop` fires.
+    /// Control entries need no permit: a cancel must get through when every
+    /// permit is taken.
+    pub async fn control(
+        self: Arc<Self>,
+        mut conn: ConnectionManager,
+        stream: Arc<str>,
+        stop: CancellationToken,
+    ) {
+        let streams = [stream.clone()];
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let read = tokio::select! {
+                read = broker::read_group(&mut conn, &self.settings.group, &self.settings.worker_id, &streams, 16, self.settings.block) => read,
+                _ = stop.cancelled() => return,
+            };
+            let deliveries = match read {
+                Ok(deliveries) => {
+                    backoff = Duration::from_millis(100);
+                    deliveries
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "reading the worker control stream failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stop.cancelled() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            for delivery in deliveries {
+                let parsed = delivery
+                    .field("data")
+                    .ok_or_else(|| wire::MalformedEntry("entry has no `data` field".into()))
+                    .and_then(wire::parse_control);
+                match parsed {
+                    Ok(ControlCommand {
+                        action: Action::CancelTask(request),
+                        ..
+                    }) => {
+                        let found = self.cancel(&request);
+                        tracing::info!(
+                            target_message_id = %request.target_message_id,
+                            mode = if request.is_force() { "force" } else { "graceful" },
+                            found,
+                            "cancel requested"
+                        );
+                        let _ = self
+                            .writer
+                            .commit(&delivery.id, vec![self.ack(&delivery)])
+                            .await;
+                    }
+                    Ok(other) => {
+                        let reason =
+                            format!("{} is not a worker control command", other.action.name());
+                        self.dead_letter(&delivery, "", reason, None).await;
+                    }
+                    Err(malformed) => {
+                        self.dead_letter(&delivery, "", malformed.0, None).await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn execution_elapsed(execution: &wire::Execution) -> u64 {
+    wire::now_ms().saturating_sub(execution.started_at)
+}

@@ -1,0 +1,168 @@
+//! The session registry hash (`exec:{id}` → execution JSON, `msg_map:{message}`
+//! → execution id) as the reference SDK keeps it: replay protection for
+//! redelivered entries, and where a client finds which worker runs a task.
+
+use crate::events::Write;
+use crate::wire::{self, Execution, keys, state};
+use redis::aio::ConnectionManager;
+
+/// Looks up the execution of a message and, unless it is terminal, records
+/// this worker as running it — in one round trip.
+///
+/// KEYS[1] registry hash. ARGV: message id, new execution id, new execution
+/// JSON, worker id, stream, entry id, now (ms), ttl (s).
+/// Returns {"terminal", exec_id, status} | {"taken", exec_id, json} | {"new", exec_id}.
+const BEGIN_SCRIPT: &str = r#"
+local exec_id = redis.call('HGET', KEYS[1], 'msg_map:' .. ARGV[1])
+if exec_id then
+  local raw = redis.call('HGET', KEYS[1], 'exec:' .. exec_id)
+  if raw then
+    local ok, ex = pcall(cjson.decode, raw)
+    if ok and type(ex) == 'table' then
+      local status = ex['status']
+      if status == 'COMPLETED' or status == 'FAILED' or status == 'CANCELLED' then
+        return {'terminal', exec_id, status}
+      end
+      ex['worker_id'] = ARGV[4]
+      ex['stream_name'] = ARGV[5]
+      ex['redis_message_id'] = ARGV[6]
+      if ex['status'] ~= 'CANCELLING' then ex['status'] = 'RUNNING' end
+      ex['started_at'] = tonumber(ARGV[7])
+      ex['updated_at'] = tonumber(ARGV[7])
+      local encoded = cjson.encode(ex)
+      redis.call('HSET', KEYS[1], 'exec:' .. exec_id, encoded)
+      redis.call('EXPIRE', KEYS[1], tonumber(ARGV[8]))
+      return {'taken', exec_id, encoded}
+    end
+  end
+end
+redis.call('HSET', KEYS[1], 'exec:' .. ARGV[2], ARGV[3], 'msg_map:' .. ARGV[1], ARGV[2])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[8]))
+return {'new', ARGV[2]}
+"#;
+
+/// What to do with an entry, given its execution record.
+#[derive(Debug)]
+pub enum Begin {
+    /// Already finished (a redelivery): ack and skip.
+    Terminal {
+        execution_id: String,
+        status: String,
+    },
+    /// Run it; the record now names this worker.
+    Run(Execution),
+}
+
+/// Loaded once; `Script` sends EVALSHA and falls back to EVAL.
+pub struct Registry {
+    script: redis::Script,
+    ttl_s: u64,
+}
+
+/// Everything `begin` needs to write a new record.
+pub struct NewExecution<'a> {
+    pub message_id: &'a str,
+    pub session_id: &'a str,
+    pub worker_id: &'a str,
+    pub target_agent_type: &'a str,
+    pub stream_name: &'a str,
+    pub redis_message_id: &'a str,
+}
+
+impl Registry {
+    pub fn new(ttl_s: u64) -> Self {
+        Registry {
+            script: redis::Script::new(BEGIN_SCRIPT),
+            ttl_s,
+        }
+    }
+
+    /// Replay check plus RUNNING record, one round trip.
+    pub async fn begin(
+        &self,
+        conn: &mut ConnectionManager,
+        new: NewExecution<'_>,
+    ) -> Result<Begin, redis::RedisError> {
+        let now = wire::now_ms();
+        let execution = Execution {
+            execution_id: wire::new_execution_id(),
+            message_id: new.message_id.to_owned(),
+            session_id: new.session_id.to_owned(),
+            worker_id: new.worker_id.to_owned(),
+            target_agent_type: new.target_agent_type.to_owned(),
+            stream_name: new.stream_name.to_owned(),
+            redis_message_id: new.redis_message_id.to_owned(),
+            status: "RUNNING".to_owned(),
+            cancel_requested: false,
+            cancel_reason: String::new(),
+            created_at: now,
+            started_at: now,
+            finished_at: 0,
+            updated_at: now,
+        };
+        let json = serde_json::to_string(&execution).expect("execution serializes");
+        let reply: Vec<String> = self
+            .script
+            .key(keys::session_registry(new.session_id))
+            .arg(new.message_id)
+            .arg(&execution.execution_id)
+            .arg(json)
+            .arg(new.worker_id)
+            .arg(new.stream_name)
+            .arg(new.redis_message_id)
+            .arg(now)
+            .arg(self.ttl_s)
+            .invoke_async(conn)
+            .await?;
+        let mut reply = reply.into_iter();
+        let kind = reply.next().unwrap_or_default();
+        let execution_id = reply.next().unwrap_or_default();
+        let extra = reply.next();
+        Ok(match kind.as_str() {
+            "terminal" => Begin::Terminal {
+                execution_id,
+                status: extra.unwrap_or_default(),
+            },
+            "taken" => {
+                // Keep what the record says (cancel requests in particular);
+                // fall back to ours where it is not our shape.
+                let taken = extra
+                    .and_then(|raw| serde_json::from_str::<serde_json::Value>(&raw).ok())
+                    .unwrap_or_default();
+                let mut execution = Execution {
+                    execution_id,
+                    ..execution
+                };
+                if let Some(created) = taken.get("created_at").and_then(|v| v.as_u64()) {
+                    execution.created_at = created;
+                }
+                execution.cancel_requested = taken
+                    .get("cancel_requested")
+                    .and_then(|v| v.as_bool())
+                    .unwrap_or(false);
+                execution.cancel_reason = taken
+                    .get("cancel_reason")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or_default()
+                    .to_owned();
+                Begin::Run(execution)
+            }
+            _ => Begin::Run(execution),
+        })
+    }
+
+    /// The write that marks an execution finished.
+    pub fn finish(&self, execution: &mut Execution, status: &str) -> Write {
+        debug_assert!(state::is_terminal(status));
+        let now = wire::now_ms();
+        execution.status = status.to_owned();
+        execution.finished_at = now;
+        execution.updated_at = now;
+        Write::HashSet {
+            key: keys::session_registry(&execution.session_id),
+            field: format!("exec:{}", execution.execution_id),
+            value: serde_json::to_string(execution).expect("execution serializes"),
+            ttl_s: self.ttl_s,
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! Host side of the `agent` world: the per-store state and the imports a
+//! guest may call (`emit`, `runtime`, `tools`), one file per interface.
+//!
+//! Guest-visible failures (an unknown tool, bad arguments) are returned as the
+//! WIT `error`; only a guest that breaks the contract (oversized events,
+//! metadata that is not a JSON object) or a stopping daemon gets a trap.
+
+mod emit;
+mod runtime;
+mod tools;
+
+use super::Limits;
+use super::bindings::byclaw::gateway::types;
+use super::sandbox::{TaskDirs, wasi_context};
+use crate::events::Writer;
+use crate::wire::EventOrigin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+/// How deep tools may call tools before `call-tool` answers `denied`.
+pub const MAX_TOOL_DEPTH: u8 = 4;
+
+/// What every store of one task shares (the handler's and its tool calls').
+pub struct TaskShared {
+    /// Trace, session, agent and message ids stamped on every event.
+    pub origin: EventOrigin,
+    /// `byai_gateway:session:{id}:data_stream`, shared by every event.
+    pub stream: Arc<str>,
+    /// Where events go.
+    pub writer: Writer,
+    /// Cancel requests for this task; `is-cancelled` reads it.
+    pub cancel: Arc<CancelSignal>,
+    /// The plugin, for `call-tool`.
+    pub plugin: Arc<super::Plugin>,
+    /// Its label (`id@version`) for logs.
+    pub plugin_label: Arc<str>,
+    /// `origin.message_id`, shared for log records.
+    pub message_id: Arc<str>,
+    /// The task's directories; `None` for the manifest read at load time.
+    pub dirs: Option<TaskDirs>,
+    /// Joined `emit-chunk` texts of the answer (the assistant's reply).
+    pub reply: std::sync::Mutex<String>,
+}
+
+/// A task's cancel state, shared by the dispatcher (which sets it when a
+/// CANCEL_TASK arrives) and the guest (which polls `is-cancelled`).
+#[derive(Debug, Default)]
+pub struct CancelSignal {
+    /// A cancel of any mode was requested.
+    requested: AtomicBool,
+    /// Why, for the CANCELLED reply.
+    reason: std::sync::Mutex<String>,
+    /// Fires when the instance must be dropped now (force, or grace over).
+    pub force: tokio_util::sync::CancellationToken,
+}
+
+impl CancelSignal {
+    /// Records a cancel request (`is-cancelled` turns true).
+    pub fn request(&self, reason: &str) {
+        *self
+            .reason
+            .lock()
+            .expect("cancel reason lock is never poisoned") = reason.to_owned();
+        self.requested.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether a cancel was requested.
+    pub fn is_requested(&self) -> bool {
+        self.requested.load(Ordering::Relaxed)
+    }
+
+    /// The reason given with the request.
+    pub fn reason(&self) -> String {
+        self.reason
+            .lock()
+            .expect("cancel reason lock is never poisoned")
+            .clone()
+    }
+}
+
+/// The host context of one store.
+#[derive(Clone)]
+pub struct TaskHost {
+    pub shared: Arc<TaskShared>,
+    /// 0 for the handler; +1 for each nested tool call.
+    pub depth: u8,
+}
+
+/// The data of one `Store`.
+pub struct TaskState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    /// Enforces the memory cap and remembers that it did.
+    pub(crate) limiter: MemoryCap,
+    /// `None` only while reading a manifest, when no host call but `log` is allowed.
+    host: Option<TaskHost>,
+    /// Largest event the guest may emit.
+    max_event_bytes: usize,
+}
+
+impl TaskState {
+    pub(crate) fn new(host: TaskHost, limits: &Limits) -> std::io::Result<Self> {
+        let wasi = wasi_context(
+            host.shared.dirs.as_ref(),
+            host.shared.plugin_label.clone(),
+            host.shared.message_id.clone(),
+        )?;
+        Ok(TaskState {
+            wasi,
+            table: ResourceTable::new(),
+            limiter: MemoryCap::new(limits.memory_bytes),
+            host: Some(host),
+            max_event_bytes: limits.max_event_bytes,
+        })
+    }
+
+    pub(crate) fn for_manifest(limits: &Limits) -> Self {
+        TaskState {
+            wasi: wasi_context(None, Arc::from("loader"), Arc::from("-"))
+                .expect("a WASI context without directories cannot fail"),
+            table: ResourceTable::new(),
+            limiter: MemoryCap::new(limits.memory_bytes),
+            host: None,
+            max_event_bytes: limits.max_event_bytes,
+        }
+    }
+
+    fn host(&self, function: &str) -> wasmtime::Result<&TaskHost> {
+        self.host
+            .as_ref()
+            .ok_or_else(|| wasmtime::format_err!("{function} may not be called from manifest()"))
+    }
+}
+
+impl WasiView for TaskState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl types::Host for TaskState {}
+
+/// The trap raised when a store outgrows its memory cap.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("memory limit of {limit_mib} MiB exceeded (tried to grow to {wanted_mib} MiB)")]
+pub struct MemoryCapExceeded {
+    limit_mib: usize,
+    wanted_mib: usize,
+}
+
+/// Caps the sum of all linear memories of a store.
+pub(crate) struct MemoryCap {
+    limit: usize,
+    used: usize,
+    exceeded: Option<MemoryCapExceeded>,
+}
+
+impl MemoryCap {
+    fn new(limit: usize) -> Self {
+        MemoryCap {
+            limit,
+            used: 0,
+            exceeded: None,
+        }
+    }
+
+    /// The reason, if the cap was hit.
+    pub(crate) fn exceeded(&self) -> Option<String> {
+        self.exceeded.as_ref().map(ToString::to_string)
+    }
+}
+
+impl wasmtime::ResourceLimiter for MemoryCap {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let wanted = self.used.saturating_add(desired.saturating_sub(current));
+        if wanted > self.limit {
+            let error = MemoryCapExceeded {
+                limit_mib: self.limit >> 20,
+                wanted_mib: wanted >> 20,
+            };
+            self.exceeded = Some(error.clone());
+            return Err(error.into());
+        }
+        self.used = wanted;
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 1_000_000)
+    }
+}

@@ -1,0 +1,40 @@
+//! `runtime`: logging and the cancel flag.
+
+use super::TaskState;
+use crate::plugin::bindings::LogLevel;
+use crate::plugin::bindings::byclaw::gateway::runtime::Host;
+
+/// Longest guest log message kept, bytes.
+const MAX_LOG_MESSAGE: usize = 8192;
+
+impl Host for TaskState {
+    async fn log(&mut self, level: LogLevel, message: String) -> wasmtime::Result<()> {
+        let (plugin, message_id) = match &self.host {
+            Some(host) => (
+                host.shared.plugin_label.clone(),
+                host.shared.message_id.clone(),
+            ),
+            None => ("loader".into(), "-".into()),
+        };
+        let mut text = message.as_str();
+        if text.len() > MAX_LOG_MESSAGE {
+            let mut end = MAX_LOG_MESSAGE;
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            text = &text[..end];
+        }
+        match level {
+            LogLevel::Trace => tracing::trace!(%plugin, %message_id, "{text}"),
+            LogLevel::Debug => tracing::debug!(%plugin, %message_id, "{text}"),
+            LogLevel::Info => tracing::info!(%plugin, %message_id, "{text}"),
+            LogLevel::Warn => tracing::warn!(%plugin, %message_id, "{text}"),
+            LogLevel::Error => tracing::error!(%plugin, %message_id, "{text}"),
+        }
+        Ok(())
+    }
+
+    async fn is_cancelled(&mut self) -> wasmtime::Result<bool> {
+        Ok(self.host("is-cancelled")?.shared.cancel.is_requested())
+    }
+}

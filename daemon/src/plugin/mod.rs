@@ -1,0 +1,511 @@
+//! WebAssembly side of the daemon: the engine and its limits, compiled
+//! plugins, and running one call of a plugin in a fresh sandbox.
+//!
+//! A plugin is compiled once per file version into an [`AgentPre`] (imports
+//! resolved, ready to instantiate). Each task gets a new `Store` — its own
+//! memory cap, epoch deadline, WASI context with only its two workspace
+//! directories — and a new instance from the pooling allocator; nothing of one
+//! task is visible to the next.
+
+mod bindings;
+pub mod host;
+pub mod loader;
+mod sandbox;
+
+pub use bindings::GuestError;
+
+use crate::wire::{Action, ControlCommand};
+use bindings::{Command, Header, Workspace};
+pub use host::{CancelSignal, TaskHost, TaskShared};
+pub use sandbox::{GUEST_PRIVATE_DIR, GUEST_PUBLIC_DIR, TaskDirs};
+
+use bindings::{Agent, AgentPre};
+use host::TaskState;
+use serde::Serialize;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Engine, Store};
+
+/// How often the epoch advances; a CPU-bound guest yields to the scheduler at
+/// this interval, so deadlines and cancels take effect within about this long.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// Limits applied to every store.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Cap on the sum of a store's linear memories, bytes.
+    pub memory_bytes: usize,
+    /// Wall-clock budget of one task, host calls included.
+    pub deadline: Duration,
+    /// Largest event a guest may emit, bytes of JSON.
+    pub max_event_bytes: usize,
+}
+
+/// Why the engine could not be set up or a plugin not loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    #[error("cannot configure the WebAssembly engine: {0}")]
+    Engine(String),
+    #[error("{path}: not a valid component: {reason}")]
+    Compile { path: PathBuf, reason: String },
+    #[error("{path}: does not fit the byclaw:gateway agent world: {reason}")]
+    Link { path: PathBuf, reason: String },
+    #[error("{path}: manifest() failed: {reason}")]
+    Manifest { path: PathBuf, reason: String },
+    #[error("{path}: invalid manifest: {reason}")]
+    InvalidManifest { path: PathBuf, reason: String },
+}
+
+/// The engine, the linker with all host functions, and the limits; shared by
+/// every plugin and task.
+pub struct Sandbox {
+    engine: Engine,
+    linker: Linker<TaskState>,
+    limits: Limits,
+    /// Stops the epoch ticker thread when the sandbox is dropped.
+    ticker_stop: Arc<AtomicBool>,
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.ticker_stop.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Sandbox {
+    /// Builds the engine. `max_concurrent_tasks` sizes the instance pool.
+    pub fn new(limits: Limits, max_concurrent_tasks: usize) -> Result<Arc<Self>, PluginError> {
+        let engine_error = |e: wasmtime::Error| PluginError::Engine(format!("{e:#}"));
+        // Each task may hold a nested tool-call instance; a few spare slots
+        // serve plugin loading.
+        let slots = u32::try_from(max_concurrent_tasks.saturating_mul(2).saturating_add(16))
+            .unwrap_or(u32::MAX / 64);
+        let mut pool = wasmtime::PoolingAllocationConfig::new();
+        pool.total_component_instances(slots)
+            .total_core_instances(slots.saturating_mul(16))
+            .total_memories(slots.saturating_mul(4))
+            .total_tables(slots.saturating_mul(16))
+            .total_stacks(slots)
+            .max_memory_size(limits.memory_bytes)
+            .max_tables_per_module(4)
+            .table_elements(100_000);
+        let mut config = wasmtime::Config::new();
+        config
+            .wasm_component_model(true)
+            .epoch_interruption(true)
+            .allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
+        // 4 GiB reservations let Cranelift drop bounds checks, but the pool
+        // reserves one per memory slot; past ~32 TiB of address space fall
+        // back to reserving just the cap.
+        let four_gib = 4u64 << 30;
+        if u64::from(slots) * 4 * four_gib > (32u64 << 40) {
+            config.memory_reservation(limits.memory_bytes as u64);
+        }
+        let engine = Engine::new(&config).map_err(engine_error)?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(engine_error)?;
+        Agent::add_to_linker::<_, HasSelf<TaskState>>(&mut linker, |state| state)
+            .map_err(engine_error)?;
+
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        let ticker_engine = engine.weak();
+        let stop = ticker_stop.clone();
+        std::thread::Builder::new()
+            .name("epoch-ticker".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    match ticker_engine.upgrade() {
+                        Some(engine) => engine.increment_epoch(),
+                        None => return,
+                    }
+                }
+            })
+            .map_err(|e| PluginError::Engine(format!("cannot start the epoch ticker: {e}")))?;
+        Ok(Arc::new(Sandbox {
+            engine,
+            linker,
+            limits,
+            ticker_stop,
+        }))
+    }
+
+    /// The limits every store gets.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Compiles a component file, links it and reads its manifest.
+    pub async fn load(
+        self: &Arc<Self>,
+        path: PathBuf,
+        bytes: &[u8],
+    ) -> Result<Plugin, PluginError> {
+        let component = {
+            let engine = self.engine.clone();
+            let bytes = bytes.to_vec();
+            tokio::task::spawn_blocking(move || Component::new(&engine, &bytes))
+                .await
+                .map_err(|e| PluginError::Compile {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?
+                .map_err(|e| PluginError::Compile {
+                    path: path.clone(),
+                    reason: format!("{e:#}"),
+                })?
+        };
+        let instance_pre =
+            self.linker
+                .instantiate_pre(&component)
+                .map_err(|e| PluginError::Link {
+                    path: path.clone(),
+                    reason: format!("{e:#}"),
+                })?;
+        let pre = AgentPre::new(instance_pre).map_err(|e| PluginError::Link {
+            path: path.clone(),
+            reason: format!("{e:#}"),
+        })?;
+        let manifest = self
+            .read_manifest(&pre)
+            .await
+            .map_err(|reason| PluginError::Manifest {
+                path: path.clone(),
+                reason,
+            })?;
+        let manifest =
+            Manifest::validate(manifest).map_err(|reason| PluginError::InvalidManifest {
+                path: path.clone(),
+                reason,
+            })?;
+        Ok(Plugin {
+            manifest,
+            path,
+            pre,
+            sandbox: self.clone(),
+        })
+    }
+
+    async fn read_manifest(&self, pre: &AgentPre<TaskState>) -> Result<bindings::Manifest, String> {
+        let mut store = self.store(TaskState::for_manifest(&self.limits));
+        let call = async {
+            let agent = pre.instantiate_async(&mut store).await?;
+            agent
+                .byclaw_gateway_handler()
+                .call_describe(&mut store)
+                .await
+        };
+        match tokio::time::timeout(Duration::from_secs(10), call).await {
+            Ok(Ok(manifest)) => Ok(manifest),
+            Ok(Err(trap)) => Err(describe_trap(&trap, &self.limits)),
+            Err(_) => Err("did not return within 10 s".into()),
+        }
+    }
+
+    fn store(&self, state: TaskState) -> Store<TaskState> {
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|state| &mut state.limiter);
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_async_yield_and_update(1);
+        store
+    }
+}
+
+/// What a plugin declares about itself, checked.
+#[derive(Debug, Clone, Serialize)]
+pub struct Manifest {
+    pub id: String,
+    pub version: String,
+    pub description: String,
+    pub capabilities: Vec<String>,
+    pub tools: Vec<ToolSpec>,
+    pub prompts: Vec<PromptSpec>,
+}
+
+/// One tool of a plugin.
+#[derive(Debug, Clone, Serialize)]
+pub struct ToolSpec {
+    pub name: String,
+    pub description: String,
+    /// JSON Schema of the arguments.
+    pub input_schema: serde_json::Value,
+}
+
+/// One prompt template of a plugin.
+#[derive(Debug, Clone, Serialize)]
+pub struct PromptSpec {
+    pub name: String,
+    pub description: String,
+    pub template: String,
+}
+
+impl Manifest {
+    fn validate(raw: bindings::Manifest) -> Result<Manifest, String> {
+        let id_ok = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 64
+                && s.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        };
+        if !id_ok(&raw.id) {
+            return Err(format!("id {:?} must be 1-64 of [a-z0-9_-]", raw.id));
+        }
+        if raw.capabilities.is_empty() {
+            return Err("capabilities is empty; a plugin serves at least one agent type".into());
+        }
+        for capability in &raw.capabilities {
+            if !crate::wire::is_safe_id(capability) || capability.len() > 128 {
+                return Err(format!(
+                    "capability {capability:?} must be 1-128 of [A-Za-z0-9._:@-]"
+                ));
+            }
+        }
+        let mut capabilities = raw.capabilities.clone();
+        capabilities.sort();
+        if let Some(pair) = capabilities.windows(2).find(|w| w[0] == w[1]) {
+            return Err(format!("capability {:?} listed twice", pair[0]));
+        }
+        let mut tools = Vec::with_capacity(raw.tools.len());
+        for tool in raw.tools {
+            if tool.name.is_empty() {
+                return Err("a tool has an empty name".into());
+            }
+            if tools.iter().any(|t: &ToolSpec| t.name == tool.name) {
+                return Err(format!("tool {:?} listed twice", tool.name));
+            }
+            let input_schema = serde_json::from_str(&tool.input_schema)
+                .map_err(|e| format!("tool {:?}: input-schema is not JSON: {e}", tool.name))?;
+            tools.push(ToolSpec {
+                name: tool.name,
+                description: tool.description,
+                input_schema,
+            });
+        }
+        Ok(Manifest {
+            id: raw.id,
+            version: raw.version,
+            description: raw.description,
+            capabilities: raw.capabilities,
+            tools,
+            prompts: raw
+                .prompts
+                .into_iter()
+                .map(|p| PromptSpec {
+                    name: p.name,
+                    description: p.description,
+                    template: p.template,
+                })
+                .collect(),
+        })
+    }
+}
+
+/// A compiled, linked plugin, ready to instantiate.
+pub struct Plugin {
+    pub manifest: Manifest,
+    /// The file it was loaded from.
+    pub path: PathBuf,
+    pre: AgentPre<TaskState>,
+    sandbox: Arc<Sandbox>,
+}
+
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugin")
+            .field("id", &self.manifest.id)
+            .field("version", &self.manifest.version)
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+/// How a call into a plugin ended, when it did not return normally.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CallError {
+    /// The guest returned its own `error`.
+    #[error("{}", guest_error_text(.0))]
+    Guest(GuestError),
+    /// The guest trapped (panic, memory cap, invalid host call...).
+    #[error("{0}")]
+    Trap(String),
+}
+
+fn guest_error_text(error: &GuestError) -> String {
+    match error {
+        GuestError::InvalidInput(m) => format!("invalid input: {m}"),
+        GuestError::NotFound(m) => format!("not found: {m}"),
+        GuestError::Denied(m) => format!("denied: {m}"),
+        GuestError::Timeout(m) => format!("timeout: {m}"),
+        GuestError::Cancelled(m) => format!("cancelled: {m}"),
+        GuestError::Unavailable(m) => format!("unavailable: {m}"),
+        GuestError::Failed(m) => m.clone(),
+    }
+}
+
+/// Turns a wasmtime error into one line an operator understands.
+fn describe_trap(error: &wasmtime::Error, limits: &Limits) -> String {
+    if let Some(limit) = error.downcast_ref::<host::MemoryCapExceeded>() {
+        return limit.to_string();
+    }
+    if let Some(trap) = error.downcast_ref::<wasmtime::Trap>() {
+        if *trap == wasmtime::Trap::Interrupt {
+            return format!("deadline of {} s exceeded", limits.deadline.as_secs_f64());
+        }
+        let root = error.root_cause().to_string();
+        return format!("plugin trapped: {trap}{}", trap_detail(error, &root));
+    }
+    format!("plugin trapped: {error:#}")
+}
+
+fn trap_detail(error: &wasmtime::Error, root: &str) -> String {
+    // The wasm backtrace names the guest function, which is what a plugin
+    // author needs; keep the first frame only to stay on one line.
+    let frame = error
+        .downcast_ref::<wasmtime::WasmBacktrace>()
+        .and_then(|bt| {
+            bt.frames()
+                .first()
+                .and_then(|f| f.func_name().map(str::to_owned))
+        });
+    match frame {
+        Some(func) if !root.is_empty() => format!(" in {func}"),
+        _ => String::new(),
+    }
+}
+
+impl Plugin {
+    /// The plugin's id and version, for logs.
+    pub fn label(&self) -> String {
+        format!("{}@{}", self.manifest.id, self.manifest.version)
+    }
+
+    fn instantiate_store(&self, host: TaskHost) -> Result<Store<TaskState>, CallError> {
+        let state = TaskState::new(host, &self.sandbox.limits)
+            .map_err(|e| CallError::Trap(format!("cannot prepare the sandbox: {e}")))?;
+        Ok(self.sandbox.store(state))
+    }
+
+    /// Runs `handle(command)` in a fresh instance. Deadline and cancellation
+    /// are the caller's: drop the future to stop the guest (it yields at
+    /// every epoch tick, so it stops within [`EPOCH_TICK`]).
+    pub async fn handle(
+        &self,
+        host: TaskHost,
+        command: &ControlCommand,
+        agent_type: &str,
+    ) -> Result<String, CallError> {
+        let command = to_wit_command(command, agent_type);
+        let mut store = self.instantiate_store(host)?;
+        let result = async {
+            let agent = self.pre.instantiate_async(&mut store).await?;
+            agent
+                .byclaw_gateway_handler()
+                .call_handle(&mut store, &command)
+                .await
+        }
+        .await;
+        self.finish(&mut store, result)
+    }
+
+    /// Runs `invoke-tool(name, args)` in a fresh instance.
+    pub async fn invoke_tool(
+        &self,
+        host: TaskHost,
+        name: &str,
+        args: &str,
+    ) -> Result<String, CallError> {
+        let mut store = self.instantiate_store(host)?;
+        let result = async {
+            let agent = self.pre.instantiate_async(&mut store).await?;
+            agent
+                .byclaw_gateway_handler()
+                .call_invoke_tool(&mut store, name, &args.to_owned())
+                .await
+        }
+        .await;
+        self.finish(&mut store, result)
+    }
+
+    fn finish(
+        &self,
+        store: &mut Store<TaskState>,
+        result: wasmtime::Result<Result<String, GuestError>>,
+    ) -> Result<String, CallError> {
+        match result {
+            Ok(Ok(json)) => {
+                if serde_json::from_str::<serde::de::IgnoredAny>(&json).is_err() {
+                    return Err(CallError::Guest(GuestError::InvalidInput(
+                        "the plugin returned text that is not JSON".into(),
+                    )));
+                }
+                Ok(json)
+            }
+            Ok(Err(guest)) => Err(CallError::Guest(guest)),
+            Err(trap) => {
+                if let Some(reason) = store.data().limiter.exceeded() {
+                    return Err(CallError::Trap(reason));
+                }
+                Err(CallError::Trap(describe_trap(&trap, &self.sandbox.limits)))
+            }
+        }
+    }
+}
+
+/// The WIT view of a command.
+fn to_wit_command(command: &ControlCommand, agent_type: &str) -> Command {
+    let h = &command.header;
+    let header = Header {
+        message_id: h.message_id.clone(),
+        session_id: h.session_id.clone(),
+        trace_id: h.trace_id.clone(),
+        source_agent_id: h.source_agent_id.clone(),
+        target_agent_type: h.target_agent_type.clone(),
+        parent_message_id: h.parent_message_id.clone(),
+        task_group_id: h.task_group_id.clone(),
+        tenant_id: h.tenant_id.clone(),
+        metadata: h.metadata.to_string(),
+    };
+    let (content, extra_payload, wait_for_reply, status, reply_data) = match &command.action {
+        Action::AskAgent {
+            content,
+            wait_for_reply,
+            extra_payload,
+        } => (
+            content,
+            extra_payload,
+            *wait_for_reply,
+            String::new(),
+            "null".to_owned(),
+        ),
+        Action::Resume {
+            content,
+            status,
+            reply_data,
+            extra_payload,
+        } => (
+            content,
+            extra_payload,
+            false,
+            status.clone(),
+            reply_data.to_string(),
+        ),
+        Action::CancelTask(_) => unreachable!("dispatch never hands a cancel to a plugin"),
+    };
+    Command {
+        action_type: command.action.name().to_owned(),
+        agent_type: agent_type.to_owned(),
+        header,
+        content: content.to_string(),
+        extra_payload: extra_payload.to_string(),
+        wait_for_reply,
+        status,
+        reply_data,
+        workspace: Workspace {
+            private_dir: GUEST_PRIVATE_DIR.to_owned(),
+            public_dir: GUEST_PUBLIC_DIR.to_owned(),
+        },
+    }
+}

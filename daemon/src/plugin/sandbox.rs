@@ -1,0 +1,179 @@
+//! What a guest can reach: the task's two workspace directories (laid out as
+//! the reference SDK lays them out) and a stdout/stderr that lands in the
+//! daemon's log. No environment, no arguments, no network, no other files.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder};
+
+/// Where the private workspace appears inside the sandbox.
+pub const GUEST_PRIVATE_DIR: &str = "/workspace/private";
+/// Where the session's public workspace appears inside the sandbox.
+pub const GUEST_PUBLIC_DIR: &str = "/workspace/public";
+
+/// Host paths of one task's workspace.
+#[derive(Debug, Clone)]
+pub struct TaskDirs {
+    /// `{base}/{session}/private/{message}`: removed when the task ends.
+    pub private: PathBuf,
+    /// `{base}/{session}/public`: kept with the session.
+    pub public: PathBuf,
+}
+
+impl TaskDirs {
+    /// The layout for a task. Ids were validated as plain path segments.
+    pub fn new(base: &Path, session_id: &str, message_id: &str) -> Self {
+        let session = base.join(session_id);
+        TaskDirs {
+            private: session.join("private").join(message_id),
+            public: session.join("public"),
+        }
+    }
+
+    /// Creates the directories (blocking file system calls).
+    pub fn create(&self) -> io::Result<()> {
+        for sub in ["session", "memory/local_db", "agent_skills"] {
+            std::fs::create_dir_all(self.public.join(sub))?;
+        }
+        for sub in ["input", "temp", "output", "system"] {
+            std::fs::create_dir_all(self.private.join(sub))?;
+        }
+        Ok(())
+    }
+
+    /// Removes the private directory (blocking file system calls).
+    pub fn remove_private(&self) -> io::Result<()> {
+        match std::fs::remove_dir_all(&self.private) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Builds the WASI context of one store.
+pub fn wasi_context(
+    dirs: Option<&TaskDirs>,
+    plugin: Arc<str>,
+    message_id: Arc<str>,
+) -> io::Result<WasiCtx> {
+    let mut builder = WasiCtxBuilder::new();
+    builder
+        .stdout(GuestLog {
+            plugin: plugin.clone(),
+            message_id: message_id.clone(),
+            stream: "stdout",
+        })
+        .stderr(GuestLog {
+            plugin,
+            message_id,
+            stream: "stderr",
+        })
+        .allow_ip_name_lookup(false)
+        .allow_tcp(false)
+        .allow_udp(false);
+    if let Some(dirs) = dirs {
+        builder
+            .preopened_dir(&dirs.private, GUEST_PRIVATE_DIR, FsPerms::ReadWrite)
+            .map_err(|e| io::Error::other(format!("{}: {e}", dirs.private.display())))?;
+        builder
+            .preopened_dir(&dirs.public, GUEST_PUBLIC_DIR, FsPerms::ReadWrite)
+            .map_err(|e| io::Error::other(format!("{}: {e}", dirs.public.display())))?;
+    }
+    Ok(builder.build())
+}
+
+/// Guest stdout or stderr, written line by line to the daemon's log.
+#[derive(Clone)]
+struct GuestLog {
+    plugin: Arc<str>,
+    message_id: Arc<str>,
+    stream: &'static str,
+}
+
+impl IsTerminal for GuestLog {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for GuestLog {
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(LineWriter {
+            target: self.clone(),
+            pending: Vec::new(),
+        })
+    }
+}
+
+/// Longest line logged as one record; longer output is split.
+const MAX_LINE: usize = 4096;
+
+struct LineWriter {
+    target: GuestLog,
+    /// Bytes of an unfinished line.
+    pending: Vec<u8>,
+}
+
+impl LineWriter {
+    fn log(&self, line: &[u8]) {
+        let text = String::from_utf8_lossy(line);
+        let text = text.trim_end_matches('\r');
+        tracing::info!(
+            plugin = %self.target.plugin,
+            message_id = %self.target.message_id,
+            stream = self.target.stream,
+            "{text}"
+        );
+    }
+}
+
+impl tokio::io::AsyncWrite for LineWriter {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let mut rest = buf;
+        while let Some(newline) = rest.iter().position(|&b| b == b'\n') {
+            if self.pending.is_empty() {
+                self.log(&rest[..newline]);
+            } else {
+                let mut line = std::mem::take(&mut self.pending);
+                line.extend_from_slice(&rest[..newline]);
+                self.log(&line);
+            }
+            rest = &rest[newline + 1..];
+        }
+        self.pending.extend_from_slice(rest);
+        if self.pending.len() >= MAX_LINE {
+            let line = std::mem::take(&mut self.pending);
+            self.log(&line);
+        }
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.pending.is_empty() {
+            let line = std::mem::take(&mut self.pending);
+            self.log(&line);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Drop for LineWriter {
+    fn drop(&mut self) {
+        if !self.pending.is_empty() {
+            let line = std::mem::take(&mut self.pending);
+            self.log(&line);
+        }
+    }
+}

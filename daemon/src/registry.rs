@@ -1,0 +1,168 @@
+//! This worker's membership in the reference registry: the worker-id lock,
+//! the heartbeat that lets clients find it, and leaving cleanly.
+
+use crate::wire::{self, keys};
+use redis::aio::ConnectionManager;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Why the worker could not join.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error(
+        "worker id {worker_id:?} is held by another live process (key {key}); pick another --worker-id or stop the other process"
+    )]
+    LockHeld { worker_id: String, key: String },
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+/// Refreshes the lock only while it still holds our token.
+const REFRESH_LOCK: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
+end
+return 0
+"#;
+
+/// Deletes the lock only while it still holds our token.
+const RELEASE_LOCK: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"#;
+
+/// The registration of one worker id.
+pub struct Membership {
+    worker_id: String,
+    /// Our lock value; only the holder may refresh or release it.
+    token: String,
+    lock_ttl_s: u64,
+    capabilities: Vec<String>,
+}
+
+impl Membership {
+    /// Takes the worker-id lock (`SET NX EX`) and announces the capabilities.
+    pub async fn join(
+        conn: &mut ConnectionManager,
+        worker_id: &str,
+        capabilities: Vec<String>,
+        lock_ttl_s: u64,
+    ) -> Result<Self, RegistryError> {
+        let token = wire::new_token();
+        let key = keys::worker_lock(worker_id);
+        let acquired: Option<String> = redis::cmd("SET")
+            .arg(&key)
+            .arg(&token)
+            .arg("NX")
+            .arg("EX")
+            .arg(lock_ttl_s)
+            .query_async(conn)
+            .await?;
+        if acquired.is_none() {
+            return Err(RegistryError::LockHeld {
+                worker_id: worker_id.to_owned(),
+                key,
+            });
+        }
+        let membership = Membership {
+            worker_id: worker_id.to_owned(),
+            token,
+            lock_ttl_s,
+            capabilities,
+        };
+        membership.announce(conn).await?;
+        Ok(membership)
+    }
+
+    /// The heartbeat: ZADD the worker with the current time and re-add its
+    /// capability sets (a Redis restart or a peer's cleanup may have lost them).
+    async fn announce(&self, conn: &mut ConnectionManager) -> Result<(), redis::RedisError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZADD")
+            .arg(keys::ACTIVE_WORKERS)
+            .arg(wire::now_ms())
+            .arg(&self.worker_id)
+            .ignore();
+        let capabilities_key = keys::worker_capabilities(&self.worker_id);
+        pipe.cmd("DEL").arg(&capabilities_key).ignore();
+        if !self.capabilities.is_empty() {
+            pipe.cmd("SADD")
+                .arg(&capabilities_key)
+                .arg(&self.capabilities)
+                .ignore();
+        }
+        for capability in &self.capabilities {
+            pipe.cmd("SADD")
+                .arg(keys::capability_workers(capability))
+                .arg(&self.worker_id)
+                .ignore();
+        }
+        pipe.query_async::<()>(conn).await
+    }
+
+    /// Refreshes the lock and the heartbeat. False if the lock was lost.
+    async fn beat(&self, conn: &mut ConnectionManager) -> Result<bool, redis::RedisError> {
+        let refreshed: i64 = redis::Script::new(REFRESH_LOCK)
+            .key(keys::worker_lock(&self.worker_id))
+            .arg(&self.token)
+            .arg(self.lock_ttl_s)
+            .invoke_async(conn)
+            .await?;
+        self.announce(conn).await?;
+        Ok(refreshed == 1)
+    }
+
+    /// Beats every `interval` until `stop` fires.
+    pub async fn heartbeat(
+        &self,
+        mut conn: ConnectionManager,
+        interval: Duration,
+        stop: CancellationToken,
+    ) {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.tick().await;
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = stop.cancelled() => return,
+            }
+            match self.beat(&mut conn).await {
+                Ok(true) => tracing::trace!(worker_id = %self.worker_id, "heartbeat"),
+                Ok(false) => tracing::error!(
+                    worker_id = %self.worker_id,
+                    "worker-id lock lost (expired or taken by another process); two processes may now share this worker id"
+                ),
+                Err(error) => {
+                    tracing::warn!(worker_id = %self.worker_id, %error, "heartbeat failed")
+                }
+            }
+        }
+    }
+
+    /// Removes the worker from the registry and releases the lock.
+    pub async fn leave(&self, conn: &mut ConnectionManager) -> Result<(), redis::RedisError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZREM")
+            .arg(keys::ACTIVE_WORKERS)
+            .arg(&self.worker_id)
+            .ignore();
+        pipe.cmd("DEL")
+            .arg(keys::worker_capabilities(&self.worker_id))
+            .ignore();
+        for capability in &self.capabilities {
+            pipe.cmd("SREM")
+                .arg(keys::capability_workers(capability))
+                .arg(&self.worker_id)
+                .ignore();
+        }
+        pipe.query_async::<()>(conn).await?;
+        let _: i64 = redis::Script::new(RELEASE_LOCK)
+            .key(keys::worker_lock(&self.worker_id))
+            .arg(&self.token)
+            .invoke_async(conn)
+            .await?;
+        Ok(())
+    }
+}
