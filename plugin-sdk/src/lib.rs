@@ -1,1 +1,589 @@
+//! Write byclaw gateway agents in Rust.
+//!
+//! An agent is a type implementing [`Agent`], exported with
+//! [`export_agent!`], built for `wasm32-wasip2` as a `cdylib`; the resulting
+//! `.wasm` component goes into `gatewayd`'s plugin directory.
+//!
+//! ```no_run
+//! use byclaw_plugin_sdk::{Agent, Command, Error, Manifest, emit, export_agent};
+//! use serde_json::{Value, json};
+//!
+//! struct Echo;
+//!
+//! impl Agent for Echo {
+//!     fn manifest() -> Manifest {
+//!         Manifest::new("echo", env!("CARGO_PKG_VERSION"))
+//!             .description("Sends the input back")
+//!             .capability("echo")
+//!     }
+//!
+//!     fn handle(command: Command) -> Result<Value, Error> {
+//!         let text = command.text();
+//!         emit::state("ECHOING");
+//!         emit::chunk(&text);
+//!         Ok(json!({ "echo": text }))
+//!     }
+//! }
+//!
+//! export_agent!(Echo);
+//! ```
+//!
+//! `Cargo.toml` of the plugin:
+//!
+//! ```toml
+//! [lib]
+//! crate-type = ["cdylib"]
+//!
+//! [dependencies]
+//! byclaw-plugin-sdk = { path = "../plugin-sdk" }
+//! serde_json = "1"
+//! ```
+//!
+//! and `cargo build --release --target wasm32-wasip2`.
+//!
+//! The handler runs in a sandbox: it sees its task's workspace
+//! ([`Command::private_dir`], [`Command::public_dir`]) and nothing else of
+//! the file system, no network and no environment; host calls
+//! ([`emit`], [`tools`], [`log`], [`is_cancelled`]) look blocking.
 
+use serde_json::Value;
+use std::fmt;
+use std::path::PathBuf;
+
+/// Generated bindings of the `byclaw:gateway/agent` world. Not part of the
+/// API; use the types of the crate root.
+#[doc(hidden)]
+pub mod wit {
+    wit_bindgen::generate!({
+        path: "../wit",
+        world: "agent",
+        pub_export_macro: true,
+        default_bindings_module: "byclaw_plugin_sdk::wit",
+    });
+}
+
+use wit::byclaw::gateway as host;
+use wit::exports::byclaw::gateway::handler as guest;
+
+/// An agent: what it serves, and how it handles a command.
+pub trait Agent {
+    /// Describes the plugin. Called once when the daemon loads it; only
+    /// [`log`] may be used here.
+    fn manifest() -> Manifest;
+
+    /// Handles one command (`ASK_AGENT` or `RESUME`). The `Ok` value is the
+    /// result: `metadata.result` of the COMPLETED event and the `reply_data`
+    /// a calling agent receives. An `Err` ends the task with `FAILED: <error>`.
+    fn handle(command: Command) -> Result<Value, Error>;
+
+    /// Runs one of the tools listed in the manifest. `args` is a JSON object.
+    fn invoke_tool(name: &str, args: Value) -> Result<Value, Error> {
+        let _ = args;
+        Err(Error::NotFound(format!("tool {name:?}")))
+    }
+}
+
+/// Exports a type implementing [`Agent`] as the plugin's handler.
+///
+/// Use it once per plugin crate, with the name of a type defined in it.
+#[macro_export]
+macro_rules! export_agent {
+    ($agent:ident) => {
+        impl $crate::wit::exports::byclaw::gateway::handler::Guest for $agent {
+            fn describe() -> $crate::wit::exports::byclaw::gateway::handler::Manifest {
+                $crate::__private::describe::<$agent>()
+            }
+            fn handle(
+                command: $crate::wit::exports::byclaw::gateway::handler::Command,
+            ) -> ::core::result::Result<
+                ::std::string::String,
+                $crate::wit::exports::byclaw::gateway::handler::Error,
+            > {
+                $crate::__private::handle::<$agent>(command)
+            }
+            fn invoke_tool(
+                name: ::std::string::String,
+                args: ::std::string::String,
+            ) -> ::core::result::Result<
+                ::std::string::String,
+                $crate::wit::exports::byclaw::gateway::handler::Error,
+            > {
+                $crate::__private::invoke_tool::<$agent>(name, args)
+            }
+        }
+        $crate::wit::export!($agent with_types_in $crate::wit);
+    };
+}
+
+/// Glue called by [`export_agent!`]; not part of the API.
+#[doc(hidden)]
+pub mod __private {
+    use super::*;
+
+    pub fn describe<A: Agent>() -> guest::Manifest {
+        A::manifest().into_wit()
+    }
+
+    pub fn handle<A: Agent>(command: guest::Command) -> Result<String, guest::Error> {
+        let command = Command::from_wit(command).map_err(Error::into_wit)?;
+        let value = A::handle(command).map_err(Error::into_wit)?;
+        Ok(value.to_string())
+    }
+
+    pub fn invoke_tool<A: Agent>(name: String, args: String) -> Result<String, guest::Error> {
+        let args: Value = serde_json::from_str(&args)
+            .map_err(|e| Error::InvalidInput(format!("tool arguments: {e}")).into_wit())?;
+        let value = A::invoke_tool(&name, args).map_err(Error::into_wit)?;
+        Ok(value.to_string())
+    }
+}
+
+/// An error the agent reports, or a host call returned. Each variant carries
+/// a human-readable message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Error {
+    /// The input was rejected (malformed JSON, schema violation, bad argument).
+    InvalidInput(String),
+    /// The named thing (tool, agent, key) does not exist.
+    NotFound(String),
+    /// Policy forbids it.
+    Denied(String),
+    /// It did not finish in time.
+    Timeout(String),
+    /// The task was cancelled.
+    Cancelled(String),
+    /// A backing service is unreachable; trying again later may work.
+    Unavailable(String),
+    /// It ran and failed.
+    Failed(String),
+}
+
+impl Error {
+    /// A [`Error::Failed`] with a message.
+    pub fn failed(message: impl Into<String>) -> Self {
+        Error::Failed(message.into())
+    }
+
+    fn into_wit(self) -> guest::Error {
+        match self {
+            Error::InvalidInput(m) => guest::Error::InvalidInput(m),
+            Error::NotFound(m) => guest::Error::NotFound(m),
+            Error::Denied(m) => guest::Error::Denied(m),
+            Error::Timeout(m) => guest::Error::Timeout(m),
+            Error::Cancelled(m) => guest::Error::Cancelled(m),
+            Error::Unavailable(m) => guest::Error::Unavailable(m),
+            Error::Failed(m) => guest::Error::Failed(m),
+        }
+    }
+
+    fn from_wit(error: host::types::Error) -> Self {
+        use host::types::Error as E;
+        match error {
+            E::InvalidInput(m) => Error::InvalidInput(m),
+            E::NotFound(m) => Error::NotFound(m),
+            E::Denied(m) => Error::Denied(m),
+            E::Timeout(m) => Error::Timeout(m),
+            E::Cancelled(m) => Error::Cancelled(m),
+            E::Unavailable(m) => Error::Unavailable(m),
+            E::Failed(m) => Error::Failed(m),
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::InvalidInput(m) => write!(f, "invalid input: {m}"),
+            Error::NotFound(m) => write!(f, "not found: {m}"),
+            Error::Denied(m) => write!(f, "denied: {m}"),
+            Error::Timeout(m) => write!(f, "timeout: {m}"),
+            Error::Cancelled(m) => write!(f, "cancelled: {m}"),
+            Error::Unavailable(m) => write!(f, "unavailable: {m}"),
+            Error::Failed(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<serde_json::Error> for Error {
+    fn from(error: serde_json::Error) -> Self {
+        Error::InvalidInput(error.to_string())
+    }
+}
+
+impl From<std::io::Error> for Error {
+    fn from(error: std::io::Error) -> Self {
+        Error::Failed(error.to_string())
+    }
+}
+
+/// What the plugin is and serves: see [`Agent::manifest`].
+#[derive(Debug, Clone, Default)]
+pub struct Manifest {
+    id: String,
+    version: String,
+    description: String,
+    capabilities: Vec<String>,
+    tools: Vec<Tool>,
+    prompts: Vec<Prompt>,
+}
+
+impl Manifest {
+    /// A manifest with a plugin id (`[a-z0-9_-]`) and version.
+    pub fn new(id: impl Into<String>, version: impl Into<String>) -> Self {
+        Manifest {
+            id: id.into(),
+            version: version.into(),
+            ..Manifest::default()
+        }
+    }
+
+    /// One line for operators.
+    pub fn description(mut self, description: impl Into<String>) -> Self {
+        self.description = description.into();
+        self
+    }
+
+    /// An agent type this plugin serves (its stream is
+    /// `byai_gateway:ctrl:capability:{agent_type}`).
+    pub fn capability(mut self, agent_type: impl Into<String>) -> Self {
+        self.capabilities.push(agent_type.into());
+        self
+    }
+
+    /// A tool the plugin offers.
+    pub fn tool(mut self, tool: Tool) -> Self {
+        self.tools.push(tool);
+        self
+    }
+
+    /// A prompt template the plugin ships.
+    pub fn prompt(mut self, prompt: Prompt) -> Self {
+        self.prompts.push(prompt);
+        self
+    }
+
+    fn into_wit(self) -> guest::Manifest {
+        guest::Manifest {
+            id: self.id,
+            version: self.version,
+            description: self.description,
+            capabilities: self.capabilities,
+            tools: self
+                .tools
+                .into_iter()
+                .map(|t| host::types::Tool {
+                    name: t.name,
+                    description: t.description,
+                    input_schema: t.input_schema.to_string(),
+                })
+                .collect(),
+            prompts: self
+                .prompts
+                .into_iter()
+                .map(|p| host::types::Prompt {
+                    name: p.name,
+                    description: p.description,
+                    template: p.template,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A tool: name, description, JSON Schema of its arguments.
+#[derive(Debug, Clone)]
+pub struct Tool {
+    pub name: String,
+    pub description: String,
+    pub input_schema: Value,
+}
+
+impl Tool {
+    /// A tool taking the arguments described by `input_schema`.
+    pub fn new(
+        name: impl Into<String>,
+        description: impl Into<String>,
+        input_schema: Value,
+    ) -> Self {
+        Tool {
+            name: name.into(),
+            description: description.into(),
+            input_schema,
+        }
+    }
+}
+
+/// A prompt template with `{variable}` placeholders.
+#[derive(Debug, Clone)]
+pub struct Prompt {
+    pub name: String,
+    pub description: String,
+    pub template: String,
+}
+
+impl Prompt {
+    /// A named template.
+    pub fn new(
+        name: impl Into<String>,
+        description: impl Into<String>,
+        template: impl Into<String>,
+    ) -> Self {
+        Prompt {
+            name: name.into(),
+            description: description.into(),
+            template: template.into(),
+        }
+    }
+}
+
+/// The routing header of a command; absent fields are empty.
+#[derive(Debug, Clone, Default)]
+pub struct Header {
+    pub message_id: String,
+    pub session_id: String,
+    pub trace_id: String,
+    /// The calling agent type when another agent sent this and waits.
+    pub source_agent_id: String,
+    pub target_agent_type: String,
+    pub parent_message_id: String,
+    pub task_group_id: String,
+    pub tenant_id: String,
+    /// A JSON object.
+    pub metadata: Value,
+}
+
+/// One command to handle.
+#[derive(Debug, Clone)]
+pub struct Command {
+    /// `ASK_AGENT` or `RESUME`.
+    pub action_type: String,
+    /// The agent type it was routed to.
+    pub agent_type: String,
+    pub header: Header,
+    /// `body.content`: a JSON string, or a list of message objects.
+    pub content: Value,
+    /// `body.extra_payload` (an object).
+    pub extra_payload: Value,
+    /// ASK_AGENT: whether the sender waits for the reply.
+    pub wait_for_reply: bool,
+    /// RESUME: the status of the reply (`COMPLETED`, `FAILED`, ...).
+    pub status: String,
+    /// RESUME: the reply's data.
+    pub reply_data: Value,
+    private_dir: String,
+    public_dir: String,
+}
+
+impl Command {
+    fn from_wit(command: guest::Command) -> Result<Self, Error> {
+        let parse = |what: &str, text: &str| {
+            serde_json::from_str::<Value>(text)
+                .map_err(|e| Error::InvalidInput(format!("{what} is not JSON: {e}")))
+        };
+        let h = command.header;
+        Ok(Command {
+            header: Header {
+                metadata: parse("header.metadata", &h.metadata)?,
+                message_id: h.message_id,
+                session_id: h.session_id,
+                trace_id: h.trace_id,
+                source_agent_id: h.source_agent_id,
+                target_agent_type: h.target_agent_type,
+                parent_message_id: h.parent_message_id,
+                task_group_id: h.task_group_id,
+                tenant_id: h.tenant_id,
+            },
+            content: parse("content", &command.content)?,
+            extra_payload: parse("extra_payload", &command.extra_payload)?,
+            reply_data: parse("reply_data", &command.reply_data)?,
+            action_type: command.action_type,
+            agent_type: command.agent_type,
+            wait_for_reply: command.wait_for_reply,
+            status: command.status,
+            private_dir: command.workspace.private_dir,
+            public_dir: command.workspace.public_dir,
+        })
+    }
+
+    /// True for a RESUME (a reply from another agent or the user).
+    pub fn is_resume(&self) -> bool {
+        self.action_type == "RESUME"
+    }
+
+    /// The content as plain text: a string as it is; for a list of messages
+    /// the last user message's text (its `content` string, or `content.text`).
+    pub fn text(&self) -> String {
+        fn message_text(content: &Value) -> Option<String> {
+            match content {
+                Value::String(s) => Some(s.clone()),
+                Value::Object(o) => o.get("text").and_then(Value::as_str).map(str::to_owned),
+                _ => None,
+            }
+        }
+        match &self.content {
+            Value::String(s) => s.clone(),
+            Value::Array(messages) => messages
+                .iter()
+                .rev()
+                .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
+                .or_else(|| messages.last())
+                .and_then(|m| message_text(m.get("content").unwrap_or(m)))
+                .unwrap_or_default(),
+            Value::Null => String::new(),
+            other => other.to_string(),
+        }
+    }
+
+    /// The task's private workspace (`input/`, `temp/`, `output/`,
+    /// `system/`): writable, removed when the task ends.
+    pub fn private_dir(&self) -> PathBuf {
+        PathBuf::from(&self.private_dir)
+    }
+
+    /// The session's public workspace (`session/`, `memory/local_db/`,
+    /// `agent_skills/`): kept as long as the session.
+    pub fn public_dir(&self) -> PathBuf {
+        PathBuf::from(&self.public_dir)
+    }
+}
+
+/// Streaming output to the session.
+pub mod emit {
+    use super::host::emit as raw;
+    use super::host::types;
+    use serde_json::Value;
+
+    /// A piece of the answer (`answerDelta`, role `assistant`).
+    pub fn chunk(text: &str) {
+        raw::emit_chunk(text);
+    }
+
+    /// A piece of the answer with more than text; see [`Chunk`].
+    pub fn message(chunk: Chunk) {
+        raw::emit_message(&types::Chunk {
+            text: chunk.text,
+            role: chunk.role,
+            event_type: chunk.event_type,
+            tool_calls: chunk.tool_calls.map(|v| v.to_string()),
+            function_call: chunk.function_call.map(|v| v.to_string()),
+            metadata: chunk.metadata.map(|v| v.to_string()),
+        });
+    }
+
+    /// A state line (`reasoningLogDelta`, contentType 3003), e.g. `SEARCHING`.
+    pub fn state(state: &str) {
+        raw::emit_state(state);
+    }
+
+    /// A produced file (contentType 3010). `metadata` must be a JSON object.
+    pub fn artifact(url: &str, metadata: Value) {
+        raw::emit_artifact(url, &metadata.to_string());
+    }
+
+    /// Any event: event type, content type code, optional role and content,
+    /// metadata object.
+    pub fn event(
+        event_type: &str,
+        content_type: &str,
+        role: Option<&str>,
+        content: Option<&str>,
+        metadata: Option<Value>,
+    ) {
+        raw::emit_event(&types::Event {
+            event_type: event_type.to_owned(),
+            content_type: content_type.to_owned(),
+            role: role.map(str::to_owned),
+            content: content.map(str::to_owned),
+            metadata: metadata.map(|v| v.to_string()),
+        });
+    }
+
+    /// A rich chunk: text plus role, event type, tool calls, metadata.
+    #[derive(Debug, Clone, Default)]
+    pub struct Chunk {
+        text: String,
+        role: Option<String>,
+        event_type: Option<String>,
+        tool_calls: Option<Value>,
+        function_call: Option<Value>,
+        metadata: Option<Value>,
+    }
+
+    impl Chunk {
+        /// A chunk of text.
+        pub fn new(text: impl Into<String>) -> Self {
+            Chunk {
+                text: text.into(),
+                ..Chunk::default()
+            }
+        }
+        /// `delta.role` (default `assistant`).
+        pub fn role(mut self, role: impl Into<String>) -> Self {
+            self.role = Some(role.into());
+            self
+        }
+        /// Event type (default `answerDelta`; `appStreamResponse` ends the reply).
+        pub fn event_type(mut self, event_type: impl Into<String>) -> Self {
+            self.event_type = Some(event_type.into());
+            self
+        }
+        /// `delta.tool_calls` (a list in OpenAI layout).
+        pub fn tool_calls(mut self, tool_calls: Value) -> Self {
+            self.tool_calls = Some(tool_calls);
+            self
+        }
+        /// `delta.function_call` (an object in OpenAI layout).
+        pub fn function_call(mut self, function_call: Value) -> Self {
+            self.function_call = Some(function_call);
+            self
+        }
+        /// Event metadata (a JSON object).
+        pub fn metadata(mut self, metadata: Value) -> Self {
+            self.metadata = Some(metadata);
+            self
+        }
+    }
+}
+
+/// Tools offered by plugins.
+pub mod tools {
+    use super::{Error, host};
+    use serde_json::Value;
+
+    /// Calls a tool of this plugin by name; it runs in a fresh sandbox.
+    pub fn call(name: &str, args: &Value) -> Result<Value, Error> {
+        let result = host::tools::call_tool(name, &args.to_string()).map_err(Error::from_wit)?;
+        Ok(serde_json::from_str(&result)?)
+    }
+}
+
+/// Lines in the daemon's log, tagged with the plugin and the task.
+pub mod log {
+    use super::host::runtime;
+    use super::host::types::LogLevel;
+
+    /// Debugging detail.
+    pub fn debug(message: &str) {
+        runtime::log(LogLevel::Debug, message);
+    }
+    /// Normal operation.
+    pub fn info(message: &str) {
+        runtime::log(LogLevel::Info, message);
+    }
+    /// Something unexpected that the agent handled.
+    pub fn warn(message: &str) {
+        runtime::log(LogLevel::Warn, message);
+    }
+    /// Something failed.
+    pub fn error(message: &str) {
+        runtime::log(LogLevel::Error, message);
+    }
+}
+
+/// True once a cancel was requested: return early (the host stops the task
+/// after a grace period anyway).
+pub fn is_cancelled() -> bool {
+    host::runtime::is_cancelled()
+}

@@ -1,1 +1,468 @@
+//! Test harness: a private redis-server per test, the example and fixture
+//! plugins built for wasm32-wasip2, a daemon started in-process with
+//! [`gatewayd::run`], and helpers that speak the wire protocol like the
+//! Python client does.
 
+use anyhow::{Context as _, Result, bail};
+use gatewayd::config::Config;
+use redis::aio::MultiplexedConnection;
+use serde_json::{Value, json};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+/// Workspace root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+/// Logs to the test output when `RUST_LOG` is set.
+pub fn init_logging() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        if std::env::var_os("RUST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .with_test_writer()
+                .try_init();
+        }
+    });
+}
+
+/// A redis-server of its own on a free port, killed on drop.
+pub struct RedisServer {
+    child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    pub async fn start() -> Result<Self> {
+        for _attempt in 0..5 {
+            let dir = tempfile::tempdir()?;
+            let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting redis-server (is it installed?)")?;
+            let mut server = RedisServer {
+                child,
+                port,
+                _dir: dir,
+            };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(mut conn) = server.connect().await {
+                    let pong: redis::RedisResult<String> =
+                        redis::cmd("PING").query_async(&mut conn).await;
+                    if pong.is_ok() {
+                        return Ok(server);
+                    }
+                }
+                if let Ok(Some(_)) = server.child.try_wait() {
+                    break; // port taken between bind and start: try another
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            drop(server);
+        }
+        bail!("could not start redis-server")
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    pub async fn connect(&self) -> Result<MultiplexedConnection> {
+        let client = redis::Client::open(self.url())?;
+        Ok(client.get_multiplexed_async_connection().await?)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Builds the example and fixture plugins once per test binary and returns
+/// the directory holding `<name>.wasm` files.
+pub fn built_plugins() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let root = repo_root();
+        // A target dir apart from the one `cargo test` holds locked.
+        // The test binary is `<target>/<profile>/deps/<name>`.
+        let exe = std::env::current_exe().expect("test binary path");
+        let target = exe
+            .ancestors()
+            .nth(3)
+            .expect("test binary inside a target directory")
+            .join("wasm-plugins");
+        let out = target.join("out");
+        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(&root)
+            .env("CARGO_TARGET_DIR", &target)
+            .args([
+                "build",
+                "--target",
+                "wasm32-wasip2",
+                "--profile",
+                "plugin",
+                "-p",
+                "echo-plugin",
+                "-p",
+                "showcase-plugin",
+                "-p",
+                "faults-plugin",
+            ])
+            .status()
+            .expect("running cargo to build the plugins");
+        assert!(status.success(), "building the wasm plugins failed");
+        std::fs::create_dir_all(&out).unwrap();
+        for (package, name) in [
+            ("echo_plugin", "echo"),
+            ("showcase_plugin", "showcase"),
+            ("faults_plugin", "faults"),
+        ] {
+            let built = target
+                .join("wasm32-wasip2/plugin")
+                .join(format!("{package}.wasm"));
+            std::fs::copy(&built, out.join(format!("{name}.wasm")))
+                .unwrap_or_else(|e| panic!("{}: {e}", built.display()));
+        }
+        out
+    })
+}
+
+/// A plugin directory with copies of the named plugins (`echo`, `showcase`, `faults`).
+pub fn plugin_dir(names: &[&str]) -> tempfile::TempDir {
+    let built = built_plugins();
+    let dir = tempfile::tempdir().unwrap();
+    for name in names {
+        std::fs::copy(
+            built.join(format!("{name}.wasm")),
+            dir.path().join(format!("{name}.wasm")),
+        )
+        .unwrap();
+    }
+    dir
+}
+
+/// A random suffix for ids.
+pub fn suffix() -> String {
+    format!("{:08x}", fastrand::u32(..))
+}
+
+/// A config for a test: its own worker id, short timings.
+pub fn test_config(redis: &RedisServer, plugins: &Path, workspace: &Path) -> Config {
+    let mut config = Config::default();
+    config.redis.url = Some(redis.url());
+    config.worker.id = format!("test-worker-{}", suffix());
+    config.worker.block_ms = 200;
+    config.worker.claim_interval_ms = 200;
+    config.worker.heartbeat_interval_s = 1;
+    config.worker.shutdown_grace_s = 5;
+    config.worker.cancel_grace_ms = 500;
+    config.plugins.dir = plugins.to_owned();
+    config.plugins.deadline_s = 10;
+    config.workspace.dir = workspace.to_owned();
+    config
+}
+
+/// A daemon running in-process.
+pub struct Daemon {
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), gatewayd::RunError>>,
+    pub worker_id: String,
+}
+
+impl Daemon {
+    /// Starts `run(config)` and waits until the worker is registered for `ready_capability`.
+    pub async fn start(
+        config: Config,
+        redis: &RedisServer,
+        ready_capability: &str,
+    ) -> Result<Self> {
+        init_logging();
+        let worker_id = config.worker.id.clone();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(gatewayd::run(config, async {
+            let _ = rx.await;
+        }));
+        let mut conn = redis.connect().await?;
+        let key = format!("byai_gateway:registry:capability:workers:{ready_capability}");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let member: bool = redis::cmd("SISMEMBER")
+                .arg(&key)
+                .arg(&worker_id)
+                .query_async(&mut conn)
+                .await?;
+            if member {
+                break;
+            }
+            if task.is_finished() {
+                let result = task.await?;
+                bail!("daemon exited before registering: {result:?}");
+            }
+            if Instant::now() > deadline {
+                bail!("daemon did not register {ready_capability} within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(Daemon {
+            stop: Some(tx),
+            task,
+            worker_id,
+        })
+    }
+
+    /// Signals shutdown and waits for `run` to return.
+    pub async fn stop(mut self) -> Result<(), gatewayd::RunError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.task).await.expect("daemon task panicked")
+    }
+}
+
+/// Ids of one command sent.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    pub session_id: String,
+    pub message_id: String,
+    pub trace_id: String,
+    pub entry_id: String,
+}
+
+/// The ASK_AGENT `data` JSON as the Python client writes it.
+pub fn ask_agent_json(
+    session_id: &str,
+    message_id: &str,
+    trace_id: &str,
+    agent_type: &str,
+    content: Value,
+    source_agent_id: &str,
+) -> String {
+    json!({
+        "action_type": "ASK_AGENT",
+        "header": {
+            "message_id": message_id,
+            "session_id": session_id,
+            "trace_id": trace_id,
+            "source_agent_id": source_agent_id,
+            "target_agent_type": agent_type,
+            "parent_message_id": "",
+            "task_group_id": "",
+            "tenant_id": "",
+            "metadata": {}
+        },
+        "body": {"content": content, "wait_for_reply": !source_agent_id.is_empty()}
+    })
+    .to_string()
+}
+
+/// XADDs an ASK_AGENT to a capability stream.
+pub async fn send_ask(
+    conn: &mut MultiplexedConnection,
+    agent_type: &str,
+    text: &str,
+) -> Result<Sent> {
+    send_ask_from(conn, agent_type, json!(text), "").await
+}
+
+/// XADDs an ASK_AGENT with a content value and a calling agent.
+pub async fn send_ask_from(
+    conn: &mut MultiplexedConnection,
+    agent_type: &str,
+    content: Value,
+    source_agent_id: &str,
+) -> Result<Sent> {
+    let session_id = format!("sess-{}", suffix());
+    let message_id = format!("msg-{}", suffix());
+    let trace_id = format!("{:032x}", fastrand::u128(..));
+    let data = ask_agent_json(
+        &session_id,
+        &message_id,
+        &trace_id,
+        agent_type,
+        content,
+        source_agent_id,
+    );
+    let entry_id = xadd_data(
+        conn,
+        &format!("byai_gateway:ctrl:capability:{agent_type}"),
+        &data,
+    )
+    .await?;
+    Ok(Sent {
+        session_id,
+        message_id,
+        trace_id,
+        entry_id,
+    })
+}
+
+/// XADD with one `data` field.
+pub async fn xadd_data(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+    data: &str,
+) -> Result<String> {
+    Ok(redis::cmd("XADD")
+        .arg(stream)
+        .arg("*")
+        .arg("data")
+        .arg(data)
+        .query_async(conn)
+        .await?)
+}
+
+/// One parsed event of a session stream.
+pub fn delta_content(event: &Value) -> &str {
+    event["data"]["choices"][0]["delta"]["content"]
+        .as_str()
+        .unwrap_or_default()
+}
+
+/// True for a state event whose content is terminal for the caller.
+pub fn is_terminal_state(event: &Value) -> bool {
+    event["data"]["contentType"] == "3003" && {
+        let content = delta_content(event);
+        content == "COMPLETED"
+            || content.starts_with("FAILED")
+            || content == "CANCELLED"
+            || content.starts_with("QUEUED: ")
+    }
+}
+
+/// Reads a session's events until a terminal state event arrives.
+pub async fn events_until_terminal(
+    conn: &mut MultiplexedConnection,
+    session_id: &str,
+    timeout: Duration,
+) -> Result<Vec<Value>> {
+    let stream = format!("byai_gateway:session:{session_id}:data_stream");
+    let mut last = "0".to_owned();
+    let mut events = Vec::new();
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        let reply: Option<redis::streams::StreamReadReply> = redis::cmd("XREAD")
+            .arg("COUNT")
+            .arg(100)
+            .arg("BLOCK")
+            .arg(200)
+            .arg("STREAMS")
+            .arg(&stream)
+            .arg(&last)
+            .query_async(conn)
+            .await?;
+        for key in reply.map(|r| r.keys).unwrap_or_default() {
+            for entry in key.ids {
+                last = entry.id.clone();
+                let data: String = entry.get("data").context("event without data")?;
+                let event: Value = serde_json::from_str(&data)?;
+                let terminal = is_terminal_state(&event);
+                events.push(event);
+                if terminal {
+                    return Ok(events);
+                }
+            }
+        }
+    }
+    bail!("no terminal event on {stream} within {timeout:?}; got {events:#?}")
+}
+
+/// All events of a session stream right now.
+pub async fn all_events(conn: &mut MultiplexedConnection, session_id: &str) -> Result<Vec<Value>> {
+    let stream = format!("byai_gateway:session:{session_id}:data_stream");
+    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(&stream)
+        .arg("-")
+        .arg("+")
+        .query_async(conn)
+        .await?;
+    reply
+        .ids
+        .iter()
+        .map(|e| {
+            let data: String = e.get("data").context("event without data")?;
+            Ok(serde_json::from_str(&data)?)
+        })
+        .collect()
+}
+
+/// Polls `check` until it returns `Some`, or fails after `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await? {
+            return Ok(value);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Number of entries pending in a group on a stream.
+pub async fn pending_count(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+    group: &str,
+) -> Result<u64> {
+    let reply: Value = redis::cmd("XPENDING")
+        .arg(stream)
+        .arg(group)
+        .query_async::<redis::Value>(conn)
+        .await
+        .map(|v| match v {
+            redis::Value::Array(items) => match items.first() {
+                Some(redis::Value::Int(n)) => json!(n),
+                _ => json!(0),
+            },
+            _ => json!(0),
+        })?;
+    Ok(reply.as_u64().unwrap_or(0))
+}
+
+/// The execution record of a message from the session registry.
+pub async fn execution(
+    conn: &mut MultiplexedConnection,
+    session_id: &str,
+    message_id: &str,
+) -> Result<Option<Value>> {
+    let key = format!("byai_gateway:session:{session_id}:registry");
+    let exec_id: Option<String> = redis::cmd("HGET")
+        .arg(&key)
+        .arg(format!("msg_map:{message_id}"))
+        .query_async(conn)
+        .await?;
+    let Some(exec_id) = exec_id else {
+        return Ok(None);
+    };
+    let raw: Option<String> = redis::cmd("HGET")
+        .arg(&key)
+        .arg(format!("exec:{exec_id}"))
+        .query_async(conn)
+        .await?;
+    Ok(raw.map(|r| serde_json::from_str(&r)).transpose()?)
+}

@@ -1,0 +1,275 @@
+//! A task in wire format through a real Redis and an in-process daemon:
+//! streamed chunks, terminal state with the result, ack, execution record,
+//! replies to calling agents, replay protection.
+
+use integration_tests::*;
+use serde_json::{Value, json};
+use std::time::Duration;
+
+const GROUP: &str = "agent_engines";
+const WAIT: Duration = Duration::from_secs(30);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_streams_three_chunks_then_completed_with_result() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let plugins = plugin_dir(&["echo"]);
+    let workspace = tempfile::tempdir()?;
+    let config = test_config(&redis, plugins.path(), workspace.path());
+    let daemon = Daemon::start(config, &redis, "echo").await?;
+    let mut conn = redis.connect().await?;
+
+    let sent = send_ask(&mut conn, "echo", "hello wasm world").await?;
+    let events = events_until_terminal(&mut conn, &sent.session_id, WAIT).await?;
+
+    let chunks: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["event_type"] == "answerDelta")
+        .collect();
+    assert_eq!(chunks.len(), 3, "{events:#?}");
+    let text: String = chunks.iter().map(|e| delta_content(e)).collect();
+    assert_eq!(text, "hello wasm world");
+    for chunk in &chunks {
+        assert_eq!(chunk["data"]["contentType"], "1002");
+        assert_eq!(chunk["data"]["choices"][0]["delta"]["role"], "assistant");
+        assert_eq!(chunk["source_agent_id"], "echo");
+        assert_eq!(chunk["data"]["agentId"], "echo");
+        assert_eq!(chunk["message_id"], sent.message_id.as_str());
+        assert_eq!(chunk["trace_id"], sent.trace_id.as_str());
+        assert_eq!(chunk["session_id"], sent.session_id.as_str());
+    }
+    let last = events.last().unwrap();
+    assert_eq!(last["event_type"], "reasoningLogDelta");
+    assert_eq!(delta_content(last), "COMPLETED");
+    assert_eq!(
+        last["metadata"]["result"],
+        json!({"echo": "hello wasm world", "chunks": 3})
+    );
+
+    // Acked (and deleted), execution terminal, stream expiring.
+    let stream = "byai_gateway:ctrl:capability:echo";
+    let pending = wait_for("the ack", WAIT, || {
+        let mut conn = conn.clone();
+        async move { Ok((pending_count(&mut conn, stream, GROUP).await? == 0).then_some(())) }
+    })
+    .await;
+    assert!(pending.is_ok());
+    let length: u64 = redis::cmd("XLEN")
+        .arg(stream)
+        .query_async(&mut conn)
+        .await?;
+    assert_eq!(
+        length, 0,
+        "acked entries are deleted (streams.delete_acked)"
+    );
+    let exec = execution(&mut conn, &sent.session_id, &sent.message_id)
+        .await?
+        .expect("execution recorded");
+    assert_eq!(exec["status"], "COMPLETED");
+    assert_eq!(exec["worker_id"], daemon.worker_id.as_str());
+    assert!(exec["finished_at"].as_u64().unwrap() >= exec["started_at"].as_u64().unwrap());
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(format!(
+            "byai_gateway:session:{}:data_stream",
+            sent.session_id
+        ))
+        .query_async(&mut conn)
+        .await?;
+    assert!(ttl > 604_000, "session stream TTL {ttl}");
+
+    daemon.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn showcase_emits_states_artifact_and_calls_its_tool() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let plugins = plugin_dir(&["showcase"]);
+    let workspace = tempfile::tempdir()?;
+    let config = test_config(&redis, plugins.path(), workspace.path());
+    let daemon = Daemon::start(config, &redis, "showcase").await?;
+    let mut conn = redis.connect().await?;
+
+    let sent = send_ask(&mut conn, "showcase", "one two three four").await?;
+    let events = events_until_terminal(&mut conn, &sent.session_id, WAIT).await?;
+    let states: Vec<&str> = events
+        .iter()
+        .filter(|e| e["data"]["contentType"] == "3003")
+        .map(delta_content)
+        .collect();
+    assert_eq!(states.first(), Some(&"ANALYZING"), "{events:#?}");
+    assert_eq!(states.last(), Some(&"COMPLETED"));
+    let artifact = events
+        .iter()
+        .find(|e| e["data"]["contentType"] == "3010")
+        .expect("an artifact event");
+    let files: Value = serde_json::from_str(delta_content(artifact))?;
+    assert!(
+        files[0]["fileUrl"]
+            .as_str()
+            .unwrap()
+            .ends_with("report.txt")
+    );
+    assert_eq!(artifact["metadata"]["name"], "report.txt");
+    let result = &events.last().unwrap()["metadata"]["result"];
+    assert_eq!(
+        result["words"], 4,
+        "the tool call counted the words: {result}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event_type"] == "appStreamResponse"),
+        "the final chunk marks the end of the reply"
+    );
+    // The private workspace is gone after the task; the public one stays.
+    let session_dir = workspace.path().join(&sent.session_id);
+    wait_for("private workspace removal", WAIT, || {
+        let private = session_dir.join("private").join(&sent.message_id);
+        async move { Ok((!private.exists()).then_some(())) }
+    })
+    .await?;
+    assert!(session_dir.join("public/session").is_dir());
+
+    daemon.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_calling_agent_gets_a_resume_with_the_reply() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let plugins = plugin_dir(&["echo"]);
+    let workspace = tempfile::tempdir()?;
+    let config = test_config(&redis, plugins.path(), workspace.path());
+    let daemon = Daemon::start(config, &redis, "echo").await?;
+    let mut conn = redis.connect().await?;
+
+    let caller = format!("py-caller-{}", suffix());
+    let sent = send_ask_from(&mut conn, "echo", json!("ping"), &caller).await?;
+    let events = events_until_terminal(&mut conn, &sent.session_id, WAIT).await?;
+    assert_eq!(
+        delta_content(events.last().unwrap()),
+        format!("QUEUED: {caller}")
+    );
+
+    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(format!("byai_gateway:ctrl:capability:{caller}"))
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await?;
+    assert_eq!(reply.ids.len(), 1);
+    let data: String = reply.ids[0].get("data").unwrap();
+    let resume: Value = serde_json::from_str(&data)?;
+    assert_eq!(resume["action_type"], "RESUME");
+    assert_eq!(resume["header"]["target_agent_type"], caller.as_str());
+    assert_eq!(resume["header"]["source_agent_id"], "echo");
+    assert_eq!(
+        resume["header"]["parent_message_id"],
+        sent.message_id.as_str()
+    );
+    assert_eq!(resume["header"]["session_id"], sent.session_id.as_str());
+    assert_eq!(resume["header"]["trace_id"], sent.trace_id.as_str());
+    assert!(
+        resume["header"]["message_id"]
+            .as_str()
+            .unwrap()
+            .starts_with("msg-")
+    );
+    assert_eq!(resume["body"]["status"], "COMPLETED");
+    assert_eq!(
+        resume["body"]["reply_data"],
+        json!({"echo": "ping", "chunks": 3})
+    );
+
+    daemon.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_finished_task_is_acked_and_skipped() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let plugins = plugin_dir(&["echo"]);
+    let workspace = tempfile::tempdir()?;
+    let config = test_config(&redis, plugins.path(), workspace.path());
+    let daemon = Daemon::start(config, &redis, "echo").await?;
+    let mut conn = redis.connect().await?;
+
+    let sent = send_ask(&mut conn, "echo", "once").await?;
+    let first = events_until_terminal(&mut conn, &sent.session_id, WAIT).await?;
+    // The same command again, as a duplicate delivery would bring it.
+    let data = ask_agent_json(
+        &sent.session_id,
+        &sent.message_id,
+        &sent.trace_id,
+        "echo",
+        json!("once"),
+        "",
+    );
+    let stream = "byai_gateway:ctrl:capability:echo";
+    xadd_data(&mut conn, stream, &data).await?;
+    // A second task after it shows the duplicate has been handled.
+    let later = send_ask(&mut conn, "echo", "after").await?;
+    events_until_terminal(&mut conn, &later.session_id, WAIT).await?;
+    wait_for("the duplicate's ack", WAIT, || {
+        let mut conn = conn.clone();
+        async move { Ok((pending_count(&mut conn, stream, GROUP).await? == 0).then_some(())) }
+    })
+    .await?;
+    let all = all_events(&mut conn, &sent.session_id).await?;
+    assert_eq!(
+        all.len(),
+        first.len(),
+        "the duplicate produced no events: {all:#?}"
+    );
+
+    daemon.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_unregisters_and_releases_the_lock() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let plugins = plugin_dir(&["echo"]);
+    let workspace = tempfile::tempdir()?;
+    let config = test_config(&redis, plugins.path(), workspace.path());
+    let daemon = Daemon::start(config.clone(), &redis, "echo").await?;
+    let mut conn = redis.connect().await?;
+    let worker_id = daemon.worker_id.clone();
+
+    // A second process with the same worker id is refused.
+    let err = gatewayd::run(config.clone(), std::future::pending())
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("held by another live process"),
+        "{err}"
+    );
+
+    let score: Option<f64> = redis::cmd("ZSCORE")
+        .arg("byai_gateway:registry:active_workers")
+        .arg(&worker_id)
+        .query_async(&mut conn)
+        .await?;
+    assert!(score.is_some());
+    daemon.stop().await?;
+    let score: Option<f64> = redis::cmd("ZSCORE")
+        .arg("byai_gateway:registry:active_workers")
+        .arg(&worker_id)
+        .query_async(&mut conn)
+        .await?;
+    assert!(score.is_none());
+    let members: Vec<String> = redis::cmd("SMEMBERS")
+        .arg("byai_gateway:registry:capability:workers:echo")
+        .query_async(&mut conn)
+        .await?;
+    assert!(!members.contains(&worker_id));
+    let lock: Option<String> = redis::cmd("GET")
+        .arg(format!("byai_gateway:registry:worker:lock:{worker_id}"))
+        .query_async(&mut conn)
+        .await?;
+    assert!(lock.is_none());
+    // And the id can be taken again.
+    let again = Daemon::start(config, &redis, "echo").await?;
+    again.stop().await?;
+    Ok(())
+}

@@ -1,0 +1,317 @@
+//! Misbehaving plugins and bad input: each ends in a clear `FAILED: ...` or a
+//! dead letter while other tasks keep completing; nothing is lost.
+
+use integration_tests::*;
+use serde_json::{Value, json};
+use std::time::{Duration, Instant};
+
+const GROUP: &str = "agent_engines";
+const WAIT: Duration = Duration::from_secs(30);
+
+fn final_state(events: &[Value]) -> String {
+    delta_content(events.last().unwrap()).to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trap_loop_and_memory_bomb_fail_while_echo_keeps_completing() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let plugins = plugin_dir(&["echo", "faults"]);
+    let workspace = tempfile::tempdir()?;
+    let mut config = test_config(&redis, plugins.path(), workspace.path());
+    config.plugins.deadline_s = 2;
+    config.plugins.memory_limit_mb = 32;
+    let daemon = Daemon::start(config, &redis, "fault-loop").await?;
+    let mut conn = redis.connect().await?;
+
+    let started = Instant::now();
+    let trap = send_ask(&mut conn, "fault-trap", "x").await?;
+    let endless = send_ask(&mut conn, "fault-loop", "x").await?;
+    let bomb = send_ask(&mut conn, "fault-memory", "x").await?;
+    let refused = send_ask(&mut conn, "fault-error", "x").await?;
+    // While those misbehave, ordinary tasks complete.
+    let mut echoes = Vec::new();
+    for i in 0..20 {
+        echoes.push(send_ask(&mut conn, "echo", &format!("still alive {i}")).await?);
+    }
+    for echo in &echoes {
+        let events = events_until_terminal(&mut conn, &echo.session_id, WAIT).await?;
+        assert_eq!(final_state(&events), "COMPLETED");
+    }
+    let echoes_done = started.elapsed();
+
+    let events = events_until_terminal(&mut conn, &trap.session_id, WAIT).await?;
+    let state = final_state(&events);
+    assert!(state.starts_with("FAILED: plugin trapped"), "{state}");
+    assert!(
+        events.iter().any(|e| delta_content(e) == "before trap"),
+        "events emitted before the trap are kept"
+    );
+
+    let events = events_until_terminal(&mut conn, &endless.session_id, WAIT).await?;
+    assert_eq!(final_state(&events), "FAILED: deadline of 2 s exceeded");
+
+    let events = events_until_terminal(&mut conn, &bomb.session_id, WAIT).await?;
+    let state = final_state(&events);
+    assert!(
+        state.starts_with("FAILED: memory limit of 32 MiB exceeded"),
+        "{state}"
+    );
+
+    let events = events_until_terminal(&mut conn, &refused.session_id, WAIT).await?;
+    assert_eq!(final_state(&events), "FAILED: deliberate failure");
+
+    assert!(
+        echoes_done < Duration::from_secs(2),
+        "echo tasks were not held up by the endless loop ({echoes_done:?})"
+    );
+    for (agent, sent) in [
+        ("fault-trap", &trap),
+        ("fault-loop", &endless),
+        ("fault-memory", &bomb),
+    ] {
+        let exec = execution(&mut conn, &sent.session_id, &sent.message_id)
+            .await?
+            .unwrap();
+        assert_eq!(exec["status"], "FAILED", "{agent}");
+        let stream = format!("byai_gateway:ctrl:capability:{agent}");
+        assert_eq!(
+            pending_count(&mut conn, &stream, GROUP).await?,
+            0,
+            "{agent} acked"
+        );
+    }
+    daemon.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_cannot_reach_outside_its_workspace() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let plugins = plugin_dir(&["faults"]);
+    let root = tempfile::tempdir()?;
+    let workspace = root.path().join("ws");
+    std::fs::create_dir_all(&workspace)?;
+    let config = test_config(&redis, plugins.path(), &workspace);
+    let daemon = Daemon::start(config, &redis, "fault-escape").await?;
+    let mut conn = redis.connect().await?;
+    let before_tmp = std::path::Path::new("/tmp/escape.txt").exists();
+
+    let sent = send_ask(&mut conn, "fault-escape", "x").await?;
+    let events = events_until_terminal(&mut conn, &sent.session_id, WAIT).await?;
+    let last = events.last().unwrap();
+    assert_eq!(delta_content(last), "COMPLETED", "{events:#?}");
+    let attempts = &last["metadata"]["result"];
+    let attempts = attempts.as_object().expect("a map of attempts");
+    let mut outside = 0;
+    for (name, outcome) in attempts {
+        let outcome = outcome.as_str().unwrap();
+        if name.contains("ok") || name.contains("legit") || name.contains("workspace") {
+            assert_eq!(outcome, "ok", "{name} inside the workspace must work");
+        } else {
+            outside += 1;
+            assert!(outcome.starts_with("error"), "{name} must fail: {outcome}");
+        }
+    }
+    assert!(outside >= 4, "{attempts:?}");
+    // Nothing appeared outside the workspace.
+    assert_eq!(std::path::Path::new("/tmp/escape.txt").exists(), before_tmp);
+    let stray: Vec<_> = walk(root.path())
+        .into_iter()
+        .filter(|p| p.file_name().is_some_and(|n| n == "escape.txt"))
+        .collect();
+    assert!(stray.is_empty(), "{stray:?}");
+    // What the guest wrote into the public workspace stays with the session.
+    let note = workspace
+        .join(&sent.session_id)
+        .join("public/session/note.txt");
+    assert!(note.is_file(), "{}", note.display());
+
+    daemon.stop().await?;
+    Ok(())
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                out.extend(walk(&path));
+            }
+            out.push(path);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_entries_go_to_the_dead_letter_stream() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let plugins = plugin_dir(&["echo"]);
+    let workspace = tempfile::tempdir()?;
+    let config = test_config(&redis, plugins.path(), workspace.path());
+    let dead_letters = config.worker.dead_letter_stream.clone();
+    let daemon = Daemon::start(config, &redis, "echo").await?;
+    let mut conn = redis.connect().await?;
+    let stream = "byai_gateway:ctrl:capability:echo";
+
+    // Not JSON; no `data` field; JSON but not a command (session readable).
+    xadd_data(&mut conn, stream, "{not json").await?;
+    let _: String = redis::cmd("XADD")
+        .arg(stream)
+        .arg("*")
+        .arg("payload")
+        .arg("x")
+        .query_async(&mut conn)
+        .await?;
+    let session = format!("sess-{}", suffix());
+    let bad = json!({"action_type": "ASK_AGENT",
+        "header": {"message_id": "msg-00000001", "session_id": session, "trace_id": "t"},
+        "body": {"content": ""}});
+    xadd_data(&mut conn, stream, &bad.to_string()).await?;
+    // A good one after them still runs.
+    let good = send_ask(&mut conn, "echo", "fine").await?;
+    events_until_terminal(&mut conn, &good.session_id, WAIT).await?;
+
+    let entries = wait_for("three dead letters", WAIT, || {
+        let mut conn = conn.clone();
+        let dead_letters = dead_letters.clone();
+        async move {
+            let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+                .arg(&dead_letters)
+                .arg("-")
+                .arg("+")
+                .query_async(&mut conn)
+                .await?;
+            Ok((reply.ids.len() >= 3).then_some(reply.ids))
+        }
+    })
+    .await?;
+    let reasons: Vec<String> = entries
+        .iter()
+        .map(|e| e.get::<String>("reason").unwrap())
+        .collect();
+    assert!(
+        reasons[0].contains("not a valid command JSON"),
+        "{reasons:?}"
+    );
+    assert!(reasons[1].contains("no `data` field"), "{reasons:?}");
+    assert!(reasons[2].contains("content"), "{reasons:?}");
+    assert_eq!(entries[0].get::<String>("data").unwrap(), "{not json");
+    assert_eq!(entries[1].get::<String>("payload").unwrap(), "x");
+    assert_eq!(entries[2].get::<String>("source_stream").unwrap(), stream);
+    // The session of the third gets told.
+    let events = events_until_terminal(&mut conn, &session, WAIT).await?;
+    assert!(final_state(&events).starts_with("FAILED: ASK_AGENT body.content"));
+    wait_for("acks", WAIT, || {
+        let mut conn = conn.clone();
+        async move { Ok((pending_count(&mut conn, stream, GROUP).await? == 0).then_some(())) }
+    })
+    .await?;
+    daemon.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_left_by_a_dead_consumer_are_claimed_or_dead_lettered() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let plugins = plugin_dir(&["echo"]);
+    let workspace = tempfile::tempdir()?;
+    let mut config = test_config(&redis, plugins.path(), workspace.path());
+    config.worker.claim_idle_ms = 1000;
+    config.worker.max_deliveries = 3;
+    let dead_letters = config.worker.dead_letter_stream.clone();
+    let mut conn = redis.connect().await?;
+    let stream = "byai_gateway:ctrl:capability:echo";
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(stream)
+        .arg(GROUP)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(&mut conn)
+        .await?;
+    // A consumer that reads two entries and dies without acking them; one
+    // of them has already been delivered too often.
+    let orphan = send_ask(&mut conn, "echo", "orphaned").await?;
+    let poison = send_ask(&mut conn, "echo", "poison").await?;
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(GROUP)
+        .arg("dead-consumer")
+        .arg("COUNT")
+        .arg(10)
+        .arg("STREAMS")
+        .arg(stream)
+        .arg(">")
+        .query_async(&mut conn)
+        .await?;
+    for _ in 0..3 {
+        let _: redis::Value = redis::cmd("XCLAIM")
+            .arg(stream)
+            .arg(GROUP)
+            .arg("dead-consumer")
+            .arg(0)
+            .arg(&poison.entry_id)
+            .query_async(&mut conn)
+            .await?;
+    }
+
+    let daemon = Daemon::start(config, &redis, "echo").await?;
+    let events = events_until_terminal(&mut conn, &orphan.session_id, WAIT).await?;
+    assert_eq!(final_state(&events), "COMPLETED");
+    let events = events_until_terminal(&mut conn, &poison.session_id, WAIT).await?;
+    let state = final_state(&events);
+    assert!(state.starts_with("FAILED: delivered 5 times"), "{state}");
+    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(&dead_letters)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await?;
+    assert_eq!(reply.ids.len(), 1);
+    assert_eq!(
+        reply.ids[0].get::<String>("source_id").unwrap(),
+        poison.entry_id
+    );
+    assert_eq!(reply.ids[0].get::<String>("delivery_count").unwrap(), "5");
+    wait_for("acks", WAIT, || {
+        let mut conn = conn.clone();
+        async move { Ok((pending_count(&mut conn, stream, GROUP).await? == 0).then_some(())) }
+    })
+    .await?;
+    daemon.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_plugin_files_are_reported_and_skipped() -> anyhow::Result<()> {
+    let plugins = plugin_dir(&["echo"]);
+    std::fs::write(plugins.path().join("garbage.wasm"), b"not wasm at all")?;
+    // A second copy of echo claims the same capability.
+    std::fs::copy(
+        plugins.path().join("echo.wasm"),
+        plugins.path().join("zz-echo-copy.wasm"),
+    )?;
+    let sandbox = gatewayd::plugin::Sandbox::new(
+        gatewayd::plugin::Limits {
+            memory_bytes: 64 << 20,
+            deadline: Duration::from_secs(5),
+            max_event_bytes: 1 << 20,
+        },
+        4,
+    )?;
+    let loaded = gatewayd::plugin::loader::load_dir(&sandbox, plugins.path()).await?;
+    assert_eq!(loaded.table.capabilities(), vec!["echo".to_owned()]);
+    let errors: Vec<String> = loaded.rejected.iter().map(ToString::to_string).collect();
+    assert_eq!(errors.len(), 2, "{errors:#?}");
+    assert!(
+        errors[0].contains("garbage.wasm") && errors[0].contains("not a valid component"),
+        "{errors:#?}"
+    );
+    assert!(
+        errors[1].contains("zz-echo-copy.wasm") && errors[1].contains("already served"),
+        "{errors:#?}"
+    );
+    Ok(())
+}
