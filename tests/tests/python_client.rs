@@ -1,0 +1,84 @@
+//! The reference Python SDK (from PyPI) against gatewayd: its client finds
+//! our worker in the registry, sends a task, reads our events with its own
+//! field names, and cancels a running task through the session registry.
+
+use integration_tests::*;
+use serde_json::Value;
+use std::time::Duration;
+
+/// The venv's python, with byclaw-gateway-sdk installed.
+async fn python() -> anyhow::Result<String> {
+    let script = repo_root().join("tests/python/venv.sh");
+    let out = tokio::process::Command::new("bash")
+        .arg(script)
+        .output()
+        .await?;
+    anyhow::ensure!(
+        out.status.success(),
+        "venv.sh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout)?;
+    Ok(stdout.lines().last().unwrap_or_default().trim().to_owned())
+}
+
+async fn interop(python: &str, redis: &RedisServer, args: &[&str]) -> anyhow::Result<Value> {
+    let script = repo_root().join("tests/python/interop.py");
+    let run = tokio::process::Command::new(python)
+        .arg(script)
+        .args(["--redis-url", &redis.url()])
+        .args(args)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), run).await??;
+    anyhow::ensure!(
+        out.status.success(),
+        "interop.py {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_client_sends_reads_and_cancels() -> anyhow::Result<()> {
+    let python = python().await?;
+    let redis = RedisServer::start().await?;
+    let plugins = plugin_dir(&["echo", "faults"]);
+    let workspace = tempfile::tempdir()?;
+    let config = test_config(&redis, plugins.path(), workspace.path());
+    let daemon = Daemon::start(config, &redis, "echo").await?;
+
+    let text = "héllo from python, 你好";
+    let reply = interop(
+        &python,
+        &redis,
+        &["send", "--agent-type", "echo", "--text", text],
+    )
+    .await?;
+    assert_eq!(reply["target_worker_id"], daemon.worker_id.as_str());
+    assert_eq!(reply["chunks"], text);
+    assert_eq!(reply["terminal"], "COMPLETED");
+    let events = reply["events"].as_array().unwrap();
+    assert_eq!(events.len(), 4, "{events:#?}");
+    for event in events {
+        assert_eq!(event["session_id"], reply["session_id"]);
+        assert_eq!(event["message_id"], reply["message_id"]);
+        assert_eq!(event["source_agent_id"], "echo");
+        assert!(event["timestamp"].as_u64().unwrap() > 1_600_000_000_000);
+    }
+
+    let cancelled = interop(
+        &python,
+        &redis,
+        &["cancel", "--agent-type", "slow", "--text", "20000"],
+    )
+    .await?;
+    assert_eq!(
+        cancelled["cancel"]["status"], "CANCEL_REQUESTED",
+        "{cancelled:#}"
+    );
+    assert_eq!(cancelled["cancel"]["worker_id"], daemon.worker_id.as_str());
+    assert_eq!(cancelled["terminal"], "CANCELLED");
+
+    daemon.stop().await?;
+    Ok(())
+}
