@@ -28,6 +28,8 @@ async fn interop(python: &str, redis: &RedisServer, args: &[&str]) -> anyhow::Re
         .arg(script)
         .args(["--redis-url", &redis.url()])
         .args(args)
+        // The SDK writes a log file into its working directory.
+        .current_dir(std::env::temp_dir())
         .output();
     let out = tokio::time::timeout(Duration::from_secs(60), run).await??;
     anyhow::ensure!(
