@@ -1,0 +1,310 @@
+//! Load generator: N echo tasks through Redis to a `gatewayd` process, with
+//! tasks/s and latency percentiles (enqueue → first chunk, enqueue →
+//! COMPLETED), then the same for tasks sent one at a time (idle latency).
+//!
+//! By default it starts its own redis-server and the `gatewayd` binary next
+//! to this one (`cargo build --release -p gatewayd` first; `scripts/bench`
+//! does everything).
+
+use anyhow::{Context as _, Result, bail};
+use integration_tests::{RedisServer, ask_agent_json, built_plugins, suffix};
+use redis::aio::MultiplexedConnection;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+struct Args {
+    tasks: usize,
+    in_flight: usize,
+    idle: usize,
+    readers: usize,
+    concurrency: usize,
+    fetch: usize,
+    text: String,
+    redis_url: Option<String>,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut args = Args {
+        tasks: 20_000,
+        in_flight: 200,
+        idle: 200,
+        readers: 4,
+        concurrency: 256,
+        fetch: 64,
+        text: "hello from the benchmark".into(),
+        redis_url: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--tasks" => args.tasks = value()?.parse()?,
+            "--in-flight" => args.in_flight = value()?.parse()?,
+            "--idle" => args.idle = value()?.parse()?,
+            "--readers" => args.readers = value()?.parse()?,
+            "--concurrency" => args.concurrency = value()?.parse()?,
+            "--fetch" => args.fetch = value()?.parse()?,
+            "--text" => args.text = value()?,
+            "--redis-url" => args.redis_url = Some(value()?),
+            "-h" | "--help" => {
+                println!(
+                    "gatewayd-bench [--tasks 20000] [--in-flight 200] [--idle 200] [--readers 4] \
+                     [--concurrency 256] [--fetch 64] [--text T] [--redis-url URL]"
+                );
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    args.readers = args.readers.clamp(1, args.in_flight.max(1));
+    Ok(args)
+}
+
+/// Latencies of one task, from its enqueue.
+#[derive(Default, Clone, Copy)]
+struct Sample {
+    first_chunk: Duration,
+    completed: Duration,
+}
+
+/// One in-flight slot: a session that runs one task at a time.
+struct Slot {
+    session: String,
+    stream: String,
+    last_id: String,
+    message: String,
+    sent: Instant,
+    first_chunk: Option<Duration>,
+    busy: bool,
+    /// Queued in the pipeline being built; its clock starts when it is sent.
+    fresh: bool,
+}
+
+const CAPABILITY_STREAM: &str = "byai_gateway:ctrl:capability:echo";
+
+/// Drives `slots` sessions until `next` reaches `total`; returns samples and failures.
+async fn drive(
+    mut conn: MultiplexedConnection,
+    slots: usize,
+    next: Arc<AtomicUsize>,
+    total: usize,
+    text: Arc<str>,
+) -> Result<(Vec<Sample>, usize)> {
+    let run = suffix();
+    let mut slots: Vec<Slot> = (0..slots)
+        .map(|i| {
+            let session = format!("bench-{run}-{i}");
+            Slot {
+                stream: format!("byai_gateway:session:{session}:data_stream"),
+                session,
+                last_id: "0".into(),
+                message: String::new(),
+                sent: Instant::now(),
+                first_chunk: None,
+                busy: false,
+                fresh: false,
+            }
+        })
+        .collect();
+    let mut samples = Vec::new();
+    let mut failures = 0;
+    loop {
+        // Fill free slots with new tasks, one pipeline.
+        let mut pipe = redis::pipe();
+        let mut queued = 0;
+        for slot in slots.iter_mut().filter(|s| !s.busy) {
+            if next.fetch_add(1, Ordering::Relaxed) >= total {
+                break;
+            }
+            slot.message = format!("msg-{}", suffix());
+            let trace = format!("{:032x}", fastrand::u128(..));
+            let data = ask_agent_json(&slot.session, &slot.message, &trace, "echo", serde_json::json!(&*text), "");
+            pipe.cmd("XADD").arg(CAPABILITY_STREAM).arg("*").arg("data").arg(data).ignore();
+            slot.busy = true;
+            slot.fresh = true;
+            slot.first_chunk = None;
+            queued += 1;
+        }
+        if queued > 0 {
+            let enqueued = Instant::now();
+            for slot in slots.iter_mut().filter(|s| s.busy && s.first_chunk.is_none() && s.fresh) {
+                slot.sent = enqueued;
+                slot.fresh = false;
+            }
+            pipe.query_async::<()>(&mut conn).await?;
+        }
+        let busy: Vec<usize> = (0..slots.len()).filter(|&i| slots[i].busy).collect();
+        if busy.is_empty() {
+            return Ok((samples, failures));
+        }
+        let mut cmd = redis::cmd("XREAD");
+        cmd.arg("COUNT").arg(64).arg("BLOCK").arg(1000).arg("STREAMS");
+        for &i in &busy {
+            cmd.arg(&slots[i].stream);
+        }
+        for &i in &busy {
+            cmd.arg(&slots[i].last_id);
+        }
+        let reply: Option<redis::streams::StreamReadReply> = cmd.query_async(&mut conn).await?;
+        let arrived = Instant::now();
+        for key in reply.map(|r| r.keys).unwrap_or_default() {
+            let Some(&i) = busy.iter().find(|&&i| slots[i].stream == key.key) else {
+                continue;
+            };
+            let slot = &mut slots[i];
+            for entry in key.ids {
+                slot.last_id = entry.id.clone();
+                let data: String = entry.get("data").unwrap_or_default();
+                if !data.contains(&slot.message) {
+                    continue; // an event of the slot's previous task
+                }
+                if data.contains("\"event_type\":\"answerDelta\"") {
+                    slot.first_chunk.get_or_insert(arrived - slot.sent);
+                } else if data.contains("\"contentType\":\"3003\"") {
+                    let completed = data.contains("\"content\":\"COMPLETED\"");
+                    if completed {
+                        samples.push(Sample {
+                            first_chunk: slot.first_chunk.unwrap_or(arrived - slot.sent),
+                            completed: arrived - slot.sent,
+                        });
+                    } else {
+                        failures += 1;
+                    }
+                    slot.busy = false;
+                }
+            }
+        }
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index].as_secs_f64() * 1000.0
+}
+
+fn report(label: &str, samples: &[Sample], failures: usize, wall: Duration) {
+    let mut first: Vec<Duration> = samples.iter().map(|s| s.first_chunk).collect();
+    let mut done: Vec<Duration> = samples.iter().map(|s| s.completed).collect();
+    first.sort();
+    done.sort();
+    println!(
+        "{label}: {} tasks ({failures} failed) in {:.2} s = {:.0} tasks/s",
+        samples.len(),
+        wall.as_secs_f64(),
+        samples.len() as f64 / wall.as_secs_f64()
+    );
+    for (name, values) in [("first chunk", &first), ("completed  ", &done)] {
+        println!(
+            "  {name}  p50 {:.3} ms  p90 {:.3} ms  p99 {:.3} ms  max {:.3} ms",
+            percentile(values, 0.50),
+            percentile(values, 0.90),
+            percentile(values, 0.99),
+            percentile(values, 1.0)
+        );
+    }
+}
+
+async fn delete_bench_keys(conn: &mut MultiplexedConnection) -> Result<()> {
+    let keys: Vec<String> = redis::cmd("KEYS").arg("byai_gateway:session:bench-*").query_async(conn).await?;
+    for chunk in keys.chunks(1000) {
+        let _: () = redis::cmd("DEL").arg(chunk).query_async(conn).await?;
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = parse_args()?;
+    let own_redis = match &args.redis_url {
+        Some(_) => None,
+        None => Some(RedisServer::start().await?),
+    };
+    let url = args
+        .redis_url
+        .clone()
+        .unwrap_or_else(|| own_redis.as_ref().unwrap().url());
+    let client = redis::Client::open(url.as_str())?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+
+    let plugins = built_plugins();
+    let plugin_dir = tempfile::tempdir()?;
+    std::fs::copy(plugins.join("echo.wasm"), plugin_dir.path().join("echo.wasm"))?;
+    let workspace = tempfile::tempdir()?;
+    let gatewayd: PathBuf = std::env::current_exe()?.with_file_name("gatewayd");
+    anyhow::ensure!(gatewayd.is_file(), "{} missing: cargo build --release -p gatewayd", gatewayd.display());
+    let worker = format!("bench-{}", suffix());
+    let log = tempfile::NamedTempFile::new()?;
+    let mut daemon = tokio::process::Command::new(&gatewayd)
+        .args(["--redis-url", &url, "--worker-id", &worker, "--log-level", "warn"])
+        .arg("--plugin-dir")
+        .arg(plugin_dir.path())
+        .env("GATEWAYD_WORKER__MAX_CONCURRENCY", args.concurrency.to_string())
+        .env("GATEWAYD_WORKER__FETCH_COUNT", args.fetch.to_string())
+        .env("GATEWAYD_WORKSPACE__DIR", workspace.path())
+        .stderr(log.reopen()?)
+        .kill_on_drop(true)
+        .spawn()?;
+    let ready = Instant::now();
+    loop {
+        let member: bool = redis::cmd("SISMEMBER")
+            .arg("byai_gateway:registry:capability:workers:echo")
+            .arg(&worker)
+            .query_async(&mut conn)
+            .await?;
+        if member {
+            break;
+        }
+        if ready.elapsed() > Duration::from_secs(60) || daemon.try_wait()?.is_some() {
+            bail!("gatewayd did not start: {}", std::fs::read_to_string(log.path())?);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "gatewayd (max_concurrency {}, fetch {}) · {} tasks, {} in flight, {} reader connections",
+        args.concurrency, args.fetch, args.tasks, args.in_flight, args.readers
+    );
+
+    // Warm up, then the throughput run.
+    let text: Arc<str> = Arc::from(args.text.as_str());
+    for (label, total) in [("warm-up", args.in_flight * 5), ("throughput", args.tasks)] {
+        let next = Arc::new(AtomicUsize::new(0));
+        let started = Instant::now();
+        let mut drivers = Vec::new();
+        for r in 0..args.readers {
+            let slots = args.in_flight / args.readers + usize::from(r < args.in_flight % args.readers);
+            let conn = client.get_multiplexed_async_connection().await?;
+            drivers.push(tokio::spawn(drive(conn, slots, next.clone(), total, text.clone())));
+        }
+        let mut samples = Vec::new();
+        let mut failures = 0;
+        for driver in drivers {
+            let (s, f) = driver.await??;
+            samples.extend(s);
+            failures += f;
+        }
+        if label == "throughput" {
+            report(label, &samples, failures, started.elapsed());
+        }
+        delete_bench_keys(&mut conn).await?;
+    }
+
+    // Idle latency: one task at a time.
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let (samples, failures) = drive(conn.clone(), 1, next, args.idle, text).await?;
+    report("idle (1 in flight)", &samples, failures, started.elapsed());
+    delete_bench_keys(&mut conn).await?;
+
+    let _ = tokio::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(daemon.id().map(|p| p.to_string()).unwrap_or_default())
+        .status()
+        .await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), daemon.wait()).await;
+    Ok(())
+}
