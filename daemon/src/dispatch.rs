@@ -8,13 +8,13 @@ use crate::broker::{self, Delivery};
 use crate::events::{Write, Writer};
 use crate::executions::{Begin, NewExecution, Registry};
 use crate::plugin::loader::PluginTable;
-use crate::plugin::{CallError, CancelSignal, TaskDirs, TaskHost, TaskShared};
+use crate::plugin::{CallError, CancelSignal, TaskHost, TaskShared};
 use crate::wire::{self, Action, ControlCommand, EventOrigin, keys, state};
+use crate::workspace::{TaskDirs, Workspaces};
 use arc_swap::ArcSwap;
 use redis::aio::ConnectionManager;
 use serde_json::value::RawValue;
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -27,7 +27,6 @@ use tracing::Instrument;
 pub struct Settings {
     pub worker_id: Arc<str>,
     pub group: Arc<str>,
-    pub workspace_dir: PathBuf,
     pub deadline: Duration,
     pub cancel_grace: Duration,
     pub max_deliveries: u64,
@@ -55,6 +54,8 @@ pub struct Dispatcher {
     /// Swapped as a whole when the plugin set changes.
     plugins: Arc<ArcSwap<PluginTable>>,
     executions: Registry,
+    /// Creates and removes task directories off the async threads.
+    workspaces: Workspaces,
     /// For the one read-modify-write per task (the execution record).
     redis: ConnectionManager,
     /// Tasks in progress, by message id: cancels find them here, the claimer
@@ -82,6 +83,7 @@ impl Dispatcher {
         writer: Writer,
         plugins: Arc<ArcSwap<PluginTable>>,
         executions: Registry,
+        workspaces: Workspaces,
         redis: ConnectionManager,
         force_stop: CancellationToken,
     ) -> Arc<Self> {
@@ -90,6 +92,7 @@ impl Dispatcher {
             writer,
             plugins,
             executions,
+            workspaces,
             redis,
             running: Mutex::new(HashMap::new()),
             tracker: TaskTracker::new(),
@@ -234,11 +237,7 @@ impl Dispatcher {
             agent_id: agent_type.clone(),
             message_id: header.message_id.clone(),
         };
-        let dirs = TaskDirs::new(
-            &self.settings.workspace_dir,
-            &header.session_id,
-            &header.message_id,
-        );
+        let dirs = self.workspaces.dirs(&header.session_id, &header.message_id);
         let outcome = self
             .execute(&command, &agent_type, &origin, &dirs, &cancel)
             .await;
@@ -267,11 +266,7 @@ impl Dispatcher {
             .lock()
             .expect("running lock is never poisoned")
             .remove(&header.message_id);
-        let private = dirs.clone();
-        let removed = tokio::task::spawn_blocking(move || private.remove_private()).await;
-        if let Ok(Err(error)) = removed {
-            tracing::warn!(dir = %dirs.private.display(), %error, "cannot remove the private workspace");
-        }
+        self.workspaces.remove_private(dirs);
     }
 
     async fn execute(
@@ -291,17 +286,14 @@ impl Dispatcher {
             ));
         };
         tracing::Span::current().record("plugin", plugin.label());
-        let created = {
-            let dirs = dirs.clone();
-            tokio::task::spawn_blocking(move || dirs.create()).await
-        };
-        match created {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => {
+        let dirs = if plugin.manifest.workspace {
+            if let Err(error) = self.workspaces.create(dirs).await {
                 return Outcome::Failed(format!("cannot create the workspace: {error}"));
             }
-            Err(error) => return Outcome::Failed(format!("cannot create the workspace: {error}")),
-        }
+            Some(dirs.clone())
+        } else {
+            None
+        };
         let stream: Arc<str> = Arc::from(keys::session_data_stream(&origin.session_id));
         let shared = Arc::new(TaskShared {
             origin: origin.clone(),
@@ -311,7 +303,7 @@ impl Dispatcher {
             plugin: plugin.clone(),
             plugin_label: Arc::from(plugin.label()),
             message_id: Arc::from(origin.message_id.as_str()),
-            dirs: Some(dirs.clone()),
+            dirs,
             reply: Mutex::new(String::new()),
         });
         if let Action::Resume { .. } = command.action {

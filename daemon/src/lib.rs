@@ -8,7 +8,8 @@
 //! [`broker`] (stream commands), [`events`] (the pipelined writer),
 //! [`executions`] (the session registry), [`plugin`] (engine, sandbox, host
 //! functions, loading), [`dispatch`] (task lifecycle and the consuming
-//! loops), [`registry`] (worker membership), [`config`].
+//! loops), [`workspace`] (task directories), [`registry`] (worker
+//! membership), [`config`].
 
 pub mod broker;
 pub mod config;
@@ -18,6 +19,7 @@ pub mod executions;
 pub mod plugin;
 pub mod registry;
 pub mod wire;
+pub mod workspace;
 
 use arc_swap::ArcSwap;
 use config::Config;
@@ -42,6 +44,8 @@ pub enum RunError {
     Redis(#[from] broker::BrokerError),
     #[error(transparent)]
     Registry(#[from] registry::RegistryError),
+    #[error("cannot start the workspace thread: {0}")]
+    Workspace(std::io::Error),
 }
 
 /// Runs the daemon until `shutdown` resolves, then stops gracefully: no new
@@ -126,7 +130,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         dispatch::Settings {
             worker_id: Arc::from(worker.id.as_str()),
             group: Arc::from(worker.consumer_group.as_str()),
-            workspace_dir: config.workspace.dir.clone(),
             deadline: limits_deadline(&config),
             cancel_grace: Duration::from_millis(worker.cancel_grace_ms),
             max_deliveries: worker.max_deliveries,
@@ -140,6 +143,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         writer,
         plugins.clone(),
         executions::Registry::new(config.streams.session_ttl_s),
+        workspace::Workspaces::start(config.workspace.dir.clone()).map_err(RunError::Workspace)?,
         commands.clone(),
         force_stop.clone(),
     );

@@ -39,6 +39,13 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    // Errors created inside wasmtime on normal paths capture a backtrace
+    // when RUST_BACKTRACE is set, which showed up as a per-task cost. Keep
+    // backtraces for panics, not for library errors, unless asked for.
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        // SAFETY: called first thing in main, before any other thread exists.
+        unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
+    }
     let cli = Cli::parse();
     let overrides = Overrides {
         redis_url: cli.redis_url,

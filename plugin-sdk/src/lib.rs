@@ -227,6 +227,7 @@ pub struct Manifest {
     capabilities: Vec<String>,
     tools: Vec<Tool>,
     prompts: Vec<Prompt>,
+    workspace: bool,
 }
 
 impl Manifest {
@@ -258,6 +259,15 @@ impl Manifest {
         self
     }
 
+    /// Asks for a task workspace: [`Command::private_dir`] and
+    /// [`Command::public_dir`] exist and are the only directories the
+    /// plugin can open. Without it the plugin has no file system at all, and
+    /// its tasks are cheaper (no directories are created).
+    pub fn workspace(mut self) -> Self {
+        self.workspace = true;
+        self
+    }
+
     /// A prompt template the plugin ships.
     pub fn prompt(mut self, prompt: Prompt) -> Self {
         self.prompts.push(prompt);
@@ -270,6 +280,7 @@ impl Manifest {
             version: self.version,
             description: self.description,
             capabilities: self.capabilities,
+            workspace: self.workspace,
             tools: self
                 .tools
                 .into_iter()
@@ -437,13 +448,15 @@ impl Command {
     }
 
     /// The task's private workspace (`input/`, `temp/`, `output/`,
-    /// `system/`): writable, removed when the task ends.
+    /// `system/`): writable, removed when the task ends. Empty unless the
+    /// manifest asked for a [`Manifest::workspace`].
     pub fn private_dir(&self) -> PathBuf {
         PathBuf::from(&self.private_dir)
     }
 
     /// The session's public workspace (`session/`, `memory/local_db/`,
-    /// `agent_skills/`): kept as long as the session.
+    /// `agent_skills/`): kept as long as the session. Empty unless the
+    /// manifest asked for a [`Manifest::workspace`].
     pub fn public_dir(&self) -> PathBuf {
         PathBuf::from(&self.public_dir)
     }

@@ -75,6 +75,8 @@ async fn echo_streams_three_chunks_then_completed_with_result() -> anyhow::Resul
         .query_async(&mut conn)
         .await?;
     assert!(ttl > 604_000, "session stream TTL {ttl}");
+    // Echo declares no workspace: nothing was created on disk for it.
+    assert!(!workspace.path().join(&sent.session_id).exists());
 
     daemon.stop().await?;
     Ok(())

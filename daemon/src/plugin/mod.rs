@@ -230,6 +230,8 @@ pub struct Manifest {
     pub capabilities: Vec<String>,
     pub tools: Vec<ToolSpec>,
     pub prompts: Vec<PromptSpec>,
+    /// Whether tasks get a workspace (directories created, preopened).
+    pub workspace: bool,
 }
 
 /// One tool of a plugin.
@@ -297,6 +299,7 @@ impl Manifest {
             description: raw.description,
             capabilities: raw.capabilities,
             tools,
+            workspace: raw.workspace,
             prompts: raw
                 .prompts
                 .into_iter()
@@ -404,7 +407,7 @@ impl Plugin {
         command: &ControlCommand,
         agent_type: &str,
     ) -> Result<String, CallError> {
-        let command = to_wit_command(command, agent_type);
+        let command = to_wit_command(command, agent_type, host.shared.dirs.is_some());
         let mut store = self.instantiate_store(host)?;
         let result = async {
             let agent = self.pre.instantiate_async(&mut store).await?;
@@ -462,7 +465,7 @@ impl Plugin {
 }
 
 /// The WIT view of a command.
-fn to_wit_command(command: &ControlCommand, agent_type: &str) -> Command {
+fn to_wit_command(command: &ControlCommand, agent_type: &str, workspace: bool) -> Command {
     let h = &command.header;
     let header = Header {
         message_id: h.message_id.clone(),
@@ -510,9 +513,15 @@ fn to_wit_command(command: &ControlCommand, agent_type: &str) -> Command {
         wait_for_reply,
         status,
         reply_data,
-        workspace: Workspace {
-            private_dir: GUEST_PRIVATE_DIR.to_owned(),
-            public_dir: GUEST_PUBLIC_DIR.to_owned(),
+        workspace: match workspace {
+            true => Workspace {
+                private_dir: GUEST_PRIVATE_DIR.to_owned(),
+                public_dir: GUEST_PUBLIC_DIR.to_owned(),
+            },
+            false => Workspace {
+                private_dir: String::new(),
+                public_dir: String::new(),
+            },
         },
     }
 }

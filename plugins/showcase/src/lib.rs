@@ -15,6 +15,7 @@ impl Agent for Showcase {
         Manifest::new("showcase", env!("CARGO_PKG_VERSION"))
             .description("Shows states, a tool call and an artifact")
             .capability("showcase")
+            .workspace()
             .tool(Tool::new(
                 "word_count",
                 "Counts the words of a text",

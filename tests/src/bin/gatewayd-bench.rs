@@ -120,8 +120,20 @@ async fn drive(
             }
             slot.message = format!("msg-{}", suffix());
             let trace = format!("{:032x}", fastrand::u128(..));
-            let data = ask_agent_json(&slot.session, &slot.message, &trace, "echo", serde_json::json!(&*text), "");
-            pipe.cmd("XADD").arg(CAPABILITY_STREAM).arg("*").arg("data").arg(data).ignore();
+            let data = ask_agent_json(
+                &slot.session,
+                &slot.message,
+                &trace,
+                "echo",
+                serde_json::json!(&*text),
+                "",
+            );
+            pipe.cmd("XADD")
+                .arg(CAPABILITY_STREAM)
+                .arg("*")
+                .arg("data")
+                .arg(data)
+                .ignore();
             slot.busy = true;
             slot.fresh = true;
             slot.first_chunk = None;
@@ -129,7 +141,10 @@ async fn drive(
         }
         if queued > 0 {
             let enqueued = Instant::now();
-            for slot in slots.iter_mut().filter(|s| s.busy && s.first_chunk.is_none() && s.fresh) {
+            for slot in slots
+                .iter_mut()
+                .filter(|s| s.busy && s.first_chunk.is_none() && s.fresh)
+            {
                 slot.sent = enqueued;
                 slot.fresh = false;
             }
@@ -140,7 +155,11 @@ async fn drive(
             return Ok((samples, failures));
         }
         let mut cmd = redis::cmd("XREAD");
-        cmd.arg("COUNT").arg(64).arg("BLOCK").arg(1000).arg("STREAMS");
+        cmd.arg("COUNT")
+            .arg(64)
+            .arg("BLOCK")
+            .arg(1000)
+            .arg("STREAMS");
         for &i in &busy {
             cmd.arg(&slots[i].stream);
         }
@@ -210,7 +229,10 @@ fn report(label: &str, samples: &[Sample], failures: usize, wall: Duration) {
 }
 
 async fn delete_bench_keys(conn: &mut MultiplexedConnection) -> Result<()> {
-    let keys: Vec<String> = redis::cmd("KEYS").arg("byai_gateway:session:bench-*").query_async(conn).await?;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("byai_gateway:session:bench-*")
+        .query_async(conn)
+        .await?;
     for chunk in keys.chunks(1000) {
         let _: () = redis::cmd("DEL").arg(chunk).query_async(conn).await?;
     }
@@ -233,17 +255,34 @@ async fn main() -> Result<()> {
 
     let plugins = built_plugins();
     let plugin_dir = tempfile::tempdir()?;
-    std::fs::copy(plugins.join("echo.wasm"), plugin_dir.path().join("echo.wasm"))?;
+    std::fs::copy(
+        plugins.join("echo.wasm"),
+        plugin_dir.path().join("echo.wasm"),
+    )?;
     let workspace = tempfile::tempdir()?;
     let gatewayd: PathBuf = std::env::current_exe()?.with_file_name("gatewayd");
-    anyhow::ensure!(gatewayd.is_file(), "{} missing: cargo build --release -p gatewayd", gatewayd.display());
+    anyhow::ensure!(
+        gatewayd.is_file(),
+        "{} missing: cargo build --release -p gatewayd",
+        gatewayd.display()
+    );
     let worker = format!("bench-{}", suffix());
     let log = tempfile::NamedTempFile::new()?;
     let mut daemon = tokio::process::Command::new(&gatewayd)
-        .args(["--redis-url", &url, "--worker-id", &worker, "--log-level", "warn"])
+        .args([
+            "--redis-url",
+            &url,
+            "--worker-id",
+            &worker,
+            "--log-level",
+            "warn",
+        ])
         .arg("--plugin-dir")
         .arg(plugin_dir.path())
-        .env("GATEWAYD_WORKER__MAX_CONCURRENCY", args.concurrency.to_string())
+        .env(
+            "GATEWAYD_WORKER__MAX_CONCURRENCY",
+            args.concurrency.to_string(),
+        )
         .env("GATEWAYD_WORKER__FETCH_COUNT", args.fetch.to_string())
         .env("GATEWAYD_WORKSPACE__DIR", workspace.path())
         .stderr(log.reopen()?)
@@ -260,7 +299,10 @@ async fn main() -> Result<()> {
             break;
         }
         if ready.elapsed() > Duration::from_secs(60) || daemon.try_wait()?.is_some() {
-            bail!("gatewayd did not start: {}", std::fs::read_to_string(log.path())?);
+            bail!(
+                "gatewayd did not start: {}",
+                std::fs::read_to_string(log.path())?
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -276,9 +318,16 @@ async fn main() -> Result<()> {
         let started = Instant::now();
         let mut drivers = Vec::new();
         for r in 0..args.readers {
-            let slots = args.in_flight / args.readers + usize::from(r < args.in_flight % args.readers);
+            let slots =
+                args.in_flight / args.readers + usize::from(r < args.in_flight % args.readers);
             let conn = client.get_multiplexed_async_connection().await?;
-            drivers.push(tokio::spawn(drive(conn, slots, next.clone(), total, text.clone())));
+            drivers.push(tokio::spawn(drive(
+                conn,
+                slots,
+                next.clone(),
+                total,
+                text.clone(),
+            )));
         }
         let mut samples = Vec::new();
         let mut failures = 0;
