@@ -238,8 +238,16 @@ impl Dispatcher {
             message_id: header.message_id.clone(),
         };
         let dirs = self.workspaces.dirs(&header.session_id, &header.message_id);
+        let mut created_workspace = false;
         let outcome = self
-            .execute(&command, &agent_type, &origin, &dirs, &cancel)
+            .execute(
+                &command,
+                &agent_type,
+                &origin,
+                &dirs,
+                &cancel,
+                &mut created_workspace,
+            )
             .await;
         if let Outcome::CutOff = outcome {
             tracing::warn!("cut off by shutdown; entry left pending for another worker");
@@ -266,7 +274,9 @@ impl Dispatcher {
             .lock()
             .expect("running lock is never poisoned")
             .remove(&header.message_id);
-        self.workspaces.remove_private(dirs);
+        if created_workspace {
+            self.workspaces.remove_private(dirs);
+        }
     }
 
     async fn execute(
@@ -276,6 +286,7 @@ impl Dispatcher {
         origin: &EventOrigin,
         dirs: &TaskDirs,
         cancel: &Arc<CancelSignal>,
+        created_workspace: &mut bool,
     ) -> Outcome {
         if cancel.is_requested() {
             return Outcome::Cancelled(cancel.reason());
@@ -287,6 +298,7 @@ impl Dispatcher {
         };
         tracing::Span::current().record("plugin", plugin.label());
         let dirs = if plugin.manifest.workspace {
+            *created_workspace = true;
             if let Err(error) = self.workspaces.create(dirs).await {
                 return Outcome::Failed(format!("cannot create the workspace: {error}"));
             }
