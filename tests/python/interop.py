@@ -7,17 +7,26 @@
       send_message, wait for the first event, then ByaiGatewayClient.cancel_task
       (which finds our worker through the session registry); prints the cancel
       response and the events.
+  python interop.py --redis-url URL call-agent --agent-type echo --text TEXT
+      runs a reference Python worker whose agent calls our agent with
+      context.call_agent; our reply comes back to it as a RESUME, which it
+      streams as a chunk. Prints the events and the reply_data it received.
+
+The result is the one stdout line starting with `{` (the SDK logs to stdout too).
 """
 
 import argparse
 import asyncio
 import json
 import sys
+import tempfile
 import time
 import uuid
 from urllib.parse import urlparse
 
-from byclaw_gateway_sdk import ByaiGatewayClient, RedisKeys, WorkerRegistry
+from byclaw_gateway_sdk import (ByaiGatewayClient, GatewayWorker, RedisKeys, ResumeCommand,
+                                WorkerRegistry)
+from byclaw_gateway_sdk.worker.app import _run_worker_async
 from redis.asyncio import Redis
 
 TERMINAL = ("COMPLETED", "CANCELLED")
@@ -63,7 +72,7 @@ def summary(session_id, message_id, events):
 async def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--redis-url", required=True)
-    parser.add_argument("mode", choices=["send", "cancel"])
+    parser.add_argument("mode", choices=["send", "cancel", "call-agent"])
     parser.add_argument("--agent-type", required=True)
     parser.add_argument("--text", required=True)
     parser.add_argument("--timeout", type=float, default=30)
@@ -74,6 +83,8 @@ async def main():
                   decode_responses=True)
     client = ByaiGatewayClient(registry=WorkerRegistry(redis), redis_client=redis)
     session_id = f"py-{uuid.uuid4().hex[:12]}"
+    if args.mode == "call-agent":
+        return await call_agent(args, url, redis, client, session_id)
     sent = await client.send_message(args.agent_type, session_id, args.text)
     if not sent.success:
         print(f"send_message failed: no worker serves {args.agent_type}", file=sys.stderr)
@@ -95,6 +106,74 @@ async def main():
     print(json.dumps(out))
     await redis.delete(RedisKeys.session_data_stream(session_id), f"byai_gateway:session:{session_id}:registry")
     await redis.aclose()
+
+
+def caller_worker(capability, target):
+    class Caller(GatewayWorker):
+        """A Python agent that delegates to one of gatewayd's agents."""
+
+        def get_capabilities(self):
+            return [capability]
+
+        async def process_command(self, command, context):
+            if isinstance(command, ResumeCommand):
+                await context.emit_chunk(json.dumps({"status": command.status,
+                                                     "reply_data": command.reply_data}))
+                return {"delegated": True}
+            await context.call_agent(target, command.content)
+            return {"waiting_for": target}
+
+    return Caller
+
+
+async def call_agent(args, url, redis, client, session_id):
+    capability = f"py-caller-{uuid.uuid4().hex[:8]}"
+    worker_id = f"py-worker-{uuid.uuid4().hex[:8]}"
+    workspace = tempfile.TemporaryDirectory(prefix="byclaw-interop-")
+    worker = asyncio.create_task(_run_worker_async(
+        caller_worker(capability, args.agent_type), worker_id, url.hostname, url.port or 6379,
+        int((url.path or "/0")[1:] or 0), None, None, workspace.name,
+        "agent_engines", max_concurrency=4, fetch_count=4))
+    try:
+        deadline = time.monotonic() + args.timeout
+        while not await redis.sismember(f"byai_gateway:registry:capability:workers:{capability}",
+                                        worker_id):
+            if time.monotonic() > deadline or worker.done():
+                raise TimeoutError("the Python worker did not register")
+            await asyncio.sleep(0.05)
+        sent = await client.send_message(capability, session_id, args.text)
+        if not sent.success:
+            raise RuntimeError("send_message to the Python worker failed")
+        # The caller completes its first turn, our agent answers, the caller
+        # is resumed and streams the reply: wait for that chunk, then its end.
+        seen_reply = []
+
+        def done(event):
+            delta = event["data"]["choices"][0]["delta"]
+            if event["event_type"] == "answerDelta" and event["source_agent_id"] == capability:
+                seen_reply.append(json.loads(delta["content"]))
+            return bool(seen_reply) and is_terminal(event)
+
+        events = await read_events(redis, session_id, args.timeout, stop=done)
+        out = summary(session_id, sent.message_id, events)
+        out["caller"] = capability
+        out["reply"] = seen_reply[0]
+        print(json.dumps(out))
+    finally:
+        worker.cancel()
+        try:
+            await worker
+        except BaseException:
+            pass
+        await redis.zrem("byai_gateway:registry:active_workers", worker_id)
+        await redis.delete(f"byai_gateway:registry:worker:capabilities:{worker_id}",
+                           f"byai_gateway:registry:capability:workers:{capability}",
+                           f"byai_gateway:registry:worker:lock:{worker_id}",
+                           RedisKeys.ctrl_stream(capability),
+                           RedisKeys.session_data_stream(session_id),
+                           f"byai_gateway:session:{session_id}:registry")
+        await redis.aclose()
+        workspace.cleanup()
 
 
 asyncio.run(main())

@@ -1,6 +1,7 @@
 //! The reference Python SDK (from PyPI) against gatewayd: its client finds
 //! our worker in the registry, sends a task, reads our events with its own
-//! field names, and cancels a running task through the session registry.
+//! field names, and cancels a running task through the session registry;
+//! a reference Python worker calls our agent and gets the reply.
 
 use integration_tests::*;
 use serde_json::Value;
@@ -37,7 +38,13 @@ async fn interop(python: &str, redis: &RedisServer, args: &[&str]) -> anyhow::Re
         "interop.py {args:?} failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    Ok(serde_json::from_slice(&out.stdout)?)
+    // The SDK logs to stdout as well; the result is the JSON line.
+    let stdout = String::from_utf8(out.stdout)?;
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .ok_or_else(|| anyhow::anyhow!("no JSON result in:\n{stdout}"))?;
+    Ok(serde_json::from_str(line)?)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -80,6 +87,35 @@ async fn the_python_client_sends_reads_and_cancels() -> anyhow::Result<()> {
     );
     assert_eq!(cancelled["cancel"]["worker_id"], daemon.worker_id.as_str());
     assert_eq!(cancelled["terminal"], "CANCELLED");
+
+    // A reference Python worker calls our agent and is resumed with its reply.
+    let called = interop(
+        &python,
+        &redis,
+        &[
+            "call-agent",
+            "--agent-type",
+            "echo",
+            "--text",
+            "from python",
+        ],
+    )
+    .await?;
+    assert_eq!(called["reply"]["status"], "COMPLETED", "{called:#}");
+    assert_eq!(called["reply"]["reply_data"]["echo"], "from python");
+    let caller = called["caller"].as_str().unwrap();
+    let states: Vec<(&str, &str)> = called["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["data"]["contentType"] == "3003")
+        .map(|e| (e["source_agent_id"].as_str().unwrap(), delta_content(e)))
+        .collect();
+    assert!(
+        states.contains(&("echo", &*format!("QUEUED: {caller}"))),
+        "{states:?}"
+    );
+    assert!(states.contains(&(caller, "RESUMED")), "{states:?}");
 
     daemon.stop().await?;
     Ok(())
