@@ -435,7 +435,7 @@ impl Dispatcher {
                     &terminal,
                     metadata.as_deref(),
                 )));
-                tracing::info!(elapsed_ms = execution_elapsed(execution), "completed");
+                tracing::debug!(elapsed_ms = execution_elapsed(execution), "completed");
                 state::COMPLETED
             }
             Outcome::Failed(reason) => {
