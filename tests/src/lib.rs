@@ -231,7 +231,7 @@ impl Daemon {
     }
 
     /// Signals shutdown and waits for `run` to return.
-    pub async fn stop(mut self) -> Result<(), gatewayd::RunError> {
+    pub async fn stop(&mut self) -> Result<(), gatewayd::RunError> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -465,4 +465,55 @@ pub async fn execution(
         .query_async(conn)
         .await?;
     Ok(raw.map(|r| serde_json::from_str(&r)).transpose()?)
+}
+
+/// What most tests need: a private Redis, a plugin directory, a workspace,
+/// a running daemon and a connection.
+pub struct TestBed {
+    pub redis: RedisServer,
+    pub plugins: tempfile::TempDir,
+    pub workspace: tempfile::TempDir,
+    /// The configuration the daemon was started with.
+    pub config: Config,
+    pub daemon: Daemon,
+    pub conn: MultiplexedConnection,
+}
+
+impl TestBed {
+    /// Starts a daemon serving the named plugins once it registered `ready_capability`.
+    pub async fn start(
+        plugins: &[&str],
+        ready_capability: &str,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Result<Self> {
+        let redis = RedisServer::start().await?;
+        let plugins = plugin_dir(plugins);
+        let workspace = tempfile::tempdir()?;
+        let mut config = test_config(&redis, plugins.path(), workspace.path());
+        tweak(&mut config);
+        let daemon = Daemon::start(config.clone(), &redis, ready_capability).await?;
+        let conn = redis.connect().await?;
+        Ok(TestBed {
+            redis,
+            plugins,
+            workspace,
+            config,
+            daemon,
+            conn,
+        })
+    }
+}
+
+/// All entries of a stream.
+pub async fn xrange(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+) -> Result<Vec<redis::streams::StreamId>> {
+    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(stream)
+        .arg("-")
+        .arg("+")
+        .query_async(conn)
+        .await?;
+    Ok(reply.ids)
 }

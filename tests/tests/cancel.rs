@@ -57,12 +57,8 @@ fn states(events: &[Value]) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_cancel_lets_the_plugin_return_early() -> anyhow::Result<()> {
-    let redis = RedisServer::start().await?;
-    let plugins = plugin_dir(&["faults"]);
-    let workspace = tempfile::tempdir()?;
-    let config = test_config(&redis, plugins.path(), workspace.path());
-    let daemon = Daemon::start(config, &redis, "slow").await?;
-    let mut conn = redis.connect().await?;
+    let mut bed = TestBed::start(&["faults"], "slow", |_| {}).await?;
+    let (daemon, mut conn) = (&mut bed.daemon, bed.conn.clone());
 
     let sent = send_ask(&mut conn, "slow", "20000").await?;
     wait_running(&conn, &sent).await?;
@@ -83,12 +79,8 @@ async fn graceful_cancel_lets_the_plugin_return_early() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn force_cancel_and_expired_grace_stop_a_plugin_that_ignores_it() -> anyhow::Result<()> {
-    let redis = RedisServer::start().await?;
-    let plugins = plugin_dir(&["faults"]);
-    let workspace = tempfile::tempdir()?;
-    let config = test_config(&redis, plugins.path(), workspace.path());
-    let daemon = Daemon::start(config, &redis, "slow-ignore-cancel").await?;
-    let mut conn = redis.connect().await?;
+    let mut bed = TestBed::start(&["faults"], "slow-ignore-cancel", |_| {}).await?;
+    let (daemon, mut conn) = (&mut bed.daemon, bed.conn.clone());
 
     // Force: dropped at once.
     let forced = send_ask(&mut conn, "slow-ignore-cancel", "20000").await?;
@@ -116,13 +108,11 @@ async fn force_cancel_and_expired_grace_stop_a_plugin_that_ignores_it() -> anyho
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_cuts_off_tasks_past_the_grace_and_leaves_them_pending() -> anyhow::Result<()> {
-    let redis = RedisServer::start().await?;
-    let plugins = plugin_dir(&["faults", "echo"]);
-    let workspace = tempfile::tempdir()?;
-    let mut config = test_config(&redis, plugins.path(), workspace.path());
-    config.worker.shutdown_grace_s = 1;
-    let daemon = Daemon::start(config.clone(), &redis, "slow").await?;
-    let mut conn = redis.connect().await?;
+    let mut bed = TestBed::start(&["faults", "echo"], "slow", |c| {
+        c.worker.shutdown_grace_s = 1;
+    })
+    .await?;
+    let (redis, daemon, mut conn) = (&bed.redis, &mut bed.daemon, bed.conn.clone());
 
     let long = send_ask(&mut conn, "slow", "60000").await?;
     let short = send_ask(&mut conn, "slow", "300").await?;
@@ -142,10 +132,10 @@ async fn shutdown_cuts_off_tasks_past_the_grace_and_leaves_them_pending() -> any
     assert_eq!(pending_count(&mut conn, stream, GROUP).await?, 1);
 
     // Another worker takes it over once it has been idle long enough.
-    let mut config = config;
+    let mut config = bed.config.clone();
     config.worker.id = format!("test-worker-{}", suffix());
     config.worker.claim_idle_ms = 1000;
-    let successor = Daemon::start(config, &redis, "slow").await?;
+    let mut successor = Daemon::start(config, redis, "slow").await?;
     let cancel_after = async {
         // Don't wait a minute: once the successor runs it, cancel it.
         wait_for("the successor to run it", WAIT, || {

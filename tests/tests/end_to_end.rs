@@ -11,12 +11,8 @@ const WAIT: Duration = Duration::from_secs(30);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn echo_streams_three_chunks_then_completed_with_result() -> anyhow::Result<()> {
-    let redis = RedisServer::start().await?;
-    let plugins = plugin_dir(&["echo"]);
-    let workspace = tempfile::tempdir()?;
-    let config = test_config(&redis, plugins.path(), workspace.path());
-    let daemon = Daemon::start(config, &redis, "echo").await?;
-    let mut conn = redis.connect().await?;
+    let mut bed = TestBed::start(&["echo"], "echo", |_| {}).await?;
+    let (daemon, mut conn) = (&mut bed.daemon, bed.conn.clone());
 
     let sent = send_ask(&mut conn, "echo", "hello wasm world").await?;
     let events = events_until_terminal(&mut conn, &sent.session_id, WAIT).await?;
@@ -76,7 +72,7 @@ async fn echo_streams_three_chunks_then_completed_with_result() -> anyhow::Resul
         .await?;
     assert!(ttl > 604_000, "session stream TTL {ttl}");
     // Echo declares no workspace: nothing was created on disk for it.
-    assert!(!workspace.path().join(&sent.session_id).exists());
+    assert!(!bed.workspace.path().join(&sent.session_id).exists());
 
     daemon.stop().await?;
     Ok(())
@@ -84,12 +80,8 @@ async fn echo_streams_three_chunks_then_completed_with_result() -> anyhow::Resul
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn showcase_emits_states_artifact_and_calls_its_tool() -> anyhow::Result<()> {
-    let redis = RedisServer::start().await?;
-    let plugins = plugin_dir(&["showcase"]);
-    let workspace = tempfile::tempdir()?;
-    let config = test_config(&redis, plugins.path(), workspace.path());
-    let daemon = Daemon::start(config, &redis, "showcase").await?;
-    let mut conn = redis.connect().await?;
+    let mut bed = TestBed::start(&["showcase"], "showcase", |_| {}).await?;
+    let (daemon, mut conn) = (&mut bed.daemon, bed.conn.clone());
 
     let sent = send_ask(&mut conn, "showcase", "one two three four").await?;
     let events = events_until_terminal(&mut conn, &sent.session_id, WAIT).await?;
@@ -124,7 +116,7 @@ async fn showcase_emits_states_artifact_and_calls_its_tool() -> anyhow::Result<(
         "the final chunk marks the end of the reply"
     );
     // The private workspace is gone after the task; the public one stays.
-    let session_dir = workspace.path().join(&sent.session_id);
+    let session_dir = bed.workspace.path().join(&sent.session_id);
     wait_for("private workspace removal", WAIT, || {
         let private = session_dir.join("private").join(&sent.message_id);
         async move { Ok((!private.exists()).then_some(())) }
@@ -138,12 +130,8 @@ async fn showcase_emits_states_artifact_and_calls_its_tool() -> anyhow::Result<(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_calling_agent_gets_a_resume_with_the_reply() -> anyhow::Result<()> {
-    let redis = RedisServer::start().await?;
-    let plugins = plugin_dir(&["echo"]);
-    let workspace = tempfile::tempdir()?;
-    let config = test_config(&redis, plugins.path(), workspace.path());
-    let daemon = Daemon::start(config, &redis, "echo").await?;
-    let mut conn = redis.connect().await?;
+    let mut bed = TestBed::start(&["echo"], "echo", |_| {}).await?;
+    let (daemon, mut conn) = (&mut bed.daemon, bed.conn.clone());
 
     let caller = format!("py-caller-{}", suffix());
     let sent = send_ask_from(&mut conn, "echo", json!("ping"), &caller).await?;
@@ -153,14 +141,9 @@ async fn a_calling_agent_gets_a_resume_with_the_reply() -> anyhow::Result<()> {
         format!("QUEUED: {caller}")
     );
 
-    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg(format!("byai_gateway:ctrl:capability:{caller}"))
-        .arg("-")
-        .arg("+")
-        .query_async(&mut conn)
-        .await?;
-    assert_eq!(reply.ids.len(), 1);
-    let data: String = reply.ids[0].get("data").unwrap();
+    let entries = xrange(&mut conn, &format!("byai_gateway:ctrl:capability:{caller}")).await?;
+    assert_eq!(entries.len(), 1);
+    let data: String = entries[0].get("data").unwrap();
     let resume: Value = serde_json::from_str(&data)?;
     assert_eq!(resume["action_type"], "RESUME");
     assert_eq!(resume["header"]["target_agent_type"], caller.as_str());
@@ -189,12 +172,8 @@ async fn a_calling_agent_gets_a_resume_with_the_reply() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redelivered_finished_task_is_acked_and_skipped() -> anyhow::Result<()> {
-    let redis = RedisServer::start().await?;
-    let plugins = plugin_dir(&["echo"]);
-    let workspace = tempfile::tempdir()?;
-    let config = test_config(&redis, plugins.path(), workspace.path());
-    let daemon = Daemon::start(config, &redis, "echo").await?;
-    let mut conn = redis.connect().await?;
+    let mut bed = TestBed::start(&["echo"], "echo", |_| {}).await?;
+    let (daemon, mut conn) = (&mut bed.daemon, bed.conn.clone());
 
     let sent = send_ask(&mut conn, "echo", "once").await?;
     let first = events_until_terminal(&mut conn, &sent.session_id, WAIT).await?;
@@ -230,16 +209,12 @@ async fn a_redelivered_finished_task_is_acked_and_skipped() -> anyhow::Result<()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_unregisters_and_releases_the_lock() -> anyhow::Result<()> {
-    let redis = RedisServer::start().await?;
-    let plugins = plugin_dir(&["echo"]);
-    let workspace = tempfile::tempdir()?;
-    let config = test_config(&redis, plugins.path(), workspace.path());
-    let daemon = Daemon::start(config.clone(), &redis, "echo").await?;
-    let mut conn = redis.connect().await?;
+    let mut bed = TestBed::start(&["echo"], "echo", |_| {}).await?;
+    let (redis, daemon, mut conn) = (&bed.redis, &mut bed.daemon, bed.conn.clone());
     let worker_id = daemon.worker_id.clone();
 
     // A second process with the same worker id is refused.
-    let err = gatewayd::run(config.clone(), std::future::pending())
+    let err = gatewayd::run(bed.config.clone(), std::future::pending())
         .await
         .unwrap_err();
     assert!(
@@ -271,7 +246,7 @@ async fn shutdown_unregisters_and_releases_the_lock() -> anyhow::Result<()> {
         .await?;
     assert!(lock.is_none());
     // And the id can be taken again.
-    let again = Daemon::start(config, &redis, "echo").await?;
+    let mut again = Daemon::start(bed.config.clone(), redis, "echo").await?;
     again.stop().await?;
     Ok(())
 }

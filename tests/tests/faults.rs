@@ -14,14 +14,12 @@ fn final_state(events: &[Value]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trap_loop_and_memory_bomb_fail_while_echo_keeps_completing() -> anyhow::Result<()> {
-    let redis = RedisServer::start().await?;
-    let plugins = plugin_dir(&["echo", "faults"]);
-    let workspace = tempfile::tempdir()?;
-    let mut config = test_config(&redis, plugins.path(), workspace.path());
-    config.plugins.deadline_s = 2;
-    config.plugins.memory_limit_mb = 32;
-    let daemon = Daemon::start(config, &redis, "fault-loop").await?;
-    let mut conn = redis.connect().await?;
+    let mut bed = TestBed::start(&["echo", "faults"], "fault-loop", |c| {
+        c.plugins.deadline_s = 2;
+        c.plugins.memory_limit_mb = 32;
+    })
+    .await?;
+    let (daemon, mut conn) = (&mut bed.daemon, bed.conn.clone());
 
     let started = Instant::now();
     let trap = send_ask(&mut conn, "fault-trap", "x").await?;
@@ -92,7 +90,7 @@ async fn a_plugin_cannot_reach_outside_its_workspace() -> anyhow::Result<()> {
     let workspace = root.path().join("ws");
     std::fs::create_dir_all(&workspace)?;
     let config = test_config(&redis, plugins.path(), &workspace);
-    let daemon = Daemon::start(config, &redis, "fault-escape").await?;
+    let mut daemon = Daemon::start(config, &redis, "fault-escape").await?;
     let mut conn = redis.connect().await?;
     let before_tmp = std::path::Path::new("/tmp/escape.txt").exists();
 
@@ -146,13 +144,9 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_entries_go_to_the_dead_letter_stream() -> anyhow::Result<()> {
-    let redis = RedisServer::start().await?;
-    let plugins = plugin_dir(&["echo"]);
-    let workspace = tempfile::tempdir()?;
-    let config = test_config(&redis, plugins.path(), workspace.path());
-    let dead_letters = config.worker.dead_letter_stream.clone();
-    let daemon = Daemon::start(config, &redis, "echo").await?;
-    let mut conn = redis.connect().await?;
+    let mut bed = TestBed::start(&["echo"], "echo", |_| {}).await?;
+    let (daemon, mut conn) = (&mut bed.daemon, bed.conn.clone());
+    let dead_letters = bed.config.worker.dead_letter_stream.clone();
     let stream = "byai_gateway:ctrl:capability:echo";
 
     // Not JSON; no `data` field; JSON but not a command (session readable).
@@ -177,13 +171,8 @@ async fn malformed_entries_go_to_the_dead_letter_stream() -> anyhow::Result<()> 
         let mut conn = conn.clone();
         let dead_letters = dead_letters.clone();
         async move {
-            let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-                .arg(&dead_letters)
-                .arg("-")
-                .arg("+")
-                .query_async(&mut conn)
-                .await?;
-            Ok((reply.ids.len() >= 3).then_some(reply.ids))
+            let entries = xrange(&mut conn, &dead_letters).await?;
+            Ok((entries.len() >= 3).then_some(entries))
         }
     })
     .await?;
@@ -257,7 +246,7 @@ async fn entries_left_by_a_dead_consumer_are_claimed_or_dead_lettered() -> anyho
             .await?;
     }
 
-    let daemon = Daemon::start(config, &redis, "echo").await?;
+    let mut daemon = Daemon::start(config, &redis, "echo").await?;
     let events = events_until_terminal(&mut conn, &orphan.session_id, WAIT).await?;
     assert_eq!(final_state(&events), "COMPLETED");
     let events = events_until_terminal(&mut conn, &poison.session_id, WAIT).await?;

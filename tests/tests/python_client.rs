@@ -50,11 +50,8 @@ async fn interop(python: &str, redis: &RedisServer, args: &[&str]) -> anyhow::Re
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_client_sends_reads_and_cancels() -> anyhow::Result<()> {
     let python = python().await?;
-    let redis = RedisServer::start().await?;
-    let plugins = plugin_dir(&["echo", "faults"]);
-    let workspace = tempfile::tempdir()?;
-    let config = test_config(&redis, plugins.path(), workspace.path());
-    let daemon = Daemon::start(config, &redis, "echo").await?;
+    let mut bed = TestBed::start(&["echo", "faults"], "echo", |_| {}).await?;
+    let (redis, daemon) = (&bed.redis, &mut bed.daemon);
 
     let text = "héllo from python, 你好";
     let reply = interop(
