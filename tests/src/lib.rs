@@ -517,3 +517,16 @@ pub async fn xrange(
         .await?;
     Ok(reply.ids)
 }
+
+/// Waits until the consumer group `agent_engines` has nothing pending on `stream`.
+pub async fn wait_all_acked(
+    conn: &MultiplexedConnection,
+    stream: &str,
+    timeout: Duration,
+) -> Result<()> {
+    wait_for(&format!("every entry of {stream} acked"), timeout, || {
+        let mut conn = conn.clone();
+        async move { Ok((pending_count(&mut conn, stream, "agent_engines").await? == 0).then_some(())) }
+    })
+    .await
+}

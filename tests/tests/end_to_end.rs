@@ -6,7 +6,6 @@ use integration_tests::*;
 use serde_json::{Value, json};
 use std::time::Duration;
 
-const GROUP: &str = "agent_engines";
 const WAIT: Duration = Duration::from_secs(30);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -43,12 +42,7 @@ async fn echo_streams_three_chunks_then_completed_with_result() -> anyhow::Resul
 
     // Acked (and deleted), execution terminal, stream expiring.
     let stream = "byai_gateway:ctrl:capability:echo";
-    let pending = wait_for("the ack", WAIT, || {
-        let mut conn = conn.clone();
-        async move { Ok((pending_count(&mut conn, stream, GROUP).await? == 0).then_some(())) }
-    })
-    .await;
-    assert!(pending.is_ok());
+    wait_all_acked(&conn, stream, WAIT).await?;
     let length: u64 = redis::cmd("XLEN")
         .arg(stream)
         .query_async(&mut conn)
@@ -191,11 +185,7 @@ async fn a_redelivered_finished_task_is_acked_and_skipped() -> anyhow::Result<()
     // A second task after it shows the duplicate has been handled.
     let later = send_ask(&mut conn, "echo", "after").await?;
     events_until_terminal(&mut conn, &later.session_id, WAIT).await?;
-    wait_for("the duplicate's ack", WAIT, || {
-        let mut conn = conn.clone();
-        async move { Ok((pending_count(&mut conn, stream, GROUP).await? == 0).then_some(())) }
-    })
-    .await?;
+    wait_all_acked(&conn, stream, WAIT).await?;
     let all = all_events(&mut conn, &sent.session_id).await?;
     assert_eq!(
         all.len(),

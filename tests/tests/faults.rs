@@ -192,11 +192,7 @@ async fn malformed_entries_go_to_the_dead_letter_stream() -> anyhow::Result<()> 
     // The session of the third gets told.
     let events = events_until_terminal(&mut conn, &session, WAIT).await?;
     assert!(final_state(&events).starts_with("FAILED: ASK_AGENT body.content"));
-    wait_for("acks", WAIT, || {
-        let mut conn = conn.clone();
-        async move { Ok((pending_count(&mut conn, stream, GROUP).await? == 0).then_some(())) }
-    })
-    .await?;
+    wait_all_acked(&conn, stream, WAIT).await?;
     daemon.stop().await?;
     Ok(())
 }
@@ -264,11 +260,7 @@ async fn entries_left_by_a_dead_consumer_are_claimed_or_dead_lettered() -> anyho
         poison.entry_id
     );
     assert_eq!(reply.ids[0].get::<String>("delivery_count").unwrap(), "5");
-    wait_for("acks", WAIT, || {
-        let mut conn = conn.clone();
-        async move { Ok((pending_count(&mut conn, stream, GROUP).await? == 0).then_some(())) }
-    })
-    .await?;
+    wait_all_acked(&conn, stream, WAIT).await?;
     daemon.stop().await?;
     Ok(())
 }
