@@ -50,7 +50,7 @@ pub enum Begin {
         status: String,
     },
     /// Run it; the record now names this worker.
-    Run(Execution),
+    Run(Box<Execution>),
 }
 
 /// Loaded once; `Script` sends EVALSHA and falls back to EVAL.
@@ -145,9 +145,9 @@ impl Registry {
                     .and_then(|v| v.as_str())
                     .unwrap_or_default()
                     .to_owned();
-                Begin::Run(execution)
+                Begin::Run(Box::new(execution))
             }
-            _ => Begin::Run(execution),
+            _ => Begin::Run(Box::new(execution)),
         })
     }
 

@@ -56,7 +56,7 @@ async fn the_python_client_sends_reads_and_cancels() -> anyhow::Result<()> {
     let text = "héllo from python, 你好";
     let reply = interop(
         &python,
-        &redis,
+        redis,
         &["send", "--agent-type", "echo", "--text", text],
     )
     .await?;
@@ -74,7 +74,7 @@ async fn the_python_client_sends_reads_and_cancels() -> anyhow::Result<()> {
 
     let cancelled = interop(
         &python,
-        &redis,
+        redis,
         &["cancel", "--agent-type", "slow", "--text", "20000"],
     )
     .await?;
@@ -88,7 +88,7 @@ async fn the_python_client_sends_reads_and_cancels() -> anyhow::Result<()> {
     // A reference Python worker calls our agent and is resumed with its reply.
     let called = interop(
         &python,
-        &redis,
+        redis,
         &[
             "call-agent",
             "--agent-type",
