@@ -67,11 +67,19 @@ pub struct Sandbox {
     limits: Limits,
     /// Stops the epoch ticker thread when the sandbox is dropped.
     ticker_stop: Arc<AtomicBool>,
+    /// Runs guest code, apart from the runtime that does the daemon's I/O: a
+    /// CPU-bound guest only yields every epoch tick, and on a shared runtime
+    /// a few of them would delay every Redis reply by whole ticks.
+    guests: Option<tokio::runtime::Runtime>,
 }
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
         self.ticker_stop.store(true, Ordering::Relaxed);
+        if let Some(guests) = self.guests.take() {
+            // Dropped from async code: must not block.
+            guests.shutdown_background();
+        }
     }
 }
 
@@ -132,11 +140,17 @@ impl Sandbox {
                 }
             })
             .map_err(|e| PluginError::Engine(format!("cannot start the epoch ticker: {e}")))?;
+        let guests = tokio::runtime::Builder::new_multi_thread()
+            .thread_name("guest")
+            .enable_all()
+            .build()
+            .map_err(|e| PluginError::Engine(format!("cannot start the guest runtime: {e}")))?;
         Ok(Arc::new(Sandbox {
             engine,
             linker,
             limits,
             ticker_stop,
+            guests: Some(guests),
         }))
     }
 
@@ -332,6 +346,16 @@ impl std::fmt::Debug for Plugin {
     }
 }
 
+/// Aborts a spawned guest task when the caller stops waiting for it
+/// (deadline, cancel, shutdown), so the guest stops at its next yield.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// How a call into a plugin ended, when it did not return normally.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CallError {
@@ -398,16 +422,34 @@ impl Plugin {
         Ok(self.sandbox.store(state))
     }
 
-    /// Runs `handle(command)` in a fresh instance. Deadline and cancellation
-    /// are the caller's: drop the future to stop the guest (it yields at
-    /// every epoch tick, so it stops within [`EPOCH_TICK`]).
+    /// Runs `handle(command)` in a fresh instance on the guest runtime.
+    /// Deadline and cancellation are the caller's: drop the future to stop
+    /// the guest (it yields at every epoch tick, so it stops within
+    /// [`EPOCH_TICK`]).
     pub async fn handle(
-        &self,
+        self: &Arc<Self>,
         host: TaskHost,
         command: &ControlCommand,
         agent_type: &str,
     ) -> Result<String, CallError> {
         let command = to_wit_command(command, agent_type, host.shared.dirs.is_some());
+        let plugin = self.clone();
+        let guests = self
+            .sandbox
+            .guests
+            .as_ref()
+            .expect("guest runtime lives as long as the sandbox");
+        let mut task =
+            AbortOnDrop(guests.spawn(async move { plugin.run_handle(host, command).await }));
+        match (&mut task.0).await {
+            Ok(result) => result,
+            Err(error) => Err(CallError::Trap(format!(
+                "the plugin's task failed: {error}"
+            ))),
+        }
+    }
+
+    async fn run_handle(&self, host: TaskHost, command: Command) -> Result<String, CallError> {
         let mut store = self.instantiate_store(host)?;
         let result = async {
             let agent = self.pre.instantiate_async(&mut store).await?;
