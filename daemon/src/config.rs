@@ -12,7 +12,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 /// Every setting of the daemon.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -571,11 +570,6 @@ impl Config {
         } else {
             Err(ConfigErrors { errors })
         }
-    }
-
-    /// XREADGROUP BLOCK.
-    pub fn block(&self) -> Duration {
-        Duration::from_millis(self.worker.block_ms)
     }
 }
 

@@ -25,24 +25,38 @@ use tracing::Instrument;
 /// The settings dispatch needs, taken from the config.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// Consumer name, execution records' `worker_id`, registry identity.
     pub worker_id: Arc<str>,
+    /// Consumer group of every stream read.
     pub group: Arc<str>,
+    /// Wall-clock budget of one task.
     pub deadline: Duration,
+    /// From a graceful cancel to dropping the instance.
     pub cancel_grace: Duration,
+    /// More deliveries than this → dead letter.
     pub max_deliveries: u64,
+    /// Where rejected entries go.
     pub dead_letter_stream: String,
+    /// XDEL control entries after XACK.
     pub delete_acked: bool,
+    /// Most entries one read may return (never more than free permits).
     pub fetch_count: usize,
+    /// XREADGROUP BLOCK.
     pub block: Duration,
+    /// Pending this long with another consumer → taken over.
     pub claim_idle: Duration,
+    /// How often pending entries are checked and our own renewed.
     pub claim_interval: Duration,
 }
 
 /// A task in progress on this worker.
 struct Running {
+    /// Where a CANCEL_TASK for it is signalled.
     cancel: Arc<CancelSignal>,
+    /// Stream and entry id, for renewing the entry while the task runs long.
     stream: Arc<str>,
     entry_id: String,
+    /// For the list of tasks still running at shutdown.
     agent_type: String,
     started: Instant,
 }
@@ -50,9 +64,11 @@ struct Running {
 /// Shared by every task and loop.
 pub struct Dispatcher {
     settings: Settings,
+    /// Every write after a task started goes through it, in task order.
     writer: Writer,
     /// Swapped as a whole when the plugin set changes.
     plugins: Arc<ArcSwap<PluginTable>>,
+    /// Replay check and execution records.
     executions: Registry,
     /// Creates and removes task directories off the async threads.
     workspaces: Workspaces,

@@ -130,7 +130,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         dispatch::Settings {
             worker_id: Arc::from(worker.id.as_str()),
             group: Arc::from(worker.consumer_group.as_str()),
-            deadline: limits_deadline(&config),
+            deadline: Duration::from_secs(config.plugins.deadline_s),
             cancel_grace: Duration::from_millis(worker.cancel_grace_ms),
             max_deliveries: worker.max_deliveries,
             dead_letter_stream: worker.dead_letter_stream.clone(),
@@ -149,20 +149,24 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     );
     let permits = Arc::new(Semaphore::new(worker.max_concurrency));
     let stop_control = CancellationToken::new();
-    let loops = tokio_util::task::TaskTracker::new();
-    loops.spawn(dispatcher.clone().consume(
+    // Readers feed new tasks; they stop first on shutdown. The control
+    // reader and the heartbeat keep going until the tasks are done, so a
+    // cancel still reaches a task finishing in the grace period.
+    let readers = tokio_util::task::TaskTracker::new();
+    let background = tokio_util::task::TaskTracker::new();
+    readers.spawn(dispatcher.clone().consume(
         reader,
         capability_streams.clone(),
         permits.clone(),
         stop_reading.clone(),
     ));
-    loops.spawn(dispatcher.clone().reclaim(
+    readers.spawn(dispatcher.clone().reclaim(
         claimer,
         capability_streams.clone(),
         permits.clone(),
         stop_reading.clone(),
     ));
-    loops.spawn(dispatcher.clone().control(
+    background.spawn(dispatcher.clone().control(
         control_reader,
         control_stream.clone(),
         stop_control.clone(),
@@ -173,13 +177,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         let conn = commands.clone();
         let interval = Duration::from_secs(worker.heartbeat_interval_s);
         let stop = stop_control.clone();
-        loops.spawn(async move { membership.heartbeat(conn, interval, stop).await });
+        background.spawn(async move { membership.heartbeat(conn, interval, stop).await });
     }
-    loops.close();
+    readers.close();
+    background.close();
 
     shutdown.await;
     tracing::info!("shutting down: no new tasks are read");
     stop_reading.cancel();
+    // A read in flight is finished (at most worker.block_ms) and its entries
+    // are started, so nothing is delivered to us and then forgotten.
+    readers.wait().await;
     let tasks = dispatcher.tracker().clone();
     tasks.close();
     let grace = Duration::from_secs(worker.shutdown_grace_s);
@@ -195,7 +203,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tasks.wait().await;
     }
     stop_control.cancel();
-    loops.wait().await;
+    background.wait().await;
     // The last writer handles go with the dispatcher; the lanes then drain.
     drop(dispatcher);
     let flush = futures::future::join_all(writer_lanes);
@@ -211,8 +219,4 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         Err(error) => tracing::warn!(%error, "could not unregister the worker"),
     }
     Ok(())
-}
-
-fn limits_deadline(config: &Config) -> Duration {
-    Duration::from_secs(config.plugins.deadline_s)
 }
