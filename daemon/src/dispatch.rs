@@ -175,7 +175,21 @@ impl Dispatcher {
                 "delivered {} times without finishing (worker.max_deliveries = {})",
                 delivery.deliveries, self.settings.max_deliveries
             );
-            let session = Some(command.header.session_id.clone());
+            let header = &command.header;
+            // Earlier attempts left the execution RUNNING; a client must not
+            // wait for it (cancel_task would answer as if it were alive).
+            let marked = self
+                .executions
+                .fail_message(
+                    &mut self.redis.clone(),
+                    &header.session_id,
+                    &header.message_id,
+                )
+                .await;
+            if let Err(error) = marked {
+                tracing::warn!(%error, "cannot mark the abandoned execution FAILED");
+            }
+            let session = Some(header.session_id.clone());
             return self
                 .dead_letter(&delivery, &agent_type, reason, session)
                 .await;

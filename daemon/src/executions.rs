@@ -41,6 +41,24 @@ redis.call('EXPIRE', KEYS[1], tonumber(ARGV[8]))
 return {'new', ARGV[2]}
 "#;
 
+/// Marks the execution of a message FAILED unless it is already terminal.
+/// KEYS[1] registry hash. ARGV: message id, now (ms), ttl (s).
+const FAIL_SCRIPT: &str = r#"
+local exec_id = redis.call('HGET', KEYS[1], 'msg_map:' .. ARGV[1])
+if not exec_id then return 0 end
+local raw = redis.call('HGET', KEYS[1], 'exec:' .. exec_id)
+if not raw then return 0 end
+local ok, ex = pcall(cjson.decode, raw)
+if not ok or type(ex) ~= 'table' then return 0 end
+if ex['status'] == 'COMPLETED' or ex['status'] == 'FAILED' or ex['status'] == 'CANCELLED' then return 0 end
+ex['status'] = 'FAILED'
+ex['finished_at'] = tonumber(ARGV[2])
+ex['updated_at'] = tonumber(ARGV[2])
+redis.call('HSET', KEYS[1], 'exec:' .. exec_id, cjson.encode(ex))
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+return 1
+"#;
+
 /// What to do with an entry, given its execution record.
 #[derive(Debug)]
 pub enum Begin {
@@ -56,6 +74,7 @@ pub enum Begin {
 /// Loaded once; `Script` sends EVALSHA and falls back to EVAL.
 pub struct Registry {
     script: redis::Script,
+    fail_script: redis::Script,
     ttl_s: u64,
 }
 
@@ -73,6 +92,7 @@ impl Registry {
     pub fn new(ttl_s: u64) -> Self {
         Registry {
             script: redis::Script::new(BEGIN_SCRIPT),
+            fail_script: redis::Script::new(FAIL_SCRIPT),
             ttl_s,
         }
     }
@@ -149,6 +169,25 @@ impl Registry {
             }
             _ => Begin::Run(Box::new(execution)),
         })
+    }
+
+    /// Marks the execution of a message FAILED if one exists and is not
+    /// terminal (an entry given up on, e.g. after too many deliveries).
+    pub async fn fail_message(
+        &self,
+        conn: &mut ConnectionManager,
+        session_id: &str,
+        message_id: &str,
+    ) -> Result<bool, redis::RedisError> {
+        let changed: i64 = self
+            .fail_script
+            .key(keys::session_registry(session_id))
+            .arg(message_id)
+            .arg(wire::now_ms())
+            .arg(self.ttl_s)
+            .invoke_async(conn)
+            .await?;
+        Ok(changed == 1)
     }
 
     /// The write that marks an execution finished.

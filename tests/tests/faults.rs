@@ -244,6 +244,19 @@ async fn entries_left_by_a_dead_consumer_are_claimed_or_dead_lettered() -> anyho
             .await?;
     }
 
+    // The dead consumer had recorded the poison entry as RUNNING.
+    let registry = format!("byai_gateway:session:{}:registry", poison.session_id);
+    let record = json!({"execution_id": "exec-dead0001", "message_id": poison.message_id,
+        "session_id": poison.session_id, "worker_id": "dead-consumer", "status": "RUNNING"});
+    let _: () = redis::cmd("HSET")
+        .arg(&registry)
+        .arg("exec:exec-dead0001")
+        .arg(record.to_string())
+        .arg(format!("msg_map:{}", poison.message_id))
+        .arg("exec-dead0001")
+        .query_async(&mut conn)
+        .await?;
+
     let mut daemon = Daemon::start(config, &redis, "echo").await?;
     let events = events_until_terminal(&mut conn, &orphan.session_id, WAIT).await?;
     assert_eq!(final_state(&events), "COMPLETED");
