@@ -39,45 +39,96 @@ pub fn init_logging() {
 pub struct RedisServer {
     child: Child,
     pub port: u16,
-    _dir: tempfile::TempDir,
+    /// Append-only file with fsync on every write, so a restart keeps everything.
+    persistent: bool,
+    dir: tempfile::TempDir,
 }
 
 impl RedisServer {
+    /// A server that keeps nothing on disk.
     pub async fn start() -> Result<Self> {
+        Self::start_with(false).await
+    }
+
+    /// A server whose data survives [`RedisServer::restart`] (AOF, fsync always).
+    pub async fn start_persistent() -> Result<Self> {
+        Self::start_with(true).await
+    }
+
+    fn spawn(port: u16, dir: &Path, persistent: bool) -> Result<Child> {
+        let mut command = Command::new("redis-server");
+        command
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if persistent {
+            command.args(["--appendonly", "yes", "--appendfsync", "always"]);
+        } else {
+            command.args(["--appendonly", "no"]);
+        }
+        command
+            .spawn()
+            .context("starting redis-server (is it installed?)")
+    }
+
+    async fn start_with(persistent: bool) -> Result<Self> {
         for _attempt in 0..5 {
             let dir = tempfile::tempdir()?;
             let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no"])
-                .arg("--dir")
-                .arg(dir.path())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .context("starting redis-server (is it installed?)")?;
+            let child = Self::spawn(port, dir.path(), persistent)?;
             let mut server = RedisServer {
                 child,
                 port,
-                _dir: dir,
+                persistent,
+                dir,
             };
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if let Ok(mut conn) = server.connect().await {
-                    let pong: redis::RedisResult<String> =
-                        redis::cmd("PING").query_async(&mut conn).await;
-                    if pong.is_ok() {
-                        return Ok(server);
-                    }
-                }
-                if let Ok(Some(_)) = server.child.try_wait() {
-                    break; // port taken between bind and start: try another
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
+            if server.wait_ready().await? {
+                return Ok(server);
             }
-            drop(server);
+            // Port taken between bind and start: try another.
         }
         bail!("could not start redis-server")
+    }
+
+    /// Waits for PING; false if the process exited.
+    async fn wait_ready(&mut self) -> Result<bool> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(mut conn) = self.connect().await {
+                let pong: redis::RedisResult<String> =
+                    redis::cmd("PING").query_async(&mut conn).await;
+                if pong.is_ok() {
+                    return Ok(true);
+                }
+            }
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        bail!("redis-server on port {} did not answer PING", self.port)
+    }
+
+    /// Kills the server (SIGKILL, as a crash) and starts it again on the same port and data.
+    pub async fn restart(&mut self) -> Result<()> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = Self::spawn(self.port, self.dir.path(), self.persistent)?;
+        anyhow::ensure!(
+            self.wait_ready().await?,
+            "redis-server did not restart on port {}",
+            self.port
+        );
+        Ok(())
     }
 
     pub fn url(&self) -> String {
