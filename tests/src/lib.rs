@@ -581,3 +581,20 @@ pub async fn wait_all_acked(
     })
     .await
 }
+
+/// The python of a venv holding the reference SDK and componentize-py
+/// (created once by `tests/python/venv.sh`).
+pub async fn python_venv() -> Result<String> {
+    let script = repo_root().join("tests/python/venv.sh");
+    let out = tokio::process::Command::new("bash")
+        .arg(script)
+        .output()
+        .await?;
+    anyhow::ensure!(
+        out.status.success(),
+        "venv.sh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout)?;
+    Ok(stdout.lines().last().unwrap_or_default().trim().to_owned())
+}

@@ -7,22 +7,6 @@ use integration_tests::*;
 use serde_json::Value;
 use std::time::Duration;
 
-/// The venv's python, with byclaw-gateway-sdk installed.
-async fn python() -> anyhow::Result<String> {
-    let script = repo_root().join("tests/python/venv.sh");
-    let out = tokio::process::Command::new("bash")
-        .arg(script)
-        .output()
-        .await?;
-    anyhow::ensure!(
-        out.status.success(),
-        "venv.sh failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout)?;
-    Ok(stdout.lines().last().unwrap_or_default().trim().to_owned())
-}
-
 async fn interop(python: &str, redis: &RedisServer, args: &[&str]) -> anyhow::Result<Value> {
     let script = repo_root().join("tests/python/interop.py");
     let run = tokio::process::Command::new(python)
@@ -49,7 +33,7 @@ async fn interop(python: &str, redis: &RedisServer, args: &[&str]) -> anyhow::Re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_client_sends_reads_and_cancels() -> anyhow::Result<()> {
-    let python = python().await?;
+    let python = python_venv().await?;
     let mut bed = TestBed::start(&["echo", "faults"], "echo", |_| {}).await?;
     let (redis, daemon) = (&bed.redis, &mut bed.daemon);
 
