@@ -689,8 +689,9 @@ fn check_shape(
                         .next()
                         .unwrap_or(&message)
                         .to_owned();
+                    // serde's message already names the value it found.
                     errors.push(ConfigError {
-                        message: format!("{message}, found {}", describe(leaf)),
+                        message,
                         source: origins.get(&dotted).cloned(),
                         key: dotted,
                     });
@@ -700,14 +701,6 @@ fn check_shape(
     }
     // Valid keys only: the semantic rules can still be checked on the rest.
     serde_json::from_value(Value::Object(cleaned)).expect("a config of valid leaves deserializes")
-}
-
-fn describe(value: &Value) -> String {
-    match value {
-        Value::String(s) => format!("string {s:?}"),
-        Value::Null => "nothing".into(),
-        other => other.to_string(),
-    }
 }
 
 #[cfg(test)]
