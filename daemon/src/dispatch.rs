@@ -346,7 +346,6 @@ impl Dispatcher {
             plugin_label: Arc::from(plugin.label()),
             message_id: Arc::from(origin.message_id.as_str()),
             dirs,
-            reply: Mutex::new(String::new()),
         });
         if let Action::Resume { .. } = command.action {
             let resumed = wire::state_event(origin, state::RESUMED, None);

@@ -25,11 +25,7 @@ fn any_json(json: &str, what: &str) -> wasmtime::Result<Box<RawValue>> {
 }
 
 impl TaskState {
-    async fn push_event(
-        &mut self,
-        event: &EventSpec<'_>,
-        answer_text: Option<&str>,
-    ) -> wasmtime::Result<()> {
+    async fn push_event(&mut self, event: &EventSpec<'_>) -> wasmtime::Result<()> {
         let host = self.host("emit")?;
         let data = wire::data_message(&host.shared.origin, event);
         if data.len() > self.max_event_bytes {
@@ -38,13 +34,6 @@ impl TaskState {
                 data.len(),
                 self.max_event_bytes
             );
-        }
-        if let Some(text) = answer_text {
-            host.shared
-                .reply
-                .lock()
-                .expect("reply lock is never poisoned")
-                .push_str(text);
         }
         let shared = host.shared.clone();
         shared
@@ -73,7 +62,7 @@ impl Host for TaskState {
             },
             metadata: None,
         };
-        self.push_event(&event, Some(&text)).await
+        self.push_event(&event).await
     }
 
     async fn emit_message(&mut self, chunk: Chunk) -> wasmtime::Result<()> {
@@ -106,7 +95,7 @@ impl Host for TaskState {
             },
             metadata: metadata.as_deref(),
         };
-        self.push_event(&event, Some(&chunk.text)).await
+        self.push_event(&event).await
     }
 
     async fn emit_state(&mut self, state: String) -> wasmtime::Result<()> {
@@ -119,7 +108,7 @@ impl Host for TaskState {
             },
             metadata: None,
         };
-        self.push_event(&event, None).await
+        self.push_event(&event).await
     }
 
     async fn emit_artifact(&mut self, url: String, metadata: String) -> wasmtime::Result<()> {
@@ -134,7 +123,7 @@ impl Host for TaskState {
             },
             metadata: Some(&metadata),
         };
-        self.push_event(&event, None).await
+        self.push_event(&event).await
     }
 
     async fn emit_event(&mut self, event: Event) -> wasmtime::Result<()> {
@@ -156,6 +145,6 @@ impl Host for TaskState {
             },
             metadata: metadata.as_deref(),
         };
-        self.push_event(&spec, None).await
+        self.push_event(&spec).await
     }
 }

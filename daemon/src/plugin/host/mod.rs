@@ -40,8 +40,6 @@ pub struct TaskShared {
     pub message_id: Arc<str>,
     /// The task's directories; `None` for the manifest read at load time.
     pub dirs: Option<TaskDirs>,
-    /// Joined `emit-chunk` texts of the answer (the assistant's reply).
-    pub reply: std::sync::Mutex<String>,
 }
 
 /// A task's cancel state, shared by the dispatcher (which sets it when a
