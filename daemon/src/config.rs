@@ -10,8 +10,9 @@ use figment::Figment;
 use figment::providers::{Format, Toml};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// Every setting of the daemon.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -63,18 +64,27 @@ impl Default for RedisConfig {
 }
 
 impl RedisConfig {
-    /// The URL to connect with: `url`, or one built from the parts.
+    /// The URL to connect with: `url`, or one built from the parts, the user
+    /// name and password percent-encoded. An empty user name or password is
+    /// no user name or password (as the reference treats `REDIS_PASSWORD=`).
     pub fn connection_url(&self) -> String {
         if let Some(url) = &self.url {
             return url.clone();
         }
-        let auth = match (&self.username, &self.password) {
-            (Some(user), Some(pass)) => format!("{}:{}@", encode(user), encode(pass)),
-            (None, Some(pass)) => format!(":{}@", encode(pass)),
-            (Some(user), None) => format!("{}@", encode(user)),
+        let given = |s: &Option<String>| s.as_deref().filter(|s| !s.is_empty()).map(encode);
+        let auth = match (given(&self.username), given(&self.password)) {
+            (Some(user), Some(pass)) => format!("{user}:{pass}@"),
+            (None, Some(pass)) => format!(":{pass}@"),
+            (Some(user), None) => format!("{user}@"),
             (None, None) => String::new(),
         };
-        format!("redis://{auth}{}:{}/{}", self.host, self.port, self.db)
+        let host = &self.host;
+        if host.contains(':') && !host.starts_with('[') {
+            // An IPv6 address.
+            format!("redis://{auth}[{host}]:{}/{}", self.port, self.db)
+        } else {
+            format!("redis://{auth}{host}:{}/{}", self.port, self.db)
+        }
     }
 }
 
@@ -85,7 +95,7 @@ fn encode(text: &str) -> String {
         if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
             out.push(byte as char);
         } else {
-            out.push_str(&format!("%{byte:02X}"));
+            write!(out, "%{byte:02X}").expect("writing to a String cannot fail");
         }
     }
     out
@@ -123,6 +133,43 @@ pub struct WorkerConfig {
     pub cancel_grace_ms: u64,
 }
 
+impl WorkerConfig {
+    /// `block_ms`.
+    pub fn block(&self) -> Duration {
+        Duration::from_millis(self.block_ms)
+    }
+
+    /// `claim_idle_ms`.
+    pub fn claim_idle(&self) -> Duration {
+        Duration::from_millis(self.claim_idle_ms)
+    }
+
+    /// `claim_interval_ms`.
+    pub fn claim_interval(&self) -> Duration {
+        Duration::from_millis(self.claim_interval_ms)
+    }
+
+    /// `shutdown_grace_s`.
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_s)
+    }
+
+    /// `heartbeat_interval_s`.
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_secs(self.heartbeat_interval_s)
+    }
+
+    /// `lock_ttl_s`.
+    pub fn lock_ttl(&self) -> Duration {
+        Duration::from_secs(self.lock_ttl_s)
+    }
+
+    /// `cancel_grace_ms`.
+    pub fn cancel_grace(&self) -> Duration {
+        Duration::from_millis(self.cancel_grace_ms)
+    }
+}
+
 impl Default for WorkerConfig {
     fn default() -> Self {
         WorkerConfig {
@@ -155,6 +202,18 @@ pub struct PluginsConfig {
     pub deadline_s: u64,
     /// Largest event one emit may produce, bytes of JSON.
     pub max_event_bytes: usize,
+}
+
+impl PluginsConfig {
+    /// `memory_limit_mb` in bytes.
+    pub fn memory_limit_bytes(&self) -> usize {
+        usize::try_from(self.memory_limit_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX)
+    }
+
+    /// `deadline_s`.
+    pub fn deadline(&self) -> Duration {
+        Duration::from_secs(self.deadline_s)
+    }
 }
 
 impl Default for PluginsConfig {
@@ -200,6 +259,13 @@ pub struct StreamsConfig {
     pub writer_batch: usize,
 }
 
+impl StreamsConfig {
+    /// `session_ttl_s`.
+    pub fn session_ttl(&self) -> Duration {
+        Duration::from_secs(self.session_ttl_s)
+    }
+}
+
 impl Default for StreamsConfig {
     fn default() -> Self {
         StreamsConfig {
@@ -241,13 +307,19 @@ pub enum LogFormat {
     Json,
 }
 
-/// Settings given as command-line flags; they win over everything.
+/// Settings given as command-line flags; they win over everything. `None`
+/// leaves the key to the lower layers.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
+    /// `--redis-url`: sets `redis.url`, so it also wins over the parts.
     pub redis_url: Option<String>,
+    /// `--plugin-dir`: sets `plugins.dir`, to try a build without editing the file.
     pub plugin_dir: Option<PathBuf>,
+    /// `--worker-id`: sets `worker.id`, so one file serves several workers.
     pub worker_id: Option<String>,
+    /// `--log-format`: sets `log.format`; a property of the process, not of the file.
     pub log_format: Option<LogFormat>,
+    /// `--log-level`: sets `log.level`, for a debugging run.
     pub log_level: Option<String>,
 }
 
@@ -275,6 +347,8 @@ impl fmt::Display for ConfigError {
 /// Every problem found, one per line.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub struct ConfigErrors {
+    /// All of them, so that one run shows everything to fix; never empty
+    /// when returned as an error.
     pub errors: Vec<ConfigError>,
 }
 
@@ -284,7 +358,13 @@ impl fmt::Display for ConfigErrors {
             if i > 0 {
                 writeln!(f)?;
             }
-            write!(f, "  - {error}")?;
+            // A TOML syntax error spans lines; keep them under their bullet.
+            for (j, line) in error.to_string().lines().enumerate() {
+                match j {
+                    0 => write!(f, "  - {line}")?,
+                    _ => write!(f, "\n    {line}")?,
+                }
+            }
         }
         Ok(())
     }
@@ -311,7 +391,15 @@ type Origins = std::collections::HashMap<String, String>;
 impl Config {
     /// Loads from defaults, the file, the process environment and the flags.
     pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigErrors> {
-        Self::load_from(file, std::env::vars(), overrides)
+        // `std::env::vars` panics on a variable that is not UTF-8, even one
+        // that is none of ours.
+        let env = std::env::vars_os().map(|(name, value)| {
+            (
+                name.to_string_lossy().into_owned(),
+                value.to_string_lossy().into_owned(),
+            )
+        });
+        Self::load_from(file, env, overrides)
     }
 
     /// Like [`Config::load`] with an explicit environment (for tests).
@@ -347,12 +435,13 @@ impl Config {
         // Reference names first, so that GATEWAYD_* set later wins.
         for (name, table, key) in REFERENCE_ENV {
             if let Some((_, value)) = env.iter().find(|(n, _)| n == name) {
-                set(
-                    &mut env_layer,
-                    table,
-                    key,
-                    typed(&defaults, table, key, value),
-                );
+                let value = match *name {
+                    // The reference reads an empty one as none.
+                    "REDIS_PASSWORD" | "REDIS_USERNAME" if value.is_empty() => continue,
+                    "LOG_LEVEL" => python_level(value),
+                    _ => typed(&defaults, table, key, value),
+                };
+                set(&mut env_layer, table, key, value);
                 env_origins.push((format!("{table}.{key}"), name.to_string()));
             }
         }
@@ -429,7 +518,11 @@ impl Config {
         let mut flag_origins = Origins::new();
         merge(&mut merged, Value::Object(flags), "", &mut flag_origins);
 
-        let config = check_shape(&defaults, &merged, &origins, &mut errors);
+        let mut config = check_shape(&defaults, &merged, &origins, &mut errors);
+        if let Some(dir) = &overrides.plugin_dir {
+            // The JSON layer above holds it as text; keep the path exact.
+            config.plugins.dir = dir.clone();
+        }
         if let Err(semantic) = config.validate() {
             errors.extend(semantic.errors.into_iter().map(|mut e| {
                 e.source = origins.get(&e.key).cloned();
@@ -549,21 +642,38 @@ impl Config {
             "streams.writer_batch",
             "must be at least 1",
         );
-        check(self.redis.port != 0, "redis.port", "must not be 0");
-        if let Some(url) = &self.redis.url {
-            let scheme_ok = ["redis://", "rediss://", "unix://", "redis+unix://"]
-                .iter()
-                .any(|s| url.starts_with(s));
-            check(
-                scheme_ok,
-                "redis.url",
-                "must start with redis://, rediss://, unix:// or redis+unix://",
-            );
+        let r = &self.redis;
+        check(r.port != 0, "redis.port", "must not be 0");
+        match &r.url {
+            Some(url) => {
+                let scheme_ok = ["redis://", "rediss://", "unix://", "redis+unix://"]
+                    .iter()
+                    .any(|s| url.starts_with(s));
+                check(
+                    scheme_ok,
+                    "redis.url",
+                    "must start with redis://, rediss://, unix:// or redis+unix://",
+                );
+                if scheme_ok && let Err(reason) = redis_url_problem(url) {
+                    check(false, "redis.url", &reason);
+                }
+            }
+            // The parts are only used, so only checked, without a URL.
+            None => {
+                check(!r.host.is_empty(), "redis.host", "must not be empty");
+                check(r.db >= 0, "redis.db", "must not be negative");
+                if !r.host.is_empty()
+                    && let Err(reason) = redis_url_problem(&r.connection_url())
+                {
+                    check(false, "redis.host", &reason);
+                }
+            }
         }
+        let level = &self.log.level;
         check(
-            tracing_subscriber::EnvFilter::try_new(&self.log.level).is_ok(),
+            !level.trim().is_empty() && tracing_subscriber::EnvFilter::try_new(level).is_ok(),
             "log.level",
-            "is not a valid tracing filter (e.g. `info`, `gatewayd=debug,info`)",
+            "is not a tracing filter (e.g. `info`, `gatewayd=debug,info`)",
         );
         if errors.is_empty() {
             Ok(())
@@ -573,6 +683,16 @@ impl Config {
     }
 }
 
+/// Whether the Redis client accepts `url`, as the broker will open it.
+fn redis_url_problem(url: &str) -> Result<(), String> {
+    use redis::IntoConnectionInfo as _;
+    url.into_connection_info().map(drop).map_err(|error| {
+        let text = error.to_string();
+        let reason = text.strip_suffix(" - InvalidClientConfig").unwrap_or(&text);
+        format!("is not a usable Redis URL: {reason}")
+    })
+}
+
 fn read_toml(path: &Path) -> Result<Value, String> {
     if !path.is_file() {
         return Err(format!(
@@ -580,9 +700,23 @@ fn read_toml(path: &Path) -> Result<Value, String> {
             path.display()
         ));
     }
+    // The error's source names the file; the kind alone says what is wrong.
     Figment::from(Toml::file_exact(path))
         .extract::<Value>()
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.kind.to_string().trim_end().to_owned())
+}
+
+/// The reference's LOG_LEVEL holds Python level names (`INFO`, `WARNING`,
+/// `CRITICAL`). Tracing reads `INFO` but takes `WARNING` for a target
+/// name, which would silence every log line; map the ones it lacks.
+fn python_level(text: &str) -> Value {
+    let level = match text.trim().to_ascii_lowercase().as_str() {
+        "warning" => "warn",
+        "critical" | "fatal" => "error",
+        "notset" => "trace",
+        _ => text,
+    };
+    Value::String(level.to_owned())
 }
 
 fn set(layer: &mut Map<String, Value>, table: &str, key: &str, value: Value) {
@@ -682,25 +816,41 @@ fn check_shape(
             probe[table.as_str()][key.as_str()] = leaf.clone();
             match serde_json::from_value::<Config>(probe) {
                 Ok(_) => cleaned[table.as_str()][key.as_str()] = leaf.clone(),
-                Err(error) => {
-                    let message = error.to_string();
-                    let message = message
-                        .split(" at line")
-                        .next()
-                        .unwrap_or(&message)
-                        .to_owned();
-                    // serde's message already names the value it found.
-                    errors.push(ConfigError {
-                        message,
-                        source: origins.get(&dotted).cloned(),
-                        key: dotted,
-                    });
-                }
+                Err(error) => errors.push(ConfigError {
+                    message: plain_words(&error.to_string()),
+                    source: origins.get(&dotted).cloned(),
+                    key: dotted,
+                }),
             }
         }
     }
     // Valid keys only: the semantic rules can still be checked on the rest.
     serde_json::from_value(Value::Object(cleaned)).expect("a config of valid leaves deserializes")
+}
+
+/// serde's message for a value that does not fit, in an operator's words:
+/// `invalid type: string "abc", expected usize` becomes
+/// `invalid type: found string "abc", expected an unsigned integer`.
+/// A message of another shape is kept as it is.
+fn plain_words(message: &str) -> String {
+    let mut message = message.to_owned();
+    for kind in ["invalid type: ", "invalid value: "] {
+        if let Some(rest) = message.strip_prefix(kind) {
+            message = format!("{kind}found {rest}");
+            break;
+        }
+    }
+    for (rust, words) in [
+        ("expected usize", "expected an unsigned integer"),
+        ("expected u64", "expected an unsigned integer"),
+        ("expected u16", "expected an integer from 0 to 65535"),
+        ("expected i64", "expected an integer"),
+    ] {
+        if let Some(head) = message.strip_suffix(rust) {
+            return format!("{head}{words}");
+        }
+    }
+    message
 }
 
 #[cfg(test)]
@@ -739,7 +889,7 @@ mod tests {
     #[test]
     fn file_then_env_then_flags() {
         let toml = file(
-            "[worker]\nid = \"from-file\"\nmax_concurrency = 7\nfetch_count = 3\n[redis]\nhost = \"file-host\"\n",
+            "[worker]\nid = \"from-file\"\nmax_concurrency = 7\nfetch_count = 3\n[redis]\nhost = \"file-host\"\n[log]\nlevel = \"warn\"\n",
         );
         let config = Config::load_from(
             Some(toml.path()),
@@ -749,18 +899,31 @@ mod tests {
                 ("GATEWAYD_REDIS__HOST", "our-host"),
                 ("GATEWAYD_WORKER__ID", "from-env"),
                 ("LOG_USE_JSON", "true"),
+                ("LOG_LEVEL", "debug"),
             ]),
             &Overrides {
                 worker_id: Some("from-flag".into()),
+                log_format: Some(LogFormat::Human),
+                plugin_dir: Some("/opt/plugins".into()),
                 ..Overrides::default()
             },
         )
         .unwrap();
-        assert_eq!(config.worker.id, "from-flag");
-        assert_eq!(config.worker.max_concurrency, 9);
+        // default < file
+        assert_eq!(config.worker.block_ms, 2000, "untouched keys keep defaults");
         assert_eq!(config.worker.fetch_count, 3);
+        // file < env
+        assert_eq!(config.worker.max_concurrency, 9);
         assert_eq!(config.redis.host, "our-host", "GATEWAYD_* beats REDIS_HOST");
-        assert_eq!(config.log.format, LogFormat::Json);
+        assert_eq!(config.log.level, "debug");
+        // env < flags
+        assert_eq!(config.worker.id, "from-flag");
+        assert_eq!(
+            config.log.format,
+            LogFormat::Human,
+            "--log-format beats LOG_USE_JSON"
+        );
+        assert_eq!(config.plugins.dir, PathBuf::from("/opt/plugins"));
     }
 
     #[test]
@@ -803,6 +966,7 @@ mod tests {
         let errors =
             Config::load_from(Some(toml.path()), env(&[]), &Overrides::default()).unwrap_err();
         let keys: Vec<&str> = errors.errors.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(errors.errors.len(), 5, "{errors}");
         assert!(keys.contains(&"worker.max_concurency"), "{errors}");
         assert!(keys.contains(&"worker.max_concurrency"), "{errors}");
         assert!(keys.contains(&"plugin"), "{errors}");
@@ -812,9 +976,18 @@ mod tests {
         );
         assert!(keys.contains(&"plugins.memory_limit_mb"), "{errors}");
         let text = errors.to_string();
-        assert!(text.contains("unknown key"), "{text}");
-        assert!(text.contains("unknown table"), "{text}");
-        assert!(text.contains("string \"abc\""), "{text}");
+        assert_eq!(text.lines().count(), 5, "one error per line:\n{text}");
+        assert!(
+            text.contains("worker.max_concurency: unknown key, expected one of: "),
+            "{text}"
+        );
+        assert!(text.contains("plugin: unknown table"), "{text}");
+        assert!(
+            text.contains(
+                "worker.max_concurrency: invalid type: found string \"abc\", expected an unsigned integer"
+            ),
+            "{text}"
+        );
         assert!(text.contains(&toml.path().display().to_string()), "{text}");
     }
 
@@ -840,6 +1013,217 @@ mod tests {
         ] {
             assert!(text.contains(needle), "missing {needle:?} in\n{text}");
         }
+    }
+
+    #[test]
+    fn environment_errors_name_the_variable() {
+        let errors = Config::load_from(
+            None,
+            env(&[
+                ("GATEWAYD_WORKER__MAX_CONCURRENCY", "abc"),
+                ("GATEWAYD_WORKER__MAX_CONCURENCY", "8"),
+                ("REDIS_PORT", "70000"),
+            ]),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        let text = errors.to_string();
+        for needle in [
+            "worker.max_concurrency: invalid type: found string \"abc\", expected an unsigned integer (from environment variable GATEWAYD_WORKER__MAX_CONCURRENCY)",
+            "worker.max_concurency: unknown key",
+            "redis.port: invalid value: found integer `70000`, expected an integer from 0 to 65535 (from environment variable REDIS_PORT)",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+        }
+        let sources: Vec<_> = errors.errors.iter().map(|e| e.source.as_deref()).collect();
+        assert!(
+            sources.contains(&Some(
+                "environment variable GATEWAYD_WORKER__MAX_CONCURENCY"
+            )),
+            "{sources:?}"
+        );
+    }
+
+    #[test]
+    fn reference_values_mean_what_they_mean_there() {
+        let config = Config::load_from(
+            None,
+            env(&[
+                ("LOG_LEVEL", "WARNING"),
+                ("REDIS_PASSWORD", ""),
+                ("REDIS_USERNAME", ""),
+                ("LOG_USE_JSON", "1"),
+            ]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(config.log.level, "warn", "not a target named WARNING");
+        assert_eq!(config.log.format, LogFormat::Json);
+        assert_eq!(config.redis.password, None);
+        assert_eq!(config.redis.connection_url(), "redis://127.0.0.1:6379/0");
+        for (python, ours) in [("CRITICAL", "error"), ("INFO", "INFO"), ("debug", "debug")] {
+            let config =
+                Config::load_from(None, env(&[("LOG_LEVEL", python)]), &Overrides::default())
+                    .unwrap();
+            assert_eq!(config.log.level, ours);
+        }
+    }
+
+    #[test]
+    fn the_url_escapes_what_the_parts_contain() {
+        use redis::IntoConnectionInfo as _;
+        let redis = RedisConfig {
+            username: Some("svc:gw@eu".into()),
+            password: Some("p@ss:w/o%rd #?é".into()),
+            host: "redis.internal".into(),
+            port: 6380,
+            db: 3,
+            ..RedisConfig::default()
+        };
+        let url = redis.connection_url();
+        assert_eq!(
+            url,
+            "redis://svc%3Agw%40eu:p%40ss%3Aw%2Fo%25rd%20%23%3F%C3%A9@redis.internal:6380/3"
+        );
+        // The client decodes them back to what was configured.
+        let info = url.as_str().into_connection_info().unwrap();
+        assert_eq!(info.redis_settings().username(), Some("svc:gw@eu"));
+        assert_eq!(info.redis_settings().password(), Some("p@ss:w/o%rd #?é"));
+
+        let password_only = RedisConfig {
+            password: Some("s3cret".into()),
+            ..RedisConfig::default()
+        };
+        assert_eq!(
+            password_only.connection_url(),
+            "redis://:s3cret@127.0.0.1:6379/0"
+        );
+        let ipv6 = RedisConfig {
+            host: "::1".into(),
+            ..RedisConfig::default()
+        };
+        assert_eq!(ipv6.connection_url(), "redis://[::1]:6379/0");
+        assert!(
+            ipv6.connection_url()
+                .as_str()
+                .into_connection_info()
+                .is_ok()
+        );
+        let url_wins = RedisConfig {
+            url: Some("rediss://cache:6379/1".into()),
+            host: "ignored".into(),
+            ..RedisConfig::default()
+        };
+        assert_eq!(url_wins.connection_url(), "rediss://cache:6379/1");
+    }
+
+    #[test]
+    fn validate_checks_a_config_built_in_code() {
+        assert_eq!(Config::default().validate(), Ok(()));
+        let config = Config {
+            worker: WorkerConfig {
+                id: "two words".into(),
+                max_concurrency: 0,
+                heartbeat_interval_s: 60,
+                ..WorkerConfig::default()
+            },
+            redis: RedisConfig {
+                url: Some("http://localhost".into()),
+                ..RedisConfig::default()
+            },
+            log: LogConfig {
+                level: String::new(),
+                ..LogConfig::default()
+            },
+            ..Config::default()
+        };
+        let errors = config.validate().unwrap_err();
+        let keys: Vec<&str> = errors.errors.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "worker.id",
+                "worker.max_concurrency",
+                "worker.lock_ttl_s",
+                "redis.url",
+                "log.level"
+            ],
+            "{errors}"
+        );
+        assert!(errors.errors.iter().all(|e| e.source.is_none()));
+    }
+
+    #[test]
+    fn redis_urls_are_checked_as_the_client_reads_them() {
+        for good in [
+            "redis://localhost",
+            "redis://u:p@h:6379/2",
+            "unix:///run/redis.sock",
+            "redis+unix:///run/redis.sock?db=1",
+        ] {
+            let overrides = Overrides {
+                redis_url: Some(good.into()),
+                ..Overrides::default()
+            };
+            Config::load_from(None, env(&[]), &overrides).unwrap();
+        }
+        for (bad, why) in [
+            ("localhost:6379", "must start with"),
+            ("redis://", "Missing hostname"),
+            ("redis://h/abc", "Invalid database number"),
+            ("unix://", "Missing path"),
+        ] {
+            let overrides = Overrides {
+                redis_url: Some(bad.into()),
+                ..Overrides::default()
+            };
+            let errors = Config::load_from(None, env(&[]), &overrides).unwrap_err();
+            let text = errors.to_string();
+            assert!(text.contains("redis.url: "), "{bad}: {text}");
+            assert!(text.contains(why), "{bad}: {text}");
+            assert!(text.contains("(from flag --redis-url)"), "{bad}: {text}");
+        }
+        let errors = Config::load_from(
+            None,
+            env(&[("REDIS_HOST", "bad host"), ("REDIS_DB", "-1")]),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        let keys: Vec<&str> = errors.errors.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["redis.db", "redis.host"], "{errors}");
+    }
+
+    #[test]
+    fn a_syntax_error_stays_under_its_bullet() {
+        let toml = file("[worker\nid = 1\n");
+        let errors =
+            Config::load_from(Some(toml.path()), env(&[]), &Overrides::default()).unwrap_err();
+        assert_eq!(errors.errors.len(), 1, "{errors}");
+        assert_eq!(
+            errors.errors[0].source.as_deref(),
+            Some(toml.path().display().to_string().as_str())
+        );
+        let text = errors.to_string();
+        assert!(text.starts_with("  - (file): TOML parse error"), "{text}");
+        assert!(
+            text.lines().skip(1).all(|line| line.starts_with("    ")),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn duration_helpers_use_the_unit_in_the_name() {
+        let config = Config::default();
+        assert_eq!(config.worker.block(), Duration::from_secs(2));
+        assert_eq!(config.worker.claim_idle(), Duration::from_secs(60));
+        assert_eq!(config.worker.lock_ttl(), Duration::from_secs(60));
+        assert_eq!(config.worker.cancel_grace(), Duration::from_secs(5));
+        assert_eq!(config.plugins.deadline(), Duration::from_secs(300));
+        assert_eq!(config.plugins.memory_limit_bytes(), 128 << 20);
+        assert_eq!(
+            config.streams.session_ttl(),
+            Duration::from_secs(7 * 86_400)
+        );
     }
 
     #[test]
