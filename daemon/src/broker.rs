@@ -152,6 +152,38 @@ pub async fn read_group(
     Ok(out)
 }
 
+/// Entries delivered to `consumer` earlier and not acknowledged, with ids
+/// after `after` (XREADGROUP with an id; start with `0`): what this worker
+/// id left behind when it last stopped.
+pub async fn read_own_pending(
+    conn: &mut ConnectionManager,
+    group: &str,
+    consumer: &str,
+    stream: &Arc<str>,
+    after: &str,
+    count: usize,
+) -> Result<Vec<Delivery>, BrokerError> {
+    let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(group)
+        .arg(consumer)
+        .arg("COUNT")
+        .arg(count)
+        .arg("STREAMS")
+        .arg(&**stream)
+        .arg(after)
+        .query_async(conn)
+        .await
+        .map_err(err("XREADGROUP", stream))?;
+    Ok(reply
+        .map(|r| r.keys)
+        .unwrap_or_default()
+        .into_iter()
+        .flat_map(|key| key.ids)
+        .map(|entry| Delivery::from_stream_id(stream.clone(), entry, 2))
+        .collect())
+}
+
 /// An entry pending in a consumer group.
 #[derive(Debug, Clone)]
 pub struct Pending {

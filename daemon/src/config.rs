@@ -111,6 +111,9 @@ pub struct WorkerConfig {
     pub consumer_group: String,
     /// Most tasks in flight; a permit is taken before more entries are read.
     pub max_concurrency: usize,
+    /// Most tasks that may wait for a reply (call-agent, dispatch-group,
+    /// ask-user) without holding a permit; they keep their instance.
+    pub max_waiting: usize,
     /// Most entries one XREADGROUP returns.
     pub fetch_count: usize,
     /// XREADGROUP BLOCK, milliseconds; also bounds how long a shutdown waits for a read.
@@ -176,6 +179,7 @@ impl Default for WorkerConfig {
             id: "worker-1".into(),
             consumer_group: "agent_engines".into(),
             max_concurrency: 50,
+            max_waiting: 1000,
             fetch_count: 10,
             block_ms: 2000,
             claim_idle_ms: 60_000,
@@ -569,6 +573,11 @@ impl Config {
             (1..=10_000).contains(&w.max_concurrency),
             "worker.max_concurrency",
             "must be between 1 and 10000",
+        );
+        check(
+            w.max_waiting <= 100_000,
+            "worker.max_waiting",
+            "must be at most 100000",
         );
         check(
             w.fetch_count >= 1,

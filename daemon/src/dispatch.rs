@@ -1,17 +1,18 @@
 //! From a stream entry to an acknowledged outcome: routing to the plugin,
 //! concurrency permits, the task lifecycle of the reference worker
 //! (replay check, workspace, run, reply to a calling agent, terminal state,
-//! execution record, XACK), dead letters, cancels, and the loops that feed it
-//! (new entries, abandoned entries, the worker's control stream).
+//! execution record, XACK), replies handed to the tasks awaiting them (see
+//! [`crate::routing`]), dead letters, cancels and their cascade to the
+//! calls a cancelled task awaits, and the loops that feed it (new entries,
+//! abandoned entries, the worker's control stream).
 
 use crate::broker::{self, Delivery};
 use crate::events::{Write, Writer};
-use crate::executions::{Begin, NewExecution, Registry};
-use crate::plugin::loader::PluginTable;
-use crate::plugin::{CallError, CancelSignal, TaskHost, TaskShared};
+use crate::executions::{Begin, CancelLookup, NewExecution, Registry};
+use crate::plugin::{AwaitedChild, CallError, CancelSignal, Services, TaskHost, TaskShared};
+use crate::routing::{self, Reply, Route, WaitKey};
 use crate::wire::{self, Action, ControlCommand, EventOrigin, keys, state};
 use crate::workspace::{TaskDirs, Workspaces};
-use arc_swap::ArcSwap;
 use redis::aio::ConnectionManager;
 use serde_json::value::RawValue;
 use std::collections::HashMap;
@@ -66,14 +67,10 @@ pub struct Dispatcher {
     settings: Settings,
     /// Every write after a task started goes through it, in task order.
     writer: Writer,
-    /// Swapped as a whole when the plugin set changes.
-    plugins: Arc<ArcSwap<PluginTable>>,
     /// Replay check and execution records.
     executions: Registry,
     /// Creates and removes task directories off the async threads.
     workspaces: Workspaces,
-    /// For the one read-modify-write per task (the execution record).
-    redis: ConnectionManager,
     /// Tasks in progress, by message id: cancels find them here, the claimer
     /// renews their entries, shutdown lists them.
     running: Mutex<HashMap<String, Running>>,
@@ -82,6 +79,19 @@ pub struct Dispatcher {
     /// Fires when tasks must stop now (grace period over): they return
     /// without acknowledging, so their entries stay pending for another worker.
     force_stop: CancellationToken,
+    /// Shared with the host calls: the plugin table (swapped as a whole when
+    /// the plugin set changes), the Redis connection for reads, the waiters
+    /// of replies, the permits.
+    services: Arc<Services>,
+}
+
+/// Where an entry came from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Source {
+    /// A capability stream (new or taken over).
+    Capability,
+    /// This worker's control stream: a RESUME forwarded by another worker.
+    Forwarded,
 }
 
 /// How a task ended.
@@ -97,22 +107,20 @@ impl Dispatcher {
     pub fn new(
         settings: Settings,
         writer: Writer,
-        plugins: Arc<ArcSwap<PluginTable>>,
         executions: Registry,
         workspaces: Workspaces,
-        redis: ConnectionManager,
         force_stop: CancellationToken,
+        services: Arc<Services>,
     ) -> Arc<Self> {
         Arc::new(Dispatcher {
             settings,
             writer,
-            plugins,
             executions,
             workspaces,
-            redis,
             running: Mutex::new(HashMap::new()),
             tracker: TaskTracker::new(),
             force_stop,
+            services,
         })
     }
 
@@ -138,18 +146,26 @@ impl Dispatcher {
 
     fn spawn(self: &Arc<Self>, delivery: Delivery, permit: OwnedSemaphorePermit) {
         let this = self.clone();
-        self.tracker.spawn(async move {
-            this.handle(delivery).await;
-            drop(permit);
-        });
-    }
-
-    async fn handle(self: Arc<Self>, delivery: Delivery) {
         let agent_type = delivery
             .stream
             .strip_prefix(&keys::capability_stream(""))
             .unwrap_or(&delivery.stream)
             .to_owned();
+        self.tracker.spawn(async move {
+            this.handle(delivery, agent_type, Source::Capability, permit)
+                .await;
+        });
+    }
+
+    /// The permit is held until the task ends, except while the task waits
+    /// for a reply (see [`TaskShared::lend_permit`]).
+    async fn handle(
+        self: Arc<Self>,
+        delivery: Delivery,
+        agent_type: String,
+        source: Source,
+        permit: OwnedSemaphorePermit,
+    ) {
         let Some(data) = delivery.field("data") else {
             let reason = "entry has no `data` field".to_owned();
             return self.dead_letter(&delivery, &agent_type, reason, None).await;
@@ -170,6 +186,21 @@ impl Dispatcher {
                 .dead_letter(&delivery, &agent_type, reason.into(), session)
                 .await;
         }
+        if let Action::Resume { .. } = command.action
+            && !command.header.parent_message_id.is_empty()
+        {
+            if self
+                .route_resume(&delivery, &agent_type, &command, source)
+                .await
+            {
+                return;
+            }
+            if !command.header.task_group_id.is_empty()
+                && !self.group_complete(&delivery, &command).await
+            {
+                return;
+            }
+        }
         if delivery.deliveries > self.settings.max_deliveries {
             let reason = format!(
                 "delivered {} times without finishing (worker.max_deliveries = {})",
@@ -181,7 +212,7 @@ impl Dispatcher {
             let marked = self
                 .executions
                 .fail_message(
-                    &mut self.redis.clone(),
+                    &mut self.services.redis.clone(),
                     &header.session_id,
                     &header.message_id,
                 )
@@ -203,17 +234,167 @@ impl Dispatcher {
             action = command.action.name(),
             plugin = tracing::field::Empty,
         );
-        self.run(delivery, agent_type, command)
+        self.run(delivery, agent_type, command, permit)
             .instrument(span)
             .await;
     }
 
-    async fn run(&self, delivery: Delivery, agent_type: String, command: ControlCommand) {
+    /// Hands a RESUME to the task awaiting it, here or on another worker.
+    /// False when nobody awaits it: it then runs as an orphan RESUME.
+    async fn route_resume(
+        &self,
+        delivery: &Delivery,
+        agent_type: &str,
+        command: &ControlCommand,
+        source: Source,
+    ) -> bool {
+        let header = &command.header;
+        let Action::Resume {
+            content,
+            status,
+            reply_data,
+            extra_payload,
+        } = &command.action
+        else {
+            return false;
+        };
+        let key = WaitKey::for_resume(agent_type, header);
+        let reply = Reply {
+            message_id: header.message_id.clone(),
+            source_agent_id: header.source_agent_id.clone(),
+            status: status.clone(),
+            content: content.clone(),
+            reply_data: reply_data.clone(),
+            extra_payload: extra_payload.clone(),
+        };
+        if self.services.waiters.deliver(&key, reply) {
+            let mut writes = Vec::with_capacity(2);
+            if !header.task_group_id.is_empty() {
+                // Keep the reference's group counter true for observers.
+                let mut incr = redis::cmd("HINCRBY");
+                incr.arg(keys::task_group(&header.task_group_id))
+                    .arg("completed")
+                    .arg(1);
+                writes.push(Write::Command(incr));
+            }
+            writes.push(self.ack(delivery));
+            tracing::debug!(
+                parent_message_id = %header.parent_message_id,
+                resume_id = %header.message_id,
+                "reply handed to the task awaiting it"
+            );
+            let _ = self.writer.commit(&header.session_id, writes).await;
+            return true;
+        }
+        if source == Source::Forwarded {
+            return false;
+        }
+        match routing::lookup(
+            &mut self.services.redis.clone(),
+            &key,
+            &self.settings.worker_id,
+        )
+        .await
+        {
+            Ok(Route::Orphan) => false,
+            Ok(Route::Dropped) => {
+                tracing::info!(
+                    parent_message_id = %header.parent_message_id,
+                    resume_id = %header.message_id,
+                    "reply to a cancelled task dropped"
+                );
+                let _ = self
+                    .writer
+                    .commit(&header.session_id, vec![self.ack(delivery)])
+                    .await;
+                true
+            }
+            Ok(Route::Forward(worker)) => {
+                let mut fields: Vec<(String, Vec<u8>)> = delivery.fields.clone();
+                fields.retain(|(name, _)| name != "capability");
+                fields.push(("capability".into(), agent_type.as_bytes().to_vec()));
+                let writes = vec![
+                    Write::Fields {
+                        stream: keys::worker_stream(&worker),
+                        fields,
+                    },
+                    self.ack(delivery),
+                ];
+                tracing::debug!(
+                    parent_message_id = %header.parent_message_id,
+                    to_worker = %worker,
+                    "reply forwarded to the worker whose task awaits it"
+                );
+                let _ = self.writer.commit(&header.session_id, writes).await;
+                true
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot look up the reply route; entry left pending");
+                true
+            }
+        }
+    }
+
+    /// For an orphan RESUME of a task group: counts it in, as the reference
+    /// does; true when it completes the group (then the handler runs it),
+    /// false when the group still waits (the entry is acknowledged).
+    async fn group_complete(&self, delivery: &Delivery, command: &ControlCommand) -> bool {
+        let header = &command.header;
+        let key = keys::task_group(&header.task_group_id);
+        let mut conn = self.services.redis.clone();
+        let total: Result<Option<u64>, _> = redis::cmd("HGET")
+            .arg(&key)
+            .arg("total")
+            .query_async(&mut conn)
+            .await;
+        let total = match total {
+            Ok(Some(total)) => total,
+            Ok(None) => return true,
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the task group; entry left pending");
+                return false;
+            }
+        };
+        let completed: Result<u64, _> = redis::cmd("HINCRBY")
+            .arg(&key)
+            .arg("completed")
+            .arg(1)
+            .query_async(&mut conn)
+            .await;
+        match completed {
+            Ok(completed) if completed < total => {
+                tracing::info!(
+                    task_group_id = %header.task_group_id,
+                    completed,
+                    total,
+                    "task group reply counted; waiting for the rest"
+                );
+                let _ = self
+                    .writer
+                    .commit(&header.session_id, vec![self.ack(delivery)])
+                    .await;
+                false
+            }
+            Ok(_) => true,
+            Err(error) => {
+                tracing::warn!(%error, "cannot count the task group reply; entry left pending");
+                false
+            }
+        }
+    }
+
+    async fn run(
+        &self,
+        delivery: Delivery,
+        agent_type: String,
+        command: ControlCommand,
+        permit: OwnedSemaphorePermit,
+    ) {
         let header = &command.header;
         let begin = self
             .executions
             .begin(
-                &mut self.redis.clone(),
+                &mut self.services.redis.clone(),
                 NewExecution {
                     message_id: &header.message_id,
                     session_id: &header.session_id,
@@ -269,6 +450,7 @@ impl Dispatcher {
         };
         let dirs = self.workspaces.dirs(&header.session_id, &header.message_id);
         let mut created_workspace = false;
+        let awaiting = Arc::new(Mutex::new(Vec::new()));
         let outcome = self
             .execute(
                 &command,
@@ -277,12 +459,20 @@ impl Dispatcher {
                 &dirs,
                 &cancel,
                 &mut created_workspace,
+                permit,
+                awaiting.clone(),
             )
             .await;
         if let Outcome::CutOff = outcome {
             tracing::warn!("cut off by shutdown; entry left pending for another worker");
         } else {
-            let writes = self.finish_writes(
+            let mut writes = Vec::new();
+            if let Outcome::Cancelled(reason) = &outcome {
+                let awaited =
+                    std::mem::take(&mut *awaiting.lock().expect("awaiting lock is never poisoned"));
+                writes = self.cancel_awaited(&origin, awaited, reason).await;
+            }
+            writes.extend(self.finish_writes(
                 &command,
                 &agent_type,
                 &origin,
@@ -290,7 +480,7 @@ impl Dispatcher {
                 &mut execution,
                 outcome,
                 &cancel,
-            );
+            ));
             if self
                 .writer
                 .commit(&header.session_id, writes)
@@ -309,6 +499,70 @@ impl Dispatcher {
         }
     }
 
+    /// Cancels what a cancelled task still awaited: each route gets a
+    /// tombstone (late replies are dropped, not run as orphans) and each
+    /// child task the reference client's cancel (CANCELLING + CANCEL_TASK to
+    /// its worker; a child not started yet gets a CANCELLED record instead).
+    /// Returns the writes, to go out before the caller's own outcome.
+    async fn cancel_awaited(
+        &self,
+        origin: &EventOrigin,
+        awaited: Vec<AwaitedChild>,
+        reason: &str,
+    ) -> Vec<Write> {
+        let mut writes = Vec::with_capacity(awaited.len() * 2);
+        let reason = format!("caller {} was cancelled: {reason}", origin.message_id);
+        for child in awaited {
+            writes.push(child.key.tombstone());
+            let Some(message_id) = child.child_message_id else {
+                continue;
+            };
+            let lookup = self
+                .executions
+                .request_cancel(
+                    &mut self.services.redis.clone(),
+                    &origin.session_id,
+                    &message_id,
+                    &reason,
+                    true,
+                )
+                .await;
+            match lookup {
+                Ok(CancelLookup::Requested {
+                    execution_id,
+                    worker_id,
+                    target_agent_type,
+                }) => {
+                    tracing::info!(child_message_id = %message_id, %worker_id, "cancelling a call the cancelled task awaited");
+                    writes.push(Write::Control {
+                        stream: keys::worker_stream(&worker_id),
+                        data: wire::cancel_task_json(&wire::CancelTarget {
+                            session_id: &origin.session_id,
+                            message_id: &message_id,
+                            execution_id: &execution_id,
+                            worker_id: &worker_id,
+                            target_agent_type: &target_agent_type,
+                            reason: &reason,
+                            requested_by: &origin.message_id,
+                            cancel_mode: "graceful",
+                        }),
+                    });
+                }
+                Ok(CancelLookup::Precancelled { .. }) => {
+                    tracing::info!(child_message_id = %message_id, "a call the cancelled task awaited had not started; it never will");
+                }
+                Ok(other) => {
+                    tracing::debug!(child_message_id = %message_id, lookup = ?other, "awaited call needs no cancel");
+                }
+                Err(error) => {
+                    tracing::warn!(child_message_id = %message_id, %error, "cannot cancel a call the cancelled task awaited");
+                }
+            }
+        }
+        writes
+    }
+
+    #[allow(clippy::too_many_arguments)]
     async fn execute(
         &self,
         command: &ControlCommand,
@@ -317,11 +571,13 @@ impl Dispatcher {
         dirs: &TaskDirs,
         cancel: &Arc<CancelSignal>,
         created_workspace: &mut bool,
+        permit: OwnedSemaphorePermit,
+        awaiting: Arc<Mutex<Vec<AwaitedChild>>>,
     ) -> Outcome {
         if cancel.is_requested() {
             return Outcome::Cancelled(cancel.reason());
         }
-        let Some(plugin) = self.plugins.load().get(agent_type).cloned() else {
+        let Some(plugin) = self.services.plugins.load().get(agent_type).cloned() else {
             return Outcome::Failed(format!(
                 "no plugin serves agent type {agent_type:?} on this worker"
             ));
@@ -342,10 +598,14 @@ impl Dispatcher {
             stream: stream.clone(),
             writer: self.writer.clone(),
             cancel: cancel.clone(),
-            plugin: plugin.clone(),
             plugin_label: Arc::from(plugin.label()),
             message_id: Arc::from(origin.message_id.as_str()),
             dirs,
+            tenant_id: command.header.tenant_id.clone(),
+            deadline_at: tokio::time::Instant::now() + self.settings.deadline,
+            permit: Mutex::new(Some(permit)),
+            awaiting,
+            services: self.services.clone(),
         });
         if let Action::Resume { .. } = command.action {
             let resumed = wire::state_event(origin, state::RESUMED, None);
@@ -362,7 +622,11 @@ impl Dispatcher {
                 return Outcome::CutOff;
             }
         }
-        let host = TaskHost { shared, depth: 0 };
+        let host = TaskHost {
+            shared,
+            plugin: plugin.clone(),
+            depth: 0,
+        };
         let call = tokio::time::timeout(
             self.settings.deadline,
             plugin.handle(host, command, agent_type),
@@ -815,7 +1079,7 @@ impl Dispatcher {
         Ok(())
     }
 
-    /// Reads the worker's control stream (CANCEL_TASK) until `stop` fires.
+    /// Reads the worker's control stream (CANCEL_TASK, forwarded RESUMEs) until `stop` fires.
     /// Control entries need no permit: a cancel must get through when every
     /// permit is taken.
     pub async fn control(
@@ -826,11 +1090,30 @@ impl Dispatcher {
     ) {
         let streams = [stream.clone()];
         let mut backoff = Duration::from_millis(100);
+        // First what this worker id left unacknowledged when it last stopped
+        // (forwarded replies in particular), then new entries.
+        let mut own_pending = true;
+        let mut pending_after = "0".to_owned();
         loop {
             let read = tokio::select! {
-                read = broker::read_group(&mut conn, &self.settings.group, &self.settings.worker_id, &streams, 16, self.settings.block) => read,
+                read = async {
+                    if own_pending {
+                        broker::read_own_pending(&mut conn, &self.settings.group, &self.settings.worker_id, &stream, &pending_after, 16).await
+                    } else {
+                        broker::read_group(&mut conn, &self.settings.group, &self.settings.worker_id, &streams, 16, self.settings.block).await
+                    }
+                } => read,
                 _ = stop.cancelled() => return,
             };
+            if own_pending && let Ok(deliveries) = &read {
+                match deliveries.last() {
+                    Some(last) => pending_after = last.id.clone(),
+                    None => {
+                        own_pending = false;
+                        continue;
+                    }
+                }
+            }
             let deliveries = match read {
                 Ok(deliveries) => {
                     backoff = Duration::from_millis(100);
@@ -868,6 +1151,14 @@ impl Dispatcher {
                             .commit(&delivery.id, vec![self.ack(&delivery)])
                             .await;
                     }
+                    Ok(
+                        command @ ControlCommand {
+                            action: Action::Resume { .. },
+                            ..
+                        },
+                    ) => {
+                        self.forwarded_resume(delivery, command, &stop).await;
+                    }
                     Ok(other) => {
                         let reason =
                             format!("{} is not a worker control command", other.action.name());
@@ -879,6 +1170,45 @@ impl Dispatcher {
                 }
             }
         }
+    }
+}
+
+impl Dispatcher {
+    /// A RESUME another worker forwarded here because a task of ours awaited
+    /// it. When the waiter has gone meanwhile it runs through the handler as
+    /// its own task, which needs a permit the control loop must not wait for.
+    async fn forwarded_resume(
+        self: &Arc<Self>,
+        delivery: Delivery,
+        command: ControlCommand,
+        stop: &CancellationToken,
+    ) {
+        let agent_type = delivery
+            .field("capability")
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .map(str::to_owned)
+            .unwrap_or_else(|| command.header.target_agent_type.clone());
+        if self
+            .route_resume(&delivery, &agent_type, &command, Source::Forwarded)
+            .await
+        {
+            return;
+        }
+        let this = self.clone();
+        let stop = stop.clone();
+        let permits = self.services.permits.clone();
+        self.tracker.spawn(async move {
+            let permit = tokio::select! {
+                permit = permits.acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => return,
+                },
+                _ = stop.cancelled() => return,
+                _ = this.force_stop.cancelled() => return,
+            };
+            this.handle(delivery, agent_type, Source::Forwarded, permit)
+                .await;
+        });
     }
 }
 

@@ -37,6 +37,9 @@ pub enum Write {
         value: String,
         ttl_s: u64,
     },
+    /// Any other command (routes, group counters, cancels); its reply is
+    /// ignored.
+    Command(redis::Cmd),
     /// XACK an entry and, when configured, XDEL it.
     Ack {
         stream: Arc<str>,
@@ -229,6 +232,9 @@ impl Lane {
                 } => {
                     pipe.cmd("HSET").arg(key).arg(field).arg(value).ignore();
                     pipe.cmd("EXPIRE").arg(key).arg(ttl_s).ignore();
+                }
+                Write::Command(cmd) => {
+                    pipe.add_command(cmd.clone()).ignore();
                 }
                 Write::Ack {
                     stream,

@@ -59,6 +59,74 @@ redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
 return 1
 "#;
 
+/// The reference client's cancel, atomically: looks the execution of a
+/// message up and, unless it is finished, marks it CANCELLING. With a
+/// placeholder (ARGV 6-7 non-empty) a message that has no execution yet gets
+/// a CANCELLED record, so it is skipped when it is read.
+///
+/// KEYS[1] registry hash. ARGV: message id, session id, reason, now (ms),
+/// ttl (s), placeholder execution id, placeholder JSON.
+/// Returns {"not_found"} | {"precancelled", exec_id} |
+/// {"session_mismatch", exec_id, worker} | {"finished", exec_id, worker, status} |
+/// {"requested", exec_id, worker, target_agent_type}.
+const CANCEL_SCRIPT: &str = r#"
+local exec_id = redis.call('HGET', KEYS[1], 'msg_map:' .. ARGV[1])
+if not exec_id then
+  if ARGV[7] == '' then return {'not_found'} end
+  redis.call('HSET', KEYS[1], 'exec:' .. ARGV[6], ARGV[7], 'msg_map:' .. ARGV[1], ARGV[6])
+  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
+  return {'precancelled', ARGV[6]}
+end
+local raw = redis.call('HGET', KEYS[1], 'exec:' .. exec_id)
+if not raw then return {'not_found'} end
+local ok, ex = pcall(cjson.decode, raw)
+if not ok or type(ex) ~= 'table' then return {'not_found'} end
+local worker = ex['worker_id']
+if type(worker) ~= 'string' then worker = '' end
+if type(ex['session_id']) == 'string' and ex['session_id'] ~= ARGV[2] then
+  return {'session_mismatch', exec_id, worker}
+end
+local status = ex['status']
+if status == 'COMPLETED' or status == 'FAILED' or status == 'CANCELLED' then
+  return {'finished', exec_id, worker, status}
+end
+ex['status'] = 'CANCELLING'
+ex['cancel_requested'] = true
+ex['cancel_reason'] = ARGV[3]
+ex['updated_at'] = tonumber(ARGV[4])
+redis.call('HSET', KEYS[1], 'exec:' .. exec_id, cjson.encode(ex))
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
+local target = ex['target_agent_type']
+if type(target) ~= 'string' then target = '' end
+return {'requested', exec_id, worker, target}
+"#;
+
+/// What a cancel lookup found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CancelLookup {
+    /// No execution for the message (and none was created).
+    NotFound,
+    /// The message had not started; a CANCELLED record now stops it.
+    Precancelled { execution_id: String },
+    /// The execution belongs to another session.
+    SessionMismatch {
+        execution_id: String,
+        worker_id: String,
+    },
+    /// Already COMPLETED / FAILED / CANCELLED.
+    AlreadyFinished {
+        execution_id: String,
+        worker_id: String,
+        status: String,
+    },
+    /// Marked CANCELLING; send CANCEL_TASK to the worker.
+    Requested {
+        execution_id: String,
+        worker_id: String,
+        target_agent_type: String,
+    },
+}
+
 /// What to do with an entry, given its execution record.
 #[derive(Debug)]
 pub enum Begin {
@@ -75,6 +143,7 @@ pub enum Begin {
 pub struct Registry {
     script: redis::Script,
     fail_script: redis::Script,
+    cancel_script: redis::Script,
     ttl_s: u64,
 }
 
@@ -93,6 +162,7 @@ impl Registry {
         Registry {
             script: redis::Script::new(BEGIN_SCRIPT),
             fail_script: redis::Script::new(FAIL_SCRIPT),
+            cancel_script: redis::Script::new(CANCEL_SCRIPT),
             ttl_s,
         }
     }
@@ -188,6 +258,77 @@ impl Registry {
             .invoke_async(conn)
             .await?;
         Ok(changed == 1)
+    }
+
+    /// Marks the execution of a message CANCELLING, as the reference
+    /// client's `cancel_task` does; with `precancel`, a message that has not
+    /// started gets a CANCELLED record so no worker runs it.
+    pub async fn request_cancel(
+        &self,
+        conn: &mut ConnectionManager,
+        session_id: &str,
+        message_id: &str,
+        reason: &str,
+        precancel: bool,
+    ) -> Result<CancelLookup, redis::RedisError> {
+        let now = wire::now_ms();
+        let (placeholder_id, placeholder) = if precancel {
+            let execution = Execution {
+                execution_id: wire::new_execution_id(),
+                message_id: message_id.to_owned(),
+                session_id: session_id.to_owned(),
+                worker_id: String::new(),
+                target_agent_type: String::new(),
+                stream_name: String::new(),
+                redis_message_id: String::new(),
+                status: state::CANCELLED.to_owned(),
+                cancel_requested: true,
+                cancel_reason: reason.to_owned(),
+                created_at: now,
+                started_at: 0,
+                finished_at: now,
+                updated_at: now,
+            };
+            let json = serde_json::to_string(&execution).expect("execution serializes");
+            (execution.execution_id, json)
+        } else {
+            (String::new(), String::new())
+        };
+        let reply: Vec<String> = self
+            .cancel_script
+            .key(keys::session_registry(session_id))
+            .arg(message_id)
+            .arg(session_id)
+            .arg(reason)
+            .arg(now)
+            .arg(self.ttl_s)
+            .arg(placeholder_id)
+            .arg(placeholder)
+            .invoke_async(conn)
+            .await?;
+        let mut reply = reply.into_iter();
+        let kind = reply.next().unwrap_or_default();
+        let mut next = || reply.next().unwrap_or_default();
+        Ok(match kind.as_str() {
+            "precancelled" => CancelLookup::Precancelled {
+                execution_id: next(),
+            },
+            "session_mismatch" => CancelLookup::SessionMismatch {
+                execution_id: next(),
+                worker_id: next(),
+            },
+            "finished" => CancelLookup::AlreadyFinished {
+                execution_id: next(),
+                worker_id: next(),
+                status: next(),
+            },
+            "requested" => CancelLookup::Requested {
+                execution_id: next(),
+                worker_id: next(),
+                target_agent_type: next(),
+            },
+            _ => CancelLookup::NotFound,
+        })
     }
 
     /// The write that marks an execution finished.

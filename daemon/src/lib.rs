@@ -12,12 +12,14 @@
 //! membership), [`config`].
 
 pub mod broker;
+pub mod client;
 pub mod config;
 pub mod dispatch;
 pub mod events;
 pub mod executions;
 pub mod plugin;
 pub mod registry;
+pub mod routing;
 pub mod wire;
 pub mod workspace;
 
@@ -60,7 +62,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         deadline: Duration::from_secs(config.plugins.deadline_s),
         max_event_bytes: config.plugins.max_event_bytes,
     };
-    let sandbox = plugin::Sandbox::new(limits, worker.max_concurrency)?;
+    // Waiting tasks keep their instances while their permits serve others.
+    let sandbox = plugin::Sandbox::new(limits, worker.max_concurrency + worker.max_waiting)?;
 
     let started = std::time::Instant::now();
     let loaded = plugin::loader::load_dir(&sandbox, &config.plugins.dir).await?;
@@ -126,6 +129,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         },
         force_stop.clone(),
     );
+    let permits = Arc::new(Semaphore::new(worker.max_concurrency));
+    let services = Arc::new(plugin::Services {
+        worker_id: Arc::from(worker.id.as_str()),
+        redis: commands.clone(),
+        plugins: plugins.clone(),
+        waiters: Arc::new(routing::Waiters::default()),
+        permits: permits.clone(),
+        waiting_slots: Arc::new(Semaphore::new(worker.max_waiting)),
+    });
     let dispatcher = dispatch::Dispatcher::new(
         dispatch::Settings {
             worker_id: Arc::from(worker.id.as_str()),
@@ -141,13 +153,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             claim_interval: Duration::from_millis(worker.claim_interval_ms),
         },
         writer,
-        plugins.clone(),
         executions::Registry::new(config.streams.session_ttl_s),
         workspace::Workspaces::start(config.workspace.dir.clone()).map_err(RunError::Workspace)?,
-        commands.clone(),
         force_stop.clone(),
+        services,
     );
-    let permits = Arc::new(Semaphore::new(worker.max_concurrency));
     let stop_control = CancellationToken::new();
     // Readers feed new tasks; they stop first on shutdown. The control
     // reader and the heartbeat keep going until the tasks are done, so a

@@ -43,6 +43,11 @@ pub mod keys {
     pub fn capability_workers(capability: &str) -> String {
         format!("{PREFIX}:registry:capability:workers:{capability}")
     }
+    /// Scatter-gather counter of one task group (`total`, `completed`,
+    /// `source_agent_id`).
+    pub fn task_group(task_group_id: &str) -> String {
+        format!("{PREFIX}:task_group:{task_group_id}")
+    }
     /// One live process per worker id.
     pub fn worker_lock(worker_id: &str) -> String {
         format!("{PREFIX}:registry:worker:lock:{worker_id}")
@@ -63,6 +68,21 @@ pub fn now_ms() -> u64 {
 /// `msg-` + 8 lowercase hex.
 pub fn new_message_id() -> String {
     format!("msg-{:08x}", fastrand::u32(..))
+}
+
+/// `tg-` + 8 lowercase hex.
+pub fn new_task_group_id() -> String {
+    format!("tg-{:08x}", fastrand::u32(..))
+}
+
+/// `msg-cancel-` + 8 lowercase hex.
+pub fn new_cancel_message_id() -> String {
+    format!("msg-cancel-{:08x}", fastrand::u32(..))
+}
+
+/// 32 lowercase hex, like `uuid4().hex`.
+pub fn new_trace_id() -> String {
+    format!("{:032x}", fastrand::u128(..))
 }
 
 /// `exec-` + 8 lowercase hex.
@@ -349,6 +369,43 @@ pub fn parse_control(data: &[u8]) -> Result<ControlCommand, MalformedEntry> {
     Ok(ControlCommand { header, action })
 }
 
+/// What a CANCEL_TASK names, beyond the session.
+#[derive(Debug, Clone)]
+pub struct CancelTarget<'a> {
+    pub session_id: &'a str,
+    pub message_id: &'a str,
+    pub execution_id: &'a str,
+    pub worker_id: &'a str,
+    pub target_agent_type: &'a str,
+    pub reason: &'a str,
+    /// Who asked (`client`, or the cancelled caller's message id).
+    pub requested_by: &'a str,
+    /// `graceful` or `force`.
+    pub cancel_mode: &'a str,
+}
+
+/// The `data` JSON of a CANCEL_TASK, as the reference client builds it.
+pub fn cancel_task_json(target: &CancelTarget<'_>) -> String {
+    let header = Header {
+        message_id: new_cancel_message_id(),
+        session_id: target.session_id.to_owned(),
+        trace_id: new_trace_id(),
+        target_agent_type: target.target_agent_type.to_owned(),
+        parent_message_id: target.message_id.to_owned(),
+        metadata: Value::Object(Default::default()),
+        ..Header::default()
+    };
+    let body = serde_json::json!({
+        "target_message_id": target.message_id,
+        "target_execution_id": target.execution_id,
+        "target_worker_id": target.worker_id,
+        "reason": target.reason,
+        "requested_by": target.requested_by,
+        "cancel_mode": target.cancel_mode,
+    });
+    control_json("CANCEL_TASK", &header, &body)
+}
+
 /// Builds the `data` JSON of a control entry, as the reference client does.
 pub fn control_json(action_type: &str, header: &Header, body: &Value) -> String {
     #[derive(Serialize)]
@@ -386,6 +443,9 @@ pub mod state {
     pub const CANCELLING: &str = "CANCELLING";
     pub const CANCELLED: &str = "CANCELLED";
     pub const RESUMED: &str = "RESUMED";
+    pub const CALLING_AGENT: &str = "CALLING_AGENT";
+    pub const WAITING_AGENT: &str = "WAITING_AGENT";
+    pub const WAITING_USER: &str = "WAITING_USER";
     /// Execution statuses after which a redelivered entry is skipped.
     pub fn is_terminal(status: &str) -> bool {
         matches!(status, COMPLETED | FAILED | CANCELLED)

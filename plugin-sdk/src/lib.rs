@@ -44,7 +44,8 @@
 //! The handler runs in a sandbox: it sees its task's workspace
 //! ([`Command::private_dir`], [`Command::public_dir`]) and nothing else of
 //! the file system, no network and no environment; host calls
-//! ([`emit`], [`tools`], [`log`], [`is_cancelled`]) look blocking.
+//! ([`emit`], [`tools`], [`agents`], [`user`], [`log`], [`is_cancelled`])
+//! look blocking.
 
 use serde_json::Value;
 use std::fmt;
@@ -563,12 +564,294 @@ pub mod emit {
 /// Tools offered by plugins.
 pub mod tools {
     use super::{Error, host};
-    use serde_json::Value;
+    use serde_json::{Value, json};
 
-    /// Calls a tool of this plugin by name; it runs in a fresh sandbox.
+    /// A tool as [`list`] returns it.
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct ToolInfo {
+        /// The name to pass to [`call`].
+        pub name: String,
+        /// What it does.
+        pub description: String,
+        /// JSON Schema of its arguments.
+        pub input_schema: Value,
+    }
+
+    /// Calls a tool by name — this plugin's own first, then any loaded
+    /// plugin's (`plugin-id/name` picks one) — in a fresh sandbox. The host
+    /// checks `args` against the tool's input schema first: a mismatch is
+    /// [`Error::InvalidInput`], an unknown tool [`Error::NotFound`].
     pub fn call(name: &str, args: &Value) -> Result<Value, Error> {
         let result = host::tools::call_tool(name, &args.to_string()).map_err(Error::from_wit)?;
         Ok(serde_json::from_str(&result)?)
+    }
+
+    /// Every tool the loaded plugins offer.
+    pub fn list() -> Vec<ToolInfo> {
+        host::tools::list_tools()
+            .into_iter()
+            .map(|tool| ToolInfo {
+                name: tool.name,
+                description: tool.description,
+                input_schema: serde_json::from_str(&tool.input_schema).unwrap_or(Value::Null),
+            })
+            .collect()
+    }
+
+    /// [`list`] as the result of MCP `tools/list`:
+    /// `{"tools": [{"name", "description", "inputSchema"}]}`.
+    pub fn list_mcp() -> Value {
+        let tools: Vec<Value> = list()
+            .into_iter()
+            .map(|tool| {
+                json!({
+                    "name": tool.name,
+                    "description": tool.description,
+                    "inputSchema": tool.input_schema,
+                })
+            })
+            .collect();
+        json!({ "tools": tools })
+    }
+}
+
+/// Other agents and the cluster. Calls look blocking; the host waits for
+/// the reply without holding a thread (or the task's concurrency slot).
+pub mod agents {
+    use super::{Error, host};
+    use host::agents as wit;
+    use serde_json::Value;
+    use std::time::Duration;
+
+    /// The reply of a called agent.
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct AgentReply {
+        /// `COMPLETED`, `FAILED` or `CANCELLED` (`QUEUED` for [`send`]).
+        pub status: String,
+        /// Message id of the child task this call created.
+        pub message_id: String,
+        /// The agent type that answered.
+        pub agent_type: String,
+        /// Its result on COMPLETED; `{"error"}` on FAILED; `{"reason"}` on CANCELLED.
+        pub reply_data: Value,
+        /// `body.content` of its reply (usually `""`).
+        pub content: Value,
+    }
+
+    impl AgentReply {
+        /// True when the called agent completed.
+        pub fn is_completed(&self) -> bool {
+            self.status == "COMPLETED"
+        }
+
+        /// The result of a completed call; the failure or cancel as an error.
+        pub fn into_result(self) -> Result<Value, Error> {
+            match self.status.as_str() {
+                "COMPLETED" => Ok(self.reply_data),
+                "CANCELLED" => Err(Error::Cancelled(format!(
+                    "{} was cancelled: {}",
+                    self.agent_type, self.reply_data["reason"]
+                ))),
+                _ => Err(Error::Failed(format!(
+                    "{} {}: {}",
+                    self.agent_type,
+                    self.status.to_lowercase(),
+                    self.reply_data.get("error").unwrap_or(&self.reply_data)
+                ))),
+            }
+        }
+
+        fn from_wit(reply: wit::AgentReply) -> Self {
+            AgentReply {
+                status: reply.status,
+                message_id: reply.message_id,
+                agent_type: reply.agent_type,
+                reply_data: serde_json::from_str(&reply.reply_data).unwrap_or(Value::Null),
+                content: serde_json::from_str(&reply.content).unwrap_or(Value::Null),
+            }
+        }
+    }
+
+    /// Options of [`call_with`].
+    #[derive(Debug, Clone, Default)]
+    pub struct CallOptions {
+        /// `body.extra_payload` (a JSON object).
+        pub payload: Option<Value>,
+        /// `header.metadata` (a JSON object).
+        pub metadata: Option<Value>,
+        /// Longest wait; default: the rest of the task's deadline.
+        pub timeout: Option<Duration>,
+    }
+
+    /// One task of [`dispatch_group`].
+    #[derive(Debug, Clone)]
+    pub struct AgentTask {
+        pub target_agent_type: String,
+        pub content: String,
+        pub payload: Option<Value>,
+        pub metadata: Option<Value>,
+    }
+
+    impl AgentTask {
+        /// A task with just a target and a text.
+        pub fn new(target_agent_type: impl Into<String>, content: impl Into<String>) -> Self {
+            AgentTask {
+                target_agent_type: target_agent_type.into(),
+                content: content.into(),
+                payload: None,
+                metadata: None,
+            }
+        }
+
+        /// Sets `body.extra_payload`.
+        pub fn payload(mut self, payload: Value) -> Self {
+            self.payload = Some(payload);
+            self
+        }
+    }
+
+    /// A worker of the cluster.
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct WorkerInfo {
+        pub worker_id: String,
+        pub capabilities: Vec<String>,
+        /// Last heartbeat, ms since the Unix epoch.
+        pub last_seen_ms: u64,
+    }
+
+    fn millis(timeout: Option<Duration>) -> Option<u64> {
+        timeout.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    /// Asks another agent type and waits for its reply.
+    pub fn call(target_agent_type: &str, content: &str) -> Result<AgentReply, Error> {
+        call_with(target_agent_type, content, CallOptions::default())
+    }
+
+    /// [`call`] with payload, metadata or a timeout.
+    pub fn call_with(
+        target_agent_type: &str,
+        content: &str,
+        options: CallOptions,
+    ) -> Result<AgentReply, Error> {
+        let options = wit::CallOptions {
+            payload: options.payload.map(|v| v.to_string()),
+            metadata: options.metadata.map(|v| v.to_string()),
+            wait_for_reply: Some(true),
+            timeout_ms: millis(options.timeout),
+        };
+        wit::call_agent(target_agent_type, content, &options)
+            .map(AgentReply::from_wit)
+            .map_err(Error::from_wit)
+    }
+
+    /// Fire and forget: sends without waiting; the callee sends no reply.
+    /// Returns the child's message id.
+    pub fn send(target_agent_type: &str, content: &str) -> Result<String, Error> {
+        let options = wit::CallOptions {
+            payload: None,
+            metadata: None,
+            wait_for_reply: Some(false),
+            timeout_ms: None,
+        };
+        wit::call_agent(target_agent_type, content, &options)
+            .map(|reply| reply.message_id)
+            .map_err(Error::from_wit)
+    }
+
+    /// Sends every task at once and waits for all; results in task order.
+    pub fn dispatch_group(
+        tasks: Vec<AgentTask>,
+        timeout: Option<Duration>,
+    ) -> Vec<Result<AgentReply, Error>> {
+        let tasks: Vec<wit::AgentTask> = tasks
+            .into_iter()
+            .map(|task| wit::AgentTask {
+                target_agent_type: task.target_agent_type,
+                content: task.content,
+                payload: task.payload.map(|v| v.to_string()),
+                metadata: task.metadata.map(|v| v.to_string()),
+            })
+            .collect();
+        wit::dispatch_group(&tasks, millis(timeout))
+            .into_iter()
+            .map(|result| result.map(AgentReply::from_wit).map_err(Error::from_wit))
+            .collect()
+    }
+
+    /// The workers in the registry.
+    pub fn active_workers() -> Result<Vec<WorkerInfo>, Error> {
+        wit::active_workers()
+            .map(|workers| {
+                workers
+                    .into_iter()
+                    .map(|w| WorkerInfo {
+                        worker_id: w.worker_id,
+                        capabilities: w.capabilities,
+                        last_seen_ms: w.last_seen_ms,
+                    })
+                    .collect()
+            })
+            .map_err(Error::from_wit)
+    }
+}
+
+/// Questions to the user.
+pub mod user {
+    use super::{Error, host};
+    use host::agents as wit;
+    use serde_json::Value;
+    use std::time::Duration;
+
+    /// The user's answer.
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct UserReply {
+        /// `body.status` as the client sent it.
+        pub status: String,
+        /// Message id of the RESUME.
+        pub message_id: String,
+        /// `body.content`.
+        pub content: Value,
+        /// `body.reply_data`.
+        pub reply_data: Value,
+        /// `body.extra_payload`.
+        pub extra_payload: Value,
+    }
+
+    impl UserReply {
+        /// The answer as text: `content` when it is a non-empty string, else
+        /// the form field `reply_data.user_input`, else the content as JSON.
+        pub fn text(&self) -> String {
+            match (&self.content, self.reply_data.get("user_input")) {
+                (Value::String(text), _) if !text.is_empty() => text.clone(),
+                (_, Some(Value::String(input))) => input.clone(),
+                (Value::Null, _) => String::new(),
+                (other, _) => other.to_string(),
+            }
+        }
+    }
+
+    /// Shows the user a question (the reference's form event) and waits for
+    /// the answer until the task's deadline.
+    pub fn ask(prompt: &str) -> Result<UserReply, Error> {
+        ask_with(prompt, None)
+    }
+
+    /// [`ask`] with a timeout; a later answer reaches the handler as a RESUME.
+    pub fn ask_with(prompt: &str, timeout: Option<Duration>) -> Result<UserReply, Error> {
+        let options = wit::AskOptions {
+            timeout_ms: timeout.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+            metadata: None,
+        };
+        wit::ask_user(prompt, &options)
+            .map(|reply| UserReply {
+                status: reply.status,
+                message_id: reply.message_id,
+                content: serde_json::from_str(&reply.content).unwrap_or(Value::Null),
+                reply_data: serde_json::from_str(&reply.reply_data).unwrap_or(Value::Null),
+                extra_payload: serde_json::from_str(&reply.extra_payload).unwrap_or(Value::Null),
+            })
+            .map_err(Error::from_wit)
     }
 }
 

@@ -11,6 +11,13 @@
       runs a reference Python worker whose agent calls our agent with
       context.call_agent; our reply comes back to it as a RESUME, which it
       streams as a chunk. Prints the events and the reply_data it received.
+  python interop.py --redis-url URL serve-translator --agent-type translator --text WORKER_ID
+      runs a reference Python worker serving the agent type until killed; it
+      answers with {"translation": <content upper-cased>, "language": "py"}.
+  python interop.py --redis-url URL resume --agent-type planner --text ANSWER \
+          --session SESSION --parent MESSAGE_ID
+      answers a task waiting in ask-user with the reference client's
+      send_message(action_type="RESUME", parent_message_id=...).
 
 The result is the one stdout line starting with `{` (the SDK logs to stdout too).
 """
@@ -72,7 +79,9 @@ def summary(session_id, message_id, events):
 async def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--redis-url", required=True)
-    parser.add_argument("mode", choices=["send", "cancel", "call-agent"])
+    parser.add_argument("mode", choices=["send", "cancel", "call-agent", "serve-translator", "resume"])
+    parser.add_argument("--session")
+    parser.add_argument("--parent")
     parser.add_argument("--agent-type", required=True)
     parser.add_argument("--text", required=True)
     parser.add_argument("--timeout", type=float, default=30)
@@ -85,6 +94,16 @@ async def main():
     session_id = f"py-{uuid.uuid4().hex[:12]}"
     if args.mode == "call-agent":
         return await call_agent(args, url, redis, client, session_id)
+    if args.mode == "serve-translator":
+        return await serve_translator(args, url)
+    if args.mode == "resume":
+        sent = await client.send_message(
+            args.agent_type, args.session, args.text, action_type="RESUME",
+            parent_message_id=args.parent,
+            payload={"status": "USER_REPLIED", "reply_data": {"user_input": args.text}})
+        print(json.dumps({"success": sent.success, "message_id": sent.message_id}))
+        await redis.aclose()
+        return
     sent = await client.send_message(args.agent_type, session_id, args.text)
     if not sent.success:
         print(f"send_message failed: no worker serves {args.agent_type}", file=sys.stderr)
@@ -124,6 +143,26 @@ def caller_worker(capability, target):
             return {"waiting_for": target}
 
     return Caller
+
+
+class PyTranslator(GatewayWorker):
+    """A Python agent our agents call: upper-cases the text."""
+
+    def get_capabilities(self):
+        return ["translator"]
+
+    async def process_command(self, command, context):
+        text = command.content if isinstance(command.content, str) else json.dumps(command.content)
+        await context.emit_chunk(text.upper())
+        return {"translation": text.upper(), "language": "py"}
+
+
+async def serve_translator(args, url):
+    workspace = tempfile.TemporaryDirectory(prefix="byclaw-interop-")
+    await _run_worker_async(
+        PyTranslator, args.text, url.hostname, url.port or 6379,
+        int((url.path or "/0")[1:] or 0), None, None, workspace.name,
+        "agent_engines", max_concurrency=4, fetch_count=4)
 
 
 async def call_agent(args, url, redis, client, session_id):

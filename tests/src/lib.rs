@@ -178,6 +178,14 @@ pub fn built_plugins() -> &'static Path {
                 "showcase-plugin",
                 "-p",
                 "faults-plugin",
+                "-p",
+                "planner-plugin",
+                "-p",
+                "translator-plugin",
+                "-p",
+                "researcher-plugin",
+                "-p",
+                "tools-plugin",
             ])
             .status()
             .expect("running cargo to build the plugins");
@@ -187,6 +195,10 @@ pub fn built_plugins() -> &'static Path {
             ("echo_plugin", "echo"),
             ("showcase_plugin", "showcase"),
             ("faults_plugin", "faults"),
+            ("planner_plugin", "planner"),
+            ("translator_plugin", "translator"),
+            ("researcher_plugin", "researcher"),
+            ("tools_plugin", "tools"),
         ] {
             let built = target
                 .join("wasm32-wasip2/plugin")
@@ -198,7 +210,8 @@ pub fn built_plugins() -> &'static Path {
     })
 }
 
-/// A plugin directory with copies of the named plugins (`echo`, `showcase`, `faults`).
+/// A plugin directory with copies of the named plugins (`echo`, `showcase`,
+/// `faults`, `planner`, `translator`, `researcher`, `tools`).
 pub fn plugin_dir(names: &[&str]) -> tempfile::TempDir {
     let built = built_plugins();
     let dir = tempfile::tempdir().unwrap();
@@ -435,6 +448,51 @@ pub async fn events_until_terminal(
         }
     }
     bail!("no terminal event on {stream} within {timeout:?}; got {events:#?}")
+}
+
+/// Reads a session's events until the task `message_id` reaches a terminal
+/// state (a session carries the events of a caller and of the agents it
+/// calls); returns that task's events only.
+pub async fn task_events(
+    conn: &mut MultiplexedConnection,
+    session_id: &str,
+    message_id: &str,
+    timeout: Duration,
+) -> Result<Vec<Value>> {
+    wait_for(
+        &format!("a terminal state of {message_id}"),
+        timeout,
+        || {
+            let mut conn = conn.clone();
+            async move {
+                let events: Vec<Value> = all_events(&mut conn, session_id)
+                    .await?
+                    .into_iter()
+                    .filter(|e| e["message_id"] == message_id)
+                    .collect();
+                Ok(events.iter().any(is_terminal_state).then_some(events))
+            }
+        },
+    )
+    .await
+}
+
+/// The `metadata.result` of a task's COMPLETED (or `QUEUED: ...`) event.
+pub fn task_result(events: &[Value]) -> Option<&Value> {
+    events
+        .iter()
+        .rev()
+        .find(|e| is_terminal_state(e))
+        .map(|e| &e["metadata"]["result"])
+}
+
+/// The state texts of a task's events, in order.
+pub fn states(events: &[Value]) -> Vec<String> {
+    events
+        .iter()
+        .filter(|e| e["data"]["contentType"] == "3003")
+        .map(|e| delta_content(e).to_owned())
+        .collect()
 }
 
 /// All events of a session stream right now.

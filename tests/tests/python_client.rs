@@ -101,3 +101,102 @@ async fn the_python_client_sends_reads_and_cancels() -> anyhow::Result<()> {
     daemon.stop().await?;
     Ok(())
 }
+
+/// A mixed cluster: our planner calls a translator served by a reference
+/// Python worker and gets its reply; the reference Python client answers the
+/// planner's ask-user question.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_agent_calls_a_python_agent_and_a_python_client_answers_it() -> anyhow::Result<()> {
+    let python = python_venv().await?;
+    // No translator plugin here: the Python worker is the only translator.
+    let mut bed = TestBed::start(&["planner", "researcher", "tools"], "planner", |_| {}).await?;
+    let py_worker = format!("py-translator-{}", suffix());
+    let mut translator = tokio::process::Command::new(&python)
+        .arg(repo_root().join("tests/python/interop.py"))
+        .args(["--redis-url", &bed.redis.url(), "serve-translator"])
+        .args(["--agent-type", "translator", "--text", &py_worker])
+        .current_dir(std::env::temp_dir())
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    wait_for(
+        "the Python translator registered",
+        Duration::from_secs(60),
+        || {
+            let mut conn = bed.conn.clone();
+            let py_worker = py_worker.clone();
+            async move {
+                let member: bool = redis::cmd("SISMEMBER")
+                    .arg("byai_gateway:registry:capability:workers:translator")
+                    .arg(&py_worker)
+                    .query_async(&mut conn)
+                    .await?;
+                Ok(member.then_some(()))
+            }
+        },
+    )
+    .await?;
+
+    let client = gatewayd::client::Client::connect(&bed.redis.url()).await?;
+    let session = format!("sess-{}", suffix());
+    let payload = serde_json::json!({ "ask_timeout_ms": 30000 });
+    let sent = client
+        .send("planner", &session, "hello from rust", payload)
+        .await?;
+    let conn = bed.conn.clone();
+    wait_for("the ask-user form", Duration::from_secs(30), || {
+        let mut conn = conn.clone();
+        let (session, message_id) = (session.clone(), sent.message_id.clone());
+        async move {
+            Ok(all_events(&mut conn, &session)
+                .await?
+                .into_iter()
+                .any(|e| {
+                    e["message_id"] == message_id.as_str() && e["data"]["contentType"] == "3013"
+                })
+                .then_some(()))
+        }
+    })
+    .await?;
+    let answered = interop(
+        &python,
+        &bed.redis,
+        &[
+            "resume",
+            "--agent-type",
+            "planner",
+            "--text",
+            "applications",
+            "--session",
+            &session,
+            "--parent",
+            &sent.message_id,
+        ],
+    )
+    .await?;
+    assert_eq!(answered["success"], true, "{answered:#}");
+
+    let events = task_events(
+        &mut bed.conn,
+        &session,
+        &sent.message_id,
+        Duration::from_secs(30),
+    )
+    .await?;
+    let result = task_result(&events).expect("the planner completed");
+    assert_eq!(result["title"], "HELLO FROM RUST", "{result:#}");
+    assert_eq!(result["focus"], "applications");
+    // The Python worker ran the child and answered like any reference worker.
+    let child = events
+        .iter()
+        .find(|e| delta_content(e) == "WAITING_AGENT")
+        .map(|e| e["metadata"]["message_id"].as_str().unwrap().to_owned())
+        .unwrap();
+    let record = execution(&mut bed.conn, &session, &child).await?.unwrap();
+    assert_eq!(record["worker_id"], py_worker.as_str());
+    assert_eq!(record["status"], "COMPLETED");
+
+    translator.kill().await?;
+    bed.daemon.stop().await?;
+    Ok(())
+}

@@ -7,13 +7,65 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// Capability → the plugin that serves it.
+/// The loaded plugins, indexed for routing and for tool calls.
 #[derive(Debug, Default, Clone)]
 pub struct PluginTable {
+    /// Capability → the plugin that serves it.
     pub by_capability: BTreeMap<String, Arc<Plugin>>,
+    /// Plugin id → plugin, sorted (tool name clashes resolve by this order).
+    by_id: BTreeMap<String, Arc<Plugin>>,
+    /// Tool name → the first plugin (by id) offering it.
+    tool_owners: BTreeMap<String, Arc<Plugin>>,
 }
 
 impl PluginTable {
+    /// Adds a plugin whose capabilities are not served yet.
+    pub fn insert(&mut self, plugin: Arc<Plugin>) {
+        for capability in &plugin.manifest.capabilities {
+            self.by_capability
+                .insert(capability.clone(), plugin.clone());
+        }
+        self.by_id
+            .insert(plugin.manifest.id.clone(), plugin.clone());
+        self.tool_owners.clear();
+        for plugin in self.by_id.values() {
+            for tool in &plugin.manifest.tools {
+                self.tool_owners
+                    .entry(tool.name.clone())
+                    .or_insert_with(|| plugin.clone());
+            }
+        }
+    }
+
+    /// The plugin with this id.
+    pub fn plugin(&self, id: &str) -> Option<&Arc<Plugin>> {
+        self.by_id.get(id)
+    }
+
+    /// The plugin that answers calls of a plain tool name.
+    pub fn tool_owner(&self, name: &str) -> Option<&Arc<Plugin>> {
+        self.tool_owners.get(name)
+    }
+
+    /// Every tool, once per name: the plain name for the plugin that owns
+    /// it, `plugin-id/name` for the others offering the same name.
+    pub fn tools(&self) -> impl Iterator<Item = (String, &super::ToolSpec)> + '_ {
+        self.by_id.values().flat_map(move |plugin| {
+            plugin.manifest.tools.iter().map(move |tool| {
+                let owner = self
+                    .tool_owners
+                    .get(&tool.name)
+                    .is_some_and(|owner| Arc::ptr_eq(owner, plugin));
+                let name = if owner {
+                    tool.name.clone()
+                } else {
+                    format!("{}/{}", plugin.manifest.id, tool.name)
+                };
+                (name, tool)
+            })
+        })
+    }
+
     /// The plugin serving an agent type.
     pub fn get(&self, capability: &str) -> Option<&Arc<Plugin>> {
         self.by_capability.get(capability)
@@ -42,6 +94,12 @@ pub enum Rejected {
         path: PathBuf,
         capability: String,
         owner: String,
+        owner_path: PathBuf,
+    },
+    #[error("{path}: plugin id {id:?} is already loaded from {owner_path}; this plugin is skipped")]
+    DuplicateId {
+        path: PathBuf,
+        id: String,
         owner_path: PathBuf,
     },
 }
@@ -110,12 +168,15 @@ pub async fn load_dir(sandbox: &Arc<Sandbox>, dir: &Path) -> Result<Loaded, DirE
             });
             continue;
         }
-        for capability in &plugin.manifest.capabilities {
-            loaded
-                .table
-                .by_capability
-                .insert(capability.clone(), plugin.clone());
+        if let Some(owner) = loaded.table.plugin(&plugin.manifest.id) {
+            loaded.rejected.push(Rejected::DuplicateId {
+                path,
+                id: plugin.manifest.id.clone(),
+                owner_path: owner.path.clone(),
+            });
+            continue;
         }
+        loaded.table.insert(plugin);
     }
     Ok(loaded)
 }

@@ -16,7 +16,7 @@ pub use bindings::GuestError;
 
 use crate::wire::{Action, ControlCommand};
 use bindings::{Command, Header, Workspace};
-pub use host::{CancelSignal, TaskHost, TaskShared};
+pub use host::{AwaitedChild, CancelSignal, Services, TaskHost, TaskShared};
 pub use sandbox::{GUEST_PRIVATE_DIR, GUEST_PUBLIC_DIR, TaskDirs};
 
 use bindings::{Agent, AgentPre};
@@ -202,10 +202,24 @@ impl Sandbox {
                 path: path.clone(),
                 reason,
             })?;
+        let mut validators = std::collections::HashMap::with_capacity(manifest.tools.len());
+        for tool in &manifest.tools {
+            let validator = jsonschema::validator_for(&tool.input_schema).map_err(|e| {
+                PluginError::InvalidManifest {
+                    path: path.clone(),
+                    reason: format!(
+                        "tool {:?}: input-schema is not a usable JSON Schema: {e}",
+                        tool.name
+                    ),
+                }
+            })?;
+            validators.insert(tool.name.clone(), validator);
+        }
         Ok(Plugin {
             manifest,
             path,
             pre,
+            validators,
             sandbox: self.clone(),
         })
     }
@@ -333,6 +347,8 @@ pub struct Plugin {
     /// The file it was loaded from.
     pub path: PathBuf,
     pre: AgentPre<TaskState>,
+    /// Compiled input schema of each tool, by tool name.
+    validators: std::collections::HashMap<String, jsonschema::Validator>,
     sandbox: Arc<Sandbox>,
 }
 
@@ -414,6 +430,33 @@ impl Plugin {
     /// The plugin's id and version, for logs.
     pub fn label(&self) -> String {
         format!("{}@{}", self.manifest.id, self.manifest.version)
+    }
+
+    /// The tool of this plugin with that name.
+    pub fn tool(&self, name: &str) -> Option<&ToolSpec> {
+        self.manifest.tools.iter().find(|tool| tool.name == name)
+    }
+
+    /// Checks tool arguments against the tool's input schema; the error
+    /// lists each violation with where it is (`/path: problem`).
+    pub fn check_tool_args(&self, tool: &str, args: &serde_json::Value) -> Result<(), String> {
+        let Some(validator) = self.validators.get(tool) else {
+            return Ok(());
+        };
+        let problems: Vec<String> = validator
+            .iter_errors(args)
+            .take(8)
+            .map(|error| {
+                let at = error.instance_path().to_string();
+                let at = if at.is_empty() { "/".to_owned() } else { at };
+                format!("{at}: {error}")
+            })
+            .collect();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("; "))
+        }
     }
 
     fn instantiate_store(&self, host: TaskHost) -> Result<Store<TaskState>, CallError> {

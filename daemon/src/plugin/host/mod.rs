@@ -1,10 +1,12 @@
 //! Host side of the `agent` world: the per-store state and the imports a
-//! guest may call (`emit`, `runtime`, `tools`), one file per interface.
+//! guest may call (`emit`, `runtime`, `tools`, `agents`), one file per
+//! interface.
 //!
 //! Guest-visible failures (an unknown tool, bad arguments) are returned as the
 //! WIT `error`; only a guest that breaks the contract (oversized events,
 //! metadata that is not a JSON object) or a stopping daemon gets a trap.
 
+mod agents;
 mod emit;
 mod runtime;
 mod tools;
@@ -13,14 +15,49 @@ use super::Limits;
 use super::bindings::byclaw::gateway::types;
 use super::sandbox::{TaskDirs, wasi_context};
 use crate::events::Writer;
+use crate::plugin::loader::PluginTable;
+use crate::routing::{WaitKey, Waiters};
 use crate::wire::EventOrigin;
-use std::sync::Arc;
+use arc_swap::ArcSwap;
+use redis::aio::ConnectionManager;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 /// How deep tools may call tools before `call-tool` answers `denied`.
 pub const MAX_TOOL_DEPTH: u8 = 4;
+
+/// What every task of this daemon shares, for the imports that reach past
+/// the task (other plugins' tools, other agents, the registry).
+pub struct Services {
+    /// This worker: the route of every reply awaited here names it.
+    pub worker_id: Arc<str>,
+    /// Registry lookups and reads (`active-workers`, target checks).
+    pub redis: ConnectionManager,
+    /// The plugins loaded now, for tools of other plugins.
+    pub plugins: Arc<ArcSwap<PluginTable>>,
+    /// Replies awaited by tasks running here.
+    pub waiters: Arc<Waiters>,
+    /// The daemon's concurrency permits; a task waiting for a reply gives
+    /// its permit back and takes one again when the reply is in.
+    pub permits: Arc<Semaphore>,
+    /// Bounds how many tasks may wait without holding a permit
+    /// (`worker.max_waiting`); past it a waiting task keeps its permit.
+    pub waiting_slots: Arc<Semaphore>,
+}
+
+/// A reply this task still waits for; when the task is cancelled the
+/// route is tombstoned and the child task cancelled too.
+#[derive(Debug, Clone)]
+pub struct AwaitedChild {
+    /// The route of the reply.
+    pub key: WaitKey,
+    /// The child task's message id (for its CANCEL_TASK); `None` when the
+    /// user is awaited.
+    pub child_message_id: Option<String>,
+}
 
 /// What every store of one task shares (the handler's and its tool calls').
 pub struct TaskShared {
@@ -32,14 +69,57 @@ pub struct TaskShared {
     pub writer: Writer,
     /// Cancel requests for this task; `is-cancelled` reads it.
     pub cancel: Arc<CancelSignal>,
-    /// The plugin, for `call-tool`.
-    pub plugin: Arc<super::Plugin>,
     /// Its label (`id@version`) for logs.
     pub plugin_label: Arc<str>,
     /// `origin.message_id`, shared for log records.
     pub message_id: Arc<str>,
     /// The task's directories; `None` for the manifest read at load time.
     pub dirs: Option<TaskDirs>,
+    /// `header.tenant_id`, passed on to the agents this task calls.
+    pub tenant_id: String,
+    /// When the task's deadline passes; waits default to it.
+    pub deadline_at: tokio::time::Instant,
+    /// The task's concurrency permit while it holds one.
+    pub permit: Mutex<Option<OwnedSemaphorePermit>>,
+    /// Calls awaiting a reply; the dispatcher cancels them when the task is
+    /// cancelled.
+    pub awaiting: Arc<Mutex<Vec<AwaitedChild>>>,
+    pub services: Arc<Services>,
+}
+
+impl TaskShared {
+    /// Gives the task's permit back while it waits, if a waiting slot is
+    /// free. Returns the slot; hand it to [`TaskShared::resume_permit`].
+    pub(crate) fn lend_permit(&self) -> Option<OwnedSemaphorePermit> {
+        let slot = self
+            .services
+            .waiting_slots
+            .clone()
+            .try_acquire_owned()
+            .ok()?;
+        let permit = self
+            .permit
+            .lock()
+            .expect("permit lock is never poisoned")
+            .take();
+        match permit {
+            Some(permit) => {
+                drop(permit);
+                Some(slot)
+            }
+            None => None,
+        }
+    }
+
+    /// Takes a permit again after a wait that lent it (waits in line with
+    /// new work: the semaphore is fair).
+    pub(crate) async fn resume_permit(&self, slot: Option<OwnedSemaphorePermit>) {
+        let Some(slot) = slot else { return };
+        if let Ok(permit) = self.services.permits.clone().acquire_owned().await {
+            *self.permit.lock().expect("permit lock is never poisoned") = Some(permit);
+        }
+        drop(slot);
+    }
 }
 
 /// A task's cancel state, shared by the dispatcher (which sets it when a
@@ -50,6 +130,8 @@ pub struct CancelSignal {
     requested: AtomicBool,
     /// Why, for the CANCELLED reply.
     reason: std::sync::Mutex<String>,
+    /// Fires with the request, so waits in host calls end at once.
+    pub requested_token: tokio_util::sync::CancellationToken,
     /// Fires when the instance must be dropped now (force, or grace over).
     pub force: tokio_util::sync::CancellationToken,
 }
@@ -62,6 +144,7 @@ impl CancelSignal {
             .lock()
             .expect("cancel reason lock is never poisoned") = reason.to_owned();
         self.requested.store(true, Ordering::Relaxed);
+        self.requested_token.cancel();
     }
 
     /// Whether a cancel was requested.
@@ -82,6 +165,9 @@ impl CancelSignal {
 #[derive(Clone)]
 pub struct TaskHost {
     pub shared: Arc<TaskShared>,
+    /// The plugin whose code runs in this store: the task's, or the one
+    /// whose tool is being called.
+    pub plugin: Arc<super::Plugin>,
     /// 0 for the handler; +1 for each nested tool call.
     pub depth: u8,
 }

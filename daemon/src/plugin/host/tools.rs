@@ -1,10 +1,39 @@
-//! `tools`: calls a tool of the task's own plugin in a fresh instance (a
-//! component instance cannot be re-entered while it waits in a host call).
+//! `tools`: calls a tool of any loaded plugin — the caller's own first — in
+//! a fresh instance of that plugin (a component instance cannot be
+//! re-entered while it waits in a host call), after checking the arguments
+//! against the tool's JSON Schema; and lists every tool for a model.
 
 use super::{MAX_TOOL_DEPTH, TaskHost, TaskState};
-use crate::plugin::CallError;
 use crate::plugin::bindings::GuestError;
 use crate::plugin::bindings::byclaw::gateway::tools::Host;
+use crate::plugin::bindings::byclaw::gateway::types::Tool;
+use crate::plugin::{CallError, Plugin};
+use std::sync::Arc;
+
+/// Finds the plugin offering `name`: `plugin-id/tool` names one plugin;
+/// a plain name is looked up in the caller's plugin, then in every loaded
+/// plugin. Returns the plugin and the tool's own name.
+fn resolve(host: &TaskHost, name: &str) -> Result<(Arc<Plugin>, String), GuestError> {
+    let table = host.shared.services.plugins.load();
+    if let Some((plugin_id, tool)) = name.split_once('/') {
+        return table
+            .plugin(plugin_id)
+            .filter(|plugin| plugin.tool(tool).is_some())
+            .map(|plugin| (plugin.clone(), tool.to_owned()))
+            .ok_or_else(|| {
+                GuestError::NotFound(format!(
+                    "no loaded plugin {plugin_id:?} offers tool {tool:?}"
+                ))
+            });
+    }
+    if host.plugin.tool(name).is_some() {
+        return Ok((host.plugin.clone(), name.to_owned()));
+    }
+    table
+        .tool_owner(name)
+        .map(|plugin| (plugin.clone(), name.to_owned()))
+        .ok_or_else(|| GuestError::NotFound(format!("no loaded plugin offers tool {name:?}")))
+}
 
 impl Host for TaskState {
     async fn call_tool(
@@ -13,15 +42,12 @@ impl Host for TaskState {
         args: String,
     ) -> wasmtime::Result<Result<String, GuestError>> {
         let host = self.host("call-tool")?.clone();
-        let plugin = host.shared.plugin.clone();
-        if !plugin.manifest.tools.iter().any(|tool| tool.name == name) {
-            return Ok(Err(GuestError::NotFound(format!(
-                "tool {name:?} is not offered by plugin {}",
-                plugin.manifest.id
-            ))));
-        }
-        match serde_json::from_str::<serde_json::Value>(&args) {
-            Ok(serde_json::Value::Object(_)) => {}
+        let (plugin, tool) = match resolve(&host, &name) {
+            Ok(found) => found,
+            Err(error) => return Ok(Err(error)),
+        };
+        let value = match serde_json::from_str::<serde_json::Value>(&args) {
+            Ok(value @ serde_json::Value::Object(_)) => value,
             Ok(_) => {
                 return Ok(Err(GuestError::InvalidInput(
                     "tool arguments must be a JSON object".into(),
@@ -32,6 +58,11 @@ impl Host for TaskState {
                     "tool arguments are not valid JSON: {e}"
                 ))));
             }
+        };
+        if let Err(problems) = plugin.check_tool_args(&tool, &value) {
+            return Ok(Err(GuestError::InvalidInput(format!(
+                "arguments of tool {name:?} do not match its input schema: {problems}"
+            ))));
         }
         if host.depth >= MAX_TOOL_DEPTH {
             return Ok(Err(GuestError::Denied(format!(
@@ -40,11 +71,12 @@ impl Host for TaskState {
         }
         let nested = TaskHost {
             shared: host.shared.clone(),
+            plugin: plugin.clone(),
             depth: host.depth + 1,
         };
-        tracing::debug!(plugin = %host.shared.plugin_label, tool = %name, "tool call");
+        tracing::debug!(caller = %host.plugin.label(), plugin = %plugin.label(), %tool, "tool call");
         // Boxed: the nested call may itself call tools.
-        let result = Box::pin(plugin.invoke_tool(nested, &name, &args)).await;
+        let result = Box::pin(plugin.invoke_tool(nested, &tool, &args)).await;
         Ok(match result {
             Ok(json) => Ok(json),
             Err(CallError::Guest(error)) => Err(error),
@@ -52,5 +84,18 @@ impl Host for TaskState {
                 "tool {name:?} trapped: {reason}"
             ))),
         })
+    }
+
+    async fn list_tools(&mut self) -> wasmtime::Result<Vec<Tool>> {
+        let host = self.host("list-tools")?;
+        let table = host.shared.services.plugins.load();
+        Ok(table
+            .tools()
+            .map(|(listed_name, spec)| Tool {
+                name: listed_name,
+                description: spec.description.clone(),
+                input_schema: spec.input_schema.to_string(),
+            })
+            .collect())
     }
 }

@@ -1,0 +1,334 @@
+//! Reply routing: which task awaits which RESUME, and on which worker it runs.
+//!
+//! A RESUME lands on a capability stream, where any worker of that capability
+//! may read it. A task that waits for one (in `call-agent`, `dispatch-group`
+//! or `ask-user`) registers two things before it sends anything:
+//!
+//! - in process, a [`Waiting`] slot in [`Waiters`], keyed by the
+//!   [`WaitKey`] the answer will carry;
+//! - in Redis, a route `byai_gateway:await:<capability>:<kind>:<message id>`
+//!   naming this worker, with a TTL a little past the wait.
+//!
+//! The daemon that reads the RESUME hands it to a local waiter if it has
+//! one; else it looks the route up and, when the route names another live
+//! worker, forwards the entry to that worker's control stream (the XADD and
+//! the XACK in one pipeline). A RESUME with no waiter anywhere — the wait
+//! timed out, the daemon restarted, the route expired or names a dead worker
+//! — is an *orphan* and runs through the plugin's handler as a RESUME
+//! command, as the reference worker would run it. Replies to a task that was
+//! cancelled find a tombstone route and are dropped.
+//!
+//! The kind (`agent` when the RESUME has a `source_agent_id`, `user` when a
+//! client sent it) keeps a child's reply and the answer to the child's own
+//! `ask-user` apart: both carry the child's message id.
+
+use crate::events::Write;
+use crate::wire::{self, Header, keys};
+use redis::aio::ConnectionManager;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+/// Route value of a cancelled waiter: its replies are dropped.
+pub const TOMBSTONE: &str = "!cancelled";
+
+/// Who sends the awaited RESUME.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReplyKind {
+    /// Another agent answering a call (`source_agent_id` set).
+    Agent,
+    /// A client answering `ask-user` (`source_agent_id` empty).
+    User,
+}
+
+impl ReplyKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            ReplyKind::Agent => "agent",
+            ReplyKind::User => "user",
+        }
+    }
+}
+
+/// What identifies an awaited RESUME.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct WaitKey {
+    /// The capability stream the RESUME is sent to (the waiter's agent type).
+    pub capability: String,
+    pub kind: ReplyKind,
+    /// The RESUME's `parent_message_id`: the child's message id for a call,
+    /// the waiting task's own message id for `ask-user`.
+    pub message_id: String,
+}
+
+impl WaitKey {
+    /// The key a RESUME read from `capability` answers.
+    pub fn for_resume(capability: &str, header: &Header) -> Self {
+        WaitKey {
+            capability: capability.to_owned(),
+            kind: if header.source_agent_id.is_empty() {
+                ReplyKind::User
+            } else {
+                ReplyKind::Agent
+            },
+            message_id: header.parent_message_id.clone(),
+        }
+    }
+
+    /// `byai_gateway:await:<capability>:<kind>:<message id>`.
+    pub fn redis_key(&self) -> String {
+        format!(
+            "{}:await:{}:{}:{}",
+            wire::PREFIX,
+            self.capability,
+            self.kind.as_str(),
+            self.message_id
+        )
+    }
+
+    /// The write that points the route at `worker_id` for `ttl`.
+    pub fn route(&self, worker_id: &str, ttl: Duration) -> Write {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.redis_key())
+            .arg(worker_id)
+            .arg("PX")
+            .arg(ttl.as_millis().max(1) as u64);
+        Write::Command(cmd)
+    }
+
+    /// The write that marks the route cancelled (if it still exists), so a
+    /// late reply is dropped instead of run as an orphan.
+    pub fn tombstone(&self) -> Write {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.redis_key())
+            .arg(TOMBSTONE)
+            .arg("XX")
+            .arg("KEEPTTL");
+        Write::Command(cmd)
+    }
+}
+
+/// A RESUME as the waiter receives it.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    /// The RESUME's own message id.
+    pub message_id: String,
+    /// Who answered (`header.source_agent_id`; empty for a user).
+    pub source_agent_id: String,
+    pub status: String,
+    pub content: Value,
+    pub reply_data: Value,
+    pub extra_payload: Value,
+}
+
+/// A registered waiter's end of the channel, tagged so a replaced
+/// registration does not unregister its successor.
+type Slot = (u64, oneshot::Sender<Reply>);
+
+/// The waiters of this daemon.
+#[derive(Debug, Default)]
+pub struct Waiters {
+    slots: Mutex<HashMap<WaitKey, Slot>>,
+    /// Source of registration tags.
+    next_tag: std::sync::atomic::AtomicU64,
+}
+
+impl Waiters {
+    /// Registers a waiter. Register before sending what will be answered.
+    /// A second registration of the same key replaces the first (whose
+    /// `recv` then ends with `None`).
+    pub fn register(self: &Arc<Self>, key: WaitKey) -> Waiting {
+        let (tx, rx) = oneshot::channel();
+        let tag = self
+            .next_tag
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.lock().insert(key.clone(), (tag, tx));
+        Waiting {
+            key,
+            tag,
+            rx,
+            waiters: self.clone(),
+        }
+    }
+
+    /// Hands a reply to its waiter; false when nobody here waits for it
+    /// (or the waiter went away in the meantime).
+    pub fn deliver(&self, key: &WaitKey, reply: Reply) -> bool {
+        let Some((_, tx)) = self.lock().remove(key) else {
+            return false;
+        };
+        tx.send(reply).is_ok()
+    }
+
+    /// How many waits are in progress.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<WaitKey, Slot>> {
+        self.slots.lock().expect("waiters lock is never poisoned")
+    }
+}
+
+/// One registered wait; dropping it unregisters.
+#[derive(Debug)]
+pub struct Waiting {
+    key: WaitKey,
+    /// Which registration of `key` this is.
+    tag: u64,
+    rx: oneshot::Receiver<Reply>,
+    waiters: Arc<Waiters>,
+}
+
+impl Waiting {
+    /// The key this waits for.
+    pub fn key(&self) -> &WaitKey {
+        &self.key
+    }
+
+    /// Waits for the reply. `None` when the registration was replaced.
+    pub async fn recv(&mut self) -> Option<Reply> {
+        (&mut self.rx).await.ok()
+    }
+
+    /// Unregisters and returns a reply that was delivered in the meantime
+    /// (so a reply racing a timeout is not lost).
+    pub fn close(mut self) -> Option<Reply> {
+        self.unregister();
+        self.rx.try_recv().ok()
+    }
+
+    fn unregister(&mut self) {
+        let mut slots = self.waiters.lock();
+        if slots
+            .get(&self.key)
+            .is_some_and(|(tag, _)| *tag == self.tag)
+        {
+            slots.remove(&self.key);
+        }
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.unregister();
+    }
+}
+
+/// Where a RESUME that no local waiter took must go.
+#[derive(Debug, PartialEq)]
+pub enum Route {
+    /// Another live worker waits for it: forward to its control stream.
+    Forward(String),
+    /// Its waiter was cancelled: acknowledge and drop.
+    Dropped,
+    /// Nobody waits (no route, a route to us, or to a dead worker): run it
+    /// through the handler.
+    Orphan,
+}
+
+/// Looks the route of `key` up: one GET, plus an EXISTS of the worker lock
+/// when it names another worker.
+pub async fn lookup(
+    conn: &mut ConnectionManager,
+    key: &WaitKey,
+    own_worker_id: &str,
+) -> Result<Route, redis::RedisError> {
+    let worker: Option<String> = redis::cmd("GET")
+        .arg(key.redis_key())
+        .query_async(conn)
+        .await?;
+    let Some(worker) = worker else {
+        return Ok(Route::Orphan);
+    };
+    if worker == TOMBSTONE {
+        return Ok(Route::Dropped);
+    }
+    if worker == own_worker_id {
+        return Ok(Route::Orphan);
+    }
+    let alive: bool = redis::cmd("EXISTS")
+        .arg(keys::worker_lock(&worker))
+        .query_async(conn)
+        .await?;
+    Ok(if alive {
+        Route::Forward(worker)
+    } else {
+        Route::Orphan
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(id: &str) -> WaitKey {
+        WaitKey {
+            capability: "planner".into(),
+            kind: ReplyKind::Agent,
+            message_id: id.into(),
+        }
+    }
+
+    fn reply(id: &str) -> Reply {
+        Reply {
+            message_id: id.into(),
+            source_agent_id: "translator".into(),
+            status: "COMPLETED".into(),
+            content: Value::Null,
+            reply_data: Value::Null,
+            extra_payload: Value::Null,
+        }
+    }
+
+    #[tokio::test]
+    async fn delivered_reply_reaches_its_waiter_only() {
+        let waiters = Arc::new(Waiters::default());
+        let mut a = waiters.register(key("msg-a"));
+        let _b = waiters.register(key("msg-b"));
+        assert!(waiters.deliver(&key("msg-a"), reply("r1")));
+        assert_eq!(a.recv().await.unwrap().message_id, "r1");
+        // Nobody waits for msg-c; a second reply to msg-a finds no waiter.
+        assert!(!waiters.deliver(&key("msg-c"), reply("r2")));
+        assert!(!waiters.deliver(&key("msg-a"), reply("r3")));
+        assert_eq!(waiters.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn dropped_or_closed_waiters_unregister() {
+        let waiters = Arc::new(Waiters::default());
+        drop(waiters.register(key("msg-a")));
+        assert!(waiters.is_empty());
+        assert!(!waiters.deliver(&key("msg-a"), reply("r")));
+
+        let waiting = waiters.register(key("msg-b"));
+        assert!(waiters.deliver(&key("msg-b"), reply("late")));
+        // The reply raced the timeout: close() still returns it.
+        assert_eq!(waiting.close().unwrap().message_id, "late");
+        assert!(waiters.is_empty());
+    }
+
+    #[test]
+    fn user_and_agent_replies_to_one_message_are_told_apart() {
+        let mut header = Header {
+            parent_message_id: "msg-1".into(),
+            ..Header::default()
+        };
+        let user = WaitKey::for_resume("translator", &header);
+        header.source_agent_id = "translator".into();
+        let agent = WaitKey::for_resume("translator", &header);
+        assert_ne!(user, agent);
+        assert_eq!(
+            agent.redis_key(),
+            "byai_gateway:await:translator:agent:msg-1"
+        );
+        assert_eq!(user.redis_key(), "byai_gateway:await:translator:user:msg-1");
+    }
+}
