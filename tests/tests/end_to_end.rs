@@ -240,3 +240,28 @@ async fn shutdown_unregisters_and_releases_the_lock() -> anyhow::Result<()> {
     again.stop().await?;
     Ok(())
 }
+
+/// The WIT only grows: a component built against the first release of it
+/// (no `agents` interface, no `list-tools`) still loads and runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_built_against_the_first_wit_still_runs() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let plugins = tempfile::tempdir()?;
+    std::fs::copy(
+        repo_root().join("tests/fixtures/compat/echo-foundation.wasm"),
+        plugins.path().join("echo.wasm"),
+    )?;
+    let workspace = tempfile::tempdir()?;
+    let config = test_config(&redis, plugins.path(), workspace.path());
+    let mut daemon = Daemon::start(config, &redis, "echo").await?;
+    let mut conn = redis.connect().await?;
+    let sent = send_ask(&mut conn, "echo", "old plugin").await?;
+    let events = events_until_terminal(&mut conn, &sent.session_id, WAIT).await?;
+    assert_eq!(delta_content(events.last().unwrap()), "COMPLETED");
+    assert_eq!(
+        events.last().unwrap()["metadata"]["result"],
+        json!({"echo": "old plugin", "chunks": 3})
+    );
+    daemon.stop().await?;
+    Ok(())
+}
