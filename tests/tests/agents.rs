@@ -552,3 +552,64 @@ async fn tools_of_any_plugin_are_listed_validated_and_called() -> anyhow::Result
     bed.daemon.stop().await?;
     Ok(())
 }
+
+/// A reply forwarded to a worker that then died before acknowledging it is
+/// read again when that worker id comes back; its waiter is gone, so it
+/// runs through the handler as a RESUME.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_reply_left_pending_is_run_when_its_worker_restarts() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let workspace = tempfile::tempdir()?;
+    let plugins = plugin_dir(&["planner"]);
+    let config = test_config(&redis, plugins.path(), workspace.path());
+    let worker_stream = format!("byai_gateway:ctrl:worker:{}", config.worker.id);
+    let mut conn = redis.connect().await?;
+    // What another daemon forwarded, delivered to this worker id just
+    // before it died.
+    redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&worker_stream)
+        .arg("agent_engines")
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async::<()>(&mut conn)
+        .await?;
+    let session = format!("sess-{}", suffix());
+    let resume_id = format!("msg-{}", suffix());
+    let resume = json!({
+        "action_type": "RESUME",
+        "header": {"message_id": resume_id, "session_id": session, "trace_id": "0".repeat(32),
+                   "target_agent_type": "planner", "parent_message_id": "msg-gone0001"},
+        "body": {"content": "history", "status": "USER_REPLIED"}
+    });
+    redis::cmd("XADD")
+        .arg(&worker_stream)
+        .arg("*")
+        .arg("data")
+        .arg(resume.to_string())
+        .arg("capability")
+        .arg("planner")
+        .query_async::<String>(&mut conn)
+        .await?;
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("agent_engines")
+        .arg(&config.worker.id)
+        .arg("STREAMS")
+        .arg(&worker_stream)
+        .arg(">")
+        .query_async(&mut conn)
+        .await?;
+    assert_eq!(
+        pending_count(&mut conn, &worker_stream, "agent_engines").await?,
+        1
+    );
+
+    let mut daemon = Daemon::start(config, &redis, "planner").await?;
+    let events = task_events(&mut conn, &session, &resume_id, LONG).await?;
+    assert_eq!(states(&events), ["RESUMED", "COMPLETED"]);
+    assert_eq!(task_result(&events).unwrap()["late_answer"], "history");
+    wait_all_acked(&conn, &worker_stream, LONG).await?;
+    daemon.stop().await?;
+    Ok(())
+}
