@@ -284,3 +284,30 @@ pub async fn renew(
         .map_err(err("XCLAIM JUSTID", stream))?;
     Ok(())
 }
+
+/// Gives up an entry delivered to `consumer` without acknowledging it: its
+/// idle time is set to `idle` (XCLAIM ... IDLE, JUSTID so the delivery count
+/// is unchanged), so the claimers of the workers that serve its stream take
+/// it over at their next pass instead of after a full `claim_idle`.
+pub async fn release(
+    conn: &mut ConnectionManager,
+    stream: &str,
+    group: &str,
+    consumer: &str,
+    id: &str,
+    idle: Duration,
+) -> Result<(), BrokerError> {
+    let _: Value = redis::cmd("XCLAIM")
+        .arg(stream)
+        .arg(group)
+        .arg(consumer)
+        .arg(0)
+        .arg(id)
+        .arg("IDLE")
+        .arg(idle.as_millis() as u64)
+        .arg("JUSTID")
+        .query_async(conn)
+        .await
+        .map_err(err("XCLAIM IDLE", stream))?;
+    Ok(())
+}

@@ -206,6 +206,10 @@ pub struct PluginsConfig {
     pub deadline_s: u64,
     /// Largest event one emit may produce, bytes of JSON.
     pub max_event_bytes: usize,
+    /// Watch `dir` and load, replace and drop plugins while serving.
+    pub watch: bool,
+    /// Quiet time after the last change in `dir` before it is reloaded, ms.
+    pub reload_debounce_ms: u64,
 }
 
 impl PluginsConfig {
@@ -227,6 +231,8 @@ impl Default for PluginsConfig {
             memory_limit_mb: 128,
             deadline_s: 300,
             max_event_bytes: 1 << 20,
+            watch: true,
+            reload_debounce_ms: 200,
         }
     }
 }
@@ -625,6 +631,11 @@ impl Config {
             p.max_event_bytes >= 1024,
             "plugins.max_event_bytes",
             "must be at least 1024",
+        );
+        check(
+            (10..=60_000).contains(&p.reload_debounce_ms),
+            "plugins.reload_debounce_ms",
+            "must be between 10 and 60000",
         );
         check(
             !p.dir.as_os_str().is_empty(),

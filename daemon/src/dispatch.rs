@@ -101,6 +101,9 @@ enum Outcome {
     Cancelled(String),
     /// The daemon stopped under it; nothing written, entry stays pending.
     CutOff,
+    /// Its plugin was removed between the read and the start; nothing
+    /// written, the entry stays pending for a worker that serves the type.
+    Unserved,
 }
 
 impl Dispatcher {
@@ -442,17 +445,21 @@ impl Dispatcher {
                 started: Instant::now(),
             });
 
+        // The version this task runs on, whatever is swapped in meanwhile.
+        let plugin = self.services.plugins.load().get(&agent_type).cloned();
         let origin = EventOrigin {
             trace_id: header.trace_id.clone(),
             session_id: header.session_id.clone(),
             agent_id: agent_type.clone(),
             message_id: header.message_id.clone(),
+            plugin: plugin.as_ref().map(|p| p.stamp.clone()),
         };
         let dirs = self.workspaces.dirs(&header.session_id, &header.message_id);
         let mut created_workspace = false;
         let awaiting = Arc::new(Mutex::new(Vec::new()));
         let outcome = self
             .execute(
+                plugin,
                 &command,
                 &agent_type,
                 &origin,
@@ -465,6 +472,26 @@ impl Dispatcher {
             .await;
         if let Outcome::CutOff = outcome {
             tracing::warn!("cut off by shutdown; entry left pending for another worker");
+        } else if let Outcome::Unserved = outcome {
+            // Read just before its plugin was removed: hand it to the
+            // workers that serve the type (this one too, if it comes back).
+            let released = broker::release(
+                &mut self.services.redis.clone(),
+                &delivery.stream,
+                &self.settings.group,
+                &self.settings.worker_id,
+                &delivery.id,
+                self.settings.claim_idle,
+            )
+            .await;
+            match released {
+                Ok(()) => tracing::warn!(
+                    "no plugin serves this agent type any more; entry released for the workers that do"
+                ),
+                Err(error) => {
+                    tracing::warn!(%error, "no plugin serves this agent type any more; entry left pending")
+                }
+            }
         } else {
             let mut writes = Vec::new();
             if let Outcome::Cancelled(reason) = &outcome {
@@ -565,6 +592,7 @@ impl Dispatcher {
     #[allow(clippy::too_many_arguments)]
     async fn execute(
         &self,
+        plugin: Option<Arc<crate::plugin::Plugin>>,
         command: &ControlCommand,
         agent_type: &str,
         origin: &EventOrigin,
@@ -577,10 +605,8 @@ impl Dispatcher {
         if cancel.is_requested() {
             return Outcome::Cancelled(cancel.reason());
         }
-        let Some(plugin) = self.services.plugins.load().get(agent_type).cloned() else {
-            return Outcome::Failed(format!(
-                "no plugin serves agent type {agent_type:?} on this worker"
-            ));
+        let Some(plugin) = plugin else {
+            return Outcome::Unserved;
         };
         tracing::Span::current().record("plugin", plugin.label());
         let dirs = if plugin.manifest.workspace {
@@ -756,7 +782,9 @@ impl Dispatcher {
                 tracing::info!(%reason, "cancelled");
                 state::CANCELLED
             }
-            Outcome::CutOff => unreachable!("cut-off tasks write nothing"),
+            Outcome::CutOff | Outcome::Unserved => {
+                unreachable!("cut-off and unserved tasks write nothing")
+            }
         };
         if cancel.is_requested() {
             execution.cancel_requested = true;
@@ -842,6 +870,7 @@ impl Dispatcher {
                 session_id: session_id.clone(),
                 agent_id: agent_type.to_owned(),
                 message_id,
+                plugin: None,
             };
             writes.push(Write::Event {
                 stream: Arc::from(keys::session_data_stream(session_id)),
@@ -883,22 +912,32 @@ impl Dispatcher {
     }
 
     /// Reads new entries of the capability streams while permits are free,
-    /// until `stop` fires. A read in flight is finished, not abandoned, so no
-    /// entry is delivered to this consumer and then forgotten.
+    /// until `stop` fires. The streams are those of the plugin table at each
+    /// read, so plugins that come and go are followed from the next fetch.
+    /// A read in flight is finished, not abandoned, so no entry is delivered
+    /// to this consumer and then forgotten.
     pub async fn consume(
         self: Arc<Self>,
         mut conn: ConnectionManager,
-        streams: Vec<Arc<str>>,
         permits: Arc<Semaphore>,
         stop: CancellationToken,
     ) {
-        if streams.is_empty() {
-            return;
-        }
         let mut offset = 0usize;
         let mut backoff = Duration::from_millis(100);
         let mut held: Vec<OwnedSemaphorePermit> = Vec::with_capacity(self.settings.fetch_count);
         loop {
+            let changed = self.services.plugins_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let table = self.services.plugins.load_full();
+            let streams = table.streams();
+            if streams.is_empty() {
+                // Nothing to serve (yet): wait for a plugin to arrive.
+                tokio::select! {
+                    _ = changed => continue,
+                    _ = stop.cancelled() => return,
+                }
+            }
             let first = tokio::select! {
                 permit = permits.clone().acquire_owned() => match permit {
                     Ok(permit) => permit,
@@ -915,7 +954,7 @@ impl Dispatcher {
             }
             // COUNT applies per stream: never ask for more than the permits held.
             let (selected, count) = if held.len() >= streams.len() {
-                (streams.clone(), held.len() / streams.len())
+                (streams.to_vec(), held.len() / streams.len())
             } else {
                 let picked = (0..held.len())
                     .map(|i| streams[(offset + i) % streams.len()].clone())
@@ -962,7 +1001,6 @@ impl Dispatcher {
     pub async fn reclaim(
         self: Arc<Self>,
         mut conn: ConnectionManager,
-        streams: Vec<Arc<str>>,
         permits: Arc<Semaphore>,
         stop: CancellationToken,
     ) {
@@ -976,7 +1014,8 @@ impl Dispatcher {
             if let Err(error) = self.renew_leases(&mut conn).await {
                 tracing::warn!(%error, "renewing in-flight entries failed");
             }
-            for stream in &streams {
+            let table = self.services.plugins.load_full();
+            for stream in table.streams() {
                 if stop.is_cancelled() {
                     return;
                 }

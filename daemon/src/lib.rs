@@ -19,6 +19,7 @@ pub mod events;
 pub mod executions;
 pub mod plugin;
 pub mod registry;
+pub mod reload;
 pub mod routing;
 pub mod wire;
 pub mod workspace;
@@ -40,8 +41,10 @@ pub enum RunError {
     Engine(#[from] plugin::PluginError),
     #[error(transparent)]
     PluginDir(#[from] plugin::loader::DirError),
-    #[error("no plugin could be loaded from {dir}; nothing to serve")]
+    #[error("no plugin could be loaded from {dir} and plugins.watch is off; nothing to serve")]
     NoPlugins { dir: std::path::PathBuf },
+    #[error(transparent)]
+    Watch(#[from] reload::WatchError),
     #[error(transparent)]
     Redis(#[from] broker::BrokerError),
     #[error(transparent)]
@@ -74,9 +77,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tracing::info!(%capability, plugin = %plugin.label(), path = %plugin.path.display(), "serving");
     }
     if loaded.table.by_capability.is_empty() {
-        return Err(RunError::NoPlugins {
-            dir: config.plugins.dir.clone(),
-        });
+        if !config.plugins.watch {
+            return Err(RunError::NoPlugins {
+                dir: config.plugins.dir.clone(),
+            });
+        }
+        tracing::warn!(dir = %config.plugins.dir.display(), "no plugin loaded yet; waiting for one to be added");
     }
     tracing::info!(
         elapsed_ms = started.elapsed().as_millis() as u64,
@@ -93,10 +99,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let control_reader = broker::connect(&url, blocking_timeout).await?;
     let claimer = broker::connect(&url, Duration::from_secs(10)).await?;
 
-    let capability_streams: Vec<Arc<str>> = capabilities
-        .iter()
-        .map(|c| Arc::from(wire::keys::capability_stream(c)))
-        .collect();
+    let capability_streams: Vec<Arc<str>> = plugins.load().streams().to_vec();
     let control_stream: Arc<str> = Arc::from(wire::keys::worker_stream(&worker.id));
     for stream in capability_streams.iter().chain([&control_stream]) {
         broker::ensure_group(&mut commands, stream, &worker.consumer_group).await?;
@@ -130,10 +133,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         force_stop.clone(),
     );
     let permits = Arc::new(Semaphore::new(worker.max_concurrency));
+    let plugins_changed = Arc::new(tokio::sync::Notify::new());
     let services = Arc::new(plugin::Services {
         worker_id: Arc::from(worker.id.as_str()),
         redis: commands.clone(),
         plugins: plugins.clone(),
+        plugins_changed: plugins_changed.clone(),
         waiters: Arc::new(routing::Waiters::default()),
         permits: permits.clone(),
         waiting_slots: Arc::new(Semaphore::new(worker.max_waiting)),
@@ -158,36 +163,52 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         force_stop.clone(),
         services,
     );
+    let membership = Arc::new(membership);
+    let reload = if config.plugins.watch {
+        let reloader = reload::Reloader {
+            sandbox: sandbox.clone(),
+            dir: config.plugins.dir.clone(),
+            plugins: plugins.clone(),
+            changed: plugins_changed.clone(),
+            membership: membership.clone(),
+            group: worker.consumer_group.clone(),
+            debounce: Duration::from_millis(config.plugins.reload_debounce_ms),
+        };
+        Some(reloader.watch(commands.clone(), stop_reading.clone())?)
+    } else {
+        None
+    };
     let stop_control = CancellationToken::new();
     // Readers feed new tasks; they stop first on shutdown. The control
     // reader and the heartbeat keep going until the tasks are done, so a
     // cancel still reaches a task finishing in the grace period.
     let readers = tokio_util::task::TaskTracker::new();
     let background = tokio_util::task::TaskTracker::new();
-    readers.spawn(dispatcher.clone().consume(
-        reader,
-        capability_streams.clone(),
-        permits.clone(),
-        stop_reading.clone(),
-    ));
-    readers.spawn(dispatcher.clone().reclaim(
-        claimer,
-        capability_streams.clone(),
-        permits.clone(),
-        stop_reading.clone(),
-    ));
+    readers.spawn(
+        dispatcher
+            .clone()
+            .consume(reader, permits.clone(), stop_reading.clone()),
+    );
+    readers.spawn(
+        dispatcher
+            .clone()
+            .reclaim(claimer, permits.clone(), stop_reading.clone()),
+    );
     background.spawn(dispatcher.clone().control(
         control_reader,
         control_stream.clone(),
         stop_control.clone(),
     ));
-    let membership = Arc::new(membership);
     {
         let membership = membership.clone();
         let conn = commands.clone();
         let interval = Duration::from_secs(worker.heartbeat_interval_s);
         let stop = stop_control.clone();
         background.spawn(async move { membership.heartbeat(conn, interval, stop).await });
+    }
+    if let Some(reload) = reload {
+        // Stops with the readers: no new plugin versions during shutdown.
+        readers.spawn(reload);
     }
     readers.close();
     background.close();

@@ -39,7 +39,11 @@ pub struct Membership {
     /// Our lock value; only the holder may refresh or release it.
     token: String,
     lock_ttl_s: u64,
-    capabilities: Vec<String>,
+    /// What it serves now; replaced when plugins come and go.
+    capabilities: std::sync::Mutex<Vec<String>>,
+    /// Serializes registry updates, so a heartbeat cannot re-add a
+    /// capability that an update is removing.
+    updating: tokio::sync::Mutex<()>,
 }
 
 impl Membership {
@@ -70,7 +74,8 @@ impl Membership {
             worker_id: worker_id.to_owned(),
             token,
             lock_ttl_s,
-            capabilities,
+            capabilities: std::sync::Mutex::new(capabilities),
+            updating: tokio::sync::Mutex::new(()),
         };
         membership.announce(conn).await?;
         Ok(membership)
@@ -79,6 +84,12 @@ impl Membership {
     /// The heartbeat: ZADD the worker with the current time and re-add its
     /// capability sets (a Redis restart or a peer's cleanup may have lost them).
     async fn announce(&self, conn: &mut ConnectionManager) -> Result<(), redis::RedisError> {
+        let _updating = self.updating.lock().await;
+        self.announce_locked(conn).await
+    }
+
+    async fn announce_locked(&self, conn: &mut ConnectionManager) -> Result<(), redis::RedisError> {
+        let capabilities = self.capabilities();
         let mut pipe = redis::pipe();
         pipe.cmd("ZADD")
             .arg(keys::ACTIVE_WORKERS)
@@ -87,19 +98,61 @@ impl Membership {
             .ignore();
         let capabilities_key = keys::worker_capabilities(&self.worker_id);
         pipe.cmd("DEL").arg(&capabilities_key).ignore();
-        if !self.capabilities.is_empty() {
+        if !capabilities.is_empty() {
             pipe.cmd("SADD")
                 .arg(&capabilities_key)
-                .arg(&self.capabilities)
+                .arg(&capabilities)
                 .ignore();
         }
-        for capability in &self.capabilities {
+        for capability in &capabilities {
             pipe.cmd("SADD")
                 .arg(keys::capability_workers(capability))
                 .arg(&self.worker_id)
                 .ignore();
         }
         pipe.query_async::<()>(conn).await
+    }
+
+    /// The capabilities announced.
+    pub fn capabilities(&self) -> Vec<String> {
+        self.capabilities
+            .lock()
+            .expect("capabilities lock is never poisoned")
+            .clone()
+    }
+
+    /// Announces a new set of capabilities: the worker leaves the sets of
+    /// those it no longer serves and joins the new ones.
+    pub async fn set_capabilities(
+        &self,
+        conn: &mut ConnectionManager,
+        capabilities: Vec<String>,
+    ) -> Result<(), redis::RedisError> {
+        let _updating = self.updating.lock().await;
+        let removed: Vec<String> = {
+            let mut current = self
+                .capabilities
+                .lock()
+                .expect("capabilities lock is never poisoned");
+            let removed = current
+                .iter()
+                .filter(|c| !capabilities.contains(c))
+                .cloned()
+                .collect();
+            *current = capabilities;
+            removed
+        };
+        if !removed.is_empty() {
+            let mut pipe = redis::pipe();
+            for capability in &removed {
+                pipe.cmd("SREM")
+                    .arg(keys::capability_workers(capability))
+                    .arg(&self.worker_id)
+                    .ignore();
+            }
+            pipe.query_async::<()>(conn).await?;
+        }
+        self.announce_locked(conn).await
     }
 
     /// Refreshes the lock and the heartbeat. False if the lock was lost.
@@ -151,7 +204,7 @@ impl Membership {
         pipe.cmd("DEL")
             .arg(keys::worker_capabilities(&self.worker_id))
             .ignore();
-        for capability in &self.capabilities {
+        for capability in &self.capabilities() {
             pipe.cmd("SREM")
                 .arg(keys::capability_workers(capability))
                 .arg(&self.worker_id)

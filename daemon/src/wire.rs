@@ -8,6 +8,7 @@
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 use serde_json::value::RawValue;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Key prefix shared by every key of the protocol.
@@ -461,7 +462,54 @@ pub struct EventOrigin {
     pub agent_id: String,
     /// The command being handled.
     pub message_id: String,
+    /// `{"plugin_id": ..., "plugin_version": ...}` of the plugin version
+    /// running the task, merged into every event's metadata.
+    pub plugin: Option<Arc<RawValue>>,
 }
+
+/// The metadata stamp of a plugin version (see [`EventOrigin::plugin`]).
+pub fn plugin_stamp(id: &str, version: &str) -> Arc<RawValue> {
+    let json = serde_json::json!({ "plugin_id": id, "plugin_version": version }).to_string();
+    Arc::from(RawValue::from_string(json).expect("a JSON object is valid JSON"))
+}
+
+/// Event metadata: the guest's object with the plugin stamp merged in
+/// (unless the guest set `plugin_version` itself).
+fn stamped_metadata<'a>(
+    metadata: Option<&'a RawValue>,
+    stamp: Option<&'a RawValue>,
+) -> std::borrow::Cow<'a, RawValue> {
+    use std::borrow::Cow;
+    let empty: &'static RawValue =
+        EMPTY_OBJECT.get_or_init(|| RawValue::from_string("{}".into()).expect("static JSON"));
+    match (metadata, stamp) {
+        (None, None) => Cow::Borrowed(empty),
+        (Some(metadata), None) => Cow::Borrowed(metadata),
+        (None, Some(stamp)) => Cow::Borrowed(stamp),
+        (Some(metadata), Some(stamp)) => {
+            let text = metadata.get().trim();
+            let Some(inner) = text.strip_prefix('{') else {
+                return Cow::Borrowed(metadata);
+            };
+            if text.contains("\"plugin_version\"") {
+                return Cow::Borrowed(metadata);
+            }
+            let fields = &stamp.get()[1..stamp.get().len() - 1];
+            let inner = inner.trim_start();
+            let merged = if inner.starts_with('}') {
+                format!("{{{fields}}}")
+            } else {
+                format!("{{{fields},{inner}")
+            };
+            match RawValue::from_string(merged) {
+                Ok(merged) => Cow::Owned(merged),
+                Err(_) => Cow::Borrowed(metadata),
+            }
+        }
+    }
+}
+
+static EMPTY_OBJECT: std::sync::OnceLock<Box<RawValue>> = std::sync::OnceLock::new();
 
 /// The `delta` of one event, borrowed from the caller.
 #[derive(Debug, Default, Serialize)]
@@ -519,7 +567,7 @@ struct DataMessage<'a> {
 /// Serializes one event as the `data` field value of a session stream entry.
 pub fn data_message(origin: &EventOrigin, event: &EventSpec<'_>) -> String {
     let now = now_ms();
-    let empty: &RawValue = serde_json::from_str("{}").expect("static JSON");
+    let metadata = stamped_metadata(event.metadata, origin.plugin.as_deref());
     let message = DataMessage {
         trace_id: &origin.trace_id,
         session_id: &origin.session_id,
@@ -542,7 +590,7 @@ pub fn data_message(origin: &EventOrigin, event: &EventSpec<'_>) -> String {
         },
         state_msg: "",
         artifact_url: "",
-        metadata: event.metadata.unwrap_or(empty),
+        metadata: &metadata,
     };
     serde_json::to_string(&message).expect("event JSON serializes")
 }
@@ -584,6 +632,34 @@ pub struct Execution {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn events_carry_the_plugin_version_merged_into_their_metadata() {
+        let stamp = plugin_stamp("echo", "0.2.0");
+        let raw = |s: &str| RawValue::from_string(s.to_owned()).unwrap();
+        let merged = |m: Option<&RawValue>| -> Value {
+            serde_json::from_str(stamped_metadata(m, Some(&stamp)).get()).unwrap()
+        };
+        assert_eq!(
+            merged(None),
+            serde_json::json!({"plugin_id": "echo", "plugin_version": "0.2.0"})
+        );
+        assert_eq!(
+            merged(Some(&raw(r#" { "result": [1, 2] }"#))),
+            serde_json::json!({"plugin_id": "echo", "plugin_version": "0.2.0", "result": [1, 2]})
+        );
+        assert_eq!(
+            merged(Some(&raw("{ }"))),
+            serde_json::json!({"plugin_id": "echo", "plugin_version": "0.2.0"})
+        );
+        // A guest that stamps its own version keeps it.
+        assert_eq!(
+            merged(Some(&raw(r#"{"plugin_version": "mine"}"#))),
+            serde_json::json!({"plugin_version": "mine"})
+        );
+        assert_eq!(stamped_metadata(None, None).get(), "{}");
+    }
+
     use super::*;
 
     fn entry(json: &str) -> Result<ControlCommand, MalformedEntry> {
@@ -656,6 +732,7 @@ mod tests {
             session_id: "s".into(),
             agent_id: "echo".into(),
             message_id: "msg-00000001".into(),
+            plugin: None,
         };
         let json = state_event(&origin, "COMPLETED", None);
         let v: Value = serde_json::from_str(&json).unwrap();

@@ -186,6 +186,8 @@ pub fn built_plugins() -> &'static Path {
                 "researcher-plugin",
                 "-p",
                 "tools-plugin",
+                "-p",
+                "echo-v2-plugin",
             ])
             .status()
             .expect("running cargo to build the plugins");
@@ -199,6 +201,7 @@ pub fn built_plugins() -> &'static Path {
             ("translator_plugin", "translator"),
             ("researcher_plugin", "researcher"),
             ("tools_plugin", "tools"),
+            ("echo_v2_plugin", "echo-v2"),
         ] {
             let built = target
                 .join("wasm32-wasip2/plugin")

@@ -1,6 +1,8 @@
 //! Loading a plugin directory: every `*.wasm` file compiled once, its manifest
 //! read and checked, capabilities assigned. A bad file is reported and
-//! skipped; the others serve.
+//! skipped; the others serve. On a reload, unchanged files keep their
+//! compiled plugin, and a file that no longer loads keeps its previous
+//! version serving.
 
 use super::{Plugin, PluginError, Sandbox};
 use std::collections::BTreeMap;
@@ -16,6 +18,8 @@ pub struct PluginTable {
     by_id: BTreeMap<String, Arc<Plugin>>,
     /// Tool name → the first plugin (by id) offering it.
     tool_owners: BTreeMap<String, Arc<Plugin>>,
+    /// `byai_gateway:ctrl:capability:*` of every capability, for the readers.
+    streams: Vec<Arc<str>>,
 }
 
 impl PluginTable {
@@ -27,6 +31,11 @@ impl PluginTable {
         }
         self.by_id
             .insert(plugin.manifest.id.clone(), plugin.clone());
+        self.streams = self
+            .by_capability
+            .keys()
+            .map(|c| Arc::from(crate::wire::keys::capability_stream(c)))
+            .collect();
         self.tool_owners.clear();
         for plugin in self.by_id.values() {
             for tool in &plugin.manifest.tools {
@@ -35,6 +44,16 @@ impl PluginTable {
                     .or_insert_with(|| plugin.clone());
             }
         }
+    }
+
+    /// The capability streams to read, sorted like the capabilities.
+    pub fn streams(&self) -> &[Arc<str>] {
+        &self.streams
+    }
+
+    /// Every plugin, by id.
+    pub fn plugins(&self) -> impl Iterator<Item = &Arc<Plugin>> {
+        self.by_id.values()
     }
 
     /// The plugin with this id.
@@ -109,6 +128,9 @@ pub enum Rejected {
 pub struct Loaded {
     pub table: PluginTable,
     pub rejected: Vec<Rejected>,
+    /// Files whose new contents did not load, with the previous version
+    /// (`id@version`) that keeps serving in their place.
+    pub kept: Vec<(PathBuf, String)>,
 }
 
 /// Error for a plugin directory that cannot be listed at all.
@@ -137,22 +159,58 @@ pub fn wasm_files(dir: &Path) -> Result<Vec<PathBuf>, DirError> {
 
 /// Loads every plugin of a directory.
 pub async fn load_dir(sandbox: &Arc<Sandbox>, dir: &Path) -> Result<Loaded, DirError> {
+    reload_dir(sandbox, dir, &PluginTable::default()).await
+}
+
+/// Loads a directory again: a file unchanged since `previous` keeps its
+/// compiled plugin; a changed or new file is compiled; a file that fails to
+/// read, compile or validate keeps its previous version, if it had one.
+pub async fn reload_dir(
+    sandbox: &Arc<Sandbox>,
+    dir: &Path,
+    previous: &PluginTable,
+) -> Result<Loaded, DirError> {
+    let before: std::collections::HashMap<&Path, &Arc<Plugin>> = previous
+        .plugins()
+        .map(|plugin| (plugin.path.as_path(), plugin))
+        .collect();
     let mut loaded = Loaded::default();
+    let mut candidates = Vec::new();
     for path in wasm_files(dir)? {
+        let old = before.get(path.as_path()).copied();
+        let keep_old = |loaded: &mut Loaded, candidates: &mut Vec<Arc<Plugin>>| {
+            if let Some(old) = old {
+                loaded.kept.push((path.clone(), old.label()));
+                candidates.push(old.clone());
+            }
+        };
         let bytes = match tokio::fs::read(&path).await {
             Ok(bytes) => bytes,
             Err(source) => {
-                loaded.rejected.push(Rejected::Read { path, source });
+                keep_old(&mut loaded, &mut candidates);
+                loaded.rejected.push(Rejected::Read {
+                    path: path.clone(),
+                    source,
+                });
                 continue;
             }
         };
-        let plugin = match sandbox.load(path.clone(), &bytes).await {
-            Ok(plugin) => Arc::new(plugin),
+        if let Some(old) = old
+            && old.digest == super::file_digest(&bytes)
+        {
+            candidates.push(old.clone());
+            continue;
+        }
+        match sandbox.load(path.clone(), &bytes).await {
+            Ok(plugin) => candidates.push(Arc::new(plugin)),
             Err(error) => {
+                keep_old(&mut loaded, &mut candidates);
                 loaded.rejected.push(error.into());
-                continue;
             }
-        };
+        }
+    }
+    for plugin in candidates {
+        let path = plugin.path.clone();
         if let Some((capability, owner)) = plugin.manifest.capabilities.iter().find_map(|c| {
             loaded
                 .table

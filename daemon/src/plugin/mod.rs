@@ -216,8 +216,10 @@ impl Sandbox {
             validators.insert(tool.name.clone(), validator);
         }
         Ok(Plugin {
+            stamp: crate::wire::plugin_stamp(&manifest.id, &manifest.version),
             manifest,
             path,
+            digest: file_digest(bytes),
             pre,
             validators,
             sandbox: self.clone(),
@@ -346,6 +348,10 @@ pub struct Plugin {
     pub manifest: Manifest,
     /// The file it was loaded from.
     pub path: PathBuf,
+    /// Hash of the file's bytes: an unchanged file is not compiled again.
+    pub digest: u64,
+    /// `{"plugin_id", "plugin_version"}`, merged into its tasks' event metadata.
+    pub stamp: Arc<serde_json::value::RawValue>,
     pre: AgentPre<TaskState>,
     /// Compiled input schema of each tool, by tool name.
     validators: std::collections::HashMap<String, jsonschema::Validator>,
@@ -360,6 +366,14 @@ impl std::fmt::Debug for Plugin {
             .field("path", &self.path)
             .finish()
     }
+}
+
+/// A hash of a plugin file, to notice whether it changed.
+pub fn file_digest(bytes: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut hasher);
+    hasher.finish()
 }
 
 /// Aborts a spawned guest task when the caller stops waiting for it

@@ -36,8 +36,11 @@ pub struct Services {
     pub worker_id: Arc<str>,
     /// Registry lookups and reads (`active-workers`, target checks).
     pub redis: ConnectionManager,
-    /// The plugins loaded now, for tools of other plugins.
+    /// The plugins loaded now (swapped as a whole on reload), for routing
+    /// and for tools of other plugins.
     pub plugins: Arc<ArcSwap<PluginTable>>,
+    /// Woken when `plugins` was swapped.
+    pub plugins_changed: Arc<tokio::sync::Notify>,
     /// Replies awaited by tasks running here.
     pub waiters: Arc<Waiters>,
     /// The daemon's concurrency permits; a task waiting for a reply gives
