@@ -44,7 +44,7 @@
 //! The handler runs in a sandbox: it sees its task's workspace
 //! ([`Command::private_dir`], [`Command::public_dir`]) and nothing else of
 //! the file system, no network and no environment; host calls
-//! ([`emit`], [`tools`], [`agents`], [`user`], [`log`], [`is_cancelled`])
+//! ([`emit`], [`tools`], [`agents`], [`user`], [`prompts`], [`log`], [`is_cancelled`])
 //! look blocking.
 
 use serde_json::Value;
@@ -852,6 +852,22 @@ pub mod user {
                 extra_payload: serde_json::from_str(&reply.extra_payload).unwrap_or(Value::Null),
             })
             .map_err(Error::from_wit)
+    }
+}
+
+/// Prompt templates of plugin manifests.
+pub mod prompts {
+    use super::{Error, host};
+
+    /// Renders a prompt of this plugin's manifest (or `plugin-id/name`):
+    /// `{variable}` placeholders filled, `{{` / `}}` literal braces. Missing
+    /// variables are an [`Error::InvalidInput`] naming them.
+    pub fn render(name: &str, variables: &[(&str, &str)]) -> Result<String, Error> {
+        let variables: Vec<(String, String)> = variables
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        host::prompts::render_prompt(name, &variables).map_err(Error::from_wit)
     }
 }
 

@@ -539,6 +539,41 @@ async fn tools_of_any_plugin_are_listed_validated_and_called() -> anyhow::Result
     assert_eq!(add["description"], "Adds two numbers");
     assert_eq!(add["inputSchema"]["required"], json!(["a", "b"]));
 
+    // Prompt templates: own, another plugin's, missing variables, unknown.
+    let own = ask_tools(
+        &mut bed,
+        &client,
+        json!({"render": "explain", "variables": {"audience": "a child", "tool": "add", "result": "3"}}),
+    )
+    .await?;
+    assert_eq!(
+        own,
+        json!({"ok": "Explain to a child what add returned: 3"})
+    );
+    let other = ask_tools(
+        &mut bed,
+        &client,
+        json!({"render": "showcase/summarize", "variables": {"text": "gatewayd"}}),
+    )
+    .await?;
+    assert_eq!(other, json!({"ok": "Summarize in one sentence: gatewayd"}));
+    let missing = ask_tools(
+        &mut bed,
+        &client,
+        json!({"render": "explain", "variables": {"tool": "add"}}),
+    )
+    .await?;
+    assert_eq!(missing["error"]["kind"], "invalid-input");
+    assert!(
+        missing["error"]["message"]
+            .as_str()
+            .unwrap()
+            .ends_with("audience, result"),
+        "{missing:#}"
+    );
+    let unknown = ask_tools(&mut bed, &client, json!({"render": "nope"})).await?;
+    assert_eq!(unknown["error"]["kind"], "not-found");
+
     let workers = ask_tools(&mut bed, &client, json!({"workers": true})).await?;
     let me = workers["workers"]
         .as_array()

@@ -6,9 +6,13 @@
 //! - any text: the catalog of all loaded tools, MCP `tools/list` shape;
 //! - `{"call": NAME, "args": {...}}`: calls a tool, answers
 //!   `{"ok": result}` or `{"error": {"kind", "message"}}`;
-//! - `{"workers": true}`: the cluster's active workers.
+//! - `{"workers": true}`: the cluster's active workers;
+//! - `{"render": PROMPT, "variables": {...}}`: renders a prompt template,
+//!   answers `{"ok": text}` or `{"error": ...}`.
 
-use byclaw_plugin_sdk::{Agent, Command, Error, Manifest, Tool, agents, emit, export_agent, tools};
+use byclaw_plugin_sdk::{
+    Agent, Command, Error, Manifest, Prompt, Tool, agents, emit, export_agent, prompts, tools,
+};
 use serde_json::{Value, json};
 
 struct Tools;
@@ -18,6 +22,11 @@ impl Agent for Tools {
         Manifest::new("tools", env!("CARGO_PKG_VERSION"))
             .description("Arithmetic and text statistics tools for other agents")
             .capability("tools")
+            .prompt(Prompt::new(
+                "explain",
+                "Asks a model to explain a tool result",
+                "Explain to {audience} what {tool} returned: {result}",
+            ))
             .tool(Tool::new(
                 "add",
                 "Adds two numbers",
@@ -52,6 +61,30 @@ impl Agent for Tools {
             let args = request.get("args").cloned().unwrap_or_else(|| json!({}));
             match tools::call(name, &args) {
                 Ok(result) => json!({ "ok": result }),
+                Err(error) => {
+                    json!({ "error": { "kind": kind(&error), "message": error.to_string() } })
+                }
+            }
+        } else if let Some(prompt) = request["render"].as_str() {
+            let variables: Vec<(String, String)> = request["variables"]
+                .as_object()
+                .map(|vars| {
+                    vars.iter()
+                        .map(|(k, v)| {
+                            (
+                                k.clone(),
+                                v.as_str().map_or_else(|| v.to_string(), str::to_owned),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let pairs: Vec<(&str, &str)> = variables
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            match prompts::render(prompt, &pairs) {
+                Ok(text) => json!({ "ok": text }),
                 Err(error) => {
                     json!({ "error": { "kind": kind(&error), "message": error.to_string() } })
                 }

@@ -8,6 +8,7 @@
 
 mod agents;
 mod emit;
+mod prompts;
 mod runtime;
 mod tools;
 
