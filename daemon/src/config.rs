@@ -210,6 +210,11 @@ pub struct PluginsConfig {
     pub watch: bool,
     /// Quiet time after the last change in `dir` before it is reloaded, ms.
     pub reload_debounce_ms: u64,
+    /// Keep compiled plugins on disk across restarts and reloads.
+    pub compile_cache: bool,
+    /// Where; unset: `$XDG_CACHE_HOME/gatewayd/compiled` or
+    /// `$HOME/.cache/gatewayd/compiled`.
+    pub compile_cache_dir: Option<PathBuf>,
 }
 
 impl PluginsConfig {
@@ -222,6 +227,25 @@ impl PluginsConfig {
     pub fn deadline(&self) -> Duration {
         Duration::from_secs(self.deadline_s)
     }
+
+    /// The compile cache directory in use, if any.
+    pub fn compile_cache_path(&self) -> Option<PathBuf> {
+        if !self.compile_cache {
+            return None;
+        }
+        if let Some(dir) = &self.compile_cache_dir {
+            return Some(dir.clone());
+        }
+        let base = std::env::var_os("XDG_CACHE_HOME")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("HOME")
+                    .filter(|v| !v.is_empty())
+                    .map(|home| PathBuf::from(home).join(".cache"))
+            })?;
+        Some(base.join("gatewayd").join("compiled"))
+    }
 }
 
 impl Default for PluginsConfig {
@@ -233,6 +257,8 @@ impl Default for PluginsConfig {
             max_event_bytes: 1 << 20,
             watch: true,
             reload_debounce_ms: 200,
+            compile_cache: true,
+            compile_cache_dir: None,
         }
     }
 }

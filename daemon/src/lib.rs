@@ -66,7 +66,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         max_event_bytes: config.plugins.max_event_bytes,
     };
     // Waiting tasks keep their instances while their permits serve others.
-    let sandbox = plugin::Sandbox::new(limits, worker.max_concurrency + worker.max_waiting)?;
+    let sandbox = plugin::Sandbox::with_compile_cache(
+        limits,
+        worker.max_concurrency + worker.max_waiting,
+        config.plugins.compile_cache_path().as_deref(),
+    )?;
 
     let started = std::time::Instant::now();
     let loaded = plugin::loader::load_dir(&sandbox, &config.plugins.dir).await?;

@@ -217,3 +217,46 @@ async fn a_broken_file_never_replaces_a_working_version() -> anyhow::Result<()> 
     bed.daemon.stop().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compiled_plugins_are_cached_across_restarts() -> anyhow::Result<()> {
+    let cache = tempfile::tempdir()?;
+    let limits = gatewayd::plugin::Limits {
+        memory_bytes: 64 << 20,
+        deadline: Duration::from_secs(5),
+        max_event_bytes: 1 << 20,
+    };
+    let path = built_plugins().join("planner.wasm");
+    let bytes = std::fs::read(&path)?;
+    let load = || async {
+        // A new engine each time, as after a restart.
+        let sandbox =
+            gatewayd::plugin::Sandbox::with_compile_cache(limits.clone(), 2, Some(cache.path()))?;
+        anyhow::Ok(sandbox.load(path.clone(), &bytes).await?)
+    };
+    let first = load().await?;
+    assert!(!first.from_cache);
+    let artifacts: Vec<_> = std::fs::read_dir(cache.path())?.collect::<Result<_, _>>()?;
+    assert_eq!(artifacts.len(), 1, "{artifacts:?}");
+    let second = load().await?;
+    assert!(second.from_cache);
+    assert_eq!(second.manifest.id, "planner");
+
+    // A damaged artifact is not trusted: compiled again and replaced.
+    std::fs::write(artifacts[0].path(), b"garbage")?;
+    let third = load().await?;
+    assert!(!third.from_cache);
+    assert!(load().await?.from_cache);
+
+    // A directory other users may write to is not used at all.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(cache.path(), std::fs::Permissions::from_mode(0o777))?;
+    let fixed = load().await?;
+    assert!(
+        fixed.from_cache,
+        "the mode was tightened to 0700 and the cache kept"
+    );
+    let mode = std::fs::metadata(cache.path())?.permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+    Ok(())
+}

@@ -22,7 +22,7 @@ pub use sandbox::{GUEST_PRIVATE_DIR, GUEST_PUBLIC_DIR, TaskDirs};
 use bindings::{Agent, AgentPre};
 use host::TaskState;
 use serde::Serialize;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -71,6 +71,109 @@ pub struct Sandbox {
     /// CPU-bound guest only yields every epoch tick, and on a shared runtime
     /// a few of them would delay every Redis reply by whole ticks.
     guests: Option<tokio::runtime::Runtime>,
+    /// Where compiled plugins are kept across restarts; `None` compiles
+    /// every time.
+    cache: Option<Arc<CompileCache>>,
+}
+
+/// Compiled plugins on disk, keyed by the file's contents and the engine's
+/// compatibility hash: a restart or a reload of an unchanged big component
+/// (a Python or JavaScript one takes seconds to compile) loads in
+/// milliseconds.
+#[derive(Debug)]
+pub struct CompileCache {
+    dir: PathBuf,
+    /// Part of every key: artifacts of another wasmtime build or engine
+    /// configuration are never looked at.
+    engine_hash: u64,
+}
+
+impl CompileCache {
+    /// Opens (creating it, mode 0700) a cache directory. Precompiled code is
+    /// loaded without validation, so a directory that others can write is
+    /// refused.
+    fn open(dir: &Path, engine: &Engine) -> Result<Self, String> {
+        use std::hash::{Hash, Hasher};
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create it: {e}"))?;
+        let meta = std::fs::metadata(dir).map_err(|e| e.to_string())?;
+        let probe = dir.join(format!(".owner-probe-{}", std::process::id()));
+        std::fs::write(&probe, b"").map_err(|e| format!("cannot write to it: {e}"))?;
+        let own_uid = std::fs::metadata(&probe).map(|m| m.uid());
+        let _ = std::fs::remove_file(&probe);
+        if own_uid.map_err(|e| e.to_string())? != meta.uid() {
+            return Err("it belongs to another user".into());
+        }
+        if meta.mode() & 0o022 != 0 {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| format!("it is writable by others and cannot be fixed: {e}"))?;
+        }
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        Ok(CompileCache {
+            dir: dir.to_owned(),
+            engine_hash: hasher.finish(),
+        })
+    }
+
+    fn file_for(&self, bytes: &[u8]) -> PathBuf {
+        self.dir.join(format!(
+            "{:016x}-{}-{:016x}.cwasm",
+            file_digest(bytes),
+            bytes.len(),
+            self.engine_hash
+        ))
+    }
+
+    /// Compiles `bytes`, or loads the artifact compiled from the same bytes
+    /// by the same engine earlier. Blocking. True when it came from the cache.
+    fn compile(
+        cache: Option<&Self>,
+        engine: &Engine,
+        bytes: &[u8],
+    ) -> wasmtime::Result<(Component, bool)> {
+        let Some(cache) = cache else {
+            return Ok((Component::new(engine, bytes)?, false));
+        };
+        let file = cache.file_for(bytes);
+        // Read into memory rather than mapped: a file changed in place under
+        // a mapping would crash the daemon (SIGBUS).
+        if let Ok(artifact) = std::fs::read(&file) {
+            // SAFETY: the artifact was written by this program into a
+            // directory only this user can write (checked in `open`), under
+            // a name that binds it to these exact bytes and this engine's
+            // compatibility hash; wasmtime checks the compatibility header
+            // again.
+            match unsafe { Component::deserialize(engine, &artifact) } {
+                Ok(component) => return Ok((component, true)),
+                Err(error) => {
+                    tracing::warn!(file = %file.display(), error = %format!("{error:#}"), "unusable compiled plugin in the cache; compiling again");
+                    let _ = std::fs::remove_file(&file);
+                }
+            }
+        }
+        let component = Component::new(engine, bytes)?;
+        let stored = component
+            .serialize()
+            .map_err(|e| e.to_string())
+            .and_then(|artifact| {
+                let tmp = file.with_extension(format!(
+                    "tmp-{}-{:016x}",
+                    std::process::id(),
+                    fastrand::u64(..)
+                ));
+                std::fs::write(&tmp, artifact)
+                    .and_then(|()| std::fs::rename(&tmp, &file))
+                    .map_err(|e| {
+                        let _ = std::fs::remove_file(&tmp);
+                        e.to_string()
+                    })
+            });
+        if let Err(error) = stored {
+            tracing::warn!(dir = %cache.dir.display(), %error, "cannot store the compiled plugin");
+        }
+        Ok((component, false))
+    }
 }
 
 impl Drop for Sandbox {
@@ -86,6 +189,16 @@ impl Drop for Sandbox {
 impl Sandbox {
     /// Builds the engine. `max_concurrent_tasks` sizes the instance pool.
     pub fn new(limits: Limits, max_concurrent_tasks: usize) -> Result<Arc<Self>, PluginError> {
+        Self::with_compile_cache(limits, max_concurrent_tasks, None)
+    }
+
+    /// Like [`Sandbox::new`], keeping compiled plugins in `cache_dir`. A
+    /// directory that cannot be used is logged and compiling goes on without.
+    pub fn with_compile_cache(
+        limits: Limits,
+        max_concurrent_tasks: usize,
+        cache_dir: Option<&Path>,
+    ) -> Result<Arc<Self>, PluginError> {
         let engine_error = |e: wasmtime::Error| PluginError::Engine(format!("{e:#}"));
         // Each task may hold a nested tool-call instance; a few spare slots
         // serve plugin loading.
@@ -145,12 +258,20 @@ impl Sandbox {
             .enable_all()
             .build()
             .map_err(|e| PluginError::Engine(format!("cannot start the guest runtime: {e}")))?;
+        let cache = cache_dir.and_then(|dir| match CompileCache::open(dir, &engine) {
+            Ok(cache) => Some(Arc::new(cache)),
+            Err(reason) => {
+                tracing::warn!(dir = %dir.display(), %reason, "compile cache disabled");
+                None
+            }
+        });
         Ok(Arc::new(Sandbox {
             engine,
             linker,
             limits,
             ticker_stop,
             guests: Some(guests),
+            cache,
         }))
     }
 
@@ -165,20 +286,30 @@ impl Sandbox {
         path: PathBuf,
         bytes: &[u8],
     ) -> Result<Plugin, PluginError> {
-        let component = {
+        let started = std::time::Instant::now();
+        let (component, cached) = {
             let engine = self.engine.clone();
             let bytes = bytes.to_vec();
-            tokio::task::spawn_blocking(move || Component::new(&engine, &bytes))
-                .await
-                .map_err(|e| PluginError::Compile {
-                    path: path.clone(),
-                    reason: e.to_string(),
-                })?
-                .map_err(|e| PluginError::Compile {
-                    path: path.clone(),
-                    reason: format!("{e:#}"),
-                })?
+            let cache = self.cache.clone();
+            tokio::task::spawn_blocking(move || {
+                CompileCache::compile(cache.as_deref(), &engine, &bytes)
+            })
+            .await
+            .map_err(|e| PluginError::Compile {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?
+            .map_err(|e| PluginError::Compile {
+                path: path.clone(),
+                reason: format!("{e:#}"),
+            })?
         };
+        tracing::debug!(
+            path = %path.display(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            from_cache = cached,
+            "plugin compiled"
+        );
         let instance_pre =
             self.linker
                 .instantiate_pre(&component)
@@ -220,6 +351,7 @@ impl Sandbox {
             manifest,
             path,
             digest: file_digest(bytes),
+            from_cache: cached,
             pre,
             validators,
             sandbox: self.clone(),
@@ -350,6 +482,8 @@ pub struct Plugin {
     pub path: PathBuf,
     /// Hash of the file's bytes: an unchanged file is not compiled again.
     pub digest: u64,
+    /// Whether the compiled code came from the compile cache.
+    pub from_cache: bool,
     /// `{"plugin_id", "plugin_version"}`, merged into its tasks' event metadata.
     pub stamp: Arc<serde_json::value::RawValue>,
     pre: AgentPre<TaskState>,
