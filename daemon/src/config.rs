@@ -215,6 +215,27 @@ pub struct PluginsConfig {
     /// Where; unset: `$XDG_CACHE_HOME/gatewayd/compiled` or
     /// `$HOME/.cache/gatewayd/compiled`.
     pub compile_cache_dir: Option<PathBuf>,
+    /// Most tasks of one plugin at once; 0: only `worker.max_concurrency`.
+    pub max_concurrency: usize,
+    /// `[plugins.<id>]` tables: what one plugin gets instead of the above.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub policy: std::collections::BTreeMap<String, PluginPolicy>,
+}
+
+/// `[plugins.<id>]`: one plugin's limits and settings; an absent key falls
+/// back to `[plugins]`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginPolicy {
+    /// Memory cap of one of its tasks, MiB.
+    pub memory_limit_mb: Option<u64>,
+    /// Deadline of one of its tasks, seconds.
+    pub deadline_s: Option<u64>,
+    /// Most of its tasks at once.
+    pub max_concurrency: Option<usize>,
+    /// Values the plugin reads with `get-config(key)` (API keys, endpoints).
+    /// Never logged.
+    pub config: std::collections::BTreeMap<String, String>,
 }
 
 impl PluginsConfig {
@@ -226,6 +247,46 @@ impl PluginsConfig {
     /// `deadline_s`.
     pub fn deadline(&self) -> Duration {
         Duration::from_secs(self.deadline_s)
+    }
+
+    /// The memory cap of the plugin `id`'s tasks, bytes.
+    pub fn memory_limit_bytes_of(&self, id: &str) -> usize {
+        let mb = self
+            .policy
+            .get(id)
+            .and_then(|p| p.memory_limit_mb)
+            .unwrap_or(self.memory_limit_mb);
+        usize::try_from(mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX)
+    }
+
+    /// The largest memory cap any plugin may get: sizes the instance pool.
+    pub fn largest_memory_limit_bytes(&self) -> usize {
+        self.policy
+            .keys()
+            .map(|id| self.memory_limit_bytes_of(id))
+            .chain([self.memory_limit_bytes()])
+            .max()
+            .unwrap_or_else(|| self.memory_limit_bytes())
+    }
+
+    /// The deadline of the plugin `id`'s tasks.
+    pub fn deadline_of(&self, id: &str) -> Duration {
+        Duration::from_secs(
+            self.policy
+                .get(id)
+                .and_then(|p| p.deadline_s)
+                .unwrap_or(self.deadline_s),
+        )
+    }
+
+    /// Most tasks of the plugin `id` at once, if limited.
+    pub fn max_concurrency_of(&self, id: &str) -> Option<usize> {
+        let limit = self
+            .policy
+            .get(id)
+            .and_then(|p| p.max_concurrency)
+            .unwrap_or(self.max_concurrency);
+        (limit > 0).then_some(limit)
     }
 
     /// The compile cache directory in use, if any.
@@ -259,6 +320,8 @@ impl Default for PluginsConfig {
             reload_debounce_ms: 200,
             compile_cache: true,
             compile_cache_dir: None,
+            max_concurrency: 0,
+            policy: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -683,6 +746,25 @@ impl Config {
             "streams.writer_queue",
             "must be at least 1",
         );
+        for (id, policy) in &p.policy {
+            check(
+                policy
+                    .memory_limit_mb
+                    .is_none_or(|mb| (1..=4096).contains(&mb)),
+                &format!("plugins.{id}.memory_limit_mb"),
+                "must be between 1 and 4096",
+            );
+            check(
+                policy.deadline_s != Some(0),
+                &format!("plugins.{id}.deadline_s"),
+                "must be at least 1",
+            );
+            check(
+                policy.max_concurrency != Some(0),
+                &format!("plugins.{id}.max_concurrency"),
+                "must be at least 1 (leave it out for no limit of its own)",
+            );
+        }
         check(
             self.streams.writer_batch >= 1,
             "streams.writer_batch",
@@ -849,6 +931,12 @@ fn check_shape(
         let known: Vec<&str> = default_table.keys().map(String::as_str).collect();
         for (key, leaf) in table_values {
             let dotted = format!("{table}.{key}");
+            if table == "plugins" && !default_table.contains_key(key) && leaf.is_object() {
+                if let Some(policy) = check_policy(key, leaf, origins, errors) {
+                    cleaned["plugins"]["policy"][key.as_str()] = policy;
+                }
+                continue;
+            }
             if !default_table.contains_key(key) {
                 errors.push(ConfigError {
                     message: format!("unknown key, expected one of: {}", known.join(", ")),
@@ -872,6 +960,59 @@ fn check_shape(
     }
     // Valid keys only: the semantic rules can still be checked on the rest.
     serde_json::from_value(Value::Object(cleaned)).expect("a config of valid leaves deserializes")
+}
+
+/// Checks a `[plugins.<id>]` table key by key; the valid part, if the id is.
+fn check_policy(
+    id: &str,
+    table: &Value,
+    origins: &Origins,
+    errors: &mut Vec<ConfigError>,
+) -> Option<Value> {
+    let at = format!("plugins.{id}");
+    let id_ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if !id_ok {
+        errors.push(ConfigError {
+            message: "unknown key; a table here is a plugin's policy and its name a plugin id (1-64 of [a-z0-9_-])".into(),
+            source: origins.get(&at).cloned(),
+            key: at,
+        });
+        return None;
+    }
+    let defaults = serde_json::to_value(PluginPolicy::default()).expect("policy serializes");
+    let known: Vec<&str> = defaults
+        .as_object()
+        .expect("policy is a table")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    let mut cleaned = defaults.clone();
+    for (key, leaf) in table.as_object().expect("checked to be a table") {
+        let dotted = format!("{at}.{key}");
+        if !known.contains(&key.as_str()) {
+            errors.push(ConfigError {
+                message: format!("unknown key, expected one of: {}", known.join(", ")),
+                source: origins.get(&dotted).cloned(),
+                key: dotted,
+            });
+            continue;
+        }
+        let mut probe = defaults.clone();
+        probe[key.as_str()] = leaf.clone();
+        match serde_json::from_value::<PluginPolicy>(probe) {
+            Ok(_) => cleaned[key.as_str()] = leaf.clone(),
+            Err(error) => errors.push(ConfigError {
+                message: plain_words(&error.to_string()),
+                source: origins.get(&dotted).cloned(),
+                key: dotted,
+            }),
+        }
+    }
+    Some(cleaned)
 }
 
 /// serde's message for a value that does not fit, in an operator's words:

@@ -94,6 +94,19 @@ enum Source {
     Forwarded,
 }
 
+/// A task's place under its plugin's concurrency limit; freeing it wakes
+/// the reader, which may be skipping the plugin's streams.
+struct PluginSlot {
+    _permit: OwnedSemaphorePermit,
+    freed: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for PluginSlot {
+    fn drop(&mut self) {
+        self.freed.notify_waiters();
+    }
+}
+
 /// How a task ended.
 enum Outcome {
     Completed(String),
@@ -609,6 +622,21 @@ impl Dispatcher {
             return Outcome::Unserved;
         };
         tracing::Span::current().record("plugin", plugin.label());
+        // The plugin's own limit (`[plugins.<id>] max_concurrency`); the
+        // reader skips its streams while it is reached, so this rarely waits.
+        let _plugin_slot = match &plugin.policy.concurrency {
+            Some(limit) => tokio::select! {
+                permit = limit.clone().acquire_owned() => match permit {
+                    Ok(permit) => Some(PluginSlot {
+                        _permit: permit,
+                        freed: self.services.plugin_slot_freed.clone(),
+                    }),
+                    Err(_) => None,
+                },
+                _ = self.force_stop.cancelled() => return Outcome::CutOff,
+            },
+            None => None,
+        };
         let dirs = if plugin.manifest.workspace {
             *created_workspace = true;
             if let Err(error) = self.workspaces.create(dirs).await {
@@ -628,7 +656,7 @@ impl Dispatcher {
             message_id: Arc::from(origin.message_id.as_str()),
             dirs,
             tenant_id: command.header.tenant_id.clone(),
-            deadline_at: tokio::time::Instant::now() + self.settings.deadline,
+            deadline_at: tokio::time::Instant::now() + plugin.policy.deadline,
             permit: Mutex::new(Some(permit)),
             awaiting,
             services: self.services.clone(),
@@ -654,7 +682,7 @@ impl Dispatcher {
             depth: 0,
         };
         let call = tokio::time::timeout(
-            self.settings.deadline,
+            plugin.policy.deadline,
             plugin.handle(host, command, agent_type),
         );
         let result = tokio::select! {
@@ -679,7 +707,7 @@ impl Dispatcher {
             }
             Err(_) => Outcome::Failed(format!(
                 "deadline of {} s exceeded",
-                self.settings.deadline.as_secs_f64()
+                plugin.policy.deadline.as_secs_f64()
             )),
         }
     }
@@ -929,12 +957,29 @@ impl Dispatcher {
             let changed = self.services.plugins_changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
+            let slot_freed = self.services.plugin_slot_freed.notified();
+            tokio::pin!(slot_freed);
+            slot_freed.as_mut().enable();
             let table = self.services.plugins.load_full();
-            let streams = table.streams();
+            // Streams of plugins at their own concurrency limit wait.
+            let streams: Vec<Arc<str>> = table
+                .by_capability
+                .values()
+                .zip(table.streams())
+                .filter(|(plugin, _)| {
+                    plugin
+                        .policy
+                        .concurrency
+                        .as_ref()
+                        .is_none_or(|limit| limit.available_permits() > 0)
+                })
+                .map(|(_, stream)| stream.clone())
+                .collect();
             if streams.is_empty() {
-                // Nothing to serve (yet): wait for a plugin to arrive.
+                // Nothing to serve (yet), or every plugin at its limit.
                 tokio::select! {
                     _ = changed => continue,
+                    _ = slot_freed => continue,
                     _ = stop.cancelled() => return,
                 }
             }

@@ -61,15 +61,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     config.validate()?;
     let worker = &config.worker;
     let limits = plugin::Limits {
-        memory_bytes: (config.plugins.memory_limit_mb as usize) << 20,
+        // The largest cap of any plugin: it sizes the pool's memory slots.
+        memory_bytes: config.plugins.largest_memory_limit_bytes(),
         deadline: Duration::from_secs(config.plugins.deadline_s),
         max_event_bytes: config.plugins.max_event_bytes,
     };
     // Waiting tasks keep their instances while their permits serve others.
-    let sandbox = plugin::Sandbox::with_compile_cache(
+    let sandbox = plugin::Sandbox::with_options(
         limits,
         worker.max_concurrency + worker.max_waiting,
         config.plugins.compile_cache_path().as_deref(),
+        plugin::Policies::from_config(&config.plugins),
     )?;
 
     let started = std::time::Instant::now();
@@ -143,6 +145,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         redis: commands.clone(),
         plugins: plugins.clone(),
         plugins_changed: plugins_changed.clone(),
+        plugin_slot_freed: Arc::new(tokio::sync::Notify::new()),
         waiters: Arc::new(routing::Waiters::default()),
         permits: permits.clone(),
         waiting_slots: Arc::new(Semaphore::new(worker.max_waiting)),

@@ -894,6 +894,12 @@ pub mod log {
     }
 }
 
+/// A value of this plugin's `[plugins.<id>.config]` table in the daemon's
+/// configuration (an endpoint, an API key); `None` when unset.
+pub fn config(key: &str) -> Option<String> {
+    host::runtime::get_config(key)
+}
+
 /// True once a cancel was requested: return early (the host stops the task
 /// after a grace period anyway).
 pub fn is_cancelled() -> bool {

@@ -44,6 +44,76 @@ pub struct Limits {
     pub max_event_bytes: usize,
 }
 
+/// What the tasks of one plugin get (`[plugins.<id>]`, else `[plugins]`).
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// Memory cap of one of its stores, bytes.
+    pub memory_bytes: usize,
+    /// Wall-clock budget of one of its tasks.
+    pub deadline: Duration,
+    /// Bounds its tasks in progress; shared by every version of the plugin.
+    pub concurrency: Option<Arc<tokio::sync::Semaphore>>,
+    /// What `get-config(key)` answers.
+    pub config: Arc<std::collections::BTreeMap<String, String>>,
+}
+
+/// Resolves the policy of each plugin id.
+#[derive(Debug, Default)]
+pub struct Policies {
+    /// `[plugins]`: most tasks of one plugin (0: no limit of its own).
+    default_concurrency: usize,
+    /// `[plugins] memory_limit_mb`; `None`: the sandbox's limit.
+    default_memory_bytes: Option<usize>,
+    /// `[plugins.<id>]` tables.
+    by_id: std::collections::BTreeMap<String, crate::config::PluginPolicy>,
+    /// One semaphore per id, kept across versions of the plugin.
+    semaphores: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Semaphore>>>,
+}
+
+impl Policies {
+    /// From the `[plugins]` configuration.
+    pub fn from_config(config: &crate::config::PluginsConfig) -> Self {
+        Policies {
+            default_concurrency: config.max_concurrency,
+            default_memory_bytes: Some(config.memory_limit_bytes()),
+            by_id: config.policy.clone(),
+            semaphores: Default::default(),
+        }
+    }
+
+    fn resolve(&self, id: &str, limits: &Limits) -> Policy {
+        let own = self.by_id.get(id);
+        let memory_bytes = own
+            .and_then(|p| p.memory_limit_mb)
+            .map_or(
+                self.default_memory_bytes.unwrap_or(limits.memory_bytes),
+                |mb| usize::try_from(mb << 20).unwrap_or(usize::MAX),
+            )
+            // The pool was sized for the largest cap configured at start.
+            .min(limits.memory_bytes);
+        let deadline = own
+            .and_then(|p| p.deadline_s)
+            .map_or(limits.deadline, Duration::from_secs);
+        let limit = own
+            .and_then(|p| p.max_concurrency)
+            .unwrap_or(self.default_concurrency);
+        let concurrency = (limit > 0).then(|| {
+            self.semaphores
+                .lock()
+                .expect("semaphores lock is never poisoned")
+                .entry(id.to_owned())
+                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(limit)))
+                .clone()
+        });
+        Policy {
+            memory_bytes,
+            deadline,
+            concurrency,
+            config: Arc::new(own.map(|p| p.config.clone()).unwrap_or_default()),
+        }
+    }
+}
+
 /// Why the engine could not be set up or a plugin not loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {
@@ -74,6 +144,8 @@ pub struct Sandbox {
     /// Where compiled plugins are kept across restarts; `None` compiles
     /// every time.
     cache: Option<Arc<CompileCache>>,
+    /// Per-plugin limits and settings.
+    policies: Policies,
 }
 
 /// Compiled plugins on disk, keyed by the file's contents and the engine's
@@ -199,6 +271,17 @@ impl Sandbox {
         max_concurrent_tasks: usize,
         cache_dir: Option<&Path>,
     ) -> Result<Arc<Self>, PluginError> {
+        Self::with_options(limits, max_concurrent_tasks, cache_dir, Policies::default())
+    }
+
+    /// The full constructor: `limits.memory_bytes` must be the largest cap
+    /// any policy gives (it sizes the pool's memory slots).
+    pub fn with_options(
+        limits: Limits,
+        max_concurrent_tasks: usize,
+        cache_dir: Option<&Path>,
+        policies: Policies,
+    ) -> Result<Arc<Self>, PluginError> {
         let engine_error = |e: wasmtime::Error| PluginError::Engine(format!("{e:#}"));
         // Each task may hold a nested tool-call instance; a few spare slots
         // serve plugin loading.
@@ -272,6 +355,7 @@ impl Sandbox {
             ticker_stop,
             guests: Some(guests),
             cache,
+            policies,
         }))
     }
 
@@ -347,6 +431,7 @@ impl Sandbox {
             validators.insert(tool.name.clone(), validator);
         }
         Ok(Plugin {
+            policy: self.policies.resolve(&manifest.id, &self.limits),
             stamp: crate::wire::plugin_stamp(&manifest.id, &manifest.version),
             manifest,
             path,
@@ -484,6 +569,8 @@ pub struct Plugin {
     pub digest: u64,
     /// Whether the compiled code came from the compile cache.
     pub from_cache: bool,
+    /// Its limits and settings.
+    pub policy: Policy,
     /// `{"plugin_id", "plugin_version"}`, merged into its tasks' event metadata.
     pub stamp: Arc<serde_json::value::RawValue>,
     pre: AgentPre<TaskState>,
@@ -608,7 +695,7 @@ impl Plugin {
     }
 
     fn instantiate_store(&self, host: TaskHost) -> Result<Store<TaskState>, CallError> {
-        let state = TaskState::new(host, &self.sandbox.limits)
+        let state = TaskState::new(host, self.policy.memory_bytes, &self.sandbox.limits)
             .map_err(|e| CallError::Trap(format!("cannot prepare the sandbox: {e}")))?;
         Ok(self.sandbox.store(state))
     }

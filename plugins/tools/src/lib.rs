@@ -8,7 +8,9 @@
 //!   `{"ok": result}` or `{"error": {"kind", "message"}}`;
 //! - `{"workers": true}`: the cluster's active workers;
 //! - `{"render": PROMPT, "variables": {...}}`: renders a prompt template,
-//!   answers `{"ok": text}` or `{"error": ...}`.
+//!   answers `{"ok": text}` or `{"error": ...}`;
+//! - `{"config": KEY}`: the plugin's configuration value, `{"value": ...}`;
+//! - `{"allocate_mb": N}`: grows its memory by N MiB (to show the cap).
 
 use byclaw_plugin_sdk::{
     Agent, Command, Error, Manifest, Prompt, Tool, agents, emit, export_agent, prompts, tools,
@@ -89,6 +91,11 @@ impl Agent for Tools {
                     json!({ "error": { "kind": kind(&error), "message": error.to_string() } })
                 }
             }
+        } else if let Some(key) = request["config"].as_str() {
+            json!({ "value": byclaw_plugin_sdk::config(key) })
+        } else if let Some(mb) = request["allocate_mb"].as_u64() {
+            let block = vec![1u8; (mb as usize) << 20];
+            json!({ "allocated_mb": mb, "checksum": block.iter().map(|b| *b as u64).sum::<u64>() >> 20 })
         } else if request["workers"] == json!(true) {
             let workers: Vec<Value> = agents::active_workers()?
                 .into_iter()

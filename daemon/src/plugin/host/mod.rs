@@ -42,6 +42,8 @@ pub struct Services {
     pub plugins: Arc<ArcSwap<PluginTable>>,
     /// Woken when `plugins` was swapped.
     pub plugins_changed: Arc<tokio::sync::Notify>,
+    /// Woken when a task under a plugin's own concurrency limit ends.
+    pub plugin_slot_freed: Arc<tokio::sync::Notify>,
     /// Replies awaited by tasks running here.
     pub waiters: Arc<Waiters>,
     /// The daemon's concurrency permits; a task waiting for a reply gives
@@ -189,7 +191,7 @@ pub struct TaskState {
 }
 
 impl TaskState {
-    pub(crate) fn new(host: TaskHost, limits: &Limits) -> std::io::Result<Self> {
+    pub(crate) fn new(host: TaskHost, memory_bytes: usize, limits: &Limits) -> std::io::Result<Self> {
         let wasi = wasi_context(
             host.shared.dirs.as_ref(),
             host.shared.plugin_label.clone(),
@@ -198,7 +200,7 @@ impl TaskState {
         Ok(TaskState {
             wasi,
             table: ResourceTable::new(),
-            limiter: MemoryCap::new(limits.memory_bytes),
+            limiter: MemoryCap::new(memory_bytes),
             host: Some(host),
             max_event_bytes: limits.max_event_bytes,
         })

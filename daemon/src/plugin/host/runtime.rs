@@ -1,4 +1,4 @@
-//! `runtime`: logging and the cancel flag.
+//! `runtime`: logging, the cancel flag, the plugin's configuration values.
 
 use super::TaskState;
 use crate::plugin::bindings::LogLevel;
@@ -32,6 +32,11 @@ impl Host for TaskState {
             LogLevel::Error => tracing::error!(%plugin, %message_id, "{text}"),
         }
         Ok(())
+    }
+
+    async fn get_config(&mut self, key: String) -> wasmtime::Result<Option<String>> {
+        let host = self.host("get-config")?;
+        Ok(host.plugin.policy.config.get(&key).cloned())
     }
 
     async fn is_cancelled(&mut self) -> wasmtime::Result<bool> {

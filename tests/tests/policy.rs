@@ -1,0 +1,107 @@
+//! Per-plugin policy from `[plugins.<id>]`: memory cap, concurrency limit,
+//! configuration values; other plugins keep the daemon-wide defaults.
+
+use gatewayd::client::Client;
+use gatewayd::config::PluginPolicy;
+use integration_tests::*;
+use serde_json::{Value, json};
+use std::time::Duration;
+
+const LONG: Duration = Duration::from_secs(30);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_plugin_gets_its_own_limits_and_settings() -> anyhow::Result<()> {
+    let mut bed = TestBed::start(&["tools", "faults"], "tools", |config| {
+        config.plugins.policy.insert(
+            "tools".into(),
+            PluginPolicy {
+                memory_limit_mb: Some(24),
+                config: [("api_key".to_owned(), "sekret".to_owned())].into(),
+                ..PluginPolicy::default()
+            },
+        );
+        config.plugins.policy.insert(
+            "faults".into(),
+            PluginPolicy {
+                max_concurrency: Some(1),
+                ..PluginPolicy::default()
+            },
+        );
+    })
+    .await?;
+    let client = Client::connect(&bed.redis.url()).await?;
+    let mut ask = async |request: Value| -> anyhow::Result<Vec<Value>> {
+        let session = format!("sess-{}", suffix());
+        let sent = client.send("tools", &session, &request.to_string(), json!({})).await?;
+        task_events(&mut bed.conn, &session, &sent.message_id, LONG).await
+    };
+
+    let events = ask(json!({"config": "api_key"})).await?;
+    assert_eq!(task_result(&events).unwrap(), &json!({"value": "sekret"}));
+    let events = ask(json!({"config": "unset"})).await?;
+    assert_eq!(task_result(&events).unwrap(), &json!({"value": null}));
+
+    let events = ask(json!({"allocate_mb": 8})).await?;
+    assert_eq!(task_result(&events).unwrap()["allocated_mb"], 8);
+    let events = ask(json!({"allocate_mb": 32})).await?;
+    let terminal = states(&events).pop().unwrap();
+    assert!(terminal.starts_with("FAILED: memory limit of 24 MiB exceeded"), "{terminal}");
+
+    // faults may run one task at a time: three slow tasks run one after
+    // the other (first tick to COMPLETED never overlap).
+    let mut sent = Vec::new();
+    for _ in 0..3 {
+        sent.push(send_ask(&mut bed.conn, "slow", "300").await?);
+    }
+    let mut spans = Vec::new();
+    for task in &sent {
+        let events = events_until_terminal(&mut bed.conn, &task.session_id, LONG).await?;
+        assert_eq!(delta_content(events.last().unwrap()), "COMPLETED");
+        let start = events.first().unwrap()["timestamp"].as_u64().unwrap();
+        let end = events.last().unwrap()["timestamp"].as_u64().unwrap();
+        spans.push((start, end));
+    }
+    spans.sort();
+    for pair in spans.windows(2) {
+        assert!(pair[0].1 <= pair[1].0, "tasks of faults overlapped: {spans:?}");
+    }
+    bed.daemon.stop().await?;
+    Ok(())
+}
+
+#[test]
+fn policy_tables_are_checked_key_by_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gateway.toml");
+    std::fs::write(
+        &file,
+        "[plugins]\nmax_concurrency = 4\n[plugins.planner]\nmemory_limit_mb = 9000\nmax_concurency = 2\n\
+         [plugins.planner.config]\nendpoint = \"https://example.test\"\n[plugins.\"Bad Id\"]\ndeadline_s = 5\n\
+         [plugins.tools]\ndeadline_s = 0\nmax_concurrency = 3\n",
+    )
+    .unwrap();
+    let errors = gatewayd::config::Config::load_from(Some(&file), Vec::new(), &Default::default())
+        .unwrap_err()
+        .to_string();
+    for expected in [
+        "plugins.planner.memory_limit_mb: must be between 1 and 4096",
+        "plugins.planner.max_concurency: unknown key",
+        "plugins.Bad Id: unknown key; a table here is a plugin's policy",
+        "plugins.tools.deadline_s: must be at least 1",
+    ] {
+        assert!(errors.contains(expected), "missing {expected:?} in:\n{errors}");
+    }
+
+    std::fs::write(
+        &file,
+        "[plugins.planner]\nmax_concurrency = 2\ndeadline_s = 60\n[plugins.planner.config]\nendpoint = \"https://example.test\"\n",
+    )
+    .unwrap();
+    let config =
+        gatewayd::config::Config::load_from(Some(&file), Vec::new(), &Default::default()).unwrap();
+    assert_eq!(config.plugins.max_concurrency_of("planner"), Some(2));
+    assert_eq!(config.plugins.max_concurrency_of("tools"), None);
+    assert_eq!(config.plugins.deadline_of("planner"), Duration::from_secs(60));
+    assert_eq!(config.plugins.deadline_of("tools"), Duration::from_secs(300));
+    assert_eq!(config.plugins.policy["planner"].config["endpoint"], "https://example.test");
+}
