@@ -28,6 +28,8 @@ pub struct Config {
     pub workspace: WorkspaceConfig,
     /// Lifetime and size of the streams we write, and the event writer.
     pub streams: StreamsConfig,
+    /// Where session history (the user's and the agents' messages) is kept.
+    pub history: HistoryConfig,
     /// Logging.
     pub log: LogConfig,
 }
@@ -377,6 +379,93 @@ impl Default for StreamsConfig {
     }
 }
 
+/// `[history]`: the store of session messages (see [`crate::history`]).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistoryConfig {
+    /// Which store: Redis (shared by every worker of the cluster), the
+    /// reference's PostgreSQL table, or none.
+    pub backend: HistoryBackend,
+    /// Redis: newest entries kept per session; older ones are trimmed.
+    pub max_entries: usize,
+    /// Redis: EXPIRE of a session's history list, refreshed on every write, seconds.
+    pub ttl_s: u64,
+    /// Most entries injected into a task as `extra_payload.history`.
+    pub inject_limit: usize,
+    /// Bound of the write queue, in entries; when full, entries are dropped
+    /// (counted and logged) rather than slowing a task down.
+    pub queue: usize,
+    /// Most entries written in one round trip (pipeline or INSERT).
+    pub write_batch: usize,
+    /// Deadline of one write attempt, milliseconds.
+    pub write_timeout_ms: u64,
+    /// Attempts at one batch before its entries are dropped (counted and logged).
+    pub write_attempts: u32,
+    /// First wait between attempts, milliseconds; doubled each time, at most 5 s.
+    pub write_backoff_ms: u64,
+    /// Deadline of one read, milliseconds; a read that fails or is late
+    /// yields no history (counted and logged), never a failed task.
+    pub read_timeout_ms: u64,
+    /// PostgreSQL connection string (URL or `key=value` form); required by
+    /// the postgres backend. Reference name: BYAI_HISTORY_PG_DSN.
+    pub postgres_dsn: Option<String>,
+    /// Most pooled PostgreSQL connections.
+    pub postgres_pool: usize,
+}
+
+impl HistoryConfig {
+    /// `ttl_s`.
+    pub fn ttl(&self) -> Duration {
+        Duration::from_secs(self.ttl_s)
+    }
+
+    /// `write_timeout_ms`.
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_millis(self.write_timeout_ms)
+    }
+
+    /// `write_backoff_ms`.
+    pub fn write_backoff(&self) -> Duration {
+        Duration::from_millis(self.write_backoff_ms)
+    }
+
+    /// `read_timeout_ms`.
+    pub fn read_timeout(&self) -> Duration {
+        Duration::from_millis(self.read_timeout_ms)
+    }
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        HistoryConfig {
+            backend: HistoryBackend::Redis,
+            max_entries: 200,
+            ttl_s: 604_800,
+            inject_limit: 10,
+            queue: 10_000,
+            write_batch: 500,
+            write_timeout_ms: 5000,
+            write_attempts: 5,
+            write_backoff_ms: 200,
+            read_timeout_ms: 2000,
+            postgres_dsn: None,
+            postgres_pool: 8,
+        }
+    }
+}
+
+/// Where session history is kept.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum HistoryBackend {
+    /// A capped list per session in the Redis of the streams.
+    Redis,
+    /// The reference SDK's `gateway_session_messages` table.
+    Postgres,
+    /// Nothing is stored; tasks get no history.
+    Off,
+}
+
 /// `[log]`
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -479,6 +568,7 @@ const REFERENCE_ENV: &[(&str, &str, &str)] = &[
     ("BYAI_WORKER_CONCURRENCY", "worker", "max_concurrency"),
     ("BYAI_WORKER_FETCH_COUNT", "worker", "fetch_count"),
     ("LOG_LEVEL", "log", "level"),
+    ("BYAI_HISTORY_PG_DSN", "history", "postgres_dsn"),
 ];
 
 /// Prefix of our own environment variables: `GATEWAYD_<TABLE>__<KEY>`.
@@ -536,7 +626,11 @@ impl Config {
             if let Some((_, value)) = env.iter().find(|(n, _)| n == name) {
                 let value = match *name {
                     // The reference reads an empty one as none.
-                    "REDIS_PASSWORD" | "REDIS_USERNAME" if value.is_empty() => continue,
+                    "REDIS_PASSWORD" | "REDIS_USERNAME" | "BYAI_HISTORY_PG_DSN"
+                        if value.is_empty() =>
+                    {
+                        continue;
+                    }
                     "LOG_LEVEL" => python_level(value),
                     _ => typed(&defaults, table, key, value),
                 };
@@ -721,6 +815,25 @@ impl Config {
             "plugins.max_event_bytes",
             "must be at least 1024",
         );
+        for (id, policy) in &p.policy {
+            check(
+                policy
+                    .memory_limit_mb
+                    .is_none_or(|mb| (1..=4096).contains(&mb)),
+                &format!("plugins.{id}.memory_limit_mb"),
+                "must be between 1 and 4096",
+            );
+            check(
+                policy.deadline_s != Some(0),
+                &format!("plugins.{id}.deadline_s"),
+                "must be at least 1",
+            );
+            check(
+                policy.max_concurrency != Some(0),
+                &format!("plugins.{id}.max_concurrency"),
+                "must be at least 1 (leave it out for no limit of its own)",
+            );
+        }
         check(
             (10..=60_000).contains(&p.reload_debounce_ms),
             "plugins.reload_debounce_ms",
@@ -746,30 +859,12 @@ impl Config {
             "streams.writer_queue",
             "must be at least 1",
         );
-        for (id, policy) in &p.policy {
-            check(
-                policy
-                    .memory_limit_mb
-                    .is_none_or(|mb| (1..=4096).contains(&mb)),
-                &format!("plugins.{id}.memory_limit_mb"),
-                "must be between 1 and 4096",
-            );
-            check(
-                policy.deadline_s != Some(0),
-                &format!("plugins.{id}.deadline_s"),
-                "must be at least 1",
-            );
-            check(
-                policy.max_concurrency != Some(0),
-                &format!("plugins.{id}.max_concurrency"),
-                "must be at least 1 (leave it out for no limit of its own)",
-            );
-        }
         check(
             self.streams.writer_batch >= 1,
             "streams.writer_batch",
             "must be at least 1",
         );
+        self.validate_history(&mut check);
         let r = &self.redis;
         check(r.port != 0, "redis.port", "must not be 0");
         match &r.url {
@@ -807,6 +902,88 @@ impl Config {
             Ok(())
         } else {
             Err(ConfigErrors { errors })
+        }
+    }
+}
+
+impl Config {
+    /// The rules of `[history]`.
+    fn validate_history(&self, check: &mut impl FnMut(bool, &str, &str)) {
+        let h = &self.history;
+        check(
+            (1..=100_000).contains(&h.max_entries),
+            "history.max_entries",
+            "must be between 1 and 100000",
+        );
+        check(h.ttl_s >= 1, "history.ttl_s", "must be at least 1");
+        check(
+            h.inject_limit <= 1000,
+            "history.inject_limit",
+            "must be at most 1000",
+        );
+        if h.backend == HistoryBackend::Redis {
+            check(
+                h.inject_limit <= h.max_entries,
+                "history.inject_limit",
+                "must be at most history.max_entries, which is all Redis keeps",
+            );
+        }
+        check(
+            (1..=10_000_000).contains(&h.queue),
+            "history.queue",
+            "must be between 1 and 10000000",
+        );
+        check(
+            (1..=10_000).contains(&h.write_batch),
+            "history.write_batch",
+            "must be between 1 and 10000",
+        );
+        check(
+            h.write_timeout_ms >= 1,
+            "history.write_timeout_ms",
+            "must be at least 1",
+        );
+        check(
+            (1..=100).contains(&h.write_attempts),
+            "history.write_attempts",
+            "must be between 1 and 100",
+        );
+        check(
+            (1..=60_000).contains(&h.write_backoff_ms),
+            "history.write_backoff_ms",
+            "must be between 1 and 60000",
+        );
+        check(
+            h.read_timeout_ms >= 1,
+            "history.read_timeout_ms",
+            "must be at least 1",
+        );
+        check(
+            (1..=1000).contains(&h.postgres_pool),
+            "history.postgres_pool",
+            "must be between 1 and 1000",
+        );
+        match h.postgres_dsn.as_deref().filter(|dsn| !dsn.is_empty()) {
+            Some(dsn) => {
+                if let Err(error) = dsn.parse::<tokio_postgres::Config>() {
+                    // The error shows only its kind; its cause names the
+                    // faulty option, never the password.
+                    let reason = match std::error::Error::source(&error) {
+                        Some(cause) => format!("{error}: {cause}"),
+                        None => error.to_string(),
+                    };
+                    check(
+                        false,
+                        "history.postgres_dsn",
+                        &format!("is not a usable PostgreSQL connection string: {reason}"),
+                    );
+                }
+            }
+            None => check(
+                h.backend != HistoryBackend::Postgres,
+                "history.postgres_dsn",
+                "must be set when history.backend is postgres (or set BYAI_HISTORY_PG_DSN)",
+            ),
         }
     }
 }

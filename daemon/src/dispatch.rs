@@ -7,8 +7,10 @@
 //! abandoned entries, the worker's control stream).
 
 use crate::broker::{self, Delivery};
+use crate::config::HistoryBackend;
 use crate::events::{Write, Writer};
 use crate::executions::{Begin, CancelLookup, NewExecution, Registry};
+use crate::history::{HistoryEntry, Role};
 use crate::plugin::{AwaitedChild, CallError, CancelSignal, Services, TaskHost, TaskShared};
 use crate::routing::{self, Reply, Route, WaitKey};
 use crate::wire::{self, Action, ControlCommand, EventOrigin, keys, state};
@@ -48,6 +50,8 @@ pub struct Settings {
     pub claim_idle: Duration,
     /// How often pending entries are checked and our own renewed.
     pub claim_interval: Duration,
+    /// How many history entries go into `extra_payload.history`.
+    pub history_inject: usize,
 }
 
 /// A task in progress on this worker.
@@ -403,14 +407,19 @@ impl Dispatcher {
         &self,
         delivery: Delivery,
         agent_type: String,
-        command: ControlCommand,
+        mut command: ControlCommand,
         permit: OwnedSemaphorePermit,
     ) {
+        let history = &self.services.history;
+        let inject = matches!(command.action, Action::AskAgent { .. })
+            && history.backend() != HistoryBackend::Off;
         let header = &command.header;
-        let begin = self
-            .executions
-            .begin(
-                &mut self.services.redis.clone(),
+        // The session's history is read alongside the replay check: no
+        // round trip of its own on the way to the plugin.
+        let mut conn = self.services.redis.clone();
+        let (begin, recent) = tokio::join!(
+            self.executions.begin(
+                &mut conn,
                 NewExecution {
                     message_id: &header.message_id,
                     session_id: &header.session_id,
@@ -419,8 +428,17 @@ impl Dispatcher {
                     stream_name: &delivery.stream,
                     redis_message_id: &delivery.id,
                 },
-            )
-            .await;
+            ),
+            async {
+                if inject {
+                    history
+                        .recent(&header.session_id, self.settings.history_inject)
+                        .await
+                } else {
+                    Vec::new()
+                }
+            }
+        );
         let mut execution = match begin {
             Ok(Begin::Run(execution)) => execution,
             Ok(Begin::Terminal {
@@ -442,6 +460,35 @@ impl Dispatcher {
             }
         };
 
+        if let Action::AskAgent {
+            content,
+            extra_payload,
+            ..
+        } = &mut command.action
+            && inject
+        {
+            // As the reference: history before this message is injected,
+            // then the message is saved.
+            if let Some(payload) = extra_payload.as_object_mut() {
+                payload.insert(
+                    "history".into(),
+                    serde_json::to_value(&recent).expect("history entries serialize"),
+                );
+            }
+            let text = match content {
+                serde_json::Value::String(text) => text.clone(),
+                other => other.to_string(),
+            };
+            let header = &command.header;
+            history.record(
+                &header.session_id,
+                HistoryEntry::new(Role::User, text).with_metadata(serde_json::json!({
+                    "message_id": header.message_id,
+                    "trace_id": header.trace_id,
+                })),
+            );
+        }
+        let header = &command.header;
         let cancel = Arc::new(CancelSignal::default());
         if execution.cancel_requested {
             cancel.request(&execution.cancel_reason);
@@ -659,6 +706,9 @@ impl Dispatcher {
             deadline_at: tokio::time::Instant::now() + plugin.policy.deadline,
             permit: Mutex::new(Some(permit)),
             awaiting,
+            reply: Mutex::new(
+                (self.services.history.backend() != HistoryBackend::Off).then(String::new),
+            ),
             services: self.services.clone(),
         });
         if let Action::Resume { .. } = command.action {
@@ -677,7 +727,7 @@ impl Dispatcher {
             }
         }
         let host = TaskHost {
-            shared,
+            shared: shared.clone(),
             plugin: plugin.clone(),
             depth: 0,
         };
@@ -696,7 +746,10 @@ impl Dispatcher {
             return Outcome::Cancelled(cancel.reason());
         }
         match result {
-            Ok(Ok(json)) => Outcome::Completed(json),
+            Ok(Ok(json)) => {
+                shared.finish_reply();
+                Outcome::Completed(json)
+            }
             Ok(Err(error @ CallError::Guest(_))) => Outcome::Failed(error.to_string()),
             Ok(Err(CallError::Trap(reason))) => {
                 if reason.contains("the daemon is stopping") {

@@ -17,6 +17,7 @@ pub mod config;
 pub mod dispatch;
 pub mod events;
 pub mod executions;
+pub mod history;
 pub mod plugin;
 pub mod registry;
 pub mod reload;
@@ -49,6 +50,8 @@ pub enum RunError {
     Redis(#[from] broker::BrokerError),
     #[error(transparent)]
     Registry(#[from] registry::RegistryError),
+    #[error(transparent)]
+    History(#[from] history::HistoryError),
     #[error("cannot start the workspace thread: {0}")]
     Workspace(std::io::Error),
 }
@@ -138,6 +141,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         },
         force_stop.clone(),
     );
+    let history = history::History::start(&config.history, &url).await?;
     let permits = Arc::new(Semaphore::new(worker.max_concurrency));
     let plugins_changed = Arc::new(tokio::sync::Notify::new());
     let services = Arc::new(plugin::Services {
@@ -149,6 +153,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         waiters: Arc::new(routing::Waiters::default()),
         permits: permits.clone(),
         waiting_slots: Arc::new(Semaphore::new(worker.max_waiting)),
+        history: history.clone(),
     });
     let dispatcher = dispatch::Dispatcher::new(
         dispatch::Settings {
@@ -163,6 +168,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             block,
             claim_idle: Duration::from_millis(worker.claim_idle_ms),
             claim_interval: Duration::from_millis(worker.claim_interval_ms),
+            history_inject: config.history.inject_limit,
         },
         writer,
         executions::Registry::new(config.streams.session_ttl_s),
@@ -251,6 +257,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     {
         tracing::warn!("event writer did not drain within 10 s; giving up on queued writes");
         force_stop.cancel();
+    }
+    // Replies saved by the last tasks are written before the daemon goes.
+    if let Err(error) = history.close(Duration::from_secs(5)).await {
+        tracing::warn!(%error, "session history not fully written at shutdown");
     }
     match membership.leave(&mut commands).await {
         Ok(()) => tracing::info!(worker_id = %worker.id, "worker unregistered"),

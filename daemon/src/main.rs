@@ -1,8 +1,12 @@
-//! The `gatewayd` command: flags, logging, signals; the daemon is [`gatewayd::run`].
+//! The `gatewayd` command: flags, logging, signals; the daemon is
+//! [`gatewayd::run`]. Operator commands (`gatewayd history ...`) are
+//! variants of [`Command`], each a small function over the library.
 
 use anyhow::Context as _;
-use clap::Parser;
-use gatewayd::config::{Config, LogFormat, Overrides};
+use clap::{Parser, Subcommand};
+use gatewayd::config::{Config, HistoryBackend, LogFormat, Overrides};
+use gatewayd::history::History;
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
@@ -14,33 +18,67 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Runs AI agents as sandboxed WebAssembly components, fed by Redis Streams.
 ///
-/// Settings come from defaults, then the TOML file, then the environment
-/// (GATEWAYD_<TABLE>__<KEY>, and the reference SDK's REDIS_HOST, REDIS_PORT,
-/// BYAI_WORKER_CONCURRENCY, ...), then these flags.
+/// Without a command, runs the daemon. Settings come from defaults, then the
+/// TOML file, then the environment (GATEWAYD_<TABLE>__<KEY>, and the
+/// reference SDK's REDIS_HOST, REDIS_PORT, BYAI_WORKER_CONCURRENCY, ...),
+/// then these flags.
 #[derive(Debug, Parser)]
 #[command(name = "gatewayd", version)]
 struct Cli {
     /// TOML configuration file (see config/gateway.toml).
-    #[arg(long, short = 'c', value_name = "FILE")]
+    #[arg(long, short = 'c', value_name = "FILE", global = true)]
     config: Option<PathBuf>,
     /// Redis URL, e.g. redis://127.0.0.1:6379/0 (overrides [redis]).
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", global = true)]
     redis_url: Option<String>,
+    /// Log format (overrides log.format).
+    #[arg(long, value_enum, global = true)]
+    log_format: Option<LogFormat>,
+    /// Log filter, e.g. `info` or `gatewayd=debug` (overrides log.level;
+    /// commands other than the daemon log warnings and errors only unless
+    /// given).
+    #[arg(long, value_name = "FILTER", global = true)]
+    log_level: Option<String>,
+    #[command(flatten)]
+    daemon: DaemonArgs,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+/// Flags of the daemon itself (no command).
+#[derive(Debug, clap::Args)]
+struct DaemonArgs {
     /// Directory of plugin `*.wasm` components (overrides plugins.dir).
     #[arg(long, value_name = "DIR")]
     plugin_dir: Option<PathBuf>,
     /// Worker id: consumer name and registry identity (overrides worker.id).
     #[arg(long, value_name = "ID")]
     worker_id: Option<String>,
-    /// Log format (overrides log.format).
-    #[arg(long, value_enum)]
-    log_format: Option<LogFormat>,
-    /// Log filter, e.g. `info` or `gatewayd=debug` (overrides log.level).
-    #[arg(long, value_name = "FILTER")]
-    log_level: Option<String>,
     /// Check the configuration and exit.
     #[arg(long)]
     check_config: bool,
+}
+
+/// Operator commands; they use the configured Redis and stores.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print a session's history, oldest first: `role: content` per entry,
+    /// or one JSON object per line.
+    History(HistoryArgs),
+}
+
+/// `gatewayd history SESSION_ID [--limit N] [--json]`.
+#[derive(Debug, clap::Args)]
+struct HistoryArgs {
+    /// The session.
+    #[arg(value_name = "SESSION_ID")]
+    session_id: String,
+    /// Newest entries to show [default: history.max_entries].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    limit: Option<u32>,
+    /// One JSON object ({"role", "content", "metadata"}) per line.
+    #[arg(long)]
+    json: bool,
 }
 
 fn main() -> ExitCode {
@@ -52,12 +90,18 @@ fn main() -> ExitCode {
         unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
     }
     let cli = Cli::parse();
+    // An operator command prints its result; the daemon's info lines would
+    // only get in the way.
+    let log_level = match (&cli.command, cli.log_level) {
+        (Some(_), None) => Some("warn".to_owned()),
+        (_, level) => level,
+    };
     let overrides = Overrides {
         redis_url: cli.redis_url,
-        plugin_dir: cli.plugin_dir,
-        worker_id: cli.worker_id,
+        plugin_dir: cli.daemon.plugin_dir,
+        worker_id: cli.daemon.worker_id,
         log_format: cli.log_format,
-        log_level: cli.log_level,
+        log_level,
     };
     let config = match Config::load(cli.config.as_deref(), &overrides) {
         Ok(config) => config,
@@ -66,7 +110,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if cli.check_config {
+    if cli.daemon.check_config {
         println!("configuration is valid");
         return ExitCode::SUCCESS;
     }
@@ -74,6 +118,13 @@ fn main() -> ExitCode {
         eprintln!("gatewayd: {error:#}");
         return ExitCode::from(2);
     }
+    match cli.command {
+        None => run_daemon(config),
+        Some(command) => run_command(config, command),
+    }
+}
+
+fn run_daemon(config: Config) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -91,6 +142,69 @@ fn main() -> ExitCode {
             eprintln!("gatewayd: {error}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn run_command(config: Config, command: Command) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("gatewayd: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match command {
+            Command::History(args) => print_history(&config, args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("gatewayd: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `gatewayd history SESSION_ID [--limit N] [--json]`.
+async fn print_history(config: &Config, args: HistoryArgs) -> anyhow::Result<()> {
+    if config.history.backend == HistoryBackend::Off {
+        anyhow::bail!("history.backend is off: no history is kept");
+    }
+    // Errors are rendered here, once: their messages already include their
+    // causes, which `{:#}` would print again.
+    let history = History::start(&config.history, &config.redis.connection_url())
+        .await
+        .map_err(|error| anyhow::anyhow!("cannot open the history store: {error}"))?;
+    let limit = args
+        .limit
+        .map_or(config.history.max_entries, |limit| limit as usize);
+    let entries = history
+        .read(&args.session_id, limit)
+        .await
+        .map_err(|error| {
+            anyhow::anyhow!(
+                "cannot read the history of session {}: {error}",
+                args.session_id
+            )
+        })?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let written = entries.iter().try_for_each(|entry| {
+        if args.json {
+            serde_json::to_writer(&mut out, entry)?;
+            writeln!(out)
+        } else {
+            writeln!(out, "{}: {}", entry.role, entry.content)
+        }
+    });
+    match written.and_then(|()| out.flush()) {
+        // `gatewayd history S | head` closes the pipe early; that is fine.
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.context("cannot write to standard output"),
     }
 }
 

@@ -435,6 +435,8 @@ pub mod content_type {
 pub mod event_type {
     pub const ANSWER_DELTA: &str = "answerDelta";
     pub const REASONING_LOG_DELTA: &str = "reasoningLogDelta";
+    /// Marks the end of the streamed reply (saved to history then).
+    pub const APP_STREAM_RESPONSE: &str = "appStreamResponse";
 }
 
 /// Lifecycle states the host emits.

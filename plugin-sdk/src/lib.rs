@@ -44,7 +44,8 @@
 //! The handler runs in a sandbox: it sees its task's workspace
 //! ([`Command::private_dir`], [`Command::public_dir`]) and nothing else of
 //! the file system, no network and no environment; host calls
-//! ([`emit`], [`tools`], [`agents`], [`user`], [`prompts`], [`log`], [`is_cancelled`])
+//! ([`emit`], [`tools`], [`agents`], [`user`], [`history`], [`prompts`], [`log`],
+//! [`is_cancelled`])
 //! look blocking.
 
 use serde_json::Value;
@@ -850,6 +851,40 @@ pub mod user {
                 content: serde_json::from_str(&reply.content).unwrap_or(Value::Null),
                 reply_data: serde_json::from_str(&reply.reply_data).unwrap_or(Value::Null),
                 extra_payload: serde_json::from_str(&reply.extra_payload).unwrap_or(Value::Null),
+            })
+            .map_err(Error::from_wit)
+    }
+}
+
+/// The session's history (shared by every worker of the cluster).
+pub mod history {
+    use super::{Error, host};
+    use serde_json::Value;
+
+    /// One message of the session.
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct HistoryEntry {
+        /// `user`, `assistant`, `system` or `tool`.
+        pub role: String,
+        pub content: String,
+        /// An object (`message_id`, `trace_id`, `agent_id`, ...).
+        pub metadata: Value,
+    }
+
+    /// The newest `limit` messages of this task's session, oldest first.
+    /// An ASK_AGENT also carries the newest ones (before it) in
+    /// `extra_payload.history`.
+    pub fn recent(limit: u32) -> Result<Vec<HistoryEntry>, Error> {
+        host::history::recent(limit)
+            .map(|entries| {
+                entries
+                    .into_iter()
+                    .map(|e| HistoryEntry {
+                        role: e.role,
+                        content: e.content,
+                        metadata: serde_json::from_str(&e.metadata).unwrap_or(Value::Null),
+                    })
+                    .collect()
             })
             .map_err(Error::from_wit)
     }

@@ -32,7 +32,9 @@ async fn each_plugin_gets_its_own_limits_and_settings() -> anyhow::Result<()> {
     let client = Client::connect(&bed.redis.url()).await?;
     let mut ask = async |request: Value| -> anyhow::Result<Vec<Value>> {
         let session = format!("sess-{}", suffix());
-        let sent = client.send("tools", &session, &request.to_string(), json!({})).await?;
+        let sent = client
+            .send("tools", &session, &request.to_string(), json!({}))
+            .await?;
         task_events(&mut bed.conn, &session, &sent.message_id, LONG).await
     };
 
@@ -45,7 +47,10 @@ async fn each_plugin_gets_its_own_limits_and_settings() -> anyhow::Result<()> {
     assert_eq!(task_result(&events).unwrap()["allocated_mb"], 8);
     let events = ask(json!({"allocate_mb": 32})).await?;
     let terminal = states(&events).pop().unwrap();
-    assert!(terminal.starts_with("FAILED: memory limit of 24 MiB exceeded"), "{terminal}");
+    assert!(
+        terminal.starts_with("FAILED: memory limit of 24 MiB exceeded"),
+        "{terminal}"
+    );
 
     // faults may run one task at a time: three slow tasks run one after
     // the other (first tick to COMPLETED never overlap).
@@ -63,7 +68,10 @@ async fn each_plugin_gets_its_own_limits_and_settings() -> anyhow::Result<()> {
     }
     spans.sort();
     for pair in spans.windows(2) {
-        assert!(pair[0].1 <= pair[1].0, "tasks of faults overlapped: {spans:?}");
+        assert!(
+            pair[0].1 <= pair[1].0,
+            "tasks of faults overlapped: {spans:?}"
+        );
     }
     bed.daemon.stop().await?;
     Ok(())
@@ -89,7 +97,10 @@ fn policy_tables_are_checked_key_by_key() {
         "plugins.Bad Id: unknown key; a table here is a plugin's policy",
         "plugins.tools.deadline_s: must be at least 1",
     ] {
-        assert!(errors.contains(expected), "missing {expected:?} in:\n{errors}");
+        assert!(
+            errors.contains(expected),
+            "missing {expected:?} in:\n{errors}"
+        );
     }
 
     std::fs::write(
@@ -101,7 +112,16 @@ fn policy_tables_are_checked_key_by_key() {
         gatewayd::config::Config::load_from(Some(&file), Vec::new(), &Default::default()).unwrap();
     assert_eq!(config.plugins.max_concurrency_of("planner"), Some(2));
     assert_eq!(config.plugins.max_concurrency_of("tools"), None);
-    assert_eq!(config.plugins.deadline_of("planner"), Duration::from_secs(60));
-    assert_eq!(config.plugins.deadline_of("tools"), Duration::from_secs(300));
-    assert_eq!(config.plugins.policy["planner"].config["endpoint"], "https://example.test");
+    assert_eq!(
+        config.plugins.deadline_of("planner"),
+        Duration::from_secs(60)
+    );
+    assert_eq!(
+        config.plugins.deadline_of("tools"),
+        Duration::from_secs(300)
+    );
+    assert_eq!(
+        config.plugins.policy["planner"].config["endpoint"],
+        "https://example.test"
+    );
 }

@@ -62,7 +62,9 @@ impl Host for TaskState {
             },
             metadata: None,
         };
-        self.push_event(&event).await
+        self.push_event(&event).await?;
+        self.host("emit")?.shared.add_to_reply(&text, false);
+        Ok(())
     }
 
     async fn emit_message(&mut self, chunk: Chunk) -> wasmtime::Result<()> {
@@ -95,7 +97,12 @@ impl Host for TaskState {
             },
             metadata: metadata.as_deref(),
         };
-        self.push_event(&event).await
+        self.push_event(&event).await?;
+        // `appStreamResponse` marks the end of the reply: it is saved now,
+        // as the reference does.
+        let end = chunk.event_type.as_deref() == Some(event_type::APP_STREAM_RESPONSE);
+        self.host("emit")?.shared.add_to_reply(&chunk.text, end);
+        Ok(())
     }
 
     async fn emit_state(&mut self, state: String) -> wasmtime::Result<()> {

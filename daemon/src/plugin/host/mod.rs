@@ -8,6 +8,7 @@
 
 mod agents;
 mod emit;
+mod history;
 mod prompts;
 mod runtime;
 mod tools;
@@ -52,6 +53,8 @@ pub struct Services {
     /// Bounds how many tasks may wait without holding a permit
     /// (`worker.max_waiting`); past it a waiting task keeps its permit.
     pub waiting_slots: Arc<Semaphore>,
+    /// The session history store (`history.recent`, replies saved).
+    pub history: crate::history::History,
 }
 
 /// A reply this task still waits for; when the task is cancelled the
@@ -90,10 +93,49 @@ pub struct TaskShared {
     /// Calls awaiting a reply; the dispatcher cancels them when the task is
     /// cancelled.
     pub awaiting: Arc<Mutex<Vec<AwaitedChild>>>,
+    /// The streamed reply so far, for the session history; `None` once saved
+    /// or when history is off.
+    pub reply: Mutex<Option<String>>,
     pub services: Arc<Services>,
 }
 
 impl TaskShared {
+    /// Adds streamed text to the reply; `end` saves the reply now.
+    pub(crate) fn add_to_reply(&self, text: &str, end: bool) {
+        let mut reply = self.reply.lock().expect("reply lock is never poisoned");
+        let Some(buffer) = reply.as_mut() else { return };
+        buffer.push_str(text);
+        if end {
+            let text = std::mem::take(buffer);
+            *reply = None;
+            drop(reply);
+            self.save_reply(text);
+        }
+    }
+
+    /// Saves the reply streamed so far, unless it was saved already (the
+    /// task completed without an end marker).
+    pub fn finish_reply(&self) {
+        let taken = self
+            .reply
+            .lock()
+            .expect("reply lock is never poisoned")
+            .take();
+        if let Some(text) = taken {
+            self.save_reply(text);
+        }
+    }
+
+    fn save_reply(&self, text: String) {
+        let entry = crate::history::HistoryEntry::new(crate::history::Role::Assistant, text)
+            .with_metadata(serde_json::json!({
+                "trace_id": self.origin.trace_id,
+                "agent_id": self.origin.agent_id,
+                "message_id": self.origin.message_id,
+            }));
+        self.services.history.record(&self.origin.session_id, entry);
+    }
+
     /// Gives the task's permit back while it waits, if a waiting slot is
     /// free. Returns the slot; hand it to [`TaskShared::resume_permit`].
     pub(crate) fn lend_permit(&self) -> Option<OwnedSemaphorePermit> {
@@ -191,7 +233,11 @@ pub struct TaskState {
 }
 
 impl TaskState {
-    pub(crate) fn new(host: TaskHost, memory_bytes: usize, limits: &Limits) -> std::io::Result<Self> {
+    pub(crate) fn new(
+        host: TaskHost,
+        memory_bytes: usize,
+        limits: &Limits,
+    ) -> std::io::Result<Self> {
         let wasi = wasi_context(
             host.shared.dirs.as_ref(),
             host.shared.plugin_label.clone(),
