@@ -65,6 +65,45 @@ enum Command {
     /// Print a session's history, oldest first: `role: content` per entry,
     /// or one JSON object per line.
     History(HistoryArgs),
+    /// Cancel a task as the reference client does (execution looked up in
+    /// the session registry, CANCEL_TASK to its worker). Prints NOT_FOUND,
+    /// SESSION_MISMATCH, ALREADY_FINISHED or CANCEL_REQUESTED; exits 1
+    /// unless CANCEL_REQUESTED.
+    Cancel(CancelArgs),
+    /// Inspect plugins without running the daemon.
+    #[command(subcommand)]
+    Plugins(PluginsCommand),
+}
+
+/// `gatewayd cancel MESSAGE_ID --session ID [--reason TEXT] [--force]`.
+#[derive(Debug, clap::Args)]
+struct CancelArgs {
+    /// The message id of the task.
+    #[arg(value_name = "MESSAGE_ID")]
+    message_id: String,
+    /// Its session.
+    #[arg(long, value_name = "ID")]
+    session: String,
+    /// Why (recorded in the execution and sent to the agent).
+    #[arg(long, default_value = "cancelled from the command line")]
+    reason: String,
+    /// Stop at once instead of letting the agent notice and return.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum PluginsCommand {
+    /// Validate a component against the agent world and print its manifest
+    /// (JSON); exits 1 when it would not load.
+    Check {
+        /// The `.wasm` file.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// List what the daemon would load from plugins.dir (JSON, one line per
+    /// plugin; rejected files on stderr).
+    List,
 }
 
 /// `gatewayd history SESSION_ID [--limit N] [--json]`.
@@ -159,6 +198,8 @@ fn run_command(config: Config, command: Command) -> ExitCode {
     let result = runtime.block_on(async {
         match command {
             Command::History(args) => print_history(&config, args).await,
+            Command::Cancel(args) => cancel(&config, args).await,
+            Command::Plugins(command) => plugins(&config, command).await,
         }
     });
     match result {
@@ -166,6 +207,90 @@ fn run_command(config: Config, command: Command) -> ExitCode {
         Err(error) => {
             eprintln!("gatewayd: {error:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// `gatewayd cancel MESSAGE_ID --session ID`.
+async fn cancel(config: &Config, args: CancelArgs) -> anyhow::Result<()> {
+    let client = gatewayd::client::Client::connect(&config.redis.connection_url())
+        .await
+        .map_err(|error| anyhow::anyhow!("{error}"))?;
+    let mode = if args.force {
+        gatewayd::client::CancelMode::Force
+    } else {
+        gatewayd::client::CancelMode::Graceful
+    };
+    let response = client
+        .cancel(&args.message_id, &args.session, &args.reason, mode)
+        .await
+        .map_err(|error| anyhow::anyhow!("{error}"))?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "status": response.status.as_str(),
+            "message_id": args.message_id,
+            "execution_id": response.execution_id,
+            "worker_id": response.worker_id,
+            "error": response.error,
+        })
+    );
+    if response.status == gatewayd::client::CancelStatus::CancelRequested {
+        Ok(())
+    } else {
+        anyhow::bail!("not cancelled: {}", response.status.as_str())
+    }
+}
+
+/// `gatewayd plugins check FILE` / `gatewayd plugins list`.
+async fn plugins(config: &Config, command: PluginsCommand) -> anyhow::Result<()> {
+    let limits = gatewayd::plugin::Limits {
+        memory_bytes: config.plugins.largest_memory_limit_bytes(),
+        deadline: config.plugins.deadline(),
+        max_event_bytes: config.plugins.max_event_bytes,
+    };
+    let sandbox = gatewayd::plugin::Sandbox::with_options(
+        limits,
+        2,
+        config.plugins.compile_cache_path().as_deref(),
+        gatewayd::plugin::Policies::from_config(&config.plugins),
+    )?;
+    match command {
+        PluginsCommand::Check { file } => {
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let plugin = sandbox
+                .load(file.clone(), &bytes)
+                .await
+                .map_err(|error| anyhow::anyhow!("{error}"))?;
+            println!("{}", serde_json::to_string_pretty(&plugin.manifest)?);
+            Ok(())
+        }
+        PluginsCommand::List => {
+            let loaded = gatewayd::plugin::loader::load_dir(&sandbox, &config.plugins.dir)
+                .await
+                .map_err(|error| anyhow::anyhow!("{error}"))?;
+            for plugin in loaded.table.plugins() {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "id": plugin.manifest.id,
+                        "version": plugin.manifest.version,
+                        "path": plugin.path,
+                        "capabilities": plugin.manifest.capabilities,
+                        "tools": plugin.manifest.tools.iter().map(|t| &t.name).collect::<Vec<_>>(),
+                        "workspace": plugin.manifest.workspace,
+                    })
+                );
+            }
+            for rejected in &loaded.rejected {
+                eprintln!("rejected: {rejected}");
+            }
+            if loaded.rejected.is_empty() {
+                Ok(())
+            } else {
+                anyhow::bail!("{} file(s) would not load", loaded.rejected.len())
+            }
         }
     }
 }
