@@ -219,6 +219,8 @@ pub struct PluginsConfig {
     pub compile_cache_dir: Option<PathBuf>,
     /// Most tasks of one plugin at once; 0: only `worker.max_concurrency`.
     pub max_concurrency: usize,
+    /// Where plugins may send HTTP requests (`wasi:http`); empty: nowhere.
+    pub allowed_outbound_hosts: Vec<String>,
     /// `[plugins.<id>]` tables: what one plugin gets instead of the above.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub policy: std::collections::BTreeMap<String, PluginPolicy>,
@@ -235,6 +237,8 @@ pub struct PluginPolicy {
     pub deadline_s: Option<u64>,
     /// Most of its tasks at once.
     pub max_concurrency: Option<usize>,
+    /// Where it may send HTTP requests, instead of `[plugins]`'s list.
+    pub allowed_outbound_hosts: Option<Vec<String>>,
     /// Values the plugin reads with `get-config(key)` (API keys, endpoints).
     /// Never logged.
     pub config: std::collections::BTreeMap<String, String>,
@@ -323,6 +327,7 @@ impl Default for PluginsConfig {
             compile_cache: true,
             compile_cache_dir: None,
             max_concurrency: 0,
+            allowed_outbound_hosts: Vec::new(),
             policy: std::collections::BTreeMap::new(),
         }
     }
@@ -815,7 +820,17 @@ impl Config {
             "plugins.max_event_bytes",
             "must be at least 1024",
         );
+        if let Err(why) = crate::plugin::OutboundHosts::parse(&p.allowed_outbound_hosts) {
+            check(false, "plugins.allowed_outbound_hosts", &why);
+        }
         for (id, policy) in &p.policy {
+            if let Some(Err(why)) = policy
+                .allowed_outbound_hosts
+                .as_deref()
+                .map(crate::plugin::OutboundHosts::parse)
+            {
+                check(false, &format!("plugins.{id}.allowed_outbound_hosts"), &why);
+            }
             check(
                 policy
                     .memory_limit_mb

@@ -85,7 +85,7 @@ fn policy_tables_are_checked_key_by_key() {
         &file,
         "[plugins]\nmax_concurrency = 4\n[plugins.planner]\nmemory_limit_mb = 9000\nmax_concurency = 2\n\
          [plugins.planner.config]\nendpoint = \"https://example.test\"\n[plugins.\"Bad Id\"]\ndeadline_s = 5\n\
-         [plugins.tools]\ndeadline_s = 0\nmax_concurrency = 3\n",
+         [plugins.tools]\ndeadline_s = 0\nmax_concurrency = 3\nallowed_outbound_hosts = [\"ftp://files.test\"]\n",
     )
     .unwrap();
     let errors = gatewayd::config::Config::load_from(Some(&file), Vec::new(), &Default::default())
@@ -96,6 +96,7 @@ fn policy_tables_are_checked_key_by_key() {
         "plugins.planner.max_concurency: unknown key",
         "plugins.Bad Id: unknown key; a table here is a plugin's policy",
         "plugins.tools.deadline_s: must be at least 1",
+        "plugins.tools.allowed_outbound_hosts: \"ftp://files.test\": the scheme must be http, https or *",
     ] {
         assert!(
             errors.contains(expected),
@@ -124,4 +125,69 @@ fn policy_tables_are_checked_key_by_key() {
         config.plugins.policy["planner"].config["endpoint"],
         "https://example.test"
     );
+}
+
+/// A one-route HTTP server on loopback: answers every request with `body`.
+async fn loopback_server(body: &'static str) -> anyhow::Result<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = socket.write_all(response.as_bytes()).await;
+            });
+        }
+    });
+    Ok(port)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_http_reaches_allowed_hosts_only() -> anyhow::Result<()> {
+    let port = loopback_server("hello from loopback").await?;
+    let other = loopback_server("you should not see this").await?;
+    let mut bed = TestBed::start(&["faults", "tools"], "fetch", |config| {
+        config.plugins.policy.insert(
+            "faults".into(),
+            PluginPolicy {
+                allowed_outbound_hosts: Some(vec![format!("http://127.0.0.1:{port}")]),
+                ..PluginPolicy::default()
+            },
+        );
+    })
+    .await?;
+    let mut fetch = async |url: String| -> anyhow::Result<Value> {
+        let sent = send_ask(&mut bed.conn, "fetch", &url).await?;
+        let events = events_until_terminal(&mut bed.conn, &sent.session_id, LONG).await?;
+        Ok(events.last().unwrap()["metadata"]["result"].clone())
+    };
+
+    let allowed = fetch(format!("http://127.0.0.1:{port}/hello")).await?;
+    assert_eq!(
+        allowed,
+        json!({"status": 200, "body": "hello from loopback"})
+    );
+    for denied in [
+        format!("http://127.0.0.1:{other}/"),
+        format!("http://localhost:{port}/"),
+        format!("https://127.0.0.1:{port}/"),
+    ] {
+        let result = fetch(denied.clone()).await?;
+        let error = result["error"].as_str().unwrap_or_default();
+        assert!(error.contains("HttpRequestDenied"), "{denied}: {result}");
+    }
+    bed.daemon.stop().await?;
+    Ok(())
 }

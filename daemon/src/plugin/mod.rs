@@ -10,7 +10,10 @@
 mod bindings;
 pub mod host;
 pub mod loader;
+mod outbound;
 mod sandbox;
+
+pub use outbound::OutboundHosts;
 
 pub use bindings::GuestError;
 
@@ -55,6 +58,8 @@ pub struct Policy {
     pub concurrency: Option<Arc<tokio::sync::Semaphore>>,
     /// What `get-config(key)` answers.
     pub config: Arc<std::collections::BTreeMap<String, String>>,
+    /// Where its HTTP requests may go.
+    pub outbound: Arc<OutboundHosts>,
 }
 
 /// Resolves the policy of each plugin id.
@@ -66,6 +71,8 @@ pub struct Policies {
     default_memory_bytes: Option<usize>,
     /// `[plugins.<id>]` tables.
     by_id: std::collections::BTreeMap<String, crate::config::PluginPolicy>,
+    /// `[plugins] allowed_outbound_hosts`.
+    default_outbound: Vec<String>,
     /// One semaphore per id, kept across versions of the plugin.
     semaphores: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Semaphore>>>,
 }
@@ -76,6 +83,7 @@ impl Policies {
         Policies {
             default_concurrency: config.max_concurrency,
             default_memory_bytes: Some(config.memory_limit_bytes()),
+            default_outbound: config.allowed_outbound_hosts.clone(),
             by_id: config.policy.clone(),
             semaphores: Default::default(),
         }
@@ -105,7 +113,13 @@ impl Policies {
                 .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(limit)))
                 .clone()
         });
+        let patterns = own
+            .and_then(|p| p.allowed_outbound_hosts.as_deref())
+            .unwrap_or(&self.default_outbound);
+        // Checked when the configuration was loaded; a bad list denies all.
+        let outbound = OutboundHosts::parse(patterns).unwrap_or_default();
         Policy {
+            outbound: Arc::new(outbound),
             memory_bytes,
             deadline,
             concurrency,
@@ -318,6 +332,9 @@ impl Sandbox {
         let engine = Engine::new(&config).map_err(engine_error)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(engine_error)?;
+        // Linked for every plugin (JavaScript components import it even
+        // when they never use it); requests are denied unless allowed.
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker).map_err(engine_error)?;
         Agent::add_to_linker::<_, HasSelf<TaskState>>(&mut linker, |state| state)
             .map_err(engine_error)?;
 

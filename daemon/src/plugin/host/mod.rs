@@ -224,6 +224,9 @@ pub struct TaskHost {
 pub struct TaskState {
     wasi: WasiCtx,
     table: ResourceTable,
+    /// `wasi:http` state, and the policy its requests pass.
+    http: wasmtime_wasi_http::WasiHttpCtx,
+    http_policy: super::outbound::OutboundPolicy,
     /// Enforces the memory cap and remembers that it did.
     pub(crate) limiter: MemoryCap,
     /// `None` only while reading a manifest, when no host call but `log` is allowed.
@@ -243,9 +246,15 @@ impl TaskState {
             host.shared.plugin_label.clone(),
             host.shared.message_id.clone(),
         )?;
+        let http_policy = super::outbound::OutboundPolicy {
+            allowed: host.plugin.policy.outbound.clone(),
+            plugin: host.shared.plugin_label.clone(),
+        };
         Ok(TaskState {
             wasi,
             table: ResourceTable::new(),
+            http: wasmtime_wasi_http::WasiHttpCtx::new(),
+            http_policy,
             limiter: MemoryCap::new(memory_bytes),
             host: Some(host),
             max_event_bytes: limits.max_event_bytes,
@@ -257,6 +266,11 @@ impl TaskState {
             wasi: wasi_context(None, Arc::from("loader"), Arc::from("-"))
                 .expect("a WASI context without directories cannot fail"),
             table: ResourceTable::new(),
+            http: wasmtime_wasi_http::WasiHttpCtx::new(),
+            http_policy: super::outbound::OutboundPolicy {
+                allowed: Arc::default(),
+                plugin: Arc::from("loader"),
+            },
             limiter: MemoryCap::new(limits.memory_bytes),
             host: None,
             max_event_bytes: limits.max_event_bytes,
@@ -275,6 +289,16 @@ impl WasiView for TaskState {
         WasiCtxView {
             ctx: &mut self.wasi,
             table: &mut self.table,
+        }
+    }
+}
+
+impl wasmtime_wasi_http::WasiHttpView for TaskState {
+    fn http(&mut self) -> wasmtime_wasi_http::WasiHttpCtxView<'_> {
+        wasmtime_wasi_http::WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.http_policy,
         }
     }
 }
