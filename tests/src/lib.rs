@@ -155,12 +155,13 @@ pub fn built_plugins() -> &'static Path {
     DIR.get_or_init(|| {
         let root = repo_root();
         // A target dir apart from the one `cargo test` holds locked.
-        // The test binary is `<target>/<profile>/deps/<name>`.
+        // The binary is `<target>/<profile>/deps/<test>` or
+        // `<target>/<profile>/<bin>`; cargo marks `<target>` with CACHEDIR.TAG.
         let exe = std::env::current_exe().expect("test binary path");
         let target = exe
             .ancestors()
-            .nth(3)
-            .expect("test binary inside a target directory")
+            .find(|dir| dir.join("CACHEDIR.TAG").is_file())
+            .expect("test binary inside a cargo target directory")
             .join("wasm-plugins");
         let out = target.join("out");
         let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
