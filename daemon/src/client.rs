@@ -153,14 +153,7 @@ impl Client {
         content: &str,
         extra_payload: Value,
     ) -> Result<Sent, ClientError> {
-        let header = Header {
-            message_id: wire::new_message_id(),
-            session_id: session_id.to_owned(),
-            trace_id: wire::new_trace_id(),
-            target_agent_type: agent_type.to_owned(),
-            metadata: json!({}),
-            ..Header::default()
-        };
+        let header = new_header(agent_type, session_id, "");
         let mut body = json!({ "content": content, "wait_for_reply": false });
         if extra_payload.as_object().is_some_and(|o| !o.is_empty()) {
             body["extra_payload"] = extra_payload;
@@ -179,15 +172,7 @@ impl Client {
         status: &str,
         reply_data: Value,
     ) -> Result<Sent, ClientError> {
-        let header = Header {
-            message_id: wire::new_message_id(),
-            session_id: session_id.to_owned(),
-            trace_id: wire::new_trace_id(),
-            target_agent_type: agent_type.to_owned(),
-            parent_message_id: parent_message_id.to_owned(),
-            metadata: json!({}),
-            ..Header::default()
-        };
+        let header = new_header(agent_type, session_id, parent_message_id);
         let body = json!({
             "content": content,
             "status": status,
@@ -274,5 +259,18 @@ impl Client {
             worker_id,
             error,
         })
+    }
+}
+
+/// The header of a new command from a client (no calling agent).
+fn new_header(agent_type: &str, session_id: &str, parent_message_id: &str) -> Header {
+    Header {
+        message_id: wire::new_message_id(),
+        session_id: session_id.to_owned(),
+        trace_id: wire::new_trace_id(),
+        target_agent_type: agent_type.to_owned(),
+        parent_message_id: parent_message_id.to_owned(),
+        metadata: json!({}),
+        ..Header::default()
     }
 }

@@ -325,30 +325,41 @@ async fn ask_user_is_answered_and_a_late_answer_runs_as_a_resume() -> anyhow::Re
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cancelling_a_waiting_caller_cancels_its_child() -> anyhow::Result<()> {
-    let mut bed = TestBed::start(
+/// A daemon with the planner family, and a planner task waiting in
+/// call-agent on a translator that is running (20 s of work).
+async fn planner_waiting_on_its_translator()
+-> anyhow::Result<(TestBed, Client, String, gatewayd::client::Sent, String)> {
+    let bed = TestBed::start(
         &["planner", "translator", "researcher", "tools"],
         "planner",
         |_| {},
     )
     .await?;
     let client = Client::connect(&bed.redis.url()).await?;
-    let conn = bed.conn.clone();
     let session = format!("sess-{}", suffix());
     let payload = json!({ "translate_delay_ms": 20000 });
     let sent = client
         .send("planner", &session, "hello world", payload)
         .await?;
-    let waiting = wait_event(&conn, &session, &sent.message_id, "WAITING_AGENT", |e| {
-        is_state(e, "WAITING_AGENT")
-    })
+    let waiting = wait_event(
+        &bed.conn,
+        &session,
+        &sent.message_id,
+        "WAITING_AGENT",
+        |e| is_state(e, "WAITING_AGENT"),
+    )
     .await?;
     let child = waiting["metadata"]["message_id"]
         .as_str()
         .unwrap()
         .to_owned();
-    wait_running(&conn, &session, &child).await?;
+    wait_running(&bed.conn, &session, &child).await?;
+    Ok((bed, client, session, sent, child))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_waiting_caller_cancels_its_child() -> anyhow::Result<()> {
+    let (mut bed, client, session, sent, child) = planner_waiting_on_its_translator().await?;
 
     let response = client
         .cancel(
@@ -435,28 +446,7 @@ async fn cancelling_a_waiting_caller_cancels_its_child() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_child_answers_its_caller_cancelled() -> anyhow::Result<()> {
-    let mut bed = TestBed::start(
-        &["planner", "translator", "researcher", "tools"],
-        "planner",
-        |_| {},
-    )
-    .await?;
-    let client = Client::connect(&bed.redis.url()).await?;
-    let conn = bed.conn.clone();
-    let session = format!("sess-{}", suffix());
-    let payload = json!({ "translate_delay_ms": 20000 });
-    let sent = client
-        .send("planner", &session, "hello world", payload)
-        .await?;
-    let waiting = wait_event(&conn, &session, &sent.message_id, "WAITING_AGENT", |e| {
-        is_state(e, "WAITING_AGENT")
-    })
-    .await?;
-    let child = waiting["metadata"]["message_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    wait_running(&conn, &session, &child).await?;
+    let (mut bed, client, session, sent, child) = planner_waiting_on_its_translator().await?;
     let response = client
         .cancel(&child, &session, "not needed", CancelMode::Graceful)
         .await?;
