@@ -221,6 +221,8 @@ pub struct PluginsConfig {
     pub max_concurrency: usize,
     /// Where plugins may send HTTP requests (`wasi:http`); empty: nowhere.
     pub allowed_outbound_hosts: Vec<String>,
+    /// Host directories every plugin sees read-only: guest path → host path.
+    pub read_only_dirs: std::collections::BTreeMap<String, PathBuf>,
     /// `[plugins.<id>]` tables: what one plugin gets instead of the above.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub policy: std::collections::BTreeMap<String, PluginPolicy>,
@@ -239,6 +241,9 @@ pub struct PluginPolicy {
     pub max_concurrency: Option<usize>,
     /// Where it may send HTTP requests, instead of `[plugins]`'s list.
     pub allowed_outbound_hosts: Option<Vec<String>>,
+    /// Read-only directories (guest path → host path), instead of
+    /// `[plugins]`'s.
+    pub read_only_dirs: Option<std::collections::BTreeMap<String, PathBuf>>,
     /// Values the plugin reads with `get-config(key)` (API keys, endpoints).
     /// Never logged.
     pub config: std::collections::BTreeMap<String, String>,
@@ -328,6 +333,7 @@ impl Default for PluginsConfig {
             compile_cache_dir: None,
             max_concurrency: 0,
             allowed_outbound_hosts: Vec::new(),
+            read_only_dirs: std::collections::BTreeMap::new(),
             policy: std::collections::BTreeMap::new(),
         }
     }
@@ -822,6 +828,27 @@ impl Config {
         );
         if let Err(why) = crate::plugin::OutboundHosts::parse(&p.allowed_outbound_hosts) {
             check(false, "plugins.allowed_outbound_hosts", &why);
+        }
+        let mut read_only = vec![("plugins.read_only_dirs".to_owned(), &p.read_only_dirs)];
+        for (id, policy) in &p.policy {
+            if let Some(dirs) = &policy.read_only_dirs {
+                read_only.push((format!("plugins.{id}.read_only_dirs"), dirs));
+            }
+        }
+        for (key, dirs) in read_only {
+            for (guest, host) in dirs {
+                let under_workspace = guest == "/workspace" || guest.starts_with("/workspace/");
+                check(
+                    guest.starts_with('/') && guest.len() > 1 && !under_workspace,
+                    &format!("{key}.{guest:?}"),
+                    "the guest path must be absolute, not / and not under /workspace",
+                );
+                check(
+                    host.is_dir(),
+                    &format!("{key}.{guest:?}"),
+                    &format!("{} is not a directory", host.display()),
+                );
+            }
         }
         for (id, policy) in &p.policy {
             if let Some(Err(why)) = policy

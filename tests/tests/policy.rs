@@ -191,3 +191,54 @@ async fn outbound_http_reaches_allowed_hosts_only() -> anyhow::Result<()> {
     bed.daemon.stop().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_directories_can_be_read_not_written() -> anyhow::Result<()> {
+    let models = tempfile::tempdir()?;
+    std::fs::write(models.path().join("weights.txt"), "42")?;
+    let mut bed = TestBed::start(&["faults"], "peek", |config| {
+        config.plugins.policy.insert(
+            "faults".into(),
+            PluginPolicy {
+                read_only_dirs: Some([("/models".to_owned(), models.path().to_owned())].into()),
+                ..PluginPolicy::default()
+            },
+        );
+    })
+    .await?;
+    let sent = send_ask(&mut bed.conn, "peek", "/models/weights.txt").await?;
+    let events = events_until_terminal(&mut bed.conn, &sent.session_id, LONG).await?;
+    let result = &events.last().unwrap()["metadata"]["result"];
+    assert_eq!(result["read"], "42", "{result}");
+    assert!(
+        result["write"].as_str().unwrap().starts_with("error"),
+        "{result}"
+    );
+    assert!(!models.path().join("weights.txt.new").exists());
+    assert_eq!(
+        std::fs::read_to_string(models.path().join("weights.txt"))?,
+        "42"
+    );
+    bed.daemon.stop().await?;
+
+    // A directory that does not exist is a configuration error naming it.
+    let mut config = gatewayd::config::Config::default();
+    config
+        .plugins
+        .read_only_dirs
+        .insert("/data".into(), "/no/such/dir".into());
+    config
+        .plugins
+        .read_only_dirs
+        .insert("/workspace/x".into(), models.path().to_owned());
+    let errors = config.validate().unwrap_err().to_string();
+    assert!(
+        errors.contains("plugins.read_only_dirs.\"/data\": /no/such/dir is not a directory"),
+        "{errors}"
+    );
+    assert!(
+        errors.contains("plugins.read_only_dirs.\"/workspace/x\": the guest path must be absolute"),
+        "{errors}"
+    );
+    Ok(())
+}

@@ -60,6 +60,8 @@ pub struct Policy {
     pub config: Arc<std::collections::BTreeMap<String, String>>,
     /// Where its HTTP requests may go.
     pub outbound: Arc<OutboundHosts>,
+    /// Host directories it sees read-only: (host path, guest path).
+    pub read_only_dirs: Arc<[(PathBuf, String)]>,
 }
 
 /// Resolves the policy of each plugin id.
@@ -73,6 +75,8 @@ pub struct Policies {
     by_id: std::collections::BTreeMap<String, crate::config::PluginPolicy>,
     /// `[plugins] allowed_outbound_hosts`.
     default_outbound: Vec<String>,
+    /// `[plugins] read_only_dirs`.
+    default_read_only: std::collections::BTreeMap<String, PathBuf>,
     /// One semaphore per id, kept across versions of the plugin.
     semaphores: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Semaphore>>>,
 }
@@ -84,6 +88,7 @@ impl Policies {
             default_concurrency: config.max_concurrency,
             default_memory_bytes: Some(config.memory_limit_bytes()),
             default_outbound: config.allowed_outbound_hosts.clone(),
+            default_read_only: config.read_only_dirs.clone(),
             by_id: config.policy.clone(),
             semaphores: Default::default(),
         }
@@ -118,7 +123,14 @@ impl Policies {
             .unwrap_or(&self.default_outbound);
         // Checked when the configuration was loaded; a bad list denies all.
         let outbound = OutboundHosts::parse(patterns).unwrap_or_default();
+        let read_only_dirs = own
+            .and_then(|p| p.read_only_dirs.as_ref())
+            .unwrap_or(&self.default_read_only)
+            .iter()
+            .map(|(guest, host)| (host.clone(), guest.clone()))
+            .collect();
         Policy {
+            read_only_dirs,
             outbound: Arc::new(outbound),
             memory_bytes,
             deadline,

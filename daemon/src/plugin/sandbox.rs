@@ -1,6 +1,7 @@
 //! What a guest can reach: the task's two workspace directories (laid out as
-//! the reference SDK lays them out) and a stdout/stderr that lands in the
-//! daemon's log. No environment, no arguments, no network, no other files.
+//! the reference SDK lays them out), the read-only directories its policy
+//! grants, and a stdout/stderr that lands in the daemon's log. No
+//! environment, no arguments, no sockets, no other files.
 
 use std::io;
 use std::pin::Pin;
@@ -19,6 +20,7 @@ pub const GUEST_PUBLIC_DIR: &str = "/workspace/public";
 /// Builds the WASI context of one store.
 pub fn wasi_context(
     dirs: Option<&TaskDirs>,
+    read_only: &[(std::path::PathBuf, String)],
     plugin: Arc<str>,
     message_id: Arc<str>,
 ) -> io::Result<WasiCtx> {
@@ -44,6 +46,11 @@ pub fn wasi_context(
         builder
             .preopened_dir(&dirs.public, GUEST_PUBLIC_DIR, FsPerms::ReadWrite)
             .map_err(|e| io::Error::other(format!("{}: {e}", dirs.public.display())))?;
+    }
+    for (host, guest) in read_only {
+        builder
+            .preopened_dir(host, guest, FsPerms::ReadOnly)
+            .map_err(|e| io::Error::other(format!("{}: {e}", host.display())))?;
     }
     Ok(builder.build())
 }

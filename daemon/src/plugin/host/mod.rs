@@ -243,6 +243,7 @@ impl TaskState {
     ) -> std::io::Result<Self> {
         let wasi = wasi_context(
             host.shared.dirs.as_ref(),
+            &host.plugin.policy.read_only_dirs,
             host.shared.plugin_label.clone(),
             host.shared.message_id.clone(),
         )?;
@@ -263,7 +264,7 @@ impl TaskState {
 
     pub(crate) fn for_manifest(limits: &Limits) -> Self {
         TaskState {
-            wasi: wasi_context(None, Arc::from("loader"), Arc::from("-"))
+            wasi: wasi_context(None, &[], Arc::from("loader"), Arc::from("-"))
                 .expect("a WASI context without directories cannot fail"),
             table: ResourceTable::new(),
             http: wasmtime_wasi_http::WasiHttpCtx::new(),
