@@ -77,6 +77,16 @@ pub struct CancelResponse {
     pub error: Option<String>,
 }
 
+/// A worker in the registry.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct WorkerInfo {
+    pub worker_id: String,
+    /// Sorted.
+    pub capabilities: Vec<String>,
+    /// Last heartbeat, ms since the Unix epoch.
+    pub last_seen: u64,
+}
+
 /// `graceful` lets the agent notice `is-cancelled` and return; `force`
 /// stops it at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -180,6 +190,44 @@ impl Client {
             "extra_payload": {},
         });
         self.xadd(agent_type, "RESUME", &header, &body).await
+    }
+
+    /// The registry's workers, as the reference's `get_active_workers`
+    /// returns them (every member of the active-workers set, most recent
+    /// heartbeat first).
+    pub async fn workers(&self) -> Result<Vec<WorkerInfo>, ClientError> {
+        let mut conn = self.conn.clone();
+        let members: Vec<(String, f64)> = redis::cmd("ZREVRANGE")
+            .arg(keys::ACTIVE_WORKERS)
+            .arg(0)
+            .arg(-1)
+            .arg("WITHSCORES")
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_error("ZREVRANGE"))?;
+        let mut pipe = redis::pipe();
+        for (worker, _) in &members {
+            pipe.cmd("SMEMBERS").arg(keys::worker_capabilities(worker));
+        }
+        let capabilities: Vec<Vec<String>> = if members.is_empty() {
+            Vec::new()
+        } else {
+            pipe.query_async(&mut conn)
+                .await
+                .map_err(redis_error("SMEMBERS"))?
+        };
+        Ok(members
+            .into_iter()
+            .zip(capabilities)
+            .map(|((worker_id, score), mut capabilities)| {
+                capabilities.sort();
+                WorkerInfo {
+                    worker_id,
+                    capabilities,
+                    last_seen: score.max(0.0) as u64,
+                }
+            })
+            .collect())
     }
 
     /// Cancels a task as the reference client's `cancel_task` does: the

@@ -70,6 +70,9 @@ enum Command {
     /// SESSION_MISMATCH, ALREADY_FINISHED or CANCEL_REQUESTED; exits 1
     /// unless CANCEL_REQUESTED.
     Cancel(CancelArgs),
+    /// List the workers in the registry (one JSON object per line: worker
+    /// id, capabilities, last heartbeat in ms), most recent first.
+    Workers,
     /// Inspect plugins without running the daemon.
     #[command(subcommand)]
     Plugins(PluginsCommand),
@@ -199,6 +202,7 @@ fn run_command(config: Config, command: Command) -> ExitCode {
         match command {
             Command::History(args) => print_history(&config, args).await,
             Command::Cancel(args) => cancel(&config, args).await,
+            Command::Workers => workers(&config).await,
             Command::Plugins(command) => plugins(&config, command).await,
         }
     });
@@ -209,6 +213,21 @@ fn run_command(config: Config, command: Command) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `gatewayd workers`.
+async fn workers(config: &Config) -> anyhow::Result<()> {
+    let client = gatewayd::client::Client::connect(&config.redis.connection_url())
+        .await
+        .map_err(|error| anyhow::anyhow!("{error}"))?;
+    let workers = client
+        .workers()
+        .await
+        .map_err(|error| anyhow::anyhow!("{error}"))?;
+    for worker in workers {
+        println!("{}", serde_json::to_string(&worker)?);
+    }
+    Ok(())
 }
 
 /// `gatewayd cancel MESSAGE_ID --session ID`.

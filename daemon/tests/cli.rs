@@ -69,3 +69,53 @@ fn plugins_check_and_list_report_files_that_would_not_load() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn workers_lists_the_registry() {
+    // A worker registered by hand in the machine's Redis, removed after.
+    let id = format!("cli-worker-{:08x}", fastrand::u32(..));
+    let redis = |args: &[&str]| {
+        let status = Command::new("redis-cli")
+            .args(["-p", "6379"])
+            .args(args)
+            .output()
+            .expect("redis-cli runs");
+        assert!(status.status.success());
+    };
+    redis(&[
+        "ZADD",
+        "byai_gateway:registry:active_workers",
+        "4102444800000",
+        &id,
+    ]);
+    redis(&[
+        "SADD",
+        &format!("byai_gateway:registry:worker:capabilities:{id}"),
+        "b-agent",
+        "a-agent",
+    ]);
+    let out = gatewayd(&["--redis-url", "redis://127.0.0.1:6379/0", "workers"]);
+    redis(&["ZREM", "byai_gateway:registry:active_workers", &id]);
+    redis(&[
+        "DEL",
+        &format!("byai_gateway:registry:worker:capabilities:{id}"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mine = listed
+        .iter()
+        .find(|w| w["worker_id"] == id.as_str())
+        .expect("listed");
+    assert_eq!(
+        mine["capabilities"],
+        serde_json::json!(["a-agent", "b-agent"])
+    );
+    assert_eq!(mine["last_seen"], 4102444800000u64);
+}
