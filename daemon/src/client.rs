@@ -4,6 +4,7 @@
 //! `gatewayd` serve it alike.
 
 use crate::executions::{CancelLookup, Registry};
+pub use crate::registry::WorkerInfo;
 use crate::wire::{self, Header, keys};
 use redis::aio::ConnectionManager;
 use serde_json::{Value, json};
@@ -75,16 +76,6 @@ pub struct CancelResponse {
     pub worker_id: String,
     /// Why it did not cancel, for the non-success answers.
     pub error: Option<String>,
-}
-
-/// A worker in the registry.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct WorkerInfo {
-    pub worker_id: String,
-    /// Sorted.
-    pub capabilities: Vec<String>,
-    /// Last heartbeat, ms since the Unix epoch.
-    pub last_seen: u64,
 }
 
 /// `graceful` lets the agent notice `is-cancelled` and return; `force`
@@ -196,38 +187,9 @@ impl Client {
     /// returns them (every member of the active-workers set, most recent
     /// heartbeat first).
     pub async fn workers(&self) -> Result<Vec<WorkerInfo>, ClientError> {
-        let mut conn = self.conn.clone();
-        let members: Vec<(String, f64)> = redis::cmd("ZREVRANGE")
-            .arg(keys::ACTIVE_WORKERS)
-            .arg(0)
-            .arg(-1)
-            .arg("WITHSCORES")
-            .query_async(&mut conn)
+        crate::registry::active_workers(&mut self.conn.clone())
             .await
-            .map_err(redis_error("ZREVRANGE"))?;
-        let mut pipe = redis::pipe();
-        for (worker, _) in &members {
-            pipe.cmd("SMEMBERS").arg(keys::worker_capabilities(worker));
-        }
-        let capabilities: Vec<Vec<String>> = if members.is_empty() {
-            Vec::new()
-        } else {
-            pipe.query_async(&mut conn)
-                .await
-                .map_err(redis_error("SMEMBERS"))?
-        };
-        Ok(members
-            .into_iter()
-            .zip(capabilities)
-            .map(|((worker_id, score), mut capabilities)| {
-                capabilities.sort();
-                WorkerInfo {
-                    worker_id,
-                    capabilities,
-                    last_seen: score.max(0.0) as u64,
-                }
-            })
-            .collect())
+            .map_err(redis_error("ZREVRANGE/SMEMBERS"))
     }
 
     /// Cancels a task as the reference client's `cancel_task` does: the

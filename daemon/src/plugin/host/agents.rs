@@ -430,44 +430,19 @@ impl Host for TaskState {
 
     async fn active_workers(&mut self) -> wasmtime::Result<Result<Vec<WorkerInfo>, GuestError>> {
         let shared = self.host("active-workers")?.shared.clone();
-        let mut conn = shared.services.redis.clone();
-        let unavailable = |e: redis::RedisError| {
-            GuestError::Unavailable(format!("cannot read the worker registry: {e}"))
-        };
-        let members: Vec<(String, f64)> = match redis::cmd("ZRANGE")
-            .arg(keys::ACTIVE_WORKERS)
-            .arg(0)
-            .arg(-1)
-            .arg("WITHSCORES")
-            .query_async(&mut conn)
-            .await
-        {
-            Ok(members) => members,
-            Err(e) => return Ok(Err(unavailable(e))),
-        };
-        if members.is_empty() {
-            return Ok(Ok(Vec::new()));
-        }
-        let mut pipe = redis::pipe();
-        for (worker, _) in &members {
-            pipe.cmd("SMEMBERS").arg(keys::worker_capabilities(worker));
-        }
-        let capabilities: Vec<Vec<String>> = match pipe.query_async(&mut conn).await {
-            Ok(capabilities) => capabilities,
-            Err(e) => return Ok(Err(unavailable(e))),
-        };
-        Ok(Ok(members
-            .into_iter()
-            .zip(capabilities)
-            .map(|((worker_id, score), mut capabilities)| {
-                capabilities.sort();
-                WorkerInfo {
-                    worker_id,
-                    capabilities,
-                    last_seen_ms: score.max(0.0) as u64,
-                }
+        let workers = crate::registry::active_workers(&mut shared.services.redis.clone()).await;
+        Ok(workers
+            .map(|workers| {
+                workers
+                    .into_iter()
+                    .map(|w| WorkerInfo {
+                        worker_id: w.worker_id,
+                        capabilities: w.capabilities,
+                        last_seen_ms: w.last_seen,
+                    })
+                    .collect()
             })
-            .collect()))
+            .map_err(|e| GuestError::Unavailable(format!("cannot read the worker registry: {e}"))))
     }
 }
 
