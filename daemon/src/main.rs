@@ -166,16 +166,21 @@ fn main() -> ExitCode {
     }
 }
 
-fn run_daemon(config: Config) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
+/// The async runtime: multi-threaded for the daemon, one thread for a
+/// command. `None` (after saying why) when it cannot start.
+fn runtime(mut builder: tokio::runtime::Builder) -> Option<tokio::runtime::Runtime> {
+    match builder.enable_all().build() {
+        Ok(runtime) => Some(runtime),
         Err(error) => {
             eprintln!("gatewayd: cannot start the async runtime: {error}");
-            return ExitCode::FAILURE;
+            None
         }
+    }
+}
+
+fn run_daemon(config: Config) -> ExitCode {
+    let Some(runtime) = runtime(tokio::runtime::Builder::new_multi_thread()) else {
+        return ExitCode::FAILURE;
     };
     match runtime.block_on(gatewayd::run(config, shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,
@@ -188,15 +193,8 @@ fn run_daemon(config: Config) -> ExitCode {
 }
 
 fn run_command(config: Config, command: Command) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("gatewayd: cannot start the async runtime: {error}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime(tokio::runtime::Builder::new_current_thread()) else {
+        return ExitCode::FAILURE;
     };
     let result = runtime.block_on(async {
         match command {
