@@ -25,6 +25,12 @@ pub enum ClientError {
         command: &'static str,
         source: redis::RedisError,
     },
+    #[error("session {session_id}: entry {entry_id} is not an event ({reason})")]
+    BadEvent {
+        session_id: String,
+        entry_id: String,
+        reason: String,
+    },
 }
 
 fn redis_error(command: &'static str) -> impl FnOnce(redis::RedisError) -> ClientError {
@@ -90,6 +96,8 @@ pub enum CancelMode {
 /// A connection to the gateway's Redis.
 #[derive(Clone)]
 pub struct Client {
+    /// The Redis URL, for the event readers' own connections.
+    url: String,
     conn: ConnectionManager,
     registry: std::sync::Arc<Registry>,
 }
@@ -104,6 +112,7 @@ impl Client {
                 source: e.source,
             })?;
         Ok(Client {
+            url: url.to_owned(),
             conn,
             registry: std::sync::Arc::new(Registry::new(wire::DEFAULT_SESSION_TTL_S)),
         })
@@ -181,6 +190,12 @@ impl Client {
             "extra_payload": {},
         });
         self.xadd(agent_type, "RESUME", &header, &body).await
+    }
+
+    /// A reader of session event streams on a connection of its own (a
+    /// blocking read would hold up every other command sharing one).
+    pub async fn event_reader(&self) -> Result<EventReader, ClientError> {
+        EventReader::connect(&self.url).await
     }
 
     /// The registry's workers, as the reference's `get_active_workers`
@@ -282,5 +297,178 @@ fn new_header(agent_type: &str, session_id: &str, parent_message_id: &str) -> He
         parent_message_id: parent_message_id.to_owned(),
         metadata: json!({}),
         ..Header::default()
+    }
+}
+
+/// One event of a session's data stream: the reference's DataMessage, with
+/// the stream entry id it was read at (the position to resume after).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionEvent {
+    /// The data-stream entry id (`1732500000000-0`).
+    pub entry_id: String,
+    /// The DataMessage JSON, as written.
+    pub message: Value,
+}
+
+impl SessionEvent {
+    /// `event_type` (`answerDelta`, `reasoningLogDelta`, `appStreamResponse`...).
+    pub fn event_type(&self) -> &str {
+        self.message["event_type"].as_str().unwrap_or("")
+    }
+
+    /// The message id of the task that emitted it.
+    pub fn message_id(&self) -> &str {
+        self.message["message_id"].as_str().unwrap_or("")
+    }
+
+    /// The agent type that emitted it.
+    pub fn agent_id(&self) -> &str {
+        self.message["source_agent_id"].as_str().unwrap_or("")
+    }
+
+    /// `data.contentType` (`1002` text, `3003` state, `3010` artifact,
+    /// `3013` ask-user form...).
+    pub fn content_type(&self) -> &str {
+        self.message["data"]["contentType"].as_str().unwrap_or("")
+    }
+
+    /// `data.choices[0].delta.content` as text.
+    pub fn content(&self) -> &str {
+        self.message["data"]["choices"][0]["delta"]["content"]
+            .as_str()
+            .unwrap_or("")
+    }
+
+    /// The state, for a state event (`STARTING`, `WAITING_USER`,
+    /// `FAILED: reason`...).
+    pub fn state(&self) -> Option<&str> {
+        (self.content_type() == wire::content_type::THINK_TITLE).then(|| self.content())
+    }
+
+    /// The text of a chunk event.
+    pub fn chunk(&self) -> Option<&str> {
+        (self.content_type() == wire::content_type::TEXT).then(|| self.content())
+    }
+
+    /// The artifact URL of an artifact event.
+    pub fn artifact_url(&self) -> Option<&str> {
+        (self.content_type() == wire::content_type::CREATE_FILE)
+            .then(|| self.message["artifact_url"].as_str())
+            .flatten()
+    }
+
+    /// The question of an ask-user form event.
+    pub fn ask_user_prompt(&self) -> Option<String> {
+        if self.content_type() != wire::content_type::USER_INPUT {
+            return None;
+        }
+        let form: Value = serde_json::from_str(self.content()).ok()?;
+        form["pluginMachineFields"][0]["description"]
+            .as_str()
+            .map(str::to_owned)
+    }
+
+    /// Whether this event ends its task: `COMPLETED`, `FAILED: ...`,
+    /// `CANCELLED`, or `QUEUED: <caller>` (a task another agent called
+    /// hands its result back and ends).
+    pub fn is_terminal(&self) -> bool {
+        self.state().is_some_and(|state| {
+            state == wire::state::COMPLETED
+                || state == wire::state::CANCELLED
+                || state == wire::state::FAILED
+                || state.starts_with("FAILED: ")
+                || state.starts_with("QUEUED: ")
+        })
+    }
+
+    /// `metadata.result` of a terminal event (the handler's return value).
+    pub fn result(&self) -> Option<&Value> {
+        self.message["metadata"].get("result")
+    }
+}
+
+/// Reads session data streams with `XREAD BLOCK`, on its own connection.
+pub struct EventReader {
+    conn: ConnectionManager,
+}
+
+/// The longest a single [`EventReader::read`] blocks.
+pub const MAX_EVENT_BLOCK: Duration = Duration::from_secs(30);
+
+impl EventReader {
+    /// Opens a connection for blocking reads.
+    pub async fn connect(url: &str) -> Result<Self, ClientError> {
+        let conn = crate::broker::connect(url, MAX_EVENT_BLOCK + Duration::from_secs(10))
+            .await
+            .map_err(|e| ClientError::Connect {
+                url: crate::broker::redact_password(url),
+                source: e.source,
+            })?;
+        Ok(EventReader { conn })
+    }
+
+    /// The events of `session_id` after entry id `after` (`0` for all of
+    /// them, `$` for only new ones — pass the last entry id seen to resume
+    /// without a gap), at most `count`, waiting up to `block` (at most
+    /// [`MAX_EVENT_BLOCK`]) when there is none yet. Empty when none came.
+    pub async fn read(
+        &mut self,
+        session_id: &str,
+        after: &str,
+        count: usize,
+        block: Duration,
+    ) -> Result<Vec<SessionEvent>, ClientError> {
+        let stream = keys::session_data_stream(session_id);
+        let block = block.min(MAX_EVENT_BLOCK);
+        let reply: Option<redis::streams::StreamReadReply> = redis::cmd("XREAD")
+            .arg("COUNT")
+            .arg(count.max(1))
+            .arg("BLOCK")
+            .arg(block.as_millis().max(1) as u64)
+            .arg("STREAMS")
+            .arg(&stream)
+            .arg(after)
+            .query_async(&mut self.conn)
+            .await
+            .map_err(redis_error("XREAD"))?;
+        let mut events = Vec::new();
+        for key in reply.map(|r| r.keys).unwrap_or_default() {
+            for entry in key.ids {
+                let bad = |reason: String| ClientError::BadEvent {
+                    session_id: session_id.to_owned(),
+                    entry_id: entry.id.clone(),
+                    reason,
+                };
+                let data: String = entry
+                    .get("data")
+                    .ok_or_else(|| bad("no data field".into()))?;
+                let message =
+                    serde_json::from_str(&data).map_err(|e| bad(format!("data is not JSON: {e}")))?;
+                events.push(SessionEvent {
+                    entry_id: entry.id,
+                    message,
+                });
+            }
+        }
+        Ok(events)
+    }
+
+    /// The id of the newest entry of the session's stream (`0-0` when it
+    /// has none): read after it to see only what comes next, with no gap.
+    pub async fn last_entry_id(&mut self, session_id: &str) -> Result<String, ClientError> {
+        let reply: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
+            .arg(keys::session_data_stream(session_id))
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut self.conn)
+            .await
+            .map_err(redis_error("XREVRANGE"))?;
+        Ok(reply
+            .ids
+            .into_iter()
+            .next()
+            .map_or_else(|| "0-0".to_owned(), |entry| entry.id))
     }
 }
