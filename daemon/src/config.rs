@@ -223,6 +223,8 @@ pub struct PluginsConfig {
     pub allowed_outbound_hosts: Vec<String>,
     /// Host directories every plugin sees read-only: guest path → host path.
     pub read_only_dirs: std::collections::BTreeMap<String, PathBuf>,
+    /// Budget of one lifecycle hook call (a plugin's `on-task-start`, ...), ms.
+    pub hook_timeout_ms: u64,
     /// `[plugins.<id>]` tables: what one plugin gets instead of the above.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub policy: std::collections::BTreeMap<String, PluginPolicy>,
@@ -244,6 +246,8 @@ pub struct PluginPolicy {
     /// Read-only directories (guest path → host path), instead of
     /// `[plugins]`'s.
     pub read_only_dirs: Option<std::collections::BTreeMap<String, PathBuf>>,
+    /// Budget of one of its lifecycle hook calls, ms.
+    pub hook_timeout_ms: Option<u64>,
     /// Values the plugin reads with `get-config(key)` (API keys, endpoints).
     /// Never logged.
     pub config: std::collections::BTreeMap<String, String>,
@@ -334,6 +338,7 @@ impl Default for PluginsConfig {
             max_concurrency: 0,
             allowed_outbound_hosts: Vec::new(),
             read_only_dirs: std::collections::BTreeMap::new(),
+            hook_timeout_ms: 5000,
             policy: std::collections::BTreeMap::new(),
         }
     }
@@ -822,6 +827,11 @@ impl Config {
             "must be at least 1",
         );
         check(
+            (1..=600_000).contains(&p.hook_timeout_ms),
+            "plugins.hook_timeout_ms",
+            "must be between 1 and 600000",
+        );
+        check(
             p.max_event_bytes >= 1024,
             "plugins.max_event_bytes",
             "must be at least 1024",
@@ -869,6 +879,13 @@ impl Config {
                 policy.deadline_s != Some(0),
                 &format!("plugins.{id}.deadline_s"),
                 "must be at least 1",
+            );
+            check(
+                policy
+                    .hook_timeout_ms
+                    .is_none_or(|ms| (1..=600_000).contains(&ms)),
+                &format!("plugins.{id}.hook_timeout_ms"),
+                "must be between 1 and 600000",
             );
             check(
                 policy.max_concurrency != Some(0),

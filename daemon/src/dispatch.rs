@@ -11,7 +11,9 @@ use crate::config::HistoryBackend;
 use crate::events::{Write, Writer};
 use crate::executions::{Begin, CancelLookup, NewExecution, Registry};
 use crate::history::{HistoryEntry, Role};
-use crate::plugin::{AwaitedChild, CallError, CancelSignal, Services, TaskHost, TaskShared};
+use crate::plugin::{
+    AwaitedChild, CallError, CancelSignal, Hook, HookCall, Services, TaskHost, TaskShared,
+};
 use crate::routing::{self, Reply, Route, WaitKey};
 use crate::wire::{self, Action, ControlCommand, EventOrigin, keys, state};
 use crate::workspace::{TaskDirs, Workspaces};
@@ -109,6 +111,21 @@ impl Drop for PluginSlot {
     fn drop(&mut self) {
         self.freed.notify_waiters();
     }
+}
+
+/// What running a task left for its end: the workspace to remove, the
+/// plugin whose end hook is due.
+#[derive(Default)]
+struct Leftovers {
+    /// The private directory was created: remove it.
+    created_workspace: bool,
+    /// The handler was started on this plugin, which exports hooks: its
+    /// `on-task-complete` / `-error` / `-cancel` hook runs after the outcome
+    /// is written.
+    hooks_of: Option<Arc<crate::plugin::Plugin>>,
+    /// The task's permit, kept through the end hook so hook instances
+    /// never outnumber the instance pool's slots.
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 /// How a task ended.
@@ -515,7 +532,7 @@ impl Dispatcher {
             plugin: plugin.as_ref().map(|p| p.stamp.clone()),
         };
         let dirs = self.workspaces.dirs(&header.session_id, &header.message_id);
-        let mut created_workspace = false;
+        let mut leftovers = Leftovers::default();
         let awaiting = Arc::new(Mutex::new(Vec::new()));
         let outcome = self
             .execute(
@@ -525,7 +542,7 @@ impl Dispatcher {
                 &origin,
                 &dirs,
                 &cancel,
-                &mut created_workspace,
+                &mut leftovers,
                 permit,
                 awaiting.clone(),
             )
@@ -553,6 +570,16 @@ impl Dispatcher {
                 }
             }
         } else {
+            let end_hook = leftovers.hooks_of.take().and_then(|plugin| {
+                let task = crate::plugin::hooks::task_info(&command, &agent_type);
+                let call = match &outcome {
+                    Outcome::Completed(json) => HookCall::TaskComplete(task, json.clone()),
+                    Outcome::Failed(reason) => HookCall::TaskError(task, reason.clone()),
+                    Outcome::Cancelled(reason) => HookCall::TaskCancel(task, reason.clone()),
+                    Outcome::CutOff | Outcome::Unserved => return None,
+                };
+                Some((plugin, call))
+            });
             let mut writes = Vec::new();
             if let Outcome::Cancelled(reason) = &outcome {
                 let awaited =
@@ -576,12 +603,16 @@ impl Dispatcher {
             {
                 tracing::warn!("writer stopped before the outcome was written; entry left pending");
             }
+            if let Some((plugin, call)) = end_hook {
+                plugin.run_hook(call).await;
+            }
+            drop(leftovers.permit.take());
         }
         self.running
             .lock()
             .expect("running lock is never poisoned")
             .remove(&header.message_id);
-        if created_workspace {
+        if leftovers.created_workspace {
             self.workspaces.remove_private(dirs);
         }
     }
@@ -658,7 +689,7 @@ impl Dispatcher {
         origin: &EventOrigin,
         dirs: &TaskDirs,
         cancel: &Arc<CancelSignal>,
-        created_workspace: &mut bool,
+        leftovers: &mut Leftovers,
         permit: OwnedSemaphorePermit,
         awaiting: Arc<Mutex<Vec<AwaitedChild>>>,
     ) -> Outcome {
@@ -685,7 +716,7 @@ impl Dispatcher {
             None => None,
         };
         let dirs = if plugin.manifest.workspace {
-            *created_workspace = true;
+            leftovers.created_workspace = true;
             if let Err(error) = self.workspaces.create(dirs).await {
                 return Outcome::Failed(format!("cannot create the workspace: {error}"));
             }
@@ -726,6 +757,19 @@ impl Dispatcher {
                 return Outcome::CutOff;
             }
         }
+        if plugin.has_hook(Hook::TaskStart) {
+            let task = crate::plugin::hooks::task_info(command, agent_type);
+            tokio::select! {
+                _ = plugin.run_hook(HookCall::TaskStart(task)) => {}
+                _ = self.force_stop.cancelled() => return Outcome::CutOff,
+            }
+        }
+        if [Hook::TaskComplete, Hook::TaskError, Hook::TaskCancel]
+            .into_iter()
+            .any(|hook| plugin.has_hook(hook))
+        {
+            leftovers.hooks_of = Some(plugin.clone());
+        }
         let host = TaskHost {
             shared: shared.clone(),
             plugin: plugin.clone(),
@@ -742,6 +786,13 @@ impl Dispatcher {
             }
             _ = self.force_stop.cancelled() => return Outcome::CutOff,
         };
+        if leftovers.hooks_of.is_some() {
+            leftovers.permit = shared
+                .permit
+                .lock()
+                .expect("permit lock is never poisoned")
+                .take();
+        }
         if cancel.is_requested() {
             return Outcome::Cancelled(cancel.reason());
         }

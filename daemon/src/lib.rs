@@ -61,7 +61,25 @@ pub enum RunError {
 /// off stay pending for another worker), queued writes are flushed, and the
 /// worker leaves the registry.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    run_with_stats(config, shutdown, Arc::default()).await
+}
+
+/// What a running daemon counts, for whoever started it to read (tests,
+/// the operator's summary at shutdown).
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Lifecycle hook calls by plugin version and hook.
+    pub hooks: Arc<plugin::HookStats>,
+}
+
+/// [`run`], counting into `stats`.
+pub async fn run_with_stats(
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+    stats: Arc<Stats>,
+) -> Result<(), RunError> {
     config.validate()?;
+    let hook_stats = stats.hooks.clone();
     let worker = &config.worker;
     let limits = plugin::Limits {
         // The largest cap of any plugin: it sizes the pool's memory slots.
@@ -75,6 +93,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         worker.max_concurrency + worker.max_waiting,
         config.plugins.compile_cache_path().as_deref(),
         plugin::Policies::from_config(&config.plugins),
+        hook_stats,
     )?;
 
     let started = std::time::Instant::now();
@@ -97,6 +116,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "plugins loaded"
     );
+    plugin::hooks::worker_hooks(loaded.table.plugins(), true, &worker.id).await;
     let capabilities = loaded.table.capabilities();
     let plugins = Arc::new(ArcSwap::from_pointee(loaded.table));
 
@@ -185,6 +205,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             changed: plugins_changed.clone(),
             membership: membership.clone(),
             group: worker.consumer_group.clone(),
+            worker_id: worker.id.clone(),
             debounce: Duration::from_millis(config.plugins.reload_debounce_ms),
         };
         Some(reloader.watch(commands.clone(), stop_reading.clone())?)
@@ -248,6 +269,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     stop_control.cancel();
     background.wait().await;
+    plugin::hooks::worker_hooks(plugins.load().plugins(), false, &worker.id).await;
+    sandbox.hook_stats().log_summary();
     // The last writer handles go with the dispatcher; the lanes then drain.
     drop(dispatcher);
     let flush = futures::future::join_all(writer_lanes);

@@ -98,7 +98,8 @@ struct CancelArgs {
 #[derive(Debug, Subcommand)]
 enum PluginsCommand {
     /// Validate a component against the agent world and print its manifest
-    /// (JSON); exits 1 when it would not load.
+    /// and the lifecycle hooks it implements (JSON); exits 1 when it would
+    /// not load.
     Check {
         /// The `.wasm` file.
         #[arg(value_name = "FILE")]
@@ -271,6 +272,7 @@ async fn plugins(config: &Config, command: PluginsCommand) -> anyhow::Result<()>
         2,
         config.plugins.compile_cache_path().as_deref(),
         gatewayd::plugin::Policies::from_config(&config.plugins),
+        Default::default(),
     )?;
     match command {
         PluginsCommand::Check { file } => {
@@ -280,7 +282,9 @@ async fn plugins(config: &Config, command: PluginsCommand) -> anyhow::Result<()>
                 .load(file.clone(), &bytes)
                 .await
                 .map_err(|error| anyhow::anyhow!("{error}"))?;
-            println!("{}", serde_json::to_string_pretty(&plugin.manifest)?);
+            let mut described = serde_json::to_value(&plugin.manifest)?;
+            described["hooks"] = serde_json::json!(plugin.hooks.names());
+            println!("{}", serde_json::to_string_pretty(&described)?);
             Ok(())
         }
         PluginsCommand::List => {
@@ -297,6 +301,7 @@ async fn plugins(config: &Config, command: PluginsCommand) -> anyhow::Result<()>
                         "capabilities": plugin.manifest.capabilities,
                         "tools": plugin.manifest.tools.iter().map(|t| &t.name).collect::<Vec<_>>(),
                         "workspace": plugin.manifest.workspace,
+                        "hooks": plugin.hooks.names(),
                     })
                 );
             }

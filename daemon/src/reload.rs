@@ -10,8 +10,8 @@
 //! streams from the next fetch; the worker registry follows after it.
 
 use crate::broker;
-use crate::plugin::Sandbox;
 use crate::plugin::loader::{self, PluginTable};
+use crate::plugin::{Plugin, Sandbox, hooks};
 use crate::registry::Membership;
 use crate::wire::keys;
 use arc_swap::ArcSwap;
@@ -49,6 +49,8 @@ pub struct Reloader {
     pub membership: Arc<Membership>,
     /// Consumer group to create on new capability streams.
     pub group: String,
+    /// Told to the worker hooks of the versions that come and go.
+    pub worker_id: String,
     /// Quiet time after the last change before reloading.
     pub debounce: Duration,
 }
@@ -150,9 +152,22 @@ impl Reloader {
                 .map_err(ReloadError::Redis)?;
         }
         log_changes(&previous, &loaded.table);
+        let is_new = |plugin: &&Arc<Plugin>| {
+            previous
+                .plugin(&plugin.manifest.id)
+                .is_none_or(|old| !Arc::ptr_eq(old, plugin))
+        };
+        hooks::worker_hooks(loaded.table.plugins().filter(is_new), true, &self.worker_id).await;
         let capabilities: Vec<String> = after.iter().cloned().collect();
-        self.plugins.store(Arc::new(loaded.table));
+        let table = Arc::new(loaded.table);
+        self.plugins.store(table.clone());
         self.changed.notify_waiters();
+        let is_gone = |plugin: &&Arc<Plugin>| {
+            table
+                .plugin(&plugin.manifest.id)
+                .is_none_or(|new| !Arc::ptr_eq(new, plugin))
+        };
+        hooks::worker_hooks(previous.plugins().filter(is_gone), false, &self.worker_id).await;
         if before != after {
             tracing::info!(capabilities = ?capabilities, "serving a new set of capabilities");
             if let Err(error) = self.membership.set_capabilities(conn, capabilities).await {

@@ -52,13 +52,13 @@ use serde_json::Value;
 use std::fmt;
 use std::path::PathBuf;
 
-/// Generated bindings of the `byclaw:gateway/agent` world. Not part of the
-/// API; use the types of the crate root.
+/// Generated bindings of the `byclaw:gateway/agent-with-hooks` world. Not
+/// part of the API; use the types of the crate root.
 #[doc(hidden)]
 pub mod wit {
     wit_bindgen::generate!({
         path: "../wit",
-        world: "agent",
+        world: "agent-with-hooks",
         pub_export_macro: true,
         default_bindings_module: "byclaw_plugin_sdk::wit",
     });
@@ -66,6 +66,7 @@ pub mod wit {
 
 use wit::byclaw::gateway as host;
 use wit::exports::byclaw::gateway::handler as guest;
+use wit::exports::byclaw::gateway::hooks as guest_hooks;
 
 /// An agent: what it serves, and how it handles a command.
 pub trait Agent {
@@ -85,12 +86,161 @@ pub trait Agent {
     }
 }
 
-/// Exports a type implementing [`Agent`] as the plugin's handler.
+/// Lifecycle hooks, as the reference SDK's plugins have them. Implement the
+/// ones you need, list them in [`Hooks::IMPLEMENTED`] (the daemon calls only
+/// those, so an agent pays nothing for hooks it does not have), and export
+/// with `export_agent!(MyAgent, hooks)`.
+///
+/// Each hook runs in a fresh instance of the plugin within the daemon's
+/// `hook_timeout_ms`: it may [`log`], read [`config`] and make the HTTP
+/// requests the policy allows, but has no workspace and cannot emit. An
+/// `Err`, a panic or a timeout is logged and counted by the daemon; it never
+/// changes the task's outcome.
+pub trait Hooks {
+    /// The hooks implemented below.
+    const IMPLEMENTED: &'static [Hook];
+
+    /// This plugin version starts serving on worker `worker_id` (daemon
+    /// start, or loaded by a reload).
+    fn on_worker_startup(worker_id: &str) -> Result<(), Error> {
+        let _ = worker_id;
+        Ok(())
+    }
+
+    /// This plugin version stops serving on worker `worker_id`.
+    fn on_worker_shutdown(worker_id: &str) -> Result<(), Error> {
+        let _ = worker_id;
+        Ok(())
+    }
+
+    /// A task is about to be handled.
+    fn on_task_start(task: &TaskInfo) -> Result<(), Error> {
+        let _ = task;
+        Ok(())
+    }
+
+    /// A task completed with `output` (what [`Agent::handle`] returned).
+    fn on_task_complete(task: &TaskInfo, output: Value) -> Result<(), Error> {
+        let _ = (task, output);
+        Ok(())
+    }
+
+    /// A task failed with `error`.
+    fn on_task_error(task: &TaskInfo, error: &str) -> Result<(), Error> {
+        let _ = (task, error);
+        Ok(())
+    }
+
+    /// A task was cancelled for `reason`.
+    fn on_task_cancel(task: &TaskInfo, reason: &str) -> Result<(), Error> {
+        let _ = (task, reason);
+        Ok(())
+    }
+}
+
+/// One of the [`Hooks`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    WorkerStartup,
+    WorkerShutdown,
+    TaskStart,
+    TaskComplete,
+    TaskError,
+    TaskCancel,
+}
+
+impl Hook {
+    fn into_wit(self) -> guest_hooks::Hook {
+        match self {
+            Hook::WorkerStartup => guest_hooks::Hook::WorkerStartup,
+            Hook::WorkerShutdown => guest_hooks::Hook::WorkerShutdown,
+            Hook::TaskStart => guest_hooks::Hook::TaskStart,
+            Hook::TaskComplete => guest_hooks::Hook::TaskComplete,
+            Hook::TaskError => guest_hooks::Hook::TaskError,
+            Hook::TaskCancel => guest_hooks::Hook::TaskCancel,
+        }
+    }
+}
+
+/// The task a hook is about.
+#[derive(Debug, Clone)]
+pub struct TaskInfo {
+    /// `ASK_AGENT` or `RESUME`.
+    pub action_type: String,
+    /// The agent type it was routed to.
+    pub agent_type: String,
+    pub header: Header,
+}
+
+/// Exports a type implementing [`Agent`] as the plugin's handler:
+/// `export_agent!(MyAgent)`, or `export_agent!(MyAgent, hooks)` when it
+/// also implements [`Hooks`].
 ///
 /// Use it once per plugin crate, with the name of a type defined in it.
 #[macro_export]
 macro_rules! export_agent {
     ($agent:ident) => {
+        $crate::__export_agent!($agent, $crate::__private::NoHooks);
+    };
+    ($agent:ident, hooks) => {
+        $crate::__export_agent!($agent, $agent);
+    };
+}
+
+/// The body of [`export_agent!`]; not part of the API.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __export_agent {
+    ($agent:ident, $hooks:ty) => {
+        impl $crate::wit::exports::byclaw::gateway::hooks::Guest for $agent {
+            fn implemented_hooks()
+            -> ::std::vec::Vec<$crate::wit::exports::byclaw::gateway::hooks::Hook> {
+                $crate::__private::implemented_hooks::<$hooks>()
+            }
+            fn on_worker_startup(
+                worker_id: ::std::string::String,
+            ) -> ::core::result::Result<(), $crate::wit::exports::byclaw::gateway::hooks::Error>
+            {
+                $crate::__private::hook_result(<$hooks as $crate::Hooks>::on_worker_startup(
+                    &worker_id,
+                ))
+            }
+            fn on_worker_shutdown(
+                worker_id: ::std::string::String,
+            ) -> ::core::result::Result<(), $crate::wit::exports::byclaw::gateway::hooks::Error>
+            {
+                $crate::__private::hook_result(<$hooks as $crate::Hooks>::on_worker_shutdown(
+                    &worker_id,
+                ))
+            }
+            fn on_task_start(
+                task: $crate::wit::exports::byclaw::gateway::hooks::TaskInfo,
+            ) -> ::core::result::Result<(), $crate::wit::exports::byclaw::gateway::hooks::Error>
+            {
+                $crate::__private::on_task_start::<$hooks>(task)
+            }
+            fn on_task_complete(
+                task: $crate::wit::exports::byclaw::gateway::hooks::TaskInfo,
+                output: ::std::string::String,
+            ) -> ::core::result::Result<(), $crate::wit::exports::byclaw::gateway::hooks::Error>
+            {
+                $crate::__private::on_task_complete::<$hooks>(task, output)
+            }
+            fn on_task_error(
+                task: $crate::wit::exports::byclaw::gateway::hooks::TaskInfo,
+                error: ::std::string::String,
+            ) -> ::core::result::Result<(), $crate::wit::exports::byclaw::gateway::hooks::Error>
+            {
+                $crate::__private::on_task_error::<$hooks>(task, error)
+            }
+            fn on_task_cancel(
+                task: $crate::wit::exports::byclaw::gateway::hooks::TaskInfo,
+                reason: ::std::string::String,
+            ) -> ::core::result::Result<(), $crate::wit::exports::byclaw::gateway::hooks::Error>
+            {
+                $crate::__private::on_task_cancel::<$hooks>(task, reason)
+            }
+        }
         impl $crate::wit::exports::byclaw::gateway::handler::Guest for $agent {
             fn describe() -> $crate::wit::exports::byclaw::gateway::handler::Manifest {
                 $crate::__private::describe::<$agent>()
@@ -121,6 +271,56 @@ macro_rules! export_agent {
 #[doc(hidden)]
 pub mod __private {
     use super::*;
+
+    /// The hooks of an agent exported without any.
+    pub struct NoHooks;
+
+    impl Hooks for NoHooks {
+        const IMPLEMENTED: &'static [Hook] = &[];
+    }
+
+    pub fn implemented_hooks<H: Hooks>() -> Vec<guest_hooks::Hook> {
+        H::IMPLEMENTED.iter().map(|hook| hook.into_wit()).collect()
+    }
+
+    pub fn hook_result(result: Result<(), Error>) -> Result<(), guest::Error> {
+        result.map_err(Error::into_wit)
+    }
+
+    fn task_info(task: guest_hooks::TaskInfo) -> Result<TaskInfo, guest::Error> {
+        Ok(TaskInfo {
+            action_type: task.action_type,
+            agent_type: task.agent_type,
+            header: Header::from_wit(task.header).map_err(Error::into_wit)?,
+        })
+    }
+
+    pub fn on_task_start<H: Hooks>(task: guest_hooks::TaskInfo) -> Result<(), guest::Error> {
+        hook_result(H::on_task_start(&task_info(task)?))
+    }
+
+    pub fn on_task_complete<H: Hooks>(
+        task: guest_hooks::TaskInfo,
+        output: String,
+    ) -> Result<(), guest::Error> {
+        let output: Value = serde_json::from_str(&output)
+            .map_err(|e| Error::InvalidInput(format!("task output: {e}")).into_wit())?;
+        hook_result(H::on_task_complete(&task_info(task)?, output))
+    }
+
+    pub fn on_task_error<H: Hooks>(
+        task: guest_hooks::TaskInfo,
+        error: String,
+    ) -> Result<(), guest::Error> {
+        hook_result(H::on_task_error(&task_info(task)?, &error))
+    }
+
+    pub fn on_task_cancel<H: Hooks>(
+        task: guest_hooks::TaskInfo,
+        reason: String,
+    ) -> Result<(), guest::Error> {
+        hook_result(H::on_task_cancel(&task_info(task)?, &reason))
+    }
 
     pub fn describe<A: Agent>() -> guest::Manifest {
         A::manifest().into_wit()
@@ -367,6 +567,23 @@ pub struct Header {
     pub metadata: Value,
 }
 
+impl Header {
+    fn from_wit(h: host::types::Header) -> Result<Self, Error> {
+        Ok(Header {
+            metadata: serde_json::from_str(&h.metadata)
+                .map_err(|e| Error::InvalidInput(format!("header.metadata is not JSON: {e}")))?,
+            message_id: h.message_id,
+            session_id: h.session_id,
+            trace_id: h.trace_id,
+            source_agent_id: h.source_agent_id,
+            target_agent_type: h.target_agent_type,
+            parent_message_id: h.parent_message_id,
+            task_group_id: h.task_group_id,
+            tenant_id: h.tenant_id,
+        })
+    }
+}
+
 /// One command to handle.
 #[derive(Debug, Clone)]
 pub struct Command {
@@ -395,19 +612,8 @@ impl Command {
             serde_json::from_str::<Value>(text)
                 .map_err(|e| Error::InvalidInput(format!("{what} is not JSON: {e}")))
         };
-        let h = command.header;
         Ok(Command {
-            header: Header {
-                metadata: parse("header.metadata", &h.metadata)?,
-                message_id: h.message_id,
-                session_id: h.session_id,
-                trace_id: h.trace_id,
-                source_agent_id: h.source_agent_id,
-                target_agent_type: h.target_agent_type,
-                parent_message_id: h.parent_message_id,
-                task_group_id: h.task_group_id,
-                tenant_id: h.tenant_id,
-            },
+            header: Header::from_wit(command.header)?,
             content: parse("content", &command.content)?,
             extra_payload: parse("extra_payload", &command.extra_payload)?,
             reply_data: parse("reply_data", &command.reply_data)?,

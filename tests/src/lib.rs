@@ -189,6 +189,8 @@ pub fn built_plugins() -> &'static Path {
                 "tools-plugin",
                 "-p",
                 "echo-v2-plugin",
+                "-p",
+                "hooks-plugin",
             ])
             .status()
             .expect("running cargo to build the plugins");
@@ -203,6 +205,7 @@ pub fn built_plugins() -> &'static Path {
             ("researcher_plugin", "researcher"),
             ("tools_plugin", "tools"),
             ("echo_v2_plugin", "echo-v2"),
+            ("hooks_plugin", "hooks"),
         ] {
             let built = target
                 .join("wasm32-wasip2/plugin")
@@ -255,6 +258,8 @@ pub struct Daemon {
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<(), gatewayd::RunError>>,
     pub worker_id: String,
+    /// What the daemon counts (lifecycle hooks, ...).
+    pub stats: std::sync::Arc<gatewayd::Stats>,
 }
 
 impl Daemon {
@@ -267,9 +272,14 @@ impl Daemon {
         init_logging();
         let worker_id = config.worker.id.clone();
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(gatewayd::run(config, async {
-            let _ = rx.await;
-        }));
+        let stats = std::sync::Arc::new(gatewayd::Stats::default());
+        let task = tokio::spawn(gatewayd::run_with_stats(
+            config,
+            async {
+                let _ = rx.await;
+            },
+            stats.clone(),
+        ));
         let mut conn = redis.connect().await?;
         let key = format!("byai_gateway:registry:capability:workers:{ready_capability}");
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -295,6 +305,7 @@ impl Daemon {
             stop: Some(tx),
             task,
             worker_id,
+            stats,
         })
     }
 

@@ -1,13 +1,14 @@
 //! WebAssembly side of the daemon: the engine and its limits, compiled
 //! plugins, and running one call of a plugin in a fresh sandbox.
 //!
-//! A plugin is compiled once per file version into an [`AgentPre`] (imports
+//! A plugin is compiled once per file version into an `AgentPre` (imports
 //! resolved, ready to instantiate). Each task gets a new `Store` — its own
 //! memory cap, epoch deadline, WASI context with only its two workspace
 //! directories — and a new instance from the pooling allocator; nothing of one
 //! task is visible to the next.
 
 mod bindings;
+pub mod hooks;
 pub mod host;
 pub mod loader;
 mod outbound;
@@ -16,13 +17,14 @@ mod sandbox;
 pub use outbound::OutboundHosts;
 
 pub use bindings::GuestError;
+pub use hooks::{Hook, HookCall, HookCounts, HookOutcome, HookSet, HookStats};
 
 use crate::wire::{Action, ControlCommand};
 use bindings::{Command, Header, Workspace};
 pub use host::{AwaitedChild, CancelSignal, Services, TaskHost, TaskShared};
 pub use sandbox::{GUEST_PRIVATE_DIR, GUEST_PUBLIC_DIR, TaskDirs};
 
-use bindings::{Agent, AgentPre};
+use bindings::{AgentPre, AgentWithHooks};
 use host::TaskState;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -62,10 +64,12 @@ pub struct Policy {
     pub outbound: Arc<OutboundHosts>,
     /// Host directories it sees read-only: (host path, guest path).
     pub read_only_dirs: Arc<[(PathBuf, String)]>,
+    /// Budget of one lifecycle hook call.
+    pub hook_timeout: Duration,
 }
 
 /// Resolves the policy of each plugin id.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Policies {
     /// `[plugins]`: most tasks of one plugin (0: no limit of its own).
     default_concurrency: usize,
@@ -77,8 +81,21 @@ pub struct Policies {
     default_outbound: Vec<String>,
     /// `[plugins] read_only_dirs`.
     default_read_only: std::collections::BTreeMap<String, PathBuf>,
+    /// `[plugins] hook_timeout_ms`.
+    default_hook_timeout: Duration,
     /// One semaphore per id, kept across versions of the plugin.
     semaphores: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Semaphore>>>,
+}
+
+impl Default for Policies {
+    /// `[plugins]`'s defaults, without `[plugins.<id>]` tables; memory
+    /// capped by the sandbox's limit only.
+    fn default() -> Self {
+        Policies {
+            default_memory_bytes: None,
+            ..Policies::from_config(&crate::config::PluginsConfig::default())
+        }
+    }
 }
 
 impl Policies {
@@ -89,6 +106,7 @@ impl Policies {
             default_memory_bytes: Some(config.memory_limit_bytes()),
             default_outbound: config.allowed_outbound_hosts.clone(),
             default_read_only: config.read_only_dirs.clone(),
+            default_hook_timeout: Duration::from_millis(config.hook_timeout_ms),
             by_id: config.policy.clone(),
             semaphores: Default::default(),
         }
@@ -129,8 +147,12 @@ impl Policies {
             .iter()
             .map(|(guest, host)| (host.clone(), guest.clone()))
             .collect();
+        let hook_timeout = own
+            .and_then(|p| p.hook_timeout_ms)
+            .map_or(self.default_hook_timeout, Duration::from_millis);
         Policy {
             read_only_dirs,
+            hook_timeout,
             outbound: Arc::new(outbound),
             memory_bytes,
             deadline,
@@ -172,6 +194,8 @@ pub struct Sandbox {
     cache: Option<Arc<CompileCache>>,
     /// Per-plugin limits and settings.
     policies: Policies,
+    /// How the plugins' lifecycle hooks went.
+    hook_stats: Arc<HookStats>,
 }
 
 /// Compiled plugins on disk, keyed by the file's contents and the engine's
@@ -297,16 +321,24 @@ impl Sandbox {
         max_concurrent_tasks: usize,
         cache_dir: Option<&Path>,
     ) -> Result<Arc<Self>, PluginError> {
-        Self::with_options(limits, max_concurrent_tasks, cache_dir, Policies::default())
+        Self::with_options(
+            limits,
+            max_concurrent_tasks,
+            cache_dir,
+            Policies::default(),
+            Arc::default(),
+        )
     }
 
     /// The full constructor: `limits.memory_bytes` must be the largest cap
-    /// any policy gives (it sizes the pool's memory slots).
+    /// any policy gives (it sizes the pool's memory slots); hook calls are
+    /// counted in `hook_stats`.
     pub fn with_options(
         limits: Limits,
         max_concurrent_tasks: usize,
         cache_dir: Option<&Path>,
         policies: Policies,
+        hook_stats: Arc<HookStats>,
     ) -> Result<Arc<Self>, PluginError> {
         let engine_error = |e: wasmtime::Error| PluginError::Engine(format!("{e:#}"));
         // Each task may hold a nested tool-call instance; a few spare slots
@@ -347,7 +379,7 @@ impl Sandbox {
         // Linked for every plugin (JavaScript components import it even
         // when they never use it); requests are denied unless allowed.
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker).map_err(engine_error)?;
-        Agent::add_to_linker::<_, HasSelf<TaskState>>(&mut linker, |state| state)
+        AgentWithHooks::add_to_linker::<_, HasSelf<TaskState>>(&mut linker, |state| state)
             .map_err(engine_error)?;
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
@@ -385,12 +417,18 @@ impl Sandbox {
             guests: Some(guests),
             cache,
             policies,
+            hook_stats,
         }))
     }
 
     /// The limits every store gets.
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// How the plugins' lifecycle hooks went.
+    pub fn hook_stats(&self) -> &Arc<HookStats> {
+        &self.hook_stats
     }
 
     /// Compiles a component file, links it and reads its manifest.
@@ -434,13 +472,13 @@ impl Sandbox {
             path: path.clone(),
             reason: format!("{e:#}"),
         })?;
-        let manifest = self
-            .read_manifest(&pre)
-            .await
-            .map_err(|reason| PluginError::Manifest {
-                path: path.clone(),
-                reason,
-            })?;
+        let (manifest, hooks) =
+            self.read_manifest(&pre)
+                .await
+                .map_err(|reason| PluginError::Manifest {
+                    path: path.clone(),
+                    reason,
+                })?;
         let manifest =
             Manifest::validate(manifest).map_err(|reason| PluginError::InvalidManifest {
                 path: path.clone(),
@@ -466,23 +504,38 @@ impl Sandbox {
             path,
             digest: file_digest(bytes),
             from_cache: cached,
+            hooks,
             pre,
             validators,
             sandbox: self.clone(),
         })
     }
 
-    async fn read_manifest(&self, pre: &AgentPre<TaskState>) -> Result<bindings::Manifest, String> {
+    /// Calls `describe`, and `implemented-hooks` when the plugin exports
+    /// hooks.
+    async fn read_manifest(
+        &self,
+        pre: &AgentPre<TaskState>,
+    ) -> Result<(bindings::Manifest, HookSet), String> {
         let mut store = self.store(TaskState::for_manifest(&self.limits));
         let call = async {
-            let agent = pre.instantiate_async(&mut store).await?;
-            agent
-                .byclaw_gateway_handler()
+            let instance = pre.instantiate(&mut store).await?;
+            // Checks the types of the hooks now rather than at a task's end.
+            let hooks = pre
+                .hooks(&mut store, &instance)
+                .map_err(|e| e.context("its `hooks` export does not match the WIT"))?;
+            let manifest = pre
+                .handler(&mut store, &instance)?
                 .call_describe(&mut store)
-                .await
+                .await?;
+            let implemented = match hooks {
+                Some(hooks) => HookSet::from_wit(&hooks.call_implemented_hooks(&mut store).await?),
+                None => HookSet::default(),
+            };
+            wasmtime::Result::Ok((manifest, implemented))
         };
         match tokio::time::timeout(Duration::from_secs(10), call).await {
-            Ok(Ok(manifest)) => Ok(manifest),
+            Ok(Ok(read)) => Ok(read),
             Ok(Err(trap)) => Err(describe_trap(&trap, &self.limits)),
             Err(_) => Err("did not return within 10 s".into()),
         }
@@ -602,6 +655,8 @@ pub struct Plugin {
     pub policy: Policy,
     /// `{"plugin_id", "plugin_version"}`, merged into its tasks' event metadata.
     pub stamp: Arc<serde_json::value::RawValue>,
+    /// The lifecycle hooks it implements (none when it exports no hooks).
+    pub hooks: HookSet,
     pre: AgentPre<TaskState>,
     /// Compiled input schema of each tool, by tool name.
     validators: std::collections::HashMap<String, jsonschema::Validator>,
@@ -759,9 +814,9 @@ impl Plugin {
     async fn run_handle(&self, host: TaskHost, command: Command) -> Result<String, CallError> {
         let mut store = self.instantiate_store(host)?;
         let result = async {
-            let agent = self.pre.instantiate_async(&mut store).await?;
-            agent
-                .byclaw_gateway_handler()
+            let instance = self.pre.instantiate(&mut store).await?;
+            self.pre
+                .handler(&mut store, &instance)?
                 .call_handle(&mut store, &command)
                 .await
         }
@@ -778,9 +833,9 @@ impl Plugin {
     ) -> Result<String, CallError> {
         let mut store = self.instantiate_store(host)?;
         let result = async {
-            let agent = self.pre.instantiate_async(&mut store).await?;
-            agent
-                .byclaw_gateway_handler()
+            let instance = self.pre.instantiate(&mut store).await?;
+            self.pre
+                .handler(&mut store, &instance)?
                 .call_invoke_tool(&mut store, name, &args.to_owned())
                 .await
         }
@@ -815,18 +870,7 @@ impl Plugin {
 
 /// The WIT view of a command.
 fn to_wit_command(command: &ControlCommand, agent_type: &str, workspace: bool) -> Command {
-    let h = &command.header;
-    let header = Header {
-        message_id: h.message_id.clone(),
-        session_id: h.session_id.clone(),
-        trace_id: h.trace_id.clone(),
-        source_agent_id: h.source_agent_id.clone(),
-        target_agent_type: h.target_agent_type.clone(),
-        parent_message_id: h.parent_message_id.clone(),
-        task_group_id: h.task_group_id.clone(),
-        tenant_id: h.tenant_id.clone(),
-        metadata: h.metadata.to_string(),
-    };
+    let header = to_wit_header(&command.header);
     let (content, extra_payload, wait_for_reply, status, reply_data) = match &command.action {
         Action::AskAgent {
             content,
@@ -872,5 +916,20 @@ fn to_wit_command(command: &ControlCommand, agent_type: &str, workspace: bool) -
                 public_dir: String::new(),
             },
         },
+    }
+}
+
+/// The WIT view of a command's header.
+fn to_wit_header(h: &crate::wire::Header) -> Header {
+    Header {
+        message_id: h.message_id.clone(),
+        session_id: h.session_id.clone(),
+        trace_id: h.trace_id.clone(),
+        source_agent_id: h.source_agent_id.clone(),
+        target_agent_type: h.target_agent_type.clone(),
+        parent_message_id: h.parent_message_id.clone(),
+        task_group_id: h.task_group_id.clone(),
+        tenant_id: h.tenant_id.clone(),
+        metadata: h.metadata.to_string(),
     }
 }

@@ -220,6 +220,14 @@ pub struct TaskHost {
     pub depth: u8,
 }
 
+/// What a hook's store knows of its plugin.
+pub(crate) struct HookScope {
+    /// `id@version`, for its log lines.
+    plugin_label: Arc<str>,
+    /// What `get-config` answers.
+    config: Arc<std::collections::BTreeMap<String, String>>,
+}
+
 /// The data of one `Store`.
 pub struct TaskState {
     wasi: WasiCtx,
@@ -229,8 +237,11 @@ pub struct TaskState {
     http_policy: super::outbound::OutboundPolicy,
     /// Enforces the memory cap and remembers that it did.
     pub(crate) limiter: MemoryCap,
-    /// `None` only while reading a manifest, when no host call but `log` is allowed.
+    /// `None` while reading a manifest or running a hook, when no host
+    /// call but `log` (and in a hook `get-config`) is allowed.
     host: Option<TaskHost>,
+    /// Set while a lifecycle hook runs: who logs, what `get-config` answers.
+    hook: Option<HookScope>,
     /// Largest event the guest may emit.
     max_event_bytes: usize,
 }
@@ -258,6 +269,7 @@ impl TaskState {
             http_policy,
             limiter: MemoryCap::new(memory_bytes),
             host: Some(host),
+            hook: None,
             max_event_bytes: limits.max_event_bytes,
         })
     }
@@ -274,14 +286,40 @@ impl TaskState {
             },
             limiter: MemoryCap::new(limits.memory_bytes),
             host: None,
+            hook: None,
             max_event_bytes: limits.max_event_bytes,
         }
     }
 
+    /// The state of a lifecycle hook's store: no workspace and no task, but
+    /// the plugin's read-only directories, outbound hosts, memory cap and
+    /// configuration values.
+    pub(crate) fn for_hook(plugin: &super::Plugin, limits: &Limits) -> std::io::Result<Self> {
+        let label: Arc<str> = Arc::from(plugin.label());
+        let policy = &plugin.policy;
+        Ok(TaskState {
+            wasi: wasi_context(None, &policy.read_only_dirs, label.clone(), Arc::from("-"))?,
+            table: ResourceTable::new(),
+            http: wasmtime_wasi_http::WasiHttpCtx::new(),
+            http_policy: super::outbound::OutboundPolicy {
+                allowed: policy.outbound.clone(),
+                plugin: label.clone(),
+            },
+            limiter: MemoryCap::new(policy.memory_bytes),
+            host: None,
+            hook: Some(HookScope {
+                plugin_label: label,
+                config: policy.config.clone(),
+            }),
+            max_event_bytes: limits.max_event_bytes,
+        })
+    }
+
     fn host(&self, function: &str) -> wasmtime::Result<&TaskHost> {
-        self.host
-            .as_ref()
-            .ok_or_else(|| wasmtime::format_err!("{function} may not be called from manifest()"))
+        self.host.as_ref().ok_or_else(|| match self.hook {
+            Some(_) => wasmtime::format_err!("{function} may not be called from a lifecycle hook"),
+            None => wasmtime::format_err!("{function} may not be called from manifest()"),
+        })
     }
 }
 

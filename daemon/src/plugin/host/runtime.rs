@@ -9,12 +9,13 @@ const MAX_LOG_MESSAGE: usize = 8192;
 
 impl Host for TaskState {
     async fn log(&mut self, level: LogLevel, message: String) -> wasmtime::Result<()> {
-        let (plugin, message_id) = match &self.host {
-            Some(host) => (
+        let (plugin, message_id) = match (&self.host, &self.hook) {
+            (Some(host), _) => (
                 host.shared.plugin_label.clone(),
                 host.shared.message_id.clone(),
             ),
-            None => ("loader".into(), "-".into()),
+            (None, Some(hook)) => (hook.plugin_label.clone(), "-".into()),
+            (None, None) => ("loader".into(), "-".into()),
         };
         let mut text = message.as_str();
         if text.len() > MAX_LOG_MESSAGE {
@@ -35,11 +36,17 @@ impl Host for TaskState {
     }
 
     async fn get_config(&mut self, key: String) -> wasmtime::Result<Option<String>> {
+        if let Some(hook) = &self.hook {
+            return Ok(hook.config.get(&key).cloned());
+        }
         let host = self.host("get-config")?;
         Ok(host.plugin.policy.config.get(&key).cloned())
     }
 
     async fn is_cancelled(&mut self) -> wasmtime::Result<bool> {
+        if self.hook.is_some() {
+            return Ok(false);
+        }
         Ok(self.host("is-cancelled")?.shared.cancel.is_requested())
     }
 }
