@@ -511,6 +511,23 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where a configuration came from, to read it again the same way (a
+/// reload): the file, then the process environment, then the flags.
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// The TOML file.
+    pub file: PathBuf,
+    /// The flags given at start.
+    pub overrides: Overrides,
+}
+
+impl Source {
+    /// Reads and checks the configuration again.
+    pub fn load(&self) -> Result<Config, ConfigErrors> {
+        Config::load(Some(&self.file), &self.overrides)
+    }
+}
+
 /// Settings given as command-line flags; they win over everything. `None`
 /// leaves the key to the lower layers.
 #[derive(Debug, Clone, Default)]

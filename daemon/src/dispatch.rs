@@ -702,7 +702,9 @@ impl Dispatcher {
         tracing::Span::current().record("plugin", plugin.label());
         // The plugin's own limit (`[plugins.<id>] max_concurrency`); the
         // reader skips its streams while it is reached, so this rarely waits.
-        let _plugin_slot = match &plugin.policy.concurrency {
+        // The policy when the task starts; a reload changes later tasks.
+        let policy = plugin.policy();
+        let _plugin_slot = match &policy.concurrency {
             Some(limit) => tokio::select! {
                 permit = limit.clone().acquire_owned() => match permit {
                     Ok(permit) => Some(PluginSlot {
@@ -734,7 +736,7 @@ impl Dispatcher {
             message_id: Arc::from(origin.message_id.as_str()),
             dirs,
             tenant_id: command.header.tenant_id.clone(),
-            deadline_at: tokio::time::Instant::now() + plugin.policy.deadline,
+            deadline_at: tokio::time::Instant::now() + policy.deadline,
             permit: Mutex::new(Some(permit)),
             awaiting,
             reply: Mutex::new(
@@ -775,10 +777,7 @@ impl Dispatcher {
             plugin: plugin.clone(),
             depth: 0,
         };
-        let call = tokio::time::timeout(
-            plugin.policy.deadline,
-            plugin.handle(host, command, agent_type),
-        );
+        let call = tokio::time::timeout(policy.deadline, plugin.handle(host, command, agent_type));
         let result = tokio::select! {
             result = call => result,
             _ = cancel.force.cancelled() => {
@@ -811,7 +810,7 @@ impl Dispatcher {
             }
             Err(_) => Outcome::Failed(format!(
                 "deadline of {} s exceeded",
-                plugin.policy.deadline.as_secs_f64()
+                policy.deadline.as_secs_f64()
             )),
         }
     }
@@ -1072,7 +1071,7 @@ impl Dispatcher {
                 .zip(table.streams())
                 .filter(|(plugin, _)| {
                     plugin
-                        .policy
+                        .policy()
                         .concurrency
                         .as_ref()
                         .is_none_or(|limit| limit.available_permits() > 0)

@@ -14,6 +14,7 @@
 pub mod broker;
 pub mod client;
 pub mod config;
+pub mod config_reload;
 pub mod dispatch;
 pub mod events;
 pub mod executions;
@@ -61,7 +62,18 @@ pub enum RunError {
 /// off stay pending for another worker), queued writes are flushed, and the
 /// worker leaves the registry.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
-    run_with_stats(config, shutdown, Arc::default()).await
+    run_with(config, shutdown, RunOptions::default()).await
+}
+
+/// What [`run_with`] takes besides the configuration.
+#[derive(Debug, Default)]
+pub struct RunOptions {
+    /// Where the daemon counts; the caller may read it while it runs.
+    pub stats: Arc<Stats>,
+    /// Where the configuration came from. When set, the file is watched
+    /// (and SIGHUP read) and the plugin policies it sets are applied
+    /// without a restart (see [`config_reload`]).
+    pub config_source: Option<config::Source>,
 }
 
 /// What a running daemon counts, for whoever started it to read (tests,
@@ -70,16 +82,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 pub struct Stats {
     /// Lifecycle hook calls by plugin version and hook.
     pub hooks: Arc<plugin::HookStats>,
+    /// Configuration files read again and applied (or found unchanged).
+    pub config_reloads: std::sync::atomic::AtomicU64,
+    /// Configuration files read again and rejected (invalid; nothing changed).
+    pub config_reloads_rejected: std::sync::atomic::AtomicU64,
 }
 
-/// [`run`], counting into `stats`.
-pub async fn run_with_stats(
+/// [`run`] with options.
+pub async fn run_with(
     config: Config,
     shutdown: impl Future<Output = ()>,
-    stats: Arc<Stats>,
+    options: RunOptions,
 ) -> Result<(), RunError> {
     config.validate()?;
-    let hook_stats = stats.hooks.clone();
+    let hook_stats = options.stats.hooks.clone();
     let worker = &config.worker;
     let limits = plugin::Limits {
         // The largest cap of any plugin: it sizes the pool's memory slots.
@@ -212,6 +228,20 @@ pub async fn run_with_stats(
     } else {
         None
     };
+    let config_reload = match options.config_source {
+        Some(source) => {
+            let reloader = config_reload::ConfigReloader {
+                source,
+                current: config.clone(),
+                sandbox: sandbox.clone(),
+                plugins: plugins.clone(),
+                debounce: Duration::from_millis(config.plugins.reload_debounce_ms),
+                stats: options.stats.clone(),
+            };
+            Some(reloader.watch(stop_reading.clone())?)
+        }
+        None => None,
+    };
     let stop_control = CancellationToken::new();
     // Readers feed new tasks; they stop first on shutdown. The control
     // reader and the heartbeat keep going until the tasks are done, so a
@@ -243,6 +273,9 @@ pub async fn run_with_stats(
     if let Some(reload) = reload {
         // Stops with the readers: no new plugin versions during shutdown.
         readers.spawn(reload);
+    }
+    if let Some(config_reload) = config_reload {
+        readers.spawn(config_reload);
     }
     readers.close();
     background.close();

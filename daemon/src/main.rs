@@ -4,7 +4,7 @@
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use gatewayd::config::{Config, HistoryBackend, LogFormat, Overrides};
+use gatewayd::config::{Config, HistoryBackend, LogFormat, Overrides, Source};
 use gatewayd::history::History;
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -162,7 +162,13 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     match cli.command {
-        None => run_daemon(config),
+        None => run_daemon(
+            config,
+            cli.config.map(|file| Source {
+                file,
+                overrides: overrides.clone(),
+            }),
+        ),
         Some(command) => run_command(config, command),
     }
 }
@@ -179,11 +185,17 @@ fn runtime(mut builder: tokio::runtime::Builder) -> Option<tokio::runtime::Runti
     }
 }
 
-fn run_daemon(config: Config) -> ExitCode {
+/// Runs the daemon; with a configuration file, its policy changes apply
+/// while serving.
+fn run_daemon(config: Config, source: Option<Source>) -> ExitCode {
     let Some(runtime) = runtime(tokio::runtime::Builder::new_multi_thread()) else {
         return ExitCode::FAILURE;
     };
-    match runtime.block_on(gatewayd::run(config, shutdown_signal())) {
+    let options = gatewayd::RunOptions {
+        config_source: source,
+        ..Default::default()
+    };
+    match runtime.block_on(gatewayd::run_with(config, shutdown_signal(), options)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(%error, "gatewayd stopped");

@@ -269,16 +269,31 @@ impl Daemon {
         redis: &RedisServer,
         ready_capability: &str,
     ) -> Result<Self> {
+        Self::start_from(config, None, redis, ready_capability).await
+    }
+
+    /// Like [`Daemon::start`], watching the configuration `source` came
+    /// from (its policy changes apply while serving).
+    pub async fn start_from(
+        config: Config,
+        source: Option<gatewayd::config::Source>,
+        redis: &RedisServer,
+        ready_capability: &str,
+    ) -> Result<Self> {
         init_logging();
         let worker_id = config.worker.id.clone();
         let (tx, rx) = oneshot::channel::<()>();
         let stats = std::sync::Arc::new(gatewayd::Stats::default());
-        let task = tokio::spawn(gatewayd::run_with_stats(
+        let options = gatewayd::RunOptions {
+            stats: stats.clone(),
+            config_source: source,
+        };
+        let task = tokio::spawn(gatewayd::run_with(
             config,
             async {
                 let _ = rx.await;
             },
-            stats.clone(),
+            options,
         ));
         let mut conn = redis.connect().await?;
         let key = format!("byai_gateway:registry:capability:workers:{ready_capability}");

@@ -242,3 +242,85 @@ async fn read_only_directories_can_be_read_not_written() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_changes_in_the_file_apply_without_a_restart() -> anyhow::Result<()> {
+    use gatewayd::config::Source;
+    use std::sync::atomic::Ordering;
+    let redis = RedisServer::start().await?;
+    let plugins = plugin_dir(&["tools"]);
+    let workspace = tempfile::tempdir()?;
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("gateway.toml");
+    let base = format!(
+        "[redis]\nurl = \"{}\"\n[worker]\nid = \"reload-{}\"\nblock_ms = 200\nheartbeat_interval_s = 1\n\
+         shutdown_grace_s = 5\n[plugins]\ndir = \"{}\"\nreload_debounce_ms = 50\n[workspace]\ndir = \"{}\"\n",
+        redis.url(),
+        suffix(),
+        plugins.path().display(),
+        workspace.path().display(),
+    );
+    let write = |tools: &str| {
+        // Written beside, then renamed over: as editors and deploy tools do.
+        let next = dir.path().join("gateway.toml.next");
+        std::fs::write(&next, format!("{base}{tools}")).unwrap();
+        std::fs::rename(&next, &file).unwrap();
+    };
+    write("[plugins.tools]\nmemory_limit_mb = 24\n[plugins.tools.config]\napi_key = \"one\"\n");
+    let source = Source {
+        file: file.clone(),
+        overrides: Default::default(),
+    };
+    let config = source.load().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut daemon = Daemon::start_from(config, Some(source), &redis, "tools").await?;
+    let client = Client::connect(&redis.url()).await?;
+    let conn = redis.connect().await?;
+    let ask = async |request: Value| -> anyhow::Result<Value> {
+        let session = format!("sess-{}", suffix());
+        let sent = client
+            .send("tools", &session, &request.to_string(), json!({}))
+            .await?;
+        let events = task_events(&mut conn.clone(), &session, &sent.message_id, LONG).await?;
+        let state = states(&events).pop().unwrap_or_default();
+        Ok(match state.as_str() {
+            "COMPLETED" => task_result(&events).cloned().unwrap_or_default(),
+            _ => json!({ "state": state }),
+        })
+    };
+    assert_eq!(
+        ask(json!({"config": "api_key"})).await?,
+        json!({"value": "one"})
+    );
+    let over_cap = ask(json!({"allocate_mb": 32})).await?;
+    assert!(
+        over_cap["state"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("FAILED: memory limit of 24 MiB exceeded"),
+        "{over_cap}"
+    );
+
+    // A new value and a larger cap: new tasks get both, no restart.
+    write("[plugins.tools]\nmemory_limit_mb = 64\n[plugins.tools.config]\napi_key = \"two\"\n");
+    wait_for("the reloaded api_key", LONG, || async {
+        let value = ask(json!({"config": "api_key"})).await?;
+        Ok((value == json!({"value": "two"})).then_some(()))
+    })
+    .await?;
+    assert_eq!(ask(json!({"allocate_mb": 32})).await?["allocated_mb"], 32);
+
+    // An invalid file is rejected as a whole: nothing of it applies.
+    let stats = daemon.stats.clone();
+    write("[plugins.tools]\nmemory_limit_mb = 0\n[plugins.tools.config]\napi_key = \"three\"\n");
+    wait_for("the invalid file to be rejected", LONG, || async {
+        Ok((stats.config_reloads_rejected.load(Ordering::Relaxed) >= 1).then_some(()))
+    })
+    .await?;
+    assert_eq!(
+        ask(json!({"config": "api_key"})).await?,
+        json!({"value": "two"})
+    );
+    assert_eq!(ask(json!({"allocate_mb": 32})).await?["allocated_mb"], 32);
+    daemon.stop().await?;
+    Ok(())
+}

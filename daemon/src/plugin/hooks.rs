@@ -251,7 +251,7 @@ impl Plugin {
         if !self.has_hook(hook) {
             return HookOutcome::NotExported;
         }
-        let timeout = self.policy.hook_timeout;
+        let timeout = self.policy().hook_timeout;
         let started = Instant::now();
         let plugin = self.clone();
         let guests = self

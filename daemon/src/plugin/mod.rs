@@ -83,8 +83,19 @@ pub struct Policies {
     default_read_only: std::collections::BTreeMap<String, PathBuf>,
     /// `[plugins] hook_timeout_ms`.
     default_hook_timeout: Duration,
-    /// One semaphore per id, kept across versions of the plugin.
-    semaphores: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Semaphore>>>,
+    /// `[plugins] deadline_s`; `None`: the sandbox's deadline.
+    default_deadline: Option<Duration>,
+    /// One semaphore per id with the limit it was made for, kept across
+    /// versions of the plugin and across configuration reloads (a new
+    /// limit gets a new semaphore; tasks holding the old one finish).
+    semaphores: Arc<std::sync::Mutex<std::collections::HashMap<String, ConcurrencyLimit>>>,
+}
+
+/// A plugin's concurrency limit and the semaphore enforcing it.
+#[derive(Debug)]
+struct ConcurrencyLimit {
+    limit: usize,
+    semaphore: Arc<tokio::sync::Semaphore>,
 }
 
 impl Default for Policies {
@@ -93,6 +104,7 @@ impl Default for Policies {
     fn default() -> Self {
         Policies {
             default_memory_bytes: None,
+            default_deadline: None,
             ..Policies::from_config(&crate::config::PluginsConfig::default())
         }
     }
@@ -107,9 +119,17 @@ impl Policies {
             default_outbound: config.allowed_outbound_hosts.clone(),
             default_read_only: config.read_only_dirs.clone(),
             default_hook_timeout: Duration::from_millis(config.hook_timeout_ms),
+            default_deadline: Some(config.deadline()),
             by_id: config.policy.clone(),
             semaphores: Default::default(),
         }
+    }
+
+    /// These policies, replacing `previous`: plugins whose concurrency
+    /// limit stays keep their semaphore (and the tasks holding it count).
+    pub fn succeeding(mut self, previous: &Policies) -> Self {
+        self.semaphores = previous.semaphores.clone();
+        self
     }
 
     fn resolve(&self, id: &str, limits: &Limits) -> Policy {
@@ -122,19 +142,31 @@ impl Policies {
             )
             // The pool was sized for the largest cap configured at start.
             .min(limits.memory_bytes);
-        let deadline = own
-            .and_then(|p| p.deadline_s)
-            .map_or(limits.deadline, Duration::from_secs);
+        let deadline = own.and_then(|p| p.deadline_s).map_or(
+            self.default_deadline.unwrap_or(limits.deadline),
+            Duration::from_secs,
+        );
         let limit = own
             .and_then(|p| p.max_concurrency)
             .unwrap_or(self.default_concurrency);
         let concurrency = (limit > 0).then(|| {
-            self.semaphores
+            let mut semaphores = self
+                .semaphores
                 .lock()
-                .expect("semaphores lock is never poisoned")
+                .expect("semaphores lock is never poisoned");
+            let entry = semaphores
                 .entry(id.to_owned())
-                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(limit)))
-                .clone()
+                .or_insert_with(|| ConcurrencyLimit {
+                    limit,
+                    semaphore: Arc::new(tokio::sync::Semaphore::new(limit)),
+                });
+            if entry.limit != limit {
+                *entry = ConcurrencyLimit {
+                    limit,
+                    semaphore: Arc::new(tokio::sync::Semaphore::new(limit)),
+                };
+            }
+            entry.semaphore.clone()
         });
         let patterns = own
             .and_then(|p| p.allowed_outbound_hosts.as_deref())
@@ -192,8 +224,9 @@ pub struct Sandbox {
     /// Where compiled plugins are kept across restarts; `None` compiles
     /// every time.
     cache: Option<Arc<CompileCache>>,
-    /// Per-plugin limits and settings.
-    policies: Policies,
+    /// Per-plugin limits and settings; replaced when the configuration is
+    /// reloaded.
+    policies: arc_swap::ArcSwap<Policies>,
     /// How the plugins' lifecycle hooks went.
     hook_stats: Arc<HookStats>,
 }
@@ -416,7 +449,7 @@ impl Sandbox {
             ticker_stop,
             guests: Some(guests),
             cache,
-            policies,
+            policies: arc_swap::ArcSwap::from_pointee(policies),
             hook_stats,
         }))
     }
@@ -429,6 +462,22 @@ impl Sandbox {
     /// How the plugins' lifecycle hooks went.
     pub fn hook_stats(&self) -> &Arc<HookStats> {
         &self.hook_stats
+    }
+
+    /// Replaces the policies (a reloaded configuration) and gives each of
+    /// `plugins` its new policy; tasks already running keep theirs. Plugins
+    /// loaded from now on get the new ones.
+    pub fn apply_policies<'a>(
+        &self,
+        policies: Policies,
+        plugins: impl IntoIterator<Item = &'a Arc<Plugin>>,
+    ) {
+        let policies = Arc::new(policies.succeeding(&self.policies.load()));
+        self.policies.store(policies.clone());
+        for plugin in plugins {
+            let policy = policies.resolve(&plugin.manifest.id, &self.limits);
+            plugin.policy.store(Arc::new(policy));
+        }
     }
 
     /// Compiles a component file, links it and reads its manifest.
@@ -498,7 +547,9 @@ impl Sandbox {
             validators.insert(tool.name.clone(), validator);
         }
         Ok(Plugin {
-            policy: self.policies.resolve(&manifest.id, &self.limits),
+            policy: arc_swap::ArcSwap::from_pointee(
+                self.policies.load().resolve(&manifest.id, &self.limits),
+            ),
             stamp: crate::wire::plugin_stamp(&manifest.id, &manifest.version),
             manifest,
             path,
@@ -651,8 +702,9 @@ pub struct Plugin {
     pub digest: u64,
     /// Whether the compiled code came from the compile cache.
     pub from_cache: bool,
-    /// Its limits and settings.
-    pub policy: Policy,
+    /// Its limits and settings; swapped when the configuration is reloaded
+    /// (a task keeps the one it started with).
+    policy: arc_swap::ArcSwap<Policy>,
     /// `{"plugin_id", "plugin_version"}`, merged into its tasks' event metadata.
     pub stamp: Arc<serde_json::value::RawValue>,
     /// The lifecycle hooks it implements (none when it exports no hooks).
@@ -746,6 +798,11 @@ fn trap_detail(error: &wasmtime::Error, root: &str) -> String {
 }
 
 impl Plugin {
+    /// Its limits and settings now.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.load_full()
+    }
+
     /// The plugin's id and version, for logs.
     pub fn label(&self) -> String {
         format!("{}@{}", self.manifest.id, self.manifest.version)
@@ -779,7 +836,7 @@ impl Plugin {
     }
 
     fn instantiate_store(&self, host: TaskHost) -> Result<Store<TaskState>, CallError> {
-        let state = TaskState::new(host, self.policy.memory_bytes, &self.sandbox.limits)
+        let state = TaskState::new(host, &self.sandbox.limits)
             .map_err(|e| CallError::Trap(format!("cannot prepare the sandbox: {e}")))?;
         Ok(self.sandbox.store(state))
     }

@@ -247,21 +247,19 @@ pub struct TaskState {
 }
 
 impl TaskState {
-    pub(crate) fn new(
-        host: TaskHost,
-        memory_bytes: usize,
-        limits: &Limits,
-    ) -> std::io::Result<Self> {
+    pub(crate) fn new(host: TaskHost, limits: &Limits) -> std::io::Result<Self> {
+        let policy = host.plugin.policy();
         let wasi = wasi_context(
             host.shared.dirs.as_ref(),
-            &host.plugin.policy.read_only_dirs,
+            &policy.read_only_dirs,
             host.shared.plugin_label.clone(),
             host.shared.message_id.clone(),
         )?;
         let http_policy = super::outbound::OutboundPolicy {
-            allowed: host.plugin.policy.outbound.clone(),
+            allowed: policy.outbound.clone(),
             plugin: host.shared.plugin_label.clone(),
         };
+        let memory_bytes = policy.memory_bytes;
         Ok(TaskState {
             wasi,
             table: ResourceTable::new(),
@@ -296,7 +294,7 @@ impl TaskState {
     /// configuration values.
     pub(crate) fn for_hook(plugin: &super::Plugin, limits: &Limits) -> std::io::Result<Self> {
         let label: Arc<str> = Arc::from(plugin.label());
-        let policy = &plugin.policy;
+        let policy = plugin.policy();
         Ok(TaskState {
             wasi: wasi_context(None, &policy.read_only_dirs, label.clone(), Arc::from("-"))?,
             table: ResourceTable::new(),

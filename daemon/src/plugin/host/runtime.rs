@@ -40,7 +40,7 @@ impl Host for TaskState {
             return Ok(hook.config.get(&key).cloned());
         }
         let host = self.host("get-config")?;
-        Ok(host.plugin.policy.config.get(&key).cloned())
+        Ok(host.plugin.policy().config.get(&key).cloned())
     }
 
     async fn is_cancelled(&mut self) -> wasmtime::Result<bool> {
