@@ -1,34 +1,23 @@
-//! An agent written in Python, built into a component with componentize-py,
-//! runs in gatewayd like a Rust one.
+//! An agent written in Python, built into a component with componentize-py
+//! (`plugins/python-echo/build.sh`), runs in gatewayd like a Rust one.
 
 use integration_tests::*;
 use serde_json::json;
-use std::path::Path;
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_componentize_py_agent_serves_tasks() -> anyhow::Result<()> {
-    let python = python_venv().await?;
-    let componentize = Path::new(&python).with_file_name("componentize-py");
-    // Build in a scratch directory so nothing is written into the repository.
-    let build = tempfile::tempdir()?;
-    std::fs::copy(
-        repo_root().join("plugins/python-echo/app.py"),
-        build.path().join("app.py"),
-    )?;
+    // The documented build command (componentize-py from PyPI, cached).
     let plugins = tempfile::tempdir()?;
     let wasm = plugins.path().join("python-echo.wasm");
-    let out = tokio::process::Command::new(&componentize)
-        .current_dir(build.path())
-        .arg("-d")
-        .arg(repo_root().join("wit"))
-        .args(["-w", "agent", "componentize", "app", "-o"])
+    let out = tokio::process::Command::new("bash")
+        .arg(repo_root().join("plugins/python-echo/build.sh"))
         .arg(&wasm)
         .output()
         .await?;
     anyhow::ensure!(
         out.status.success(),
-        "componentize-py failed: {}",
+        "building the Python agent failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
 
