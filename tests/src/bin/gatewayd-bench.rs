@@ -2,6 +2,11 @@
 //! tasks/s and latency percentiles (enqueue → first chunk, enqueue →
 //! COMPLETED), then the same for tasks sent one at a time (idle latency).
 //!
+//! With `--reloads N` the throughput run also swaps the echo plugin between
+//! two versions N times, one second apart, by renaming the new file over the
+//! old (as a deploy does), and reports each reload's latency: rename → first
+//! COMPLETED event of a task served by the new version.
+//!
 //! By default it starts its own redis-server and the `gatewayd` binary next
 //! to this one (`cargo build --release -p gatewayd` first; `scripts/bench`
 //! does everything).
@@ -23,6 +28,7 @@ struct Args {
     fetch: usize,
     text: String,
     redis_url: Option<String>,
+    reloads: usize,
 }
 
 fn parse_args() -> Result<Args> {
@@ -35,6 +41,7 @@ fn parse_args() -> Result<Args> {
         fetch: 64,
         text: "hello from the benchmark".into(),
         redis_url: None,
+        reloads: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -48,10 +55,11 @@ fn parse_args() -> Result<Args> {
             "--fetch" => args.fetch = value()?.parse()?,
             "--text" => args.text = value()?,
             "--redis-url" => args.redis_url = Some(value()?),
+            "--reloads" => args.reloads = value()?.parse()?,
             "-h" | "--help" => {
                 println!(
                     "gatewayd-bench [--tasks 20000] [--in-flight 200] [--idle 200] [--readers 4] \
-                     [--concurrency 256] [--fetch 64] [--text T] [--redis-url URL]"
+                     [--concurrency 256] [--fetch 64] [--text T] [--redis-url URL] [--reloads N]"
                 );
                 std::process::exit(0);
             }
@@ -67,6 +75,10 @@ fn parse_args() -> Result<Args> {
 struct Sample {
     first_chunk: Duration,
     completed: Duration,
+    /// When COMPLETED arrived.
+    at: Option<Instant>,
+    /// Served by echo 0.2.0 (the fixture `echo-v2`) rather than 0.1.0.
+    new_version: bool,
 }
 
 /// One in-flight slot: a session that runs one task at a time.
@@ -187,6 +199,8 @@ async fn drive(
                         samples.push(Sample {
                             first_chunk: slot.first_chunk.unwrap_or(arrived - slot.sent),
                             completed: arrived - slot.sent,
+                            at: Some(arrived),
+                            new_version: data.contains("\"plugin_version\":\"0.2.0\""),
                         });
                     } else {
                         failures += 1;
@@ -226,6 +240,32 @@ fn report(label: &str, samples: &[Sample], failures: usize, wall: Duration) {
             percentile(values, 1.0)
         );
     }
+}
+
+/// Per swap: rename → first COMPLETED of a task on the version swapped in.
+fn report_reloads(samples: &[Sample], swaps: &[(Instant, bool)]) {
+    let mut latencies = Vec::new();
+    for (k, (at, to_new)) in swaps.iter().enumerate() {
+        let next_swap = swaps.get(k + 1).map(|(t, _)| *t);
+        let first = samples
+            .iter()
+            .filter(|s| s.new_version == *to_new)
+            .filter_map(|s| s.at)
+            .filter(|t| t > at && next_swap.is_none_or(|next| *t < next))
+            .min();
+        match first {
+            Some(t) => latencies.push(t - *at),
+            None => println!("  reload {k}: no task served by the new version before the next swap"),
+        }
+    }
+    latencies.sort();
+    println!(
+        "reloads: {} of {} observed · rename → first task on the new version p50 {:.1} ms  max {:.1} ms",
+        latencies.len(),
+        swaps.len(),
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 1.0)
+    );
 }
 
 async fn delete_bench_keys(conn: &mut MultiplexedConnection) -> Result<()> {
@@ -316,6 +356,24 @@ async fn main() -> Result<()> {
     for (label, total) in [("warm-up", args.in_flight * 5), ("throughput", args.tasks)] {
         let next = Arc::new(AtomicUsize::new(0));
         let started = Instant::now();
+        let swapper = (label == "throughput" && args.reloads > 0).then(|| {
+            let dir = plugin_dir.path().to_owned();
+            let plugins = plugins.to_owned();
+            let reloads = args.reloads;
+            tokio::spawn(async move {
+                let mut swaps = Vec::new();
+                for k in 0..reloads {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    let to_new = k % 2 == 0;
+                    let file = if to_new { "echo-v2.wasm" } else { "echo.wasm" };
+                    let staged = dir.join("echo.wasm.staged");
+                    std::fs::copy(plugins.join(file), &staged)?;
+                    std::fs::rename(&staged, dir.join("echo.wasm"))?;
+                    swaps.push((Instant::now(), to_new));
+                }
+                anyhow::Ok(swaps)
+            })
+        });
         let mut drivers = Vec::new();
         for r in 0..args.readers {
             let slots =
@@ -338,6 +396,9 @@ async fn main() -> Result<()> {
         }
         if label == "throughput" {
             report(label, &samples, failures, started.elapsed());
+        }
+        if let Some(swapper) = swapper {
+            report_reloads(&samples, &swapper.await??);
         }
         delete_bench_keys(&mut conn).await?;
     }
