@@ -11,7 +11,7 @@
 //! terminal), the agent's questions, the final state.
 
 use anyhow::Context as _;
-use gatewayd::client::{CancelMode, CancelStatus, Client, EventReader, SessionEvent};
+use gatewayd::client::{CancelMode, CancelStatus, Client, EventReader};
 use std::io::{BufRead as _, IsTerminal as _, Write as _};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -116,6 +116,10 @@ pub async fn chat(client: &Client, agent: &str, session: Option<String>) -> anyh
             () = interrupts.recv() => None,
         };
         let Some(line) = line else {
+            if prompt {
+                // Leave the terminal's prompt line.
+                eprintln!();
+            }
             return Ok(exit::COMPLETED);
         };
         let text = line.trim();
@@ -241,9 +245,27 @@ impl<'c> Conversation<'c> {
         out.note(&format!("message {message_id}"))?;
         let mut events = reader.follow(session, message_id, &after);
         let mut cancel = Cancel::None;
+        // Set while a question of the agent waits for its answer line; the
+        // events are still followed meanwhile (the question may time out,
+        // the task may be cancelled by someone else).
+        let mut question = false;
         loop {
             let event = tokio::select! {
                 event = events.next() => event.map_err(err)?,
+                answer = next_line(lines), if question => {
+                    let Some(answer) = answer? else {
+                        out.warn(&format!(
+                            "cannot answer the agent (standard input ended); task {message_id} waits for an answer until its ask-user timeout"
+                        ))?;
+                        return Ok(Outcome::Unanswered);
+                    };
+                    question = false;
+                    client
+                        .answer_user(agent, session, message_id, answer.trim())
+                        .await
+                        .map_err(err)?;
+                    continue;
+                }
                 () = interrupts.recv() => {
                     if cancel == Cancel::Sent {
                         out.finish_reply()?;
@@ -273,29 +295,26 @@ impl<'c> Conversation<'c> {
                 out.chunk(text)?;
             } else if let Some(url) = event.artifact_url() {
                 out.artifact(&url)?;
-            } else if let Some(question) = event.ask_user_prompt() {
+            } else if let Some(prompt) = event.ask_user_prompt() {
                 out.finish_reply()?;
-                out.question(&question)?;
-                let Some(lines) = lines.as_mut() else {
-                    return unanswerable(out, &event, "standard input is not a terminal");
-                };
-                let answer = tokio::select! {
-                    line = lines.next() => line?,
-                    () = interrupts.recv() => {
-                        cancel = request_cancel(client, session, message_id, out).await?;
-                        continue;
-                    }
-                    () = until(deadline) => return timed_out(out, session, message_id),
-                };
-                let Some(answer) = answer else {
-                    return unanswerable(out, &event, "standard input ended");
-                };
-                client
-                    .answer_user(agent, session, message_id, answer.trim())
-                    .await
-                    .map_err(err)?;
+                out.question(&prompt)?;
+                if lines.is_none() {
+                    out.warn(&format!(
+                        "cannot answer the agent (standard input is not a terminal); task {message_id} waits for an answer until its ask-user timeout"
+                    ))?;
+                    return Ok(Outcome::Unanswered);
+                }
+                question = true;
             }
         }
+    }
+}
+
+/// The next line of standard input; never when it is not read.
+async fn next_line(lines: &mut Option<Lines>) -> anyhow::Result<Option<String>> {
+    match lines {
+        Some(lines) => lines.next().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -348,14 +367,6 @@ fn timed_out(out: &mut Printer, session: &str, message_id: &str) -> anyhow::Resu
         "timed out; the task is still running (cancel it with: gatewayd cancel {message_id} --session {session})"
     ))?;
     Ok(Outcome::TimedOut)
-}
-
-fn unanswerable(out: &mut Printer, event: &SessionEvent, why: &str) -> anyhow::Result<Outcome> {
-    out.warn(&format!(
-        "cannot answer the agent ({why}); task {} waits for an answer until its ask-user timeout",
-        event.message_id()
-    ))?;
-    Ok(Outcome::Unanswered)
 }
 
 /// Writes the reply to standard output and the rest to standard error.
