@@ -462,7 +462,7 @@ fn send_exits_5_when_the_timeout_passes_first() {
     let started = Instant::now();
     let out = client(
         &redis,
-        &["send", "--agent", "slow", "--timeout", "1", "20000"],
+        &["send", "--agent", "slow", "--timeout", "3", "30000"],
     )
     .output()
     .unwrap();
