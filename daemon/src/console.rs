@@ -105,15 +105,9 @@ pub async fn chat(client: &Client, agent: &str, session: Option<String>) -> anyh
             conversation.out.prompt()?;
         }
         conversation.lines()?;
-        let Conversation {
-            lines, interrupts, ..
-        } = &mut conversation;
-        let lines = lines
-            .as_mut()
-            .expect("standard input is read from the start");
         let line = tokio::select! {
-            line = lines.next() => line?,
-            () = interrupts.recv() => None,
+            line = next_line(&mut conversation.lines) => line?,
+            () = conversation.interrupts.recv() => None,
         };
         let Some(line) = line else {
             if prompt {
