@@ -8,6 +8,7 @@ pub use crate::registry::WorkerInfo;
 use crate::wire::{self, Header, keys};
 use redis::aio::ConnectionManager;
 use serde_json::{Value, json};
+use std::collections::VecDeque;
 use std::time::Duration;
 
 /// Why a client call failed.
@@ -192,6 +193,29 @@ impl Client {
         self.xadd(agent_type, "RESUME", &header, &body).await
     }
 
+    /// Answers the question a task asked with `ask-user` (its ask-user
+    /// event, [`SessionEvent::ask_user_prompt`]): a RESUME to `agent_type`
+    /// whose parent is the waiting task's `message_id`, status
+    /// `USER_REPLIED`, the text as `content` and as the form's field
+    /// (`reply_data.user_input`). The task goes on under its own message id.
+    pub async fn answer_user(
+        &self,
+        agent_type: &str,
+        session_id: &str,
+        message_id: &str,
+        answer: &str,
+    ) -> Result<Sent, ClientError> {
+        self.resume(
+            agent_type,
+            session_id,
+            message_id,
+            answer,
+            USER_REPLIED,
+            json!({ "user_input": answer }),
+        )
+        .await
+    }
+
     /// A reader of session event streams on a connection of its own (a
     /// blocking read would hold up every other command sharing one).
     pub async fn event_reader(&self) -> Result<EventReader, ClientError> {
@@ -287,6 +311,15 @@ impl Client {
     }
 }
 
+/// The RESUME status of a user's answer to `ask-user`.
+pub const USER_REPLIED: &str = "USER_REPLIED";
+
+/// A fresh session id: `sess-` + 16 lowercase hex. Reuse it for every turn
+/// of a conversation so the daemon carries the history.
+pub fn new_session_id() -> String {
+    format!("sess-{:016x}", fastrand::u64(..))
+}
+
 /// The header of a new command from a client (no calling agent).
 fn new_header(agent_type: &str, session_id: &str, parent_message_id: &str) -> Header {
     Header {
@@ -350,11 +383,20 @@ impl SessionEvent {
         (self.content_type() == wire::content_type::TEXT).then(|| self.content())
     }
 
-    /// The artifact URL of an artifact event.
-    pub fn artifact_url(&self) -> Option<&str> {
-        (self.content_type() == wire::content_type::CREATE_FILE)
-            .then(|| self.message["artifact_url"].as_str())
-            .flatten()
+    /// The artifact URL of an artifact event: the `fileUrl` of the
+    /// content (`[{"fileUrl": url}]`, where the reference emitter puts it),
+    /// else the DataMessage's `artifact_url`.
+    pub fn artifact_url(&self) -> Option<String> {
+        if self.content_type() != wire::content_type::CREATE_FILE {
+            return None;
+        }
+        let files: Option<Value> = serde_json::from_str(self.content()).ok();
+        files
+            .as_ref()
+            .and_then(|files| files[0]["fileUrl"].as_str())
+            .or_else(|| self.message["artifact_url"].as_str())
+            .filter(|url| !url.is_empty())
+            .map(str::to_owned)
     }
 
     /// The question of an ask-user form event.
@@ -442,8 +484,8 @@ impl EventReader {
                 let data: String = entry
                     .get("data")
                     .ok_or_else(|| bad("no data field".into()))?;
-                let message =
-                    serde_json::from_str(&data).map_err(|e| bad(format!("data is not JSON: {e}")))?;
+                let message = serde_json::from_str(&data)
+                    .map_err(|e| bad(format!("data is not JSON: {e}")))?;
                 events.push(SessionEvent {
                     entry_id: entry.id,
                     message,
@@ -451,6 +493,38 @@ impl EventReader {
             }
         }
         Ok(events)
+    }
+
+    /// Follows the task `message_id` of `session_id` from entry id `after`:
+    /// its events only (a session also carries the events of the agents it
+    /// calls, and of other tasks), ending with its terminal state. Take
+    /// `after` with [`EventReader::last_entry_id`] *before* sending, so no
+    /// event is missed:
+    ///
+    /// ```no_run
+    /// # async fn demo(client: gatewayd::client::Client) -> Result<(), gatewayd::client::ClientError> {
+    /// let session = gatewayd::client::new_session_id();
+    /// let mut reader = client.event_reader().await?;
+    /// let after = reader.last_entry_id(&session).await?;
+    /// let sent = client.send("echo", &session, "hello", serde_json::json!({})).await?;
+    /// let mut events = reader.follow(&session, &sent.message_id, &after);
+    /// while let Some(event) = events.next().await? {
+    ///     if let Some(text) = event.chunk() {
+    ///         print!("{text}");
+    ///     }
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn follow(&mut self, session_id: &str, message_id: &str, after: &str) -> TaskEvents<'_> {
+        TaskEvents {
+            reader: self,
+            session_id: session_id.to_owned(),
+            message_id: message_id.to_owned(),
+            after: after.to_owned(),
+            batch: VecDeque::new(),
+            ended: false,
+        }
     }
 
     /// The id of the newest entry of the session's stream (`0-0` when it
@@ -470,5 +544,62 @@ impl EventReader {
             .into_iter()
             .next()
             .map_or_else(|| "0-0".to_owned(), |entry| entry.id))
+    }
+}
+
+/// Most events one read of [`TaskEvents`] takes from the stream: what it
+/// holds in memory at once.
+const FOLLOW_BATCH: usize = 64;
+
+/// The events of one task as they come, until its terminal state; made by
+/// [`EventReader::follow`].
+pub struct TaskEvents<'r> {
+    /// The reader's connection, borrowed for as long as the task is followed.
+    reader: &'r mut EventReader,
+    /// The session whose stream is read.
+    session_id: String,
+    /// The task whose events are yielded; others are skipped.
+    message_id: String,
+    /// The entry id of the last event taken from the stream: where the next
+    /// read starts, so nothing is read twice or missed.
+    after: String,
+    /// Events of the last read not yet looked at (at most [`FOLLOW_BATCH`]).
+    batch: VecDeque<SessionEvent>,
+    /// Set once the terminal event was yielded.
+    ended: bool,
+}
+
+impl TaskEvents<'_> {
+    /// The next event of the task, waiting as long as it takes; `None`
+    /// after the terminal one ([`SessionEvent::is_terminal`]).
+    ///
+    /// Cancel-safe: dropping the future (in a `select!` with a timeout or a
+    /// Ctrl-C) loses no event; the next call reads from the same position
+    /// (after the blocking read already sent returns on the connection).
+    pub async fn next(&mut self) -> Result<Option<SessionEvent>, ClientError> {
+        loop {
+            if self.ended {
+                return Ok(None);
+            }
+            while let Some(event) = self.batch.pop_front() {
+                if event.message_id() == self.message_id {
+                    self.ended = event.is_terminal();
+                    return Ok(Some(event));
+                }
+            }
+            let events = self
+                .reader
+                .read(&self.session_id, &self.after, FOLLOW_BATCH, MAX_EVENT_BLOCK)
+                .await?;
+            if let Some(last) = events.last() {
+                self.after.clone_from(&last.entry_id);
+            }
+            self.batch.extend(events);
+        }
+    }
+
+    /// The task followed.
+    pub fn message_id(&self) -> &str {
+        &self.message_id
     }
 }

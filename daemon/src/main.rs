@@ -9,7 +9,10 @@ use gatewayd::history::History;
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 use tracing_subscriber::EnvFilter;
+
+mod console;
 
 /// Many short-lived allocations per task, across threads: mimalloc's
 /// thread-local heaps beat glibc's arenas here (see README, Performance).
@@ -70,6 +73,21 @@ enum Command {
     /// SESSION_MISMATCH, ALREADY_FINISHED or CANCEL_REQUESTED; exits 1
     /// unless CANCEL_REQUESTED.
     Cancel(CancelArgs),
+    /// Send TEXT to an agent, as the reference client does, and print the
+    /// reply as it streams: chunk texts and artifact URLs on stdout; the
+    /// session and message ids, the states and the final state on stderr.
+    /// Ctrl-C cancels the task (twice: stop waiting). A question of the
+    /// agent is read from stdin when it is a terminal.
+    ///
+    /// Exit codes: 0 COMPLETED, 3 FAILED, 4 CANCELLED, 5 timeout (the task
+    /// goes on), 6 a question that cannot be answered, 130 a second Ctrl-C,
+    /// 1 any other error.
+    Send(SendArgs),
+    /// Talk to an agent: one turn per line of stdin, all in one session
+    /// (the daemon carries the history), each reply printed as `send` does.
+    /// A question of the agent is answered by the next line. Ctrl-C cancels
+    /// the running task; Ctrl-C or end of input at the prompt exits (0).
+    Chat(ChatArgs),
     /// List the workers in the registry (one JSON object per line: worker
     /// id, capabilities, last heartbeat in ms), most recent first.
     Workers,
@@ -93,6 +111,35 @@ struct CancelArgs {
     /// Stop at once instead of letting the agent notice and return.
     #[arg(long)]
     force: bool,
+}
+
+/// `gatewayd send --agent TYPE [--session ID] [--timeout SECS] TEXT`.
+#[derive(Debug, clap::Args)]
+struct SendArgs {
+    /// The agent type (capability stream) to send to.
+    #[arg(long, value_name = "TYPE")]
+    agent: String,
+    /// Continue this session [default: a new one, printed on stderr].
+    #[arg(long, value_name = "ID")]
+    session: Option<String>,
+    /// Stop waiting after this many seconds (exit 5); the task is not
+    /// cancelled.
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    timeout: Option<u64>,
+    /// The message.
+    #[arg(value_name = "TEXT")]
+    text: String,
+}
+
+/// `gatewayd chat --agent TYPE [--session ID]`.
+#[derive(Debug, clap::Args)]
+struct ChatArgs {
+    /// The agent type (capability stream) to talk to.
+    #[arg(long, value_name = "TYPE")]
+    agent: String,
+    /// Continue this session [default: a new one, printed on stderr].
+    #[arg(long, value_name = "ID")]
+    session: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -211,19 +258,44 @@ fn run_command(config: Config, command: Command) -> ExitCode {
     };
     let result = runtime.block_on(async {
         match command {
-            Command::History(args) => print_history(&config, args).await,
-            Command::Cancel(args) => cancel(&config, args).await,
-            Command::Workers => workers(&config).await,
-            Command::Plugins(command) => plugins(&config, command).await,
+            Command::History(args) => print_history(&config, args).await.map(|()| 0),
+            Command::Cancel(args) => cancel(&config, args).await.map(|()| 0),
+            Command::Send(args) => send(&config, args).await,
+            Command::Chat(args) => chat(&config, args).await,
+            Command::Workers => workers(&config).await.map(|()| 0),
+            Command::Plugins(command) => plugins(&config, command).await.map(|()| 0),
         }
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(error) => {
             eprintln!("gatewayd: {error:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// `gatewayd send --agent TYPE TEXT`: the exit code says how the task ended.
+async fn send(config: &Config, args: SendArgs) -> anyhow::Result<u8> {
+    let client = gatewayd::client::Client::connect(&config.redis.connection_url())
+        .await
+        .map_err(|error| anyhow::anyhow!("{error}"))?;
+    console::send(
+        &client,
+        &args.agent,
+        args.session,
+        args.timeout.map(Duration::from_secs),
+        &args.text,
+    )
+    .await
+}
+
+/// `gatewayd chat --agent TYPE`.
+async fn chat(config: &Config, args: ChatArgs) -> anyhow::Result<u8> {
+    let client = gatewayd::client::Client::connect(&config.redis.connection_url())
+        .await
+        .map_err(|error| anyhow::anyhow!("{error}"))?;
+    console::chat(&client, &args.agent, args.session).await
 }
 
 /// `gatewayd workers`.
