@@ -232,7 +232,7 @@ fn built_plugins() -> &'static Path {
             .join("wasm-plugins");
         let out = target.join("cli-out");
         let status = Command::new(root.join("scripts/build-plugins"))
-            .arg("--fixtures")
+            .args(["--fixtures", "--rust-only"])
             .arg(&out)
             .env("CARGO_TARGET_DIR", &target)
             .stdout(Stdio::null())
