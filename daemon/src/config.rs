@@ -32,6 +32,8 @@ pub struct Config {
     pub history: HistoryConfig,
     /// Logging.
     pub log: LogConfig,
+    /// The operator's HTTP listener: health, readiness, metrics.
+    pub http: HttpConfig,
 }
 
 /// `[redis]`
@@ -501,6 +503,32 @@ impl Default for LogConfig {
     }
 }
 
+/// `[http]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Serve `/healthz`, `/readyz` and `/metrics`.
+    pub enabled: bool,
+    /// Address and port; loopback by default (port 0 picks a free one).
+    pub listen: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            enabled: true,
+            listen: "127.0.0.1:9464".into(),
+        }
+    }
+}
+
+impl HttpConfig {
+    /// `listen` as an address (checked by validation).
+    pub fn listen_addr(&self) -> Option<std::net::SocketAddr> {
+        self.listen.parse().ok()
+    }
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -910,6 +938,11 @@ impl Config {
                 "must be at least 1 (leave it out for no limit of its own)",
             );
         }
+        check(
+            !self.http.enabled || self.http.listen_addr().is_some(),
+            "http.listen",
+            "must be an address and port, e.g. 127.0.0.1:9464 or [::1]:9464",
+        );
         check(
             (10..=60_000).contains(&p.reload_debounce_ms),
             "plugins.reload_debounce_ms",

@@ -14,7 +14,6 @@ use arc_swap::ArcSwap;
 use notify::{EventKind, RecursiveMode, Watcher};
 use serde_json::Value;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -123,9 +122,7 @@ impl ConfigReloader {
         let fresh = match self.source.load() {
             Ok(fresh) => fresh,
             Err(errors) => {
-                self.stats
-                    .config_reloads_rejected
-                    .fetch_add(1, Ordering::Relaxed);
+                self.stats.metrics.config_reload(false);
                 tracing::error!(
                     file = %self.source.file.display(),
                     "configuration not reloaded; the running one stays:\n{errors}"
@@ -162,7 +159,7 @@ impl ConfigReloader {
         if live.is_empty() && at_restart.is_empty() {
             tracing::debug!("configuration file read again; nothing changed");
         }
-        self.stats.config_reloads.fetch_add(1, Ordering::Relaxed);
+        self.stats.metrics.config_reload(true);
     }
 }
 

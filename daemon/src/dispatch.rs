@@ -11,6 +11,7 @@ use crate::config::HistoryBackend;
 use crate::events::{Write, Writer};
 use crate::executions::{Begin, CancelLookup, NewExecution, Registry};
 use crate::history::{HistoryEntry, Role};
+use crate::metrics::{RedisOperation, TaskOutcome, TaskTimer};
 use crate::plugin::{
     AwaitedChild, CallError, CancelSignal, Hook, HookCall, Services, TaskHost, TaskShared,
 };
@@ -126,6 +127,8 @@ struct Leftovers {
     /// The task's permit, kept through the end hook so hook instances
     /// never outnumber the instance pool's slots.
     permit: Option<OwnedSemaphorePermit>,
+    /// Counts the task in flight from its start; finished with its outcome.
+    timer: Option<(TaskTimer, String)>,
 }
 
 /// How a task ended.
@@ -580,6 +583,17 @@ impl Dispatcher {
                 };
                 Some((plugin, call))
             });
+            if let Some((timer, plugin)) = leftovers.timer.take() {
+                let ended = match &outcome {
+                    Outcome::Completed(_) => Some(TaskOutcome::Completed),
+                    Outcome::Failed(_) => Some(TaskOutcome::Failed),
+                    Outcome::Cancelled(_) => Some(TaskOutcome::Cancelled),
+                    Outcome::CutOff | Outcome::Unserved => None,
+                };
+                if let Some(ended) = ended {
+                    timer.finish(&agent_type, &plugin, ended);
+                }
+            }
             let mut writes = Vec::new();
             if let Outcome::Cancelled(reason) = &outcome {
                 let awaited =
@@ -699,7 +713,12 @@ impl Dispatcher {
         let Some(plugin) = plugin else {
             return Outcome::Unserved;
         };
-        tracing::Span::current().record("plugin", plugin.label());
+        let label = plugin.label();
+        tracing::Span::current().record("plugin", &label);
+        leftovers.timer = Some((
+            self.services.metrics.task_started(agent_type, &label),
+            label,
+        ));
         // The plugin's own limit (`[plugins.<id>] max_concurrency`); the
         // reader skips its streams while it is reached, so this rarely waits.
         // The policy when the task starts; a reload changes later tasks.
@@ -1012,6 +1031,8 @@ impl Dispatcher {
         let lane = session.as_deref().unwrap_or(&delivery.id);
         if self.writer.commit(lane, writes).await.is_err() {
             tracing::warn!(entry_id = %delivery.id, "writer stopped; dead-letter entry left pending");
+        } else {
+            self.services.metrics.dead_lettered();
         }
     }
 
@@ -1121,6 +1142,10 @@ impl Dispatcher {
             .await;
             match read {
                 Ok(deliveries) => {
+                    if backoff > Duration::from_millis(100) {
+                        self.services.metrics.redis_reconnected();
+                        tracing::info!("reading capability streams works again");
+                    }
                     backoff = Duration::from_millis(100);
                     for delivery in deliveries {
                         let permit = held.pop().expect("never more entries than permits");
@@ -1128,6 +1153,7 @@ impl Dispatcher {
                     }
                 }
                 Err(error) => {
+                    self.services.metrics.redis_error(RedisOperation::Read);
                     tracing::warn!(%error, "reading capability streams failed; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
@@ -1168,6 +1194,7 @@ impl Dispatcher {
                     return;
                 }
                 if let Err(error) = self.claim_stream(&mut conn, stream, &permits).await {
+                    self.services.metrics.redis_error(RedisOperation::Claim);
                     tracing::warn!(%error, "claiming abandoned entries failed");
                 }
             }
@@ -1247,6 +1274,7 @@ impl Dispatcher {
             &candidates,
         )
         .await?;
+        self.services.metrics.claimed(claimed.len() as u64);
         for delivery in claimed {
             let from = candidates
                 .iter()
@@ -1307,6 +1335,7 @@ impl Dispatcher {
                     deliveries
                 }
                 Err(error) => {
+                    self.services.metrics.redis_error(RedisOperation::Control);
                     tracing::warn!(%error, "reading the worker control stream failed; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}

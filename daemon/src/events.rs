@@ -69,6 +69,8 @@ pub struct WriterConfig {
     pub session_maxlen: u64,
     /// EXPIRE of session data streams, seconds.
     pub session_ttl_s: u64,
+    /// Counts failed pipelines.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Error returned when the writer has stopped and cannot take more writes.
@@ -292,6 +294,9 @@ impl Lane {
                 }
                 Err(error) => {
                     attempt += 1;
+                    self.config
+                        .metrics
+                        .redis_error(crate::metrics::RedisOperation::Write);
                     tracing::warn!(
                         lane = self.index,
                         writes,

@@ -19,6 +19,8 @@ pub mod dispatch;
 pub mod events;
 pub mod executions;
 pub mod history;
+pub mod http;
+pub mod metrics;
 pub mod plugin;
 pub mod registry;
 pub mod reload;
@@ -55,6 +57,8 @@ pub enum RunError {
     History(#[from] history::HistoryError),
     #[error("cannot start the workspace thread: {0}")]
     Workspace(std::io::Error),
+    #[error(transparent)]
+    Http(#[from] http::ListenError),
 }
 
 /// Runs the daemon until `shutdown` resolves, then stops gracefully: no new
@@ -77,15 +81,26 @@ pub struct RunOptions {
 }
 
 /// What a running daemon counts, for whoever started it to read (tests,
-/// the operator's summary at shutdown).
-#[derive(Debug, Default)]
+/// `/metrics`, the summary at shutdown).
+#[derive(Debug)]
 pub struct Stats {
     /// Lifecycle hook calls by plugin version and hook.
     pub hooks: Arc<plugin::HookStats>,
-    /// Configuration files read again and applied (or found unchanged).
-    pub config_reloads: std::sync::atomic::AtomicU64,
-    /// Configuration files read again and rejected (invalid; nothing changed).
-    pub config_reloads_rejected: std::sync::atomic::AtomicU64,
+    /// Everything `/metrics` shows (hook counts included).
+    pub metrics: Arc<metrics::Metrics>,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served, once bound.
+    pub http_addr: std::sync::OnceLock<std::net::SocketAddr>,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        let hooks = Arc::<plugin::HookStats>::default();
+        Stats {
+            metrics: Arc::new(metrics::Metrics::new(hooks.clone())),
+            hooks,
+            http_addr: std::sync::OnceLock::new(),
+        }
+    }
 }
 
 /// [`run`] with options.
@@ -114,8 +129,13 @@ pub async fn run_with(
 
     let started = std::time::Instant::now();
     let loaded = plugin::loader::load_dir(&sandbox, &config.plugins.dir).await?;
+    let metrics = options.stats.metrics.clone();
     for rejected in &loaded.rejected {
         tracing::error!(error = %rejected, "plugin skipped");
+        metrics.plugin_load(false);
+    }
+    for _ in loaded.table.plugins() {
+        metrics.plugin_load(true);
     }
     for (capability, plugin) in &loaded.table.by_capability {
         tracing::info!(%capability, plugin = %plugin.label(), path = %plugin.path.display(), "serving");
@@ -174,6 +194,7 @@ pub async fn run_with(
             max_batch: config.streams.writer_batch,
             session_maxlen: config.streams.session_maxlen,
             session_ttl_s: config.streams.session_ttl_s,
+            metrics: options.stats.metrics.clone(),
         },
         force_stop.clone(),
     );
@@ -190,6 +211,7 @@ pub async fn run_with(
         permits: permits.clone(),
         waiting_slots: Arc::new(Semaphore::new(worker.max_waiting)),
         history: history.clone(),
+        metrics: options.stats.metrics.clone(),
     });
     let dispatcher = dispatch::Dispatcher::new(
         dispatch::Settings {
@@ -222,6 +244,7 @@ pub async fn run_with(
             membership: membership.clone(),
             group: worker.consumer_group.clone(),
             worker_id: worker.id.clone(),
+            metrics: metrics.clone(),
             debounce: Duration::from_millis(config.plugins.reload_debounce_ms),
         };
         Some(reloader.watch(commands.clone(), stop_reading.clone())?)
@@ -239,6 +262,22 @@ pub async fn run_with(
                 stats: options.stats.clone(),
             };
             Some(reloader.watch(stop_reading.clone())?)
+        }
+        None => None,
+    };
+    let stop_http = CancellationToken::new();
+    let ops_server = match config.http.listen_addr().filter(|_| config.http.enabled) {
+        Some(addr) => {
+            let ops = http::Ops {
+                redis: commands.clone(),
+                plugins: plugins.clone(),
+                group: Arc::from(worker.consumer_group.as_str()),
+                draining: stop_reading.clone(),
+                metrics: options.stats.metrics.clone(),
+            };
+            let (bound, server) = http::bind(addr, ops, stop_http.clone()).await?;
+            let _ = options.stats.http_addr.set(bound);
+            Some(tokio::spawn(server))
         }
         None => None,
     };
@@ -321,6 +360,10 @@ pub async fn run_with(
     match membership.leave(&mut commands).await {
         Ok(()) => tracing::info!(worker_id = %worker.id, "worker unregistered"),
         Err(error) => tracing::warn!(%error, "could not unregister the worker"),
+    }
+    stop_http.cancel();
+    if let Some(server) = ops_server {
+        let _ = server.await;
     }
     Ok(())
 }

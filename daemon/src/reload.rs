@@ -51,6 +51,8 @@ pub struct Reloader {
     pub group: String,
     /// Told to the worker hooks of the versions that come and go.
     pub worker_id: String,
+    /// Counts loaded and rejected files.
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// Quiet time after the last change before reloading.
     pub debounce: Duration,
 }
@@ -140,6 +142,7 @@ impl Reloader {
             .map_err(ReloadError::Dir)?;
         for rejected in &loaded.rejected {
             tracing::error!(error = %rejected, "plugin file not loaded");
+            self.metrics.plugin_load(false);
         }
         for (path, serving) in &loaded.kept {
             tracing::warn!(path = %path.display(), plugin = %serving, "the file did not load; the previous version keeps serving");
@@ -157,6 +160,9 @@ impl Reloader {
                 .plugin(&plugin.manifest.id)
                 .is_none_or(|old| !Arc::ptr_eq(old, plugin))
         };
+        for _ in loaded.table.plugins().filter(is_new) {
+            self.metrics.plugin_load(true);
+        }
         hooks::worker_hooks(loaded.table.plugins().filter(is_new), true, &self.worker_id).await;
         let capabilities: Vec<String> = after.iter().cloned().collect();
         let table = Arc::new(loaded.table);

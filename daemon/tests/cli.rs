@@ -281,6 +281,8 @@ dir = "{plugins}"
 deadline_s = 60
 [workspace]
 dir = "{workspace}"
+[http]
+listen = "127.0.0.1:0"
 "#,
                 url = redis.url(),
                 plugins = plugin_dir.display(),

@@ -250,6 +250,8 @@ pub fn test_config(redis: &RedisServer, plugins: &Path, workspace: &Path) -> Con
     config.plugins.dir = plugins.to_owned();
     config.plugins.deadline_s = 10;
     config.workspace.dir = workspace.to_owned();
+    // Many daemons run at once: each gets a free port.
+    config.http.listen = "127.0.0.1:0".into();
     config
 }
 

@@ -255,7 +255,9 @@ fn report_reloads(samples: &[Sample], swaps: &[(Instant, bool)]) {
             .min();
         match first {
             Some(t) => latencies.push(t - *at),
-            None => println!("  reload {k}: no task served by the new version before the next swap"),
+            None => {
+                println!("  reload {k}: no task served by the new version before the next swap")
+            }
         }
     }
     latencies.sort();
@@ -325,6 +327,7 @@ async fn main() -> Result<()> {
         )
         .env("GATEWAYD_WORKER__FETCH_COUNT", args.fetch.to_string())
         .env("GATEWAYD_WORKSPACE__DIR", workspace.path())
+        .env("GATEWAYD_HTTP__LISTEN", "127.0.0.1:0")
         .stderr(log.reopen()?)
         .kill_on_drop(true)
         .spawn()?;

@@ -373,6 +373,7 @@ impl Host for TaskState {
         content: String,
         options: CallOptions,
     ) -> wasmtime::Result<Result<AgentReply, GuestError>> {
+        let _timer = self.timed(crate::metrics::HostImport::CallAgent);
         let shared = self.host("call-agent")?.shared.clone();
         let call = check_call(
             target_agent_type,
@@ -396,6 +397,7 @@ impl Host for TaskState {
         tasks: Vec<AgentTask>,
         timeout_ms: Option<u64>,
     ) -> wasmtime::Result<Vec<Result<AgentReply, GuestError>>> {
+        let _timer = self.timed(crate::metrics::HostImport::DispatchGroup);
         let shared = self.host("dispatch-group")?.shared.clone();
         if tasks.is_empty() {
             return Ok(Vec::new());
@@ -420,6 +422,7 @@ impl Host for TaskState {
         prompt: String,
         options: AskOptions,
     ) -> wasmtime::Result<Result<UserReply, GuestError>> {
+        let _timer = self.timed(crate::metrics::HostImport::AskUser);
         let shared = self.host("ask-user")?.shared.clone();
         let metadata = match json_object(options.metadata.as_deref(), "metadata") {
             Ok(metadata) => metadata,
@@ -429,6 +432,7 @@ impl Host for TaskState {
     }
 
     async fn active_workers(&mut self) -> wasmtime::Result<Result<Vec<WorkerInfo>, GuestError>> {
+        let _timer = self.timed(crate::metrics::HostImport::ActiveWorkers);
         let shared = self.host("active-workers")?.shared.clone();
         let workers = crate::registry::active_workers(&mut shared.services.redis.clone()).await;
         Ok(workers

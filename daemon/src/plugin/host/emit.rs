@@ -52,6 +52,7 @@ impl TaskState {
 
 impl Host for TaskState {
     async fn emit_chunk(&mut self, text: String) -> wasmtime::Result<()> {
+        let _timer = self.timed(crate::metrics::HostImport::EmitChunk);
         let event = EventSpec {
             event_type: event_type::ANSWER_DELTA,
             content_type: content_type::TEXT,
@@ -68,6 +69,7 @@ impl Host for TaskState {
     }
 
     async fn emit_message(&mut self, chunk: Chunk) -> wasmtime::Result<()> {
+        let _timer = self.timed(crate::metrics::HostImport::EmitMessage);
         let tool_calls = chunk
             .tool_calls
             .as_deref()
@@ -106,6 +108,7 @@ impl Host for TaskState {
     }
 
     async fn emit_state(&mut self, state: String) -> wasmtime::Result<()> {
+        let _timer = self.timed(crate::metrics::HostImport::EmitState);
         let event = EventSpec {
             event_type: event_type::REASONING_LOG_DELTA,
             content_type: content_type::THINK_TITLE,
@@ -119,6 +122,7 @@ impl Host for TaskState {
     }
 
     async fn emit_artifact(&mut self, url: String, metadata: String) -> wasmtime::Result<()> {
+        let _timer = self.timed(crate::metrics::HostImport::EmitArtifact);
         let metadata = object(&metadata, "emit-artifact metadata")?;
         let files = serde_json::to_string(&[serde_json::json!({ "fileUrl": url })])?;
         let event = EventSpec {
@@ -134,6 +138,7 @@ impl Host for TaskState {
     }
 
     async fn emit_event(&mut self, event: Event) -> wasmtime::Result<()> {
+        let _timer = self.timed(crate::metrics::HostImport::EmitEvent);
         if event.event_type.is_empty() || event.content_type.is_empty() {
             wasmtime::bail!("emit-event needs an event-type and a content-type");
         }

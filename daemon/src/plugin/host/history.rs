@@ -13,6 +13,7 @@ impl Host for TaskState {
         &mut self,
         limit: u32,
     ) -> wasmtime::Result<Result<Vec<HistoryEntry>, GuestError>> {
+        let _timer = self.timed(crate::metrics::HostImport::HistoryRecent);
         let shared = self.host("history.recent")?.shared.clone();
         let read = shared
             .services

@@ -55,6 +55,23 @@ pub struct Services {
     pub waiting_slots: Arc<Semaphore>,
     /// The session history store (`history.recent`, replies saved).
     pub history: crate::history::History,
+    /// Counts host calls (and, in dispatch, tasks).
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+/// Times one host call; records it when dropped (every return path).
+pub(crate) struct HostCallTimer {
+    metrics: Option<Arc<crate::metrics::Metrics>>,
+    import: crate::metrics::HostImport,
+    started: std::time::Instant,
+}
+
+impl Drop for HostCallTimer {
+    fn drop(&mut self) {
+        if let Some(metrics) = &self.metrics {
+            metrics.host_call(self.import, self.started.elapsed());
+        }
+    }
 }
 
 /// A reply this task still waits for; when the task is cancelled the
@@ -311,6 +328,19 @@ impl TaskState {
             }),
             max_event_bytes: limits.max_event_bytes,
         })
+    }
+
+    /// Starts timing a host call of a task (manifest and hook stores are
+    /// not counted).
+    pub(crate) fn timed(&self, import: crate::metrics::HostImport) -> HostCallTimer {
+        HostCallTimer {
+            metrics: self
+                .host
+                .as_ref()
+                .map(|host| host.shared.services.metrics.clone()),
+            import,
+            started: std::time::Instant::now(),
+        }
     }
 
     fn host(&self, function: &str) -> wasmtime::Result<&TaskHost> {

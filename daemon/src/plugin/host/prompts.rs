@@ -63,6 +63,7 @@ impl Host for TaskState {
         name: String,
         variables: Vec<(String, String)>,
     ) -> wasmtime::Result<Result<String, GuestError>> {
+        let _timer = self.timed(crate::metrics::HostImport::RenderPrompt);
         let host = self.host("render-prompt")?;
         let table = host.shared.services.plugins.load();
         let (plugin, prompt_name) = match name.split_once('/') {

@@ -9,6 +9,7 @@ const MAX_LOG_MESSAGE: usize = 8192;
 
 impl Host for TaskState {
     async fn log(&mut self, level: LogLevel, message: String) -> wasmtime::Result<()> {
+        let _timer = self.timed(crate::metrics::HostImport::Log);
         let (plugin, message_id) = match (&self.host, &self.hook) {
             (Some(host), _) => (
                 host.shared.plugin_label.clone(),
@@ -36,6 +37,7 @@ impl Host for TaskState {
     }
 
     async fn get_config(&mut self, key: String) -> wasmtime::Result<Option<String>> {
+        let _timer = self.timed(crate::metrics::HostImport::GetConfig);
         if let Some(hook) = &self.hook {
             return Ok(hook.config.get(&key).cloned());
         }
@@ -44,6 +46,7 @@ impl Host for TaskState {
     }
 
     async fn is_cancelled(&mut self) -> wasmtime::Result<bool> {
+        let _timer = self.timed(crate::metrics::HostImport::IsCancelled);
         if self.hook.is_some() {
             return Ok(false);
         }

@@ -41,6 +41,7 @@ impl Host for TaskState {
         name: String,
         args: String,
     ) -> wasmtime::Result<Result<String, GuestError>> {
+        let _timer = self.timed(crate::metrics::HostImport::CallTool);
         let host = self.host("call-tool")?.clone();
         let (plugin, tool) = match resolve(&host, &name) {
             Ok(found) => found,
@@ -87,6 +88,7 @@ impl Host for TaskState {
     }
 
     async fn list_tools(&mut self) -> wasmtime::Result<Vec<Tool>> {
+        let _timer = self.timed(crate::metrics::HostImport::ListTools);
         let host = self.host("list-tools")?;
         let table = host.shared.services.plugins.load();
         Ok(table

@@ -1,0 +1,484 @@
+//! What the daemon counts for operators, and its Prometheus exposition.
+//!
+//! Counters and histograms are updated where things happen (dispatch, the
+//! host functions, the loops); the capability streams' lag, pending count
+//! and oldest pending age are read from Redis when `/metrics` is scraped
+//! (one pipelined round trip); lifecycle hook and history counts are read
+//! from their own stats then. Labels are low-cardinality only: agent type,
+//! plugin `id@version`, outcome, stream, host import — never a session or
+//! message id.
+
+use crate::plugin::HookStats;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, Instant};
+
+/// Label pairs of one series.
+type Labels = Vec<(&'static str, String)>;
+
+/// Upper bounds of the task duration buckets, seconds: from a 1 ms echo to
+/// a 5-minute agent run.
+const TASK_BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 120.0, 300.0,
+];
+
+/// Upper bounds of the host call duration buckets, seconds (an emit takes
+/// microseconds; a call-agent waits for another agent).
+const HOST_CALL_BUCKETS: [f64; 12] = [
+    0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.25, 1.0, 10.0, 60.0,
+];
+
+/// The host functions a plugin imports, for per-import counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostImport {
+    EmitChunk,
+    EmitMessage,
+    EmitState,
+    EmitArtifact,
+    EmitEvent,
+    Log,
+    IsCancelled,
+    GetConfig,
+    CallTool,
+    ListTools,
+    CallAgent,
+    DispatchGroup,
+    AskUser,
+    ActiveWorkers,
+    HistoryRecent,
+    RenderPrompt,
+}
+
+impl HostImport {
+    const ALL: [HostImport; 16] = [
+        HostImport::EmitChunk,
+        HostImport::EmitMessage,
+        HostImport::EmitState,
+        HostImport::EmitArtifact,
+        HostImport::EmitEvent,
+        HostImport::Log,
+        HostImport::IsCancelled,
+        HostImport::GetConfig,
+        HostImport::CallTool,
+        HostImport::ListTools,
+        HostImport::CallAgent,
+        HostImport::DispatchGroup,
+        HostImport::AskUser,
+        HostImport::ActiveWorkers,
+        HostImport::HistoryRecent,
+        HostImport::RenderPrompt,
+    ];
+
+    /// `interface.function` as the WIT names it.
+    pub fn name(self) -> &'static str {
+        match self {
+            HostImport::EmitChunk => "emit.emit-chunk",
+            HostImport::EmitMessage => "emit.emit-message",
+            HostImport::EmitState => "emit.emit-state",
+            HostImport::EmitArtifact => "emit.emit-artifact",
+            HostImport::EmitEvent => "emit.emit-event",
+            HostImport::Log => "runtime.log",
+            HostImport::IsCancelled => "runtime.is-cancelled",
+            HostImport::GetConfig => "runtime.get-config",
+            HostImport::CallTool => "tools.call-tool",
+            HostImport::ListTools => "tools.list-tools",
+            HostImport::CallAgent => "agents.call-agent",
+            HostImport::DispatchGroup => "agents.dispatch-group",
+            HostImport::AskUser => "agents.ask-user",
+            HostImport::ActiveWorkers => "agents.active-workers",
+            HostImport::HistoryRecent => "history.recent",
+            HostImport::RenderPrompt => "prompts.render-prompt",
+        }
+    }
+}
+
+/// How a task ended, for the `outcome` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskOutcome {
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl TaskOutcome {
+    fn name(self) -> &'static str {
+        match self {
+            TaskOutcome::Completed => "completed",
+            TaskOutcome::Failed => "failed",
+            TaskOutcome::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Where a Redis command failed, for the `operation` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisOperation {
+    /// XREADGROUP of the capability streams.
+    Read,
+    /// A pipelined write of events and outcomes.
+    Write,
+    /// XPENDING / XCLAIM of abandoned entries.
+    Claim,
+    /// The worker's control stream.
+    Control,
+}
+
+impl RedisOperation {
+    fn name(self) -> &'static str {
+        match self {
+            RedisOperation::Read => "read",
+            RedisOperation::Write => "write",
+            RedisOperation::Claim => "claim",
+            RedisOperation::Control => "control",
+        }
+    }
+}
+
+/// The consumer group's view of one capability stream, read at scrape time.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StreamState {
+    /// Entries not yet delivered to the group (`XINFO GROUPS` lag).
+    pub lag: i64,
+    /// Entries delivered and not acknowledged.
+    pub pending: i64,
+    /// Age of the oldest pending entry (from its id's timestamp), seconds.
+    pub oldest_pending_s: f64,
+}
+
+/// Every metric of one daemon.
+pub struct Metrics {
+    registry: Registry,
+    tasks_started: Family<Labels, Counter>,
+    tasks_finished: Family<Labels, Counter>,
+    task_duration: Family<Labels, Histogram>,
+    tasks_in_flight: Gauge,
+    dead_letters: Counter,
+    claimed: Counter,
+    plugin_loads: Family<Labels, Counter>,
+    config_reloads: Family<Labels, Counter>,
+    redis_errors: Family<Labels, Counter>,
+    redis_reconnects: Counter,
+    /// Per host import (indexed like [`HostImport::ALL`]): calls, duration.
+    host_calls: Vec<(Counter, Histogram)>,
+    stream_lag: Family<Labels, Gauge>,
+    stream_pending: Family<Labels, Gauge>,
+    stream_oldest_pending: Family<Labels, Gauge<f64, AtomicU64>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric (prefix `gatewayd_`); `hooks` and `history`
+    /// are read at each scrape.
+    pub fn new(hooks: Arc<HookStats>) -> Self {
+        let mut registry = Registry::with_prefix("gatewayd");
+        let tasks_started = Family::<Labels, Counter>::default();
+        registry.register(
+            "tasks_started",
+            "Tasks started, by agent type and plugin version",
+            tasks_started.clone(),
+        );
+        let tasks_finished = Family::<Labels, Counter>::default();
+        registry.register(
+            "tasks_finished",
+            "Tasks ended, by agent type, plugin version and outcome (completed, failed, cancelled)",
+            tasks_finished.clone(),
+        );
+        let task_duration = Family::<Labels, Histogram>::new_with_constructor(
+            (|| Histogram::new(TASK_BUCKETS)) as fn() -> Histogram,
+        );
+        registry.register(
+            "task_duration_seconds",
+            "Task duration from start to outcome, by agent type and outcome",
+            task_duration.clone(),
+        );
+        let tasks_in_flight = Gauge::default();
+        registry.register(
+            "tasks_in_flight",
+            "Tasks running on this worker now",
+            tasks_in_flight.clone(),
+        );
+        let dead_letters = Counter::default();
+        registry.register(
+            "dead_letters",
+            "Entries moved to the dead-letter stream",
+            dead_letters.clone(),
+        );
+        let claimed = Counter::default();
+        registry.register(
+            "claims",
+            "Abandoned entries of other consumers taken over",
+            claimed.clone(),
+        );
+        let plugin_loads = Family::<Labels, Counter>::default();
+        registry.register(
+            "plugin_loads",
+            "Plugin files loaded (result=loaded) or rejected (result=failed), at start and by reloads",
+            plugin_loads.clone(),
+        );
+        let config_reloads = Family::<Labels, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Configuration file reloads, applied or rejected",
+            config_reloads.clone(),
+        );
+        let redis_errors = Family::<Labels, Counter>::default();
+        registry.register(
+            "redis_errors",
+            "Failed Redis commands, by operation",
+            redis_errors.clone(),
+        );
+        let redis_reconnects = Counter::default();
+        registry.register(
+            "redis_reconnects",
+            "Times reading worked again after Redis had failed",
+            redis_reconnects.clone(),
+        );
+        let host_call_count = Family::<Labels, Counter>::default();
+        registry.register(
+            "host_calls",
+            "Host function calls by plugins, by import",
+            host_call_count.clone(),
+        );
+        let host_call_duration = Family::<Labels, Histogram>::new_with_constructor(
+            (|| Histogram::new(HOST_CALL_BUCKETS)) as fn() -> Histogram,
+        );
+        registry.register(
+            "host_call_duration_seconds",
+            "Host function call duration (waits included), by import",
+            host_call_duration.clone(),
+        );
+        let host_calls = HostImport::ALL
+            .iter()
+            .map(|import| {
+                let labels = vec![("import", import.name().to_owned())];
+                (
+                    host_call_count.get_or_create(&labels).clone(),
+                    host_call_duration.get_or_create(&labels).clone(),
+                )
+            })
+            .collect();
+        let stream_lag = Family::<Labels, Gauge>::default();
+        registry.register(
+            "stream_lag",
+            "Entries of a capability stream not yet read by the consumer group",
+            stream_lag.clone(),
+        );
+        let stream_pending = Family::<Labels, Gauge>::default();
+        registry.register(
+            "stream_pending",
+            "Entries of a capability stream read and not yet acknowledged (all consumers)",
+            stream_pending.clone(),
+        );
+        let stream_oldest_pending = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "stream_oldest_pending_seconds",
+            "Age of the oldest unacknowledged entry of a capability stream",
+            stream_oldest_pending.clone(),
+        );
+        registry.register_collector(Box::new(HookCollector(hooks)));
+        Metrics {
+            registry,
+            tasks_started,
+            tasks_finished,
+            task_duration,
+            tasks_in_flight,
+            dead_letters,
+            claimed,
+            plugin_loads,
+            config_reloads,
+            redis_errors,
+            redis_reconnects,
+            host_calls,
+            stream_lag,
+            stream_pending,
+            stream_oldest_pending,
+        }
+    }
+
+    /// A task started on `plugin` (`id@version`); the returned guard counts
+    /// it in flight until [`TaskTimer::finish`] or drop (cut off: counted
+    /// in flight only).
+    pub fn task_started(self: &Arc<Self>, agent_type: &str, plugin: &str) -> TaskTimer {
+        self.tasks_started
+            .get_or_create(&vec![
+                ("agent_type", agent_type.to_owned()),
+                ("plugin", plugin.to_owned()),
+            ])
+            .inc();
+        self.tasks_in_flight.inc();
+        TaskTimer {
+            metrics: self.clone(),
+            started: Instant::now(),
+        }
+    }
+
+    fn task_finished(&self, agent_type: &str, plugin: &str, outcome: TaskOutcome, took: Duration) {
+        self.tasks_finished
+            .get_or_create(&vec![
+                ("agent_type", agent_type.to_owned()),
+                ("plugin", plugin.to_owned()),
+                ("outcome", outcome.name().to_owned()),
+            ])
+            .inc();
+        self.task_duration
+            .get_or_create(&vec![
+                ("agent_type", agent_type.to_owned()),
+                ("outcome", outcome.name().to_owned()),
+            ])
+            .observe(took.as_secs_f64());
+    }
+
+    /// A call of a host function that ended after `took`.
+    pub fn host_call(&self, import: HostImport, took: Duration) {
+        let index = HostImport::ALL
+            .iter()
+            .position(|i| *i == import)
+            .expect("every import is in ALL");
+        let (calls, duration) = &self.host_calls[index];
+        calls.inc();
+        duration.observe(took.as_secs_f64());
+    }
+
+    /// An entry went to the dead-letter stream.
+    pub fn dead_lettered(&self) {
+        self.dead_letters.inc();
+    }
+
+    /// `count` abandoned entries were taken over.
+    pub fn claimed(&self, count: u64) {
+        self.claimed.inc_by(count);
+    }
+
+    /// A plugin file was loaded (`true`) or rejected.
+    pub fn plugin_load(&self, loaded: bool) {
+        let result = if loaded { "loaded" } else { "failed" };
+        self.plugin_loads
+            .get_or_create(&vec![("result", result.to_owned())])
+            .inc();
+    }
+
+    /// The configuration file was read again: applied or rejected.
+    pub fn config_reload(&self, applied: bool) {
+        let result = if applied { "applied" } else { "rejected" };
+        self.config_reloads
+            .get_or_create(&vec![("result", result.to_owned())])
+            .inc();
+    }
+
+    /// A Redis command failed.
+    pub fn redis_error(&self, operation: RedisOperation) {
+        self.redis_errors
+            .get_or_create(&vec![("operation", operation.name().to_owned())])
+            .inc();
+    }
+
+    /// Reading worked again after a failure.
+    pub fn redis_reconnected(&self) {
+        self.redis_reconnects.inc();
+    }
+
+    /// Replaces the stream gauges with what was just read (streams no
+    /// longer served disappear).
+    pub fn set_streams(&self, streams: &[(String, StreamState)]) {
+        self.stream_lag.clear();
+        self.stream_pending.clear();
+        self.stream_oldest_pending.clear();
+        for (stream, state) in streams {
+            let labels = vec![("stream", stream.clone())];
+            self.stream_lag.get_or_create(&labels).set(state.lag);
+            self.stream_pending
+                .get_or_create(&labels)
+                .set(state.pending);
+            self.stream_oldest_pending
+                .get_or_create(&labels)
+                .set(state.oldest_pending_s);
+        }
+    }
+
+    /// The exposition, OpenMetrics text (which Prometheus reads).
+    pub fn render(&self) -> String {
+        let mut text = String::with_capacity(16 * 1024);
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("writing to a String cannot fail");
+        text
+    }
+}
+
+/// A task in flight; see [`Metrics::task_started`].
+pub struct TaskTimer {
+    metrics: Arc<Metrics>,
+    started: Instant,
+}
+
+impl TaskTimer {
+    /// The task ended with `outcome`.
+    pub fn finish(self, agent_type: &str, plugin: &str, outcome: TaskOutcome) {
+        self.metrics
+            .task_finished(agent_type, plugin, outcome, self.started.elapsed());
+    }
+}
+
+impl Drop for TaskTimer {
+    fn drop(&mut self) {
+        self.metrics.tasks_in_flight.dec();
+    }
+}
+
+/// Lifecycle hook counts, read from [`HookStats`] at each scrape.
+#[derive(Debug)]
+struct HookCollector(Arc<HookStats>);
+
+impl Collector for HookCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let snapshot = self.0.snapshot();
+        if snapshot.is_empty() {
+            return Ok(());
+        }
+        {
+            let mut family = encoder.encode_descriptor(
+                "gatewayd_hook_calls",
+                "Lifecycle hook calls, by plugin version, hook and result (succeeded, failed, timed_out)",
+                None,
+                ConstCounter::new(0u64).metric_type(),
+            )?;
+            for (plugin, hook, counts) in &snapshot {
+                for (result, value) in [
+                    ("succeeded", counts.succeeded),
+                    ("failed", counts.failed),
+                    ("timed_out", counts.timed_out),
+                ] {
+                    let labels: Labels = vec![
+                        ("plugin", plugin.clone()),
+                        ("hook", hook.name().to_owned()),
+                        ("result", result.to_owned()),
+                    ];
+                    ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+                }
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "gatewayd_hook_duration_seconds",
+            "Time spent in lifecycle hook calls, by plugin version and hook",
+            None,
+            ConstCounter::new(0f64).metric_type(),
+        )?;
+        for (plugin, hook, counts) in &snapshot {
+            let labels: Labels = vec![("plugin", plugin.clone()), ("hook", hook.name().to_owned())];
+            ConstCounter::new(counts.total_time.as_secs_f64())
+                .encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
