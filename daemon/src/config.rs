@@ -492,9 +492,14 @@ pub struct BridgeConfig {
     /// Who may call the bridge; empty: anyone who can reach `listen`, with
     /// every session (allowed on a loopback address only).
     pub tokens: Vec<BridgeToken>,
-    /// Events queued for one SSE or WebSocket client; when its queue is
-    /// full the client is disconnected (it resumes from its last event id).
+    /// Events queued for one SSE or WebSocket client; when its queue stays
+    /// full for `stall_timeout_ms` the client is disconnected (it resumes
+    /// from its last event id).
     pub buffer: usize,
+    /// How long a client's full queue may stay full, milliseconds. Not 0: a
+    /// client catching up on a long backlog always fills its queue for a
+    /// moment, since Redis serves faster than a socket drains.
+    pub stall_timeout_ms: u64,
     /// Most SSE and WebSocket streams open at once (each holds a Redis
     /// connection for its blocking reads); past it new ones get 503.
     pub max_streams: usize,
@@ -523,6 +528,11 @@ impl BridgeConfig {
     pub fn keep_alive(&self) -> Duration {
         Duration::from_secs(self.keep_alive_s)
     }
+
+    /// `stall_timeout_ms`.
+    pub fn stall_timeout(&self) -> Duration {
+        Duration::from_millis(self.stall_timeout_ms)
+    }
 }
 
 impl Default for BridgeConfig {
@@ -532,6 +542,7 @@ impl Default for BridgeConfig {
             listen: std::net::SocketAddr::from(([127, 0, 0, 1], 8780)),
             tokens: Vec::new(),
             buffer: 256,
+            stall_timeout_ms: 5000,
             max_streams: 1000,
             keep_alive_s: 15,
         }
@@ -1105,6 +1116,11 @@ impl Config {
             (1..=100_000).contains(&b.buffer),
             "bridge.buffer",
             "must be between 1 and 100000",
+        );
+        check(
+            (1..=600_000).contains(&b.stall_timeout_ms),
+            "bridge.stall_timeout_ms",
+            "must be between 1 and 600000",
         );
         check(
             (1..=1_000_000).contains(&b.max_streams),

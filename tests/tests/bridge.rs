@@ -26,12 +26,21 @@ async fn bed_with_bridge(
     ready: &str,
     tokens: Vec<BridgeToken>,
 ) -> Result<(TestBed, String)> {
+    bed_with_bridge_config(plugins, ready, |bridge| bridge.tokens = tokens).await
+}
+
+/// The same, with more of `[bridge]` set.
+async fn bed_with_bridge_config(
+    plugins: &[&str],
+    ready: &str,
+    tweak: impl FnOnce(&mut gatewayd::config::BridgeConfig),
+) -> Result<(TestBed, String)> {
     let port = free_port();
     let bed = TestBed::start(plugins, ready, |config| {
         config.bridge.enabled = true;
         config.bridge.listen = ([127, 0, 0, 1], port).into();
-        config.bridge.tokens = tokens;
         config.bridge.keep_alive_s = 1;
+        tweak(&mut config.bridge);
     })
     .await?;
     Ok((bed, format!("http://127.0.0.1:{port}")))
@@ -112,6 +121,15 @@ impl SseReader {
                 None => return Ok(None),
             }
         }
+    }
+
+    /// Events until the server cuts the stream (an error) or ends it.
+    async fn until_cut(&mut self) -> Vec<SseEvent> {
+        let mut events = Vec::new();
+        while let Ok(Some(event)) = self.next().await {
+            events.push(event);
+        }
+        events
     }
 
     /// Events until the task `message_id` reaches a terminal state.
@@ -259,6 +277,70 @@ async fn sse_resumes_after_last_event_id_without_loss_or_duplicates() -> Result<
         error["error"].as_str().unwrap().contains("entry id"),
         "{error}"
     );
+    bed.daemon.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_sse_client_is_dropped_and_resumes_without_loss() -> Result<()> {
+    let (mut bed, base) = bed_with_bridge_config(&["echo"], "echo", |bridge| {
+        bridge.buffer = 4;
+        bridge.stall_timeout_ms = 1000;
+    })
+    .await?;
+    let http = reqwest::Client::new();
+    let session = format!("sess-{}", suffix());
+    let url = format!("{base}/v1/sessions/{session}/events");
+    let mut slow = SseReader::open(http.get(&url)).await?;
+
+    // ~18 MB of events while the client reads nothing: more than the
+    // socket buffers hold, so its queue of 4 fills, stays full for a
+    // second, and it is dropped.
+    let client = gatewayd::client::Client::connect(&bed.redis.url()).await?;
+    const TASKS: usize = 60;
+    for i in 0..TASKS {
+        let text = format!("{i:04}{}", "x".repeat(300_000));
+        client.send("echo", &session, &text, json!({})).await?;
+    }
+    let ctrl = "byai_gateway:ctrl:capability:echo";
+    wait_for("every echo task done (acked and deleted)", WAIT * 4, || {
+        let mut conn = bed.conn.clone();
+        async move {
+            let len: u64 = redis::cmd("XLEN").arg(ctrl).query_async(&mut conn).await?;
+            Ok((len == 0).then_some(()))
+        }
+    })
+    .await?;
+    // Its reader gives up once the queue has been full for a second: its
+    // Redis connection (the only one doing XREAD here) goes away.
+    wait_for("the slow client's reader to give up", WAIT, || {
+        let mut conn = bed.conn.clone();
+        async move {
+            let clients: String = redis::cmd("CLIENT")
+                .arg("LIST")
+                .query_async(&mut conn)
+                .await?;
+            Ok((!clients.contains("cmd=xread ")).then_some(()))
+        }
+    })
+    .await?;
+    let ids = stream_ids(&bed, &session).await?;
+    let mut seen = slow.until_cut().await;
+    assert!(
+        seen.len() < ids.len(),
+        "the slow client got all {} events: it was never dropped",
+        ids.len()
+    );
+
+    // It reconnects after the last event it got and misses nothing; a
+    // client that reads does catch up on the backlog.
+    let last = seen.last().map_or_else(|| "0".to_owned(), |e| e.id.clone());
+    let mut resumed = SseReader::open(http.get(&url).header("Last-Event-ID", last)).await?;
+    while seen.len() < ids.len() {
+        seen.push(resumed.next().await?.context("the rest of the events")?);
+    }
+    let got: Vec<String> = seen.iter().map(|e| e.id.clone()).collect();
+    assert_eq!(got, ids, "none lost, none twice");
     bed.daemon.stop().await?;
     Ok(())
 }

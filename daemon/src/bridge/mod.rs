@@ -9,7 +9,7 @@
 //! [`crate::client::EventReader`], so the bridge runs inside the daemon
 //! (`[bridge] enabled`) or alone (`gatewayd bridge`) beside any workers.
 //! Each open event stream has its own reader task, Redis connection and
-//! bounded queue ([`stream`]); a client that reads too slowly is
+//! bounded queue ([`stream`]); a client whose queue stays full is
 //! disconnected and resumes from its last event id.
 
 pub mod api;
@@ -58,8 +58,11 @@ pub struct AppState {
     /// Who may do what; empty means open (loopback only, checked by the
     /// configuration).
     pub auth: Arc<auth::Tokens>,
-    /// Events queued per stream client before it is disconnected.
+    /// Events queued per stream client.
     pub buffer: usize,
+    /// How long a stream client's queue may stay full before it is
+    /// disconnected.
+    pub stall_timeout: Duration,
     /// Keep-alive interval of SSE comments and WebSocket pings.
     pub keep_alive: Duration,
     /// One permit per open event stream (each holds a Redis connection).
@@ -93,6 +96,7 @@ impl Bridge {
                 client,
                 auth: Arc::new(auth::Tokens::new(&config.tokens)),
                 buffer: config.buffer,
+                stall_timeout: config.stall_timeout(),
                 keep_alive: config.keep_alive(),
                 streams: Arc::new(Semaphore::new(config.max_streams)),
                 shutdown: CancellationToken::new(),

@@ -2,11 +2,13 @@
 //! data stream with `XREAD BLOCK` on its own connection and fills a bounded
 //! queue that the SSE response or the WebSocket drains.
 //!
-//! A client that reads too slowly fills its queue; the reader then gives up
-//! on it (it never waits for one client, and no client waits for another)
-//! and flags the stream as failed, so the connection is dropped. The client
-//! reconnects from the last event id it saw and misses nothing: the data
-//! stream is the buffer.
+//! A client that reads too slowly fills its queue. Its reader waits for
+//! room at most `bridge.stall_timeout_ms` (no other client waits with it:
+//! each has its own reader), then gives up on it and flags the stream as
+//! failed, so the connection is dropped. The client reconnects from the last
+//! event id it saw and misses nothing: the data stream is the buffer. The
+//! short wait lets a client catch up on a backlog, which Redis serves
+//! faster than any socket drains.
 
 use super::AppState;
 use super::api::ApiError;
@@ -71,6 +73,7 @@ pub async fn open(
         session_id: session_id.to_owned(),
         after,
         sender,
+        stall_timeout: state.stall_timeout,
         failed: failed.clone(),
         shutdown: state.shutdown.clone(),
         _permit: permit,
@@ -87,6 +90,8 @@ struct Follow {
     after: String,
     /// The client's queue.
     sender: mpsc::Sender<SessionEvent>,
+    /// How long the queue may stay full.
+    stall_timeout: Duration,
     /// Cancelled to tell the client side to drop the connection.
     failed: CancellationToken,
     /// The bridge's shutdown.
@@ -110,18 +115,24 @@ async fn follow(mut f: Follow) {
                 count = READ_COUNT.min(buffer);
                 for event in events {
                     f.after = event.entry_id.clone();
-                    match f.sender.try_send(event) {
-                        Ok(()) => {}
-                        Err(mpsc::error::TrySendError::Full(_)) => {
+                    let queued = tokio::select! {
+                        biased;
+                        () = f.shutdown.cancelled() => return,
+                        queued = tokio::time::timeout(f.stall_timeout, f.sender.send(event)) => queued,
+                    };
+                    match queued {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_closed)) => return,
+                        Err(_stalled) => {
                             tracing::warn!(
                                 session_id = %f.session_id,
                                 buffer,
+                                stall_timeout_ms = f.stall_timeout.as_millis() as u64,
                                 "event client reads too slowly; disconnecting it (it resumes from its last event id)"
                             );
                             f.failed.cancel();
                             return;
                         }
-                        Err(mpsc::error::TrySendError::Closed(_)) => return,
                     }
                 }
             }
