@@ -659,8 +659,10 @@ async fn tokens_are_required_and_keep_tenants_apart() -> Result<()> {
 async fn bad_requests_get_4xx_with_a_json_error() -> Result<()> {
     // The bridge on its own (as `gatewayd bridge` runs it), beside a daemon.
     let mut bed = TestBed::start(&["echo"], "echo", |_| {}).await?;
-    let mut config = gatewayd::config::BridgeConfig::default();
-    config.listen = ([127, 0, 0, 1], 0).into();
+    let config = gatewayd::config::BridgeConfig {
+        listen: ([127, 0, 0, 1], 0).into(),
+        ..Default::default()
+    };
     let bridge = gatewayd::bridge::Bridge::bind(&config, &bed.redis.url()).await?;
     let base = format!("http://{}", bridge.local_addr()?);
     let stop = tokio_util::sync::CancellationToken::new();

@@ -83,34 +83,28 @@ async fn serve(
             }
             () = events.failed.cancelled() => break "fell behind or the read failed",
             event = events.events.recv() => match event {
-                Some(event) => json!({"type": "event", "id": event.entry_id, "event": event.message}),
+                Some(event) => text_frame(json!({"type": "event", "id": event.entry_id, "event": event.message})),
                 None => break "event stream ended",
             },
             incoming = source.next() => match incoming {
                 None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break "client left",
-                Some(Ok(Message::Text(text))) => {
-                    handle_frame(&state, &caller, &session_id, text.as_str()).await
+                Some(Ok(Message::Text(frame))) => {
+                    text_frame(handle_frame(&state, &caller, &session_id, frame.as_str()).await)
                 }
-                Some(Ok(Message::Binary(_))) => json!({
+                Some(Ok(Message::Binary(_))) => text_frame(json!({
                     "type": "error", "status": 400, "error": "send JSON in text frames"
-                }),
+                })),
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
             },
-            _ = ping.tick() => {
-                // A ping rides on the send below, so a client that stops
-                // reading fills its queue and is dropped.
-                if sink.send(Message::Ping(Default::default())).await.is_err() {
-                    break "send failed";
-                }
-                continue;
-            }
+            _ = ping.tick() => Message::Ping(Default::default()),
         };
-        let frame = Message::text(outgoing.to_string());
+        // A client that stops reading blocks this send; its queue then
+        // stays full and the reader flags the stream failed.
         tokio::select! {
             biased;
             () = shutdown.cancelled() => break "shutdown",
             () = events.failed.cancelled() => break "fell behind or the read failed",
-            sent = sink.send(frame) => if sent.is_err() { break "send failed" },
+            sent = sink.send(outgoing) => if sent.is_err() { break "send failed" },
         }
     };
     tracing::info!(session_id, reason = why, "WebSocket client disconnected");
@@ -190,6 +184,10 @@ async fn sent(
     let mut reply = api::sent_json(&sent);
     reply["for"] = json!(kind);
     Ok(reply)
+}
+
+fn text_frame(frame: Value) -> Message {
+    Message::text(frame.to_string())
 }
 
 fn error_frame(request_id: Option<Value>, error: &ApiError) -> Value {
