@@ -85,6 +85,7 @@ pub async fn open(
 struct Follow {
     /// Its own connection: blocking reads would hold up shared ones.
     reader: EventReader,
+    /// The session followed (checked against the caller's tenant already).
     session_id: String,
     /// The last entry id queued; the next read starts after it.
     after: String,
