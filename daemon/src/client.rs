@@ -442,8 +442,8 @@ impl EventReader {
                 let data: String = entry
                     .get("data")
                     .ok_or_else(|| bad("no data field".into()))?;
-                let message =
-                    serde_json::from_str(&data).map_err(|e| bad(format!("data is not JSON: {e}")))?;
+                let message = serde_json::from_str(&data)
+                    .map_err(|e| bad(format!("data is not JSON: {e}")))?;
                 events.push(SessionEvent {
                     entry_id: entry.id,
                     message,
