@@ -9,8 +9,10 @@
 //! [`executions`] (the session registry), [`plugin`] (engine, sandbox, host
 //! functions, loading), [`dispatch`] (task lifecycle and the consuming
 //! loops), [`workspace`] (task directories), [`registry`] (worker
-//! membership), [`config`].
+//! membership), [`config`]; beside them [`bridge`] (HTTP, SSE and
+//! WebSocket for front ends, over [`client`]).
 
+pub mod bridge;
 pub mod broker;
 pub mod client;
 pub mod config;
@@ -59,6 +61,8 @@ pub enum RunError {
     Workspace(std::io::Error),
     #[error(transparent)]
     Http(#[from] http::ListenError),
+    #[error(transparent)]
+    Bridge(#[from] bridge::BridgeError),
 }
 
 /// Runs the daemon until `shutdown` resolves, then stops gracefully: no new
@@ -157,6 +161,12 @@ pub async fn run_with(
     let plugins = Arc::new(ArcSwap::from_pointee(loaded.table));
 
     let url = config.redis.connection_url();
+    // Bound before anything starts, so a port in use stops us cleanly.
+    let bridge = if config.bridge.enabled {
+        Some(bridge::Bridge::bind(&config.bridge, &url).await?)
+    } else {
+        None
+    };
     let block = Duration::from_millis(worker.block_ms);
     let blocking_timeout = block + Duration::from_secs(10);
     let mut commands = broker::connect(&url, Duration::from_secs(10)).await?;
@@ -316,6 +326,17 @@ pub async fn run_with(
     if let Some(config_reload) = config_reload {
         readers.spawn(config_reload);
     }
+    // The bridge for front ends, when enabled; it stops after the tasks,
+    // so pages watching them see them end.
+    let stop_bridge = CancellationToken::new();
+    if let Some(bridge) = bridge {
+        let stop = stop_bridge.clone();
+        background.spawn(async move {
+            if let Err(error) = bridge.serve(stop).await {
+                tracing::error!(%error, "bridge stopped");
+            }
+        });
+    }
     readers.close();
     background.close();
 
@@ -340,6 +361,7 @@ pub async fn run_with(
         tasks.wait().await;
     }
     stop_control.cancel();
+    stop_bridge.cancel();
     background.wait().await;
     plugin::hooks::worker_hooks(plugins.load().plugins(), false, &worker.id).await;
     sandbox.hook_stats().log_summary();

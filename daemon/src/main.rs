@@ -94,6 +94,10 @@ enum Command {
     /// Inspect plugins without running the daemon.
     #[command(subcommand)]
     Plugins(PluginsCommand),
+    /// Run only the bridge for front ends ([bridge] listen, tokens: HTTP
+    /// API, SSE, WebSocket, chat page), whatever bridge.enabled says; workers
+    /// run elsewhere on the same Redis.
+    Bridge,
 }
 
 /// `gatewayd cancel MESSAGE_ID --session ID [--reason TEXT] [--force]`.
@@ -183,7 +187,7 @@ fn main() -> ExitCode {
     // An operator command prints its result; the daemon's info lines would
     // only get in the way.
     let log_level = match (&cli.command, cli.log_level) {
-        (Some(_), None) => Some("warn".to_owned()),
+        (Some(command), None) if !matches!(command, Command::Bridge) => Some("warn".to_owned()),
         (_, level) => level,
     };
     let overrides = Overrides {
@@ -216,6 +220,7 @@ fn main() -> ExitCode {
                 overrides: overrides.clone(),
             }),
         ),
+        Some(Command::Bridge) => run_bridge(config),
         Some(command) => run_command(config, command),
     }
 }
@@ -252,6 +257,33 @@ fn run_daemon(config: Config, source: Option<Source>) -> ExitCode {
     }
 }
 
+/// `gatewayd bridge`: the bridge alone, until SIGINT or SIGTERM.
+fn run_bridge(config: Config) -> ExitCode {
+    let Some(runtime) = runtime(tokio::runtime::Builder::new_multi_thread()) else {
+        return ExitCode::FAILURE;
+    };
+    let result = runtime.block_on(async {
+        let bridge =
+            gatewayd::bridge::Bridge::bind(&config.bridge, &config.redis.connection_url()).await?;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let serving = tokio::spawn(bridge.serve(stop.clone()));
+        shutdown_signal().await;
+        tracing::info!("shutting down the bridge");
+        stop.cancel();
+        serving
+            .await
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic.into_panic()))
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(%error, "bridge stopped");
+            eprintln!("gatewayd: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn run_command(config: Config, command: Command) -> ExitCode {
     let Some(runtime) = runtime(tokio::runtime::Builder::new_current_thread()) else {
         return ExitCode::FAILURE;
@@ -264,6 +296,7 @@ fn run_command(config: Config, command: Command) -> ExitCode {
             Command::Chat(args) => chat(&config, args).await,
             Command::Workers => workers(&config).await.map(|()| 0),
             Command::Plugins(command) => plugins(&config, command).await.map(|()| 0),
+            Command::Bridge => unreachable!("run by run_bridge"),
         }
     });
     match result {
