@@ -19,6 +19,14 @@ pub struct BrokerError {
     pub source: RedisError,
 }
 
+impl BrokerError {
+    /// The consumer group (or its stream) is gone: Redis lost its data
+    /// (restarted without persistence, flushed), or someone deleted it.
+    pub fn is_missing_group(&self) -> bool {
+        self.source.code() == Some("NOGROUP")
+    }
+}
+
 fn err<'a>(operation: &'static str, key: &'a str) -> impl FnOnce(RedisError) -> BrokerError + 'a {
     move |source| BrokerError {
         operation,

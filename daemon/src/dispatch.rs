@@ -1155,6 +1155,9 @@ impl Dispatcher {
                 Err(error) => {
                     self.services.metrics.redis_error(RedisOperation::Read);
                     tracing::warn!(%error, "reading capability streams failed; retrying");
+                    if error.is_missing_group() {
+                        self.recreate_groups(&mut conn, table.streams()).await;
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = stop.cancelled() => return,
@@ -1294,6 +1297,21 @@ impl Dispatcher {
         Ok(())
     }
 
+    /// Creates the consumer group of `streams` again, after Redis lost it
+    /// (a restart without persistence): new entries are read from then on.
+    async fn recreate_groups(&self, conn: &mut ConnectionManager, streams: &[Arc<str>]) {
+        for stream in streams {
+            match broker::ensure_group(conn, stream, &self.settings.group).await {
+                Ok(()) => {
+                    tracing::warn!(%stream, group = %self.settings.group, "consumer group was missing; created again")
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot create the consumer group again yet")
+                }
+            }
+        }
+    }
+
     /// Reads the worker's control stream (CANCEL_TASK, forwarded RESUMEs) until `stop` fires.
     /// Control entries need no permit: a cancel must get through when every
     /// permit is taken.
@@ -1337,6 +1355,9 @@ impl Dispatcher {
                 Err(error) => {
                     self.services.metrics.redis_error(RedisOperation::Control);
                     tracing::warn!(%error, "reading the worker control stream failed; retrying");
+                    if error.is_missing_group() {
+                        self.recreate_groups(&mut conn, &streams).await;
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = stop.cancelled() => return,

@@ -120,8 +120,18 @@ impl RedisServer {
 
     /// Kills the server (SIGKILL, as a crash) and starts it again on the same port and data.
     pub async fn restart(&mut self) -> Result<()> {
+        self.kill();
+        self.start_again().await
+    }
+
+    /// Kills the server (SIGKILL, as a crash); [`RedisServer::start_again`] brings it back.
+    pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Starts the killed server again on the same port and data.
+    pub async fn start_again(&mut self) -> Result<()> {
         self.child = Self::spawn(self.port, self.dir.path(), self.persistent)?;
         anyhow::ensure!(
             self.wait_ready().await?,
@@ -326,11 +336,16 @@ impl Daemon {
         })
     }
 
-    /// Signals shutdown and waits for `run` to return.
-    pub async fn stop(&mut self) -> Result<(), gatewayd::RunError> {
+    /// Signals shutdown without waiting for it.
+    pub fn begin_stop(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+    }
+
+    /// Signals shutdown and waits for `run` to return.
+    pub async fn stop(&mut self) -> Result<(), gatewayd::RunError> {
+        self.begin_stop();
         (&mut self.task).await.expect("daemon task panicked")
     }
 }
