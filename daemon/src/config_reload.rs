@@ -9,9 +9,9 @@
 use crate::config::{Config, PluginsConfig, Source};
 use crate::plugin::loader::PluginTable;
 use crate::plugin::{Policies, Sandbox};
-use crate::reload::WatchError;
+use crate::reload::{WatchError, settle, watch_dir};
 use arc_swap::ArcSwap;
-use notify::{EventKind, RecursiveMode, Watcher};
+use notify::EventKind;
 use serde_json::Value;
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,34 +51,14 @@ impl ConfigReloader {
             _ => std::path::PathBuf::from("."),
         };
         let name = file.file_name().map(|name| name.to_owned());
-        let on_event = tx.clone();
-        let mut watcher =
-            notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
-                Ok(event)
-                    if !matches!(event.kind, EventKind::Access(_))
-                        && event
-                            .paths
-                            .iter()
-                            .any(|path| path.file_name() == name.as_deref()) =>
-                {
-                    let _ = on_event.try_send(());
-                }
-                Ok(_) => {}
-                Err(error) => {
-                    tracing::warn!(%error, "configuration watcher error; reading the file again");
-                    let _ = on_event.try_send(());
-                }
-            })
-            .map_err(|source| WatchError {
-                dir: dir.clone(),
-                source,
-            })?;
-        watcher
-            .watch(&dir, RecursiveMode::NonRecursive)
-            .map_err(|source| WatchError {
-                dir: dir.clone(),
-                source,
-            })?;
+        let concerns_file = move |event: &notify::Event| {
+            !matches!(event.kind, EventKind::Access(_))
+                && event
+                    .paths
+                    .iter()
+                    .any(|path| path.file_name() == name.as_deref())
+        };
+        let watcher = watch_dir(&dir, concerns_file, tx.clone())?;
         let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
         Ok(async move {
             let _watcher = watcher;
@@ -103,15 +83,8 @@ impl ConfigReloader {
                 } } => { let _ = poke.try_send(()); continue; }
                 _ = stop.cancelled() => return,
             }
-            loop {
-                tokio::select! {
-                    more = tokio::time::timeout(self.debounce, changes.recv()) => match more {
-                        Ok(Some(())) => continue,
-                        Ok(None) => return,
-                        Err(_quiet) => break,
-                    },
-                    _ = stop.cancelled() => return,
-                }
+            if !settle(&mut changes, self.debounce, &stop).await {
+                return;
             }
             self.reload();
         }

@@ -18,7 +18,7 @@ use arc_swap::ArcSwap;
 use notify::{EventKind, RecursiveMode, Watcher};
 use redis::aio::ConnectionManager;
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Notify, mpsc};
@@ -68,26 +68,7 @@ impl Reloader {
         // Capacity 1: events only say "look again"; more than one pending
         // look is the same as one.
         let (tx, rx) = mpsc::channel::<()>(1);
-        let on_event = tx.clone();
-        let dir = self.dir.clone();
-        let mut watcher =
-            notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
-                Ok(event) if concerns_plugins(&event) => {
-                    let _ = on_event.try_send(());
-                }
-                Ok(_) => {}
-                Err(error) => {
-                    tracing::warn!(%error, "plugin directory watcher error; rescanning");
-                    let _ = on_event.try_send(());
-                }
-            })
-            .map_err(|source| WatchError {
-                dir: dir.clone(),
-                source,
-            })?;
-        watcher
-            .watch(&dir, RecursiveMode::NonRecursive)
-            .map_err(|source| WatchError { dir, source })?;
+        let watcher = watch_dir(&self.dir, concerns_plugins, tx.clone())?;
         Ok(async move {
             // Owned by the loop: watching ends with it.
             let _watcher = watcher;
@@ -108,17 +89,9 @@ impl Reloader {
                 change = changes.recv() => if change.is_none() { return },
                 _ = stop.cancelled() => return,
             }
-            // Wait until the directory has been quiet for `debounce` (a
-            // copy in progress produces a burst of events).
-            loop {
-                tokio::select! {
-                    more = tokio::time::timeout(self.debounce, changes.recv()) => match more {
-                        Ok(Some(())) => continue,
-                        Ok(None) => return,
-                        Err(_quiet) => break,
-                    },
-                    _ = stop.cancelled() => return,
-                }
+            // A copy in progress produces a burst of events.
+            if !settle(&mut changes, self.debounce, &stop).await {
+                return;
             }
             if let Err(error) = self.reload(&mut conn).await {
                 tracing::warn!(%error, retry_s = RETRY_AFTER.as_secs(), "plugin reload postponed");
@@ -192,6 +165,58 @@ enum ReloadError {
     Dir(loader::DirError),
     #[error(transparent)]
     Redis(broker::BrokerError),
+}
+
+/// Watches `dir` (not its subdirectories): each event `concerns` keeps,
+/// and each watcher error, pokes `changes` (a full channel already says
+/// "look again"). Dropping the watcher stops it.
+pub(crate) fn watch_dir(
+    dir: &Path,
+    concerns: impl Fn(&notify::Event) -> bool + Send + 'static,
+    changes: mpsc::Sender<()>,
+) -> Result<notify::RecommendedWatcher, WatchError> {
+    let watched = dir.to_owned();
+    let mut watcher =
+        notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
+            Ok(event) if concerns(&event) => {
+                let _ = changes.try_send(());
+            }
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(dir = %watched.display(), %error, "watcher error; looking again");
+                let _ = changes.try_send(());
+            }
+        })
+        .map_err(|source| WatchError {
+            dir: dir.to_owned(),
+            source,
+        })?;
+    watcher
+        .watch(dir, RecursiveMode::NonRecursive)
+        .map_err(|source| WatchError {
+            dir: dir.to_owned(),
+            source,
+        })?;
+    Ok(watcher)
+}
+
+/// Waits until `changes` has been quiet for `quiet`; false when it closed
+/// or `stop` fired.
+pub(crate) async fn settle(
+    changes: &mut mpsc::Receiver<()>,
+    quiet: Duration,
+    stop: &CancellationToken,
+) -> bool {
+    loop {
+        tokio::select! {
+            more = tokio::time::timeout(quiet, changes.recv()) => match more {
+                Ok(Some(())) => continue,
+                Ok(None) => return false,
+                Err(_quiet) => return true,
+            },
+            _ = stop.cancelled() => return false,
+        }
+    }
 }
 
 /// Whether a watcher event may change what the directory serves.
