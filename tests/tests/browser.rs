@@ -227,6 +227,7 @@ async fn the_chat_page_answers_a_prompt_and_cancels_a_task_in_chromium() -> Resu
     .await?;
     let (browser, _profile) = browser(driver_port).await?;
     let result = async {
+        browser.set_window_size(1024, 760).await?;
         browser.goto(&format!("http://127.0.0.1:{port}/")).await?;
         let wait = || {
             browser
@@ -260,6 +261,10 @@ async fn the_chat_page_answers_a_prompt_and_cancels_a_task_in_chromium() -> Resu
             .await?;
         let reply = wait_task_state(&browser, "planner", "COMPLETED").await?;
         assert!(reply.contains("Focus: risks."), "{reply}");
+        // README's picture of the page: BYCLAW_SCREENSHOT=docs/chat-page.png.
+        if let Some(path) = std::env::var_os("BYCLAW_SCREENSHOT") {
+            std::fs::write(&path, browser.screenshot().await?)?;
+        }
         assert!(
             browser.find_all(Locator::Css(".ask")).await?.is_empty(),
             "the form goes when the task ends"
