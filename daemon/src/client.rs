@@ -101,6 +101,8 @@ pub struct Client {
     url: String,
     conn: ConnectionManager,
     registry: std::sync::Arc<Registry>,
+    /// `header.tenant_id` of every command sent (empty: none).
+    tenant_id: String,
 }
 
 impl Client {
@@ -116,6 +118,7 @@ impl Client {
             url: url.to_owned(),
             conn,
             registry: std::sync::Arc::new(Registry::new(wire::DEFAULT_SESSION_TTL_S)),
+            tenant_id: String::new(),
         })
     }
 
@@ -155,6 +158,30 @@ impl Client {
         })
     }
 
+    /// The same client sending on behalf of `tenant_id`: every command it
+    /// sends carries it as `header.tenant_id` (the bridge sends each
+    /// tenant's messages this way).
+    pub fn for_tenant(&self, tenant_id: &str) -> Client {
+        Client {
+            tenant_id: tenant_id.to_owned(),
+            ..self.clone()
+        }
+    }
+
+    /// The header of a new command from a client (no calling agent).
+    fn new_header(&self, agent_type: &str, session_id: &str, parent_message_id: &str) -> Header {
+        Header {
+            message_id: wire::new_message_id(),
+            session_id: session_id.to_owned(),
+            trace_id: wire::new_trace_id(),
+            target_agent_type: agent_type.to_owned(),
+            parent_message_id: parent_message_id.to_owned(),
+            tenant_id: self.tenant_id.clone(),
+            metadata: json!({}),
+            ..Header::default()
+        }
+    }
+
     /// Sends an ASK_AGENT with text content (the reference client's
     /// `send_message`).
     pub async fn send(
@@ -164,7 +191,7 @@ impl Client {
         content: &str,
         extra_payload: Value,
     ) -> Result<Sent, ClientError> {
-        let header = new_header(agent_type, session_id, "");
+        let header = self.new_header(agent_type, session_id, "");
         let mut body = json!({ "content": content, "wait_for_reply": false });
         if extra_payload.as_object().is_some_and(|o| !o.is_empty()) {
             body["extra_payload"] = extra_payload;
@@ -183,7 +210,7 @@ impl Client {
         status: &str,
         reply_data: Value,
     ) -> Result<Sent, ClientError> {
-        let header = new_header(agent_type, session_id, parent_message_id);
+        let header = self.new_header(agent_type, session_id, parent_message_id);
         let body = json!({
             "content": content,
             "status": status,
@@ -318,19 +345,6 @@ pub const USER_REPLIED: &str = "USER_REPLIED";
 /// of a conversation so the daemon carries the history.
 pub fn new_session_id() -> String {
     format!("sess-{:016x}", fastrand::u64(..))
-}
-
-/// The header of a new command from a client (no calling agent).
-fn new_header(agent_type: &str, session_id: &str, parent_message_id: &str) -> Header {
-    Header {
-        message_id: wire::new_message_id(),
-        session_id: session_id.to_owned(),
-        trace_id: wire::new_trace_id(),
-        target_agent_type: agent_type.to_owned(),
-        parent_message_id: parent_message_id.to_owned(),
-        metadata: json!({}),
-        ..Header::default()
-    }
 }
 
 /// One event of a session's data stream: the reference's DataMessage, with

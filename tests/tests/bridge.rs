@@ -590,6 +590,25 @@ async fn tokens_are_required_and_keep_tenants_apart() -> Result<()> {
         .await?;
     let message_id = sent["message_id"].as_str().context("sent")?;
     task_events(&mut bed.conn, &session_b, message_id, WAIT).await?;
+    // Its commands carry its tenant: one to an agent type that only a
+    // registry entry serves stays on the stream to be looked at.
+    let _: () = redis::cmd("SADD")
+        .arg("byai_gateway:registry:capability:workers:idle-agent")
+        .arg("nobody-runs-this")
+        .query_async(&mut bed.conn)
+        .await?;
+    let response = http
+        .post(format!("{base}/v1/sessions/{session_b}/messages"))
+        .bearer_auth(B)
+        .json(&json!({"agent_type": "idle-agent", "content": "hello"}))
+        .send()
+        .await?;
+    assert_eq!(response.status(), 202);
+    let queued = xrange(&mut bed.conn, "byai_gateway:ctrl:capability:idle-agent").await?;
+    let data: String = queued[0].get("data").context("a data field")?;
+    let command: Value = serde_json::from_str(&data)?;
+    assert_eq!(command["header"]["tenant_id"], "b", "{command}");
+    assert_eq!(command["header"]["session_id"], session_b.as_str());
     for request in [
         http.get(format!("{base}/v1/sessions/{session_b}/events?after=0"))
             .bearer_auth(A),

@@ -153,6 +153,11 @@ pub async fn send_message(
             request.agent_type
         )));
     }
+    // A tenant's commands say whose they are (`header.tenant_id`).
+    let client = match &caller.tenant {
+        Some(tenant) => state.client.for_tenant(tenant),
+        None => state.client.clone(),
+    };
     let sent = match request.action_type {
         ActionType::AskAgent => {
             if request.content.trim().is_empty() {
@@ -175,8 +180,7 @@ pub async fn send_message(
                     ));
                 }
             };
-            state
-                .client
+            client
                 .send(&request.agent_type, session_id, &request.content, payload)
                 .await?
         }
@@ -196,8 +200,7 @@ pub async fn send_message(
             let reply_data = request
                 .reply_data
                 .unwrap_or_else(|| json!({ "user_input": request.content }));
-            state
-                .client
+            client
                 .resume(
                     &request.agent_type,
                     session_id,
