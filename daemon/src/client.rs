@@ -538,6 +538,7 @@ impl EventReader {
             after: after.to_owned(),
             batch: VecDeque::new(),
             ended: false,
+            count: FOLLOW_BATCH,
         }
     }
 
@@ -581,6 +582,9 @@ pub struct TaskEvents<'r> {
     batch: VecDeque<SessionEvent>,
     /// Set once the terminal event was yielded.
     ended: bool,
+    /// Entries the next read asks for: one at a time after a read hit an
+    /// entry that is not an event, so only that entry is skipped.
+    count: usize,
 }
 
 impl TaskEvents<'_> {
@@ -601,10 +605,29 @@ impl TaskEvents<'_> {
                     return Ok(Some(event));
                 }
             }
-            let events = self
+            let read = self
                 .reader
-                .read(&self.session_id, &self.after, FOLLOW_BATCH, MAX_EVENT_BLOCK)
-                .await?;
+                .read(&self.session_id, &self.after, self.count, MAX_EVENT_BLOCK)
+                .await;
+            let events = match read {
+                Ok(events) => {
+                    self.count = FOLLOW_BATCH;
+                    events
+                }
+                // Someone else wrote a malformed entry: isolate it, skip it.
+                Err(ClientError::BadEvent {
+                    entry_id, reason, ..
+                }) => {
+                    if self.count > 1 {
+                        self.count = 1;
+                    } else {
+                        tracing::warn!(session_id = %self.session_id, %entry_id, %reason, "skipping an entry that is not an event");
+                        self.after = entry_id;
+                    }
+                    continue;
+                }
+                Err(error) => return Err(error),
+            };
             if let Some(last) = events.last() {
                 self.after.clone_from(&last.entry_id);
             }

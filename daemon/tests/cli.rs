@@ -522,6 +522,41 @@ fn ctrl_c_cancels_the_task_of_send() {
 }
 
 #[test]
+fn send_skips_an_entry_that_is_not_an_event() {
+    let redis = Redis::start();
+    let _daemon = Daemon::start(&redis, &["faults"], &["slow"]);
+    let session = format!("cli-bad-entry-{:08x}", fastrand::u32(..));
+    let mut child = client(
+        &redis,
+        &["send", "--agent", "slow", "--session", &session, "600"],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let (stdout, _) = collect(child.stdout.take().unwrap());
+    let (stderr, stderr_done) = collect(child.stderr.take().unwrap());
+    wait_until("the task's first chunk", || {
+        stdout.lock().unwrap().contains("tick").then_some(())
+    });
+    // Someone else writes garbage into the session's stream mid-task.
+    let _: String = redis::cmd("XADD")
+        .arg(format!("byai_gateway:session:{session}:data_stream"))
+        .arg("*")
+        .arg("data")
+        .arg("this is not JSON")
+        .query(&mut redis.conn())
+        .unwrap();
+    let code = exit_code(&mut child);
+    stderr_done.join().unwrap();
+    let stderr = stderr.lock().unwrap().clone();
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stderr.lines().last(), Some("COMPLETED"), "{stderr}");
+    // Every tick after the bad entry arrived too (600 ms of 50 ms ticks).
+    assert_eq!(stdout.lock().unwrap().matches("tick").count(), 12);
+}
+
+#[test]
 fn chat_sends_each_line_in_one_session() {
     let redis = Redis::start();
     let _daemon = Daemon::start(&redis, &["echo"], &["echo"]);
