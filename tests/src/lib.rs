@@ -402,21 +402,34 @@ pub async fn send_ask_from(
     content: Value,
     source_agent_id: &str,
 ) -> Result<Sent> {
+    send_ask_with(conn, agent_type, content, source_agent_id, json!({})).await
+}
+
+/// XADDs an ASK_AGENT with a content value, a calling agent and
+/// `header.metadata`.
+pub async fn send_ask_with(
+    conn: &mut MultiplexedConnection,
+    agent_type: &str,
+    content: Value,
+    source_agent_id: &str,
+    metadata: Value,
+) -> Result<Sent> {
     let session_id = format!("sess-{}", suffix());
     let message_id = format!("msg-{}", suffix());
     let trace_id = format!("{:032x}", fastrand::u128(..));
-    let data = ask_agent_json(
+    let mut data: Value = serde_json::from_str(&ask_agent_json(
         &session_id,
         &message_id,
         &trace_id,
         agent_type,
         content,
         source_agent_id,
-    );
+    ))?;
+    data["header"]["metadata"] = metadata;
     let entry_id = xadd_data(
         conn,
         &format!("byai_gateway:ctrl:capability:{agent_type}"),
-        &data,
+        &data.to_string(),
     )
     .await?;
     Ok(Sent {

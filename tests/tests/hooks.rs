@@ -15,30 +15,7 @@ async fn ask(
     text: &str,
     hooks: Value,
 ) -> anyhow::Result<Sent> {
-    let session_id = format!("sess-hooks-{}", suffix());
-    let message_id = format!("msg-{}", suffix());
-    let trace_id = format!("{:032x}", fastrand::u128(..));
-    let mut data: Value = serde_json::from_str(&ask_agent_json(
-        &session_id,
-        &message_id,
-        &trace_id,
-        "hooks",
-        json!(text),
-        "",
-    ))?;
-    data["header"]["metadata"] = json!({ "hooks": hooks });
-    let entry_id = xadd_data(
-        conn,
-        "byai_gateway:ctrl:capability:hooks",
-        &data.to_string(),
-    )
-    .await?;
-    Ok(Sent {
-        session_id,
-        message_id,
-        trace_id,
-        entry_id,
-    })
+    send_ask_with(conn, "hooks", json!(text), "", json!({ "hooks": hooks })).await
 }
 
 fn last_state(events: &[Value]) -> String {

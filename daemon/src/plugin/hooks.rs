@@ -8,7 +8,7 @@
 
 use super::bindings::{TaskInfo, WitHook};
 use super::host::TaskState;
-use super::{AbortOnDrop, Plugin, describe_trap, guest_error_text, to_wit_header};
+use super::{Plugin, describe_trap, guest_error_text, to_wit_header};
 use crate::wire::ControlCommand;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -254,13 +254,8 @@ impl Plugin {
         let timeout = self.policy().hook_timeout;
         let started = Instant::now();
         let plugin = self.clone();
-        let guests = self
-            .sandbox
-            .guests
-            .as_ref()
-            .expect("guest runtime lives as long as the sandbox");
         let message_id = call.message_id().to_owned();
-        let mut task = AbortOnDrop(guests.spawn(async move { plugin.call_hook(call).await }));
+        let mut task = self.on_guest_runtime(async move { plugin.call_hook(call).await });
         let outcome = match tokio::time::timeout(timeout, &mut task.0).await {
             Ok(Ok(Ok(()))) => HookOutcome::Succeeded,
             Ok(Ok(Err(reason))) => HookOutcome::Failed(reason),

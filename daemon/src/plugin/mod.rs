@@ -853,19 +853,27 @@ impl Plugin {
     ) -> Result<String, CallError> {
         let command = to_wit_command(command, agent_type, host.shared.dirs.is_some());
         let plugin = self.clone();
-        let guests = self
-            .sandbox
-            .guests
-            .as_ref()
-            .expect("guest runtime lives as long as the sandbox");
-        let mut task =
-            AbortOnDrop(guests.spawn(async move { plugin.run_handle(host, command).await }));
+        let mut task = self.on_guest_runtime(async move { plugin.run_handle(host, command).await });
         match (&mut task.0).await {
             Ok(result) => result,
             Err(error) => Err(CallError::Trap(format!(
                 "the plugin's task failed: {error}"
             ))),
         }
+    }
+
+    /// Runs a call into the guest on the guest runtime; dropping the handle
+    /// stops it at its next yield.
+    fn on_guest_runtime<T: Send + 'static>(
+        &self,
+        call: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> AbortOnDrop<T> {
+        let guests = self
+            .sandbox
+            .guests
+            .as_ref()
+            .expect("guest runtime lives as long as the sandbox");
+        AbortOnDrop(guests.spawn(call))
     }
 
     async fn run_handle(&self, host: TaskHost, command: Command) -> Result<String, CallError> {
