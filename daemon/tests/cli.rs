@@ -556,23 +556,23 @@ fn send_skips_an_entry_that_is_not_an_event() {
     assert_eq!(stdout.lock().unwrap().matches("tick").count(), 12);
 }
 
-#[test]
-fn chat_sends_each_line_in_one_session() {
-    let redis = Redis::start();
-    let _daemon = Daemon::start(&redis, &["echo"], &["echo"]);
-    let mut child = client(&redis, &["chat", "--agent", "echo"])
+/// Runs `gatewayd chat --agent AGENT` with `input` piped to it, to the end.
+fn chat_with_input(redis: &Redis, agent: &str, input: &[u8]) -> std::process::Output {
+    let mut child = client(redis, &["chat", "--agent", agent])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"first turn\n\nsecond turn\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn chat_sends_each_line_in_one_session() {
+    let redis = Redis::start();
+    let _daemon = Daemon::start(&redis, &["echo"], &["echo"]);
+    let out = chat_with_input(&redis, "echo", b"first turn\n\nsecond turn\n");
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert_eq!(stdout, "first turn\nsecond turn\n");
@@ -638,19 +638,7 @@ fn questions_are_answered_by_the_next_chat_line_and_fail_send_without_a_terminal
         &["planner", "translator", "researcher", "tools"],
         &["planner", "translator", "researcher"],
     );
-    let mut child = client(&redis, &["chat", "--agent", "planner"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"good morning world\nrisks\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = chat_with_input(&redis, "planner", b"good morning world\nrisks\n");
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(

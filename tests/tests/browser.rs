@@ -72,12 +72,7 @@ async fn the_chat_page_streams_a_reply_in_chromium() -> Result<()> {
         browser
             .goto(&format!("http://127.0.0.1:{port}/?token={TOKEN}"))
             .await?;
-        let wait = || {
-            browser
-                .wait()
-                .at_most(WAIT)
-                .every(Duration::from_millis(50))
-        };
+        let wait = || waiting(&browser);
         wait()
             .for_element(Locator::Css("#agent option[value='echo']"))
             .await
@@ -166,6 +161,14 @@ async fn browser(driver_port: u16) -> Result<(fantoccini::Client, tempfile::Temp
     Ok((browser, profile))
 }
 
+/// A wait for something in the page: up to [`WAIT`], looking every 50 ms.
+fn waiting(browser: &fantoccini::Client) -> fantoccini::wait::Wait<'_> {
+    browser
+        .wait()
+        .at_most(WAIT)
+        .every(Duration::from_millis(50))
+}
+
 /// The task bubbles of one agent in the page: (state, reply text) each.
 async fn tasks_of(browser: &fantoccini::Client, agent: &str) -> Result<Vec<(String, String)>> {
     let found = browser
@@ -229,12 +232,7 @@ async fn the_chat_page_answers_a_prompt_and_cancels_a_task_in_chromium() -> Resu
     let result = async {
         browser.set_window_size(1024, 760).await?;
         browser.goto(&format!("http://127.0.0.1:{port}/")).await?;
-        let wait = || {
-            browser
-                .wait()
-                .at_most(WAIT)
-                .every(Duration::from_millis(50))
-        };
+        let wait = || waiting(&browser);
         wait()
             .for_element(Locator::Css("#agent option[value='slow']"))
             .await
