@@ -82,11 +82,6 @@ impl HookSet {
         self.0 & hook.bit() != 0
     }
 
-    /// Whether it has any hook.
-    pub fn is_empty(self) -> bool {
-        self.0 == 0
-    }
-
     /// The WIT names of its hooks.
     pub fn names(self) -> Vec<&'static str> {
         Hook::ALL
