@@ -26,12 +26,6 @@ pub enum ClientError {
         command: &'static str,
         source: redis::RedisError,
     },
-    #[error("session {session_id}: entry {entry_id} is not an event ({reason})")]
-    BadEvent {
-        session_id: String,
-        entry_id: String,
-        reason: String,
-    },
 }
 
 fn redis_error(command: &'static str) -> impl FnOnce(redis::RedisError) -> ClientError {
@@ -463,17 +457,19 @@ impl EventReader {
         Ok(EventReader { conn })
     }
 
-    /// The events of `session_id` after entry id `after` (`0` for all of
-    /// them, `$` for only new ones — pass the last entry id seen to resume
-    /// without a gap), at most `count`, waiting up to `block` (at most
-    /// [`MAX_EVENT_BLOCK`]) when there is none yet. Empty when none came.
+    /// The entries of `session_id`'s stream after entry id `after` (`0` for
+    /// all of them, `$` for only new ones — pass the batch's
+    /// [`EventBatch::last_entry_id`] to resume without a gap), at most
+    /// `count`, waiting up to `block` (at most [`MAX_EVENT_BLOCK`]) when
+    /// there is none yet. An entry that is not an event (written by someone
+    /// else: no `data`, not JSON) is logged and skipped, never fatal.
     pub async fn read(
         &mut self,
         session_id: &str,
         after: &str,
         count: usize,
         block: Duration,
-    ) -> Result<Vec<SessionEvent>, ClientError> {
+    ) -> Result<EventBatch, ClientError> {
         let stream = keys::session_data_stream(session_id);
         let block = block.min(MAX_EVENT_BLOCK);
         let reply: Option<redis::streams::StreamReadReply> = redis::cmd("XREAD")
@@ -487,26 +483,31 @@ impl EventReader {
             .query_async(&mut self.conn)
             .await
             .map_err(redis_error("XREAD"))?;
-        let mut events = Vec::new();
+        let mut batch = EventBatch::default();
         for key in reply.map(|r| r.keys).unwrap_or_default() {
             for entry in key.ids {
-                let bad = |reason: String| ClientError::BadEvent {
-                    session_id: session_id.to_owned(),
-                    entry_id: entry.id.clone(),
-                    reason,
+                batch.last_entry_id = Some(entry.id.clone());
+                let message = match entry.get::<String>("data") {
+                    None => Err("no data field".to_owned()),
+                    Some(data) => {
+                        serde_json::from_str(&data).map_err(|e| format!("data is not JSON: {e}"))
+                    }
                 };
-                let data: String = entry
-                    .get("data")
-                    .ok_or_else(|| bad("no data field".into()))?;
-                let message = serde_json::from_str(&data)
-                    .map_err(|e| bad(format!("data is not JSON: {e}")))?;
-                events.push(SessionEvent {
-                    entry_id: entry.id,
-                    message,
-                });
+                match message {
+                    Ok(message) => batch.events.push(SessionEvent {
+                        entry_id: entry.id,
+                        message,
+                    }),
+                    Err(reason) => tracing::warn!(
+                        session_id,
+                        entry_id = %entry.id,
+                        %reason,
+                        "skipping a stream entry that is not an event"
+                    ),
+                }
             }
         }
-        Ok(events)
+        Ok(batch)
     }
 
     /// Follows the task `message_id` of `session_id` from entry id `after`:
@@ -538,7 +539,6 @@ impl EventReader {
             after: after.to_owned(),
             batch: VecDeque::new(),
             ended: false,
-            count: FOLLOW_BATCH,
         }
     }
 
@@ -562,6 +562,16 @@ impl EventReader {
     }
 }
 
+/// What one [`EventReader::read`] got.
+#[derive(Debug, Default)]
+pub struct EventBatch {
+    /// The events, in stream order.
+    pub events: Vec<SessionEvent>,
+    /// The id of the last entry read, event or not: where the next read
+    /// starts. `None` when nothing came.
+    pub last_entry_id: Option<String>,
+}
+
 /// Most events one read of [`TaskEvents`] takes from the stream: what it
 /// holds in memory at once.
 const FOLLOW_BATCH: usize = 64;
@@ -582,9 +592,6 @@ pub struct TaskEvents<'r> {
     batch: VecDeque<SessionEvent>,
     /// Set once the terminal event was yielded.
     ended: bool,
-    /// Entries the next read asks for: one at a time after a read hit an
-    /// entry that is not an event, so only that entry is skipped.
-    count: usize,
 }
 
 impl TaskEvents<'_> {
@@ -607,31 +614,12 @@ impl TaskEvents<'_> {
             }
             let read = self
                 .reader
-                .read(&self.session_id, &self.after, self.count, MAX_EVENT_BLOCK)
-                .await;
-            let events = match read {
-                Ok(events) => {
-                    self.count = FOLLOW_BATCH;
-                    events
-                }
-                // Someone else wrote a malformed entry: isolate it, skip it.
-                Err(ClientError::BadEvent {
-                    entry_id, reason, ..
-                }) => {
-                    if self.count > 1 {
-                        self.count = 1;
-                    } else {
-                        tracing::warn!(session_id = %self.session_id, %entry_id, %reason, "skipping an entry that is not an event");
-                        self.after = entry_id;
-                    }
-                    continue;
-                }
-                Err(error) => return Err(error),
-            };
-            if let Some(last) = events.last() {
-                self.after.clone_from(&last.entry_id);
+                .read(&self.session_id, &self.after, FOLLOW_BATCH, MAX_EVENT_BLOCK)
+                .await?;
+            if let Some(last) = read.last_entry_id {
+                self.after = last;
             }
-            self.batch.extend(events);
+            self.batch.extend(read.events);
         }
     }
 

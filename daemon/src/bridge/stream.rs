@@ -12,7 +12,7 @@
 
 use super::AppState;
 use super::api::ApiError;
-use crate::client::{ClientError, EventReader, SessionEvent};
+use crate::client::{EventReader, SessionEvent};
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -103,7 +103,7 @@ struct Follow {
 
 async fn follow(mut f: Follow) {
     let buffer = f.sender.max_capacity();
-    let mut count = READ_COUNT.min(buffer);
+    let count = READ_COUNT.min(buffer);
     loop {
         let read = tokio::select! {
             biased;
@@ -112,9 +112,8 @@ async fn follow(mut f: Follow) {
             read = f.reader.read(&f.session_id, &f.after, count, READ_BLOCK) => read,
         };
         match read {
-            Ok(events) => {
-                count = READ_COUNT.min(buffer);
-                for event in events {
+            Ok(batch) => {
+                for event in batch.events {
                     f.after = event.entry_id.clone();
                     let queued = tokio::select! {
                         biased;
@@ -136,17 +135,9 @@ async fn follow(mut f: Follow) {
                         }
                     }
                 }
-            }
-            // One unreadable entry fails the whole batch: read the batch
-            // again one entry at a time, and skip only the bad one.
-            Err(ClientError::BadEvent {
-                entry_id, reason, ..
-            }) => {
-                if count > 1 {
-                    count = 1;
-                } else {
-                    tracing::warn!(session_id = %f.session_id, %entry_id, %reason, "skipping an entry that is not an event");
-                    f.after = entry_id;
+                // Past entries that were not events too.
+                if let Some(last) = batch.last_entry_id {
+                    f.after = last;
                 }
             }
             Err(error) => {
