@@ -81,6 +81,10 @@ pub struct Dispatcher {
     /// Tasks in progress, by message id: cancels find them here, the claimer
     /// renews their entries, shutdown lists them.
     running: Mutex<HashMap<String, Running>>,
+    /// Entries the reader received beyond the permits it held, with when:
+    /// started before the next read, renewed like running tasks meanwhile.
+    /// At most (busy streams − 1) × `fetch_count` (see [`Dispatcher::consume`]).
+    backlog: Mutex<std::collections::VecDeque<(Delivery, Instant)>>,
     /// Tasks spawned; shutdown waits on it.
     tracker: TaskTracker,
     /// Fires when tasks must stop now (grace period over): they return
@@ -158,6 +162,7 @@ impl Dispatcher {
             executions,
             workspaces,
             running: Mutex::new(HashMap::new()),
+            backlog: Mutex::new(std::collections::VecDeque::new()),
             tracker: TaskTracker::new(),
             force_stop,
             services,
@@ -1066,18 +1071,37 @@ impl Dispatcher {
     /// Reads new entries of the capability streams while permits are free,
     /// until `stop` fires. The streams are those of the plugin table at each
     /// read, so plugins that come and go are followed from the next fetch.
-    /// A read in flight is finished, not abandoned, so no entry is delivered
-    /// to this consumer and then forgotten.
+    ///
+    /// Every read covers every servable stream, so an idle stream never
+    /// delays a busy one: `COUNT` is the permits held, and what comes back
+    /// beyond them (several streams busy at once) waits in the backlog and
+    /// starts first as permits free. A read in flight is finished, not abandoned, and the
+    /// backlog is started at shutdown, so no entry is delivered to this
+    /// consumer and then forgotten.
     pub async fn consume(
         self: Arc<Self>,
         mut conn: ConnectionManager,
         permits: Arc<Semaphore>,
         stop: CancellationToken,
     ) {
-        let mut offset = 0usize;
+        let mut rotation = 0usize;
         let mut backoff = Duration::from_millis(100);
         let mut held: Vec<OwnedSemaphorePermit> = Vec::with_capacity(self.settings.fetch_count);
         loop {
+            // What an earlier read returned beyond its permits goes first.
+            if self.backlog_len() > 0 {
+                let permit = tokio::select! {
+                    permit = permits.clone().acquire_owned() => match permit {
+                        Ok(permit) => permit,
+                        Err(_) => break,
+                    },
+                    _ = stop.cancelled() => break,
+                };
+                if let Some(delivery) = self.backlog_pop() {
+                    self.spawn(delivery, permit);
+                }
+                continue;
+            }
             let changed = self.services.plugins_changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
@@ -1086,7 +1110,7 @@ impl Dispatcher {
             slot_freed.as_mut().enable();
             let table = self.services.plugins.load_full();
             // Streams of plugins at their own concurrency limit wait.
-            let streams: Vec<Arc<str>> = table
+            let mut streams: Vec<Arc<str>> = table
                 .by_capability
                 .values()
                 .zip(table.streams())
@@ -1104,15 +1128,15 @@ impl Dispatcher {
                 tokio::select! {
                     _ = changed => continue,
                     _ = slot_freed => continue,
-                    _ = stop.cancelled() => return,
+                    _ = stop.cancelled() => break,
                 }
             }
             let first = tokio::select! {
                 permit = permits.clone().acquire_owned() => match permit {
                     Ok(permit) => permit,
-                    Err(_) => return,
+                    Err(_) => break,
                 },
-                _ = stop.cancelled() => return,
+                _ = stop.cancelled() => break,
             };
             held.push(first);
             while held.len() < self.settings.fetch_count {
@@ -1121,21 +1145,22 @@ impl Dispatcher {
                     Err(_) => break,
                 }
             }
-            // COUNT applies per stream: never ask for more than the permits held.
-            let (selected, count) = if held.len() >= streams.len() {
-                (streams.to_vec(), held.len() / streams.len())
-            } else {
-                let picked = (0..held.len())
-                    .map(|i| streams[(offset + i) % streams.len()].clone())
-                    .collect();
-                offset = (offset + held.len()) % streams.len();
-                (picked, 1)
-            };
+            // COUNT applies per stream: each may return as many entries as
+            // permits are held, so a busy stream is served in batches
+            // however many idle ones are read beside it. What comes back
+            // beyond the permits waits in the backlog; with B streams busy
+            // at once that is at most (B - 1) × fetch_count entries. The
+            // first streams of the list get the first permits, so the list
+            // turns by one each read.
+            let count = held.len();
+            let turn = rotation % streams.len();
+            streams.rotate_left(turn);
+            rotation = rotation.wrapping_add(1);
             let read = broker::read_group(
                 &mut conn,
                 &self.settings.group,
                 &self.settings.worker_id,
-                &selected,
+                &streams,
                 count,
                 self.settings.block,
             )
@@ -1147,9 +1172,11 @@ impl Dispatcher {
                         tracing::info!("reading capability streams works again");
                     }
                     backoff = Duration::from_millis(100);
-                    for delivery in deliveries {
-                        let permit = held.pop().expect("never more entries than permits");
-                        self.spawn(delivery, permit);
+                    for delivery in interleave_streams(deliveries) {
+                        match held.pop() {
+                            Some(permit) => self.spawn(delivery, permit),
+                            None => self.backlog_push(delivery),
+                        }
                     }
                 }
                 Err(error) => {
@@ -1160,15 +1187,53 @@ impl Dispatcher {
                     }
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
-                        _ = stop.cancelled() => return,
+                        _ = stop.cancelled() => break,
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
             held.clear();
             if stop.is_cancelled() {
-                return;
+                break;
             }
+        }
+        self.start_backlog_at_shutdown();
+    }
+
+    fn backlog_len(&self) -> usize {
+        self.backlog
+            .lock()
+            .expect("backlog lock is never poisoned")
+            .len()
+    }
+
+    fn backlog_pop(&self) -> Option<Delivery> {
+        let mut backlog = self.backlog.lock().expect("backlog lock is never poisoned");
+        backlog.pop_front().map(|(delivery, _)| delivery)
+    }
+
+    fn backlog_push(&self, delivery: Delivery) {
+        let mut backlog = self.backlog.lock().expect("backlog lock is never poisoned");
+        backlog.push_back((delivery, Instant::now()));
+    }
+
+    /// The reader stopped with entries in the backlog: each starts when a
+    /// permit frees (the shutdown grace covers it like any task), or stays
+    /// pending for another worker if the daemon is cut off first.
+    fn start_backlog_at_shutdown(self: &Arc<Self>) {
+        while let Some(delivery) = self.backlog_pop() {
+            let this = self.clone();
+            let permits = self.services.permits.clone();
+            self.tracker.spawn(async move {
+                let permit = tokio::select! {
+                    permit = permits.acquire_owned() => match permit {
+                        Ok(permit) => permit,
+                        Err(_) => return,
+                    },
+                    _ = this.force_stop.cancelled() => return,
+                };
+                this.spawn(delivery, permit);
+            });
         }
     }
 
@@ -1217,6 +1282,15 @@ impl Dispatcher {
                         .push(task.entry_id.clone());
                 }
             }
+            let backlog = self.backlog.lock().expect("backlog lock is never poisoned");
+            for (delivery, read_at) in backlog.iter() {
+                if read_at.elapsed() >= half_idle {
+                    by_stream
+                        .entry(delivery.stream.clone())
+                        .or_default()
+                        .push(delivery.id.clone());
+                }
+            }
         }
         for (stream, ids) in by_stream {
             broker::renew(
@@ -1251,7 +1325,12 @@ impl Dispatcher {
         .await?;
         let in_flight: Vec<String> = {
             let running = self.running.lock().expect("running lock is never poisoned");
-            running.values().map(|r| r.entry_id.clone()).collect()
+            let backlog = self.backlog.lock().expect("backlog lock is never poisoned");
+            running
+                .values()
+                .map(|r| r.entry_id.clone())
+                .chain(backlog.iter().map(|(d, _)| d.id.clone()))
+                .collect()
         };
         let mut candidates = Vec::new();
         let mut held = Vec::new();
@@ -1451,4 +1530,62 @@ impl Dispatcher {
 
 fn execution_elapsed(execution: &wire::Execution) -> u64 {
     wire::now_ms().saturating_sub(execution.started_at)
+}
+
+/// Entries of one read, taken one per stream in turn (streams in the order
+/// the read named them), so the permits held go round the busy streams
+/// rather than to the first one.
+fn interleave_streams(deliveries: Vec<Delivery>) -> Vec<Delivery> {
+    let mut by_stream: Vec<std::collections::VecDeque<Delivery>> = Vec::new();
+    for delivery in deliveries {
+        match by_stream
+            .iter_mut()
+            .find(|queue| queue.front().is_some_and(|d| d.stream == delivery.stream))
+        {
+            Some(queue) => queue.push_back(delivery),
+            None => by_stream.push(std::collections::VecDeque::from([delivery])),
+        }
+    }
+    let mut out = Vec::with_capacity(by_stream.iter().map(|q| q.len()).sum());
+    while !by_stream.is_empty() {
+        by_stream.retain_mut(|queue| match queue.pop_front() {
+            Some(delivery) => {
+                out.push(delivery);
+                true
+            }
+            None => false,
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delivery(stream: &str, id: &str) -> Delivery {
+        Delivery {
+            stream: Arc::from(stream),
+            id: id.to_owned(),
+            fields: Vec::new(),
+            deliveries: 1,
+        }
+    }
+
+    #[test]
+    fn one_entry_per_stream_in_turn() {
+        let read = vec![
+            delivery("a", "1"),
+            delivery("a", "2"),
+            delivery("a", "3"),
+            delivery("b", "4"),
+            delivery("c", "5"),
+            delivery("c", "6"),
+        ];
+        let order: Vec<String> = interleave_streams(read)
+            .into_iter()
+            .map(|d| format!("{}{}", d.stream, d.id))
+            .collect();
+        assert_eq!(order, ["a1", "b4", "c5", "a2", "c6", "a3"]);
+    }
 }
