@@ -201,6 +201,8 @@ pub fn built_plugins() -> &'static Path {
                 "echo-v2-plugin",
                 "-p",
                 "hooks-plugin",
+                "-p",
+                "idle-plugin",
             ])
             .status()
             .expect("running cargo to build the plugins");
@@ -216,6 +218,7 @@ pub fn built_plugins() -> &'static Path {
             ("tools_plugin", "tools"),
             ("echo_v2_plugin", "echo-v2"),
             ("hooks_plugin", "hooks"),
+            ("idle_plugin", "idle"),
         ] {
             let built = target
                 .join("wasm32-wasip2/plugin")

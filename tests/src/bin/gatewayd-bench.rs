@@ -7,9 +7,19 @@
 //! old (as a deploy does), and reports each reload's latency: rename → first
 //! COMPLETED event of a task served by the new version.
 //!
+//! The hard path is measured with `--idle-plugins N` (N more plugins loaded,
+//! each with a stream of its own, never asked) and `--examples` (the other
+//! five example plugins loaded beside echo): throughput must not depend on
+//! what is loaded and idle.
+//!
+//! Besides tasks/s and latency it prints the CPU time per task of the
+//! daemon (from `/proc/<pid>/stat`) and of Redis (`INFO cpu`), and the Redis
+//! commands per task the daemon sent (`INFO commandstats`, less the load
+//! generator's own commands, which it counts).
+//!
 //! By default it starts its own redis-server and the `gatewayd` binary next
 //! to this one (`cargo build --release -p gatewayd` first; `scripts/bench`
-//! does everything).
+//! does everything); `--gatewayd PATH` runs another build side by side.
 
 use anyhow::{Context as _, Result, bail};
 use integration_tests::{RedisServer, ask_agent_json, built_plugins, suffix};
@@ -29,6 +39,11 @@ struct Args {
     text: String,
     redis_url: Option<String>,
     reloads: usize,
+    idle_plugins: usize,
+    examples: bool,
+    gatewayd: Option<PathBuf>,
+    /// `KEY=VALUE` for the daemon's environment (e.g. `GATEWAYD_HISTORY__BACKEND=off`).
+    env: Vec<(String, String)>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -42,6 +57,10 @@ fn parse_args() -> Result<Args> {
         text: "hello from the benchmark".into(),
         redis_url: None,
         reloads: 0,
+        idle_plugins: 0,
+        examples: false,
+        gatewayd: None,
+        env: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -56,10 +75,21 @@ fn parse_args() -> Result<Args> {
             "--text" => args.text = value()?,
             "--redis-url" => args.redis_url = Some(value()?),
             "--reloads" => args.reloads = value()?.parse()?,
+            "--idle-plugins" => args.idle_plugins = value()?.parse()?,
+            "--examples" => args.examples = true,
+            "--gatewayd" => args.gatewayd = Some(PathBuf::from(value()?)),
+            "--env" => {
+                let pair = value()?;
+                let (key, val) = pair
+                    .split_once('=')
+                    .with_context(|| format!("--env {pair}: expected KEY=VALUE"))?;
+                args.env.push((key.to_owned(), val.to_owned()));
+            }
             "-h" | "--help" => {
                 println!(
                     "gatewayd-bench [--tasks 20000] [--in-flight 200] [--idle 200] [--readers 4] \
-                     [--concurrency 256] [--fetch 64] [--text T] [--redis-url URL] [--reloads N]"
+                     [--concurrency 256] [--fetch 64] [--text T] [--redis-url URL] [--reloads N] \
+                     [--idle-plugins N] [--examples] [--gatewayd PATH] [--env KEY=VALUE]..."
                 );
                 std::process::exit(0);
             }
@@ -96,14 +126,22 @@ struct Slot {
 
 const CAPABILITY_STREAM: &str = "byai_gateway:ctrl:capability:echo";
 
-/// Drives `slots` sessions until `next` reaches `total`; returns samples and failures.
+/// What one driver saw: latencies, failed tasks, and the Redis commands it
+/// sent itself (subtracted from the server's count).
+struct Driven {
+    samples: Vec<Sample>,
+    failures: usize,
+    commands: u64,
+}
+
+/// Drives `slots` sessions until `next` reaches `total`.
 async fn drive(
     mut conn: MultiplexedConnection,
     slots: usize,
     next: Arc<AtomicUsize>,
     total: usize,
     text: Arc<str>,
-) -> Result<(Vec<Sample>, usize)> {
+) -> Result<Driven> {
     let run = suffix();
     let mut slots: Vec<Slot> = (0..slots)
         .map(|i| {
@@ -122,6 +160,7 @@ async fn drive(
         .collect();
     let mut samples = Vec::new();
     let mut failures = 0;
+    let mut commands = 0u64;
     loop {
         // Fill free slots with new tasks, one pipeline.
         let mut pipe = redis::pipe();
@@ -161,10 +200,15 @@ async fn drive(
                 slot.fresh = false;
             }
             pipe.query_async::<()>(&mut conn).await?;
+            commands += queued as u64;
         }
         let busy: Vec<usize> = (0..slots.len()).filter(|&i| slots[i].busy).collect();
         if busy.is_empty() {
-            return Ok((samples, failures));
+            return Ok(Driven {
+                samples,
+                failures,
+                commands,
+            });
         }
         let mut cmd = redis::cmd("XREAD");
         cmd.arg("COUNT")
@@ -179,6 +223,7 @@ async fn drive(
             cmd.arg(&slots[i].last_id);
         }
         let reply: Option<redis::streams::StreamReadReply> = cmd.query_async(&mut conn).await?;
+        commands += 1;
         let arrived = Instant::now();
         for key in reply.map(|r| r.keys).unwrap_or_default() {
             let Some(&i) = busy.iter().find(|&&i| slots[i].stream == key.key) else {
@@ -281,6 +326,154 @@ async fn delete_bench_keys(conn: &mut MultiplexedConnection) -> Result<()> {
     Ok(())
 }
 
+/// CPU seconds a process has used (user + system), from `/proc/<pid>/stat`.
+fn process_cpu_s(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name is in parentheses and may hold spaces; the fields
+    // after it are fixed: utime and stime are the 12th and 13th.
+    let after_name = stat.rsplit_once(')').context("unexpected /proc stat")?.1;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    Ok(ticks / clock_ticks_per_s())
+}
+
+fn clock_ticks_per_s() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|out| String::from_utf8(out.stdout).ok())
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// One `INFO` section as `field → value`.
+async fn redis_info(
+    conn: &mut MultiplexedConnection,
+    section: &str,
+) -> Result<Vec<(String, String)>> {
+    let text: String = redis::cmd("INFO").arg(section).query_async(conn).await?;
+    Ok(text
+        .lines()
+        .filter_map(|line| line.split_once(':'))
+        .map(|(k, v)| (k.to_owned(), v.trim().to_owned()))
+        .collect())
+}
+
+/// What the daemon and Redis had used at one moment.
+struct Usage {
+    gatewayd_cpu_s: f64,
+    redis_cpu_s: f64,
+    /// Calls per command, from `INFO commandstats`.
+    redis_calls: std::collections::BTreeMap<String, u64>,
+}
+
+async fn usage(conn: &mut MultiplexedConnection, gatewayd_pid: u32) -> Result<Usage> {
+    let cpu = redis_info(conn, "cpu").await?;
+    let field = |name: &str| -> f64 {
+        cpu.iter()
+            .find(|(k, _)| k == name)
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let redis_cpu_s = field("used_cpu_user") + field("used_cpu_sys");
+    let mut redis_calls = std::collections::BTreeMap::new();
+    for (key, value) in redis_info(conn, "commandstats").await? {
+        // cmdstat_xadd:calls=12,usec=...
+        let Some(command) = key.strip_prefix("cmdstat_") else {
+            continue;
+        };
+        let calls = value
+            .split(',')
+            .find_map(|kv| kv.strip_prefix("calls="))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        redis_calls.insert(command.to_owned(), calls);
+    }
+    Ok(Usage {
+        gatewayd_cpu_s: process_cpu_s(gatewayd_pid)?,
+        redis_cpu_s,
+        redis_calls,
+    })
+}
+
+/// CPU per task and the daemon's Redis commands per task over a run.
+fn report_cost(before: &Usage, after: &Usage, tasks: usize, generator_commands: u64) {
+    let tasks = tasks.max(1) as f64;
+    let mut calls: Vec<(String, u64)> = after
+        .redis_calls
+        .iter()
+        .map(|(command, n)| {
+            let was = before.redis_calls.get(command).copied().unwrap_or(0);
+            (command.clone(), n.saturating_sub(was))
+        })
+        .filter(|(command, n)| *n > 0 && command != "info")
+        .collect();
+    calls.sort_by(|a, b| b.1.cmp(&a.1));
+    let total: u64 = calls.iter().map(|(_, n)| n).sum();
+    let daemon_commands = total.saturating_sub(generator_commands);
+    println!(
+        "  cpu per task   gatewayd {:.0} µs  redis {:.0} µs (redis also serves the load generator)",
+        (after.gatewayd_cpu_s - before.gatewayd_cpu_s) / tasks * 1e6,
+        (after.redis_cpu_s - before.redis_cpu_s) / tasks * 1e6,
+    );
+    let breakdown: Vec<String> = calls
+        .iter()
+        .map(|(command, n)| format!("{command} {:.2}", *n as f64 / tasks))
+        .collect();
+    println!(
+        "  redis commands per task  {:.2} by gatewayd ({:.2} in all: {})",
+        daemon_commands as f64 / tasks,
+        total as f64 / tasks,
+        breakdown.join(", ")
+    );
+}
+
+/// A plugin directory for the run: echo, and the neighbours asked for.
+fn plugin_directory(args: &Args, plugins: &std::path::Path) -> Result<tempfile::TempDir> {
+    let dir = tempfile::tempdir()?;
+    std::fs::copy(plugins.join("echo.wasm"), dir.path().join("echo.wasm"))?;
+    if args.examples {
+        for name in ["showcase", "planner", "translator", "researcher", "tools"] {
+            std::fs::copy(
+                plugins.join(format!("{name}.wasm")),
+                dir.path().join(format!("{name}.wasm")),
+            )?;
+        }
+    }
+    if args.idle_plugins > 0 {
+        // The fixture names itself `idle-0000`; each copy gets its own id
+        // and capability by rewriting that placeholder (same length).
+        let template = std::fs::read(plugins.join("idle.wasm"))?;
+        let placeholder = b"idle-0000";
+        anyhow::ensure!(
+            template
+                .windows(placeholder.len())
+                .any(|w| w == placeholder),
+            "idle.wasm does not contain its placeholder id"
+        );
+        anyhow::ensure!(args.idle_plugins <= 9999, "--idle-plugins: at most 9999");
+        for n in 1..=args.idle_plugins {
+            let id = format!("idle-{n:04}");
+            let mut bytes = template.clone();
+            let mut at = 0;
+            while let Some(found) = bytes[at..]
+                .windows(placeholder.len())
+                .position(|w| w == placeholder)
+            {
+                let start = at + found;
+                bytes[start..start + placeholder.len()].copy_from_slice(id.as_bytes());
+                at = start + placeholder.len();
+            }
+            std::fs::write(dir.path().join(format!("{id}.wasm")), bytes)?;
+        }
+    }
+    Ok(dir)
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = parse_args()?;
@@ -296,13 +489,13 @@ async fn main() -> Result<()> {
     let mut conn = client.get_multiplexed_async_connection().await?;
 
     let plugins = built_plugins();
-    let plugin_dir = tempfile::tempdir()?;
-    std::fs::copy(
-        plugins.join("echo.wasm"),
-        plugin_dir.path().join("echo.wasm"),
-    )?;
+    let plugin_dir = plugin_directory(&args, plugins)?;
+    let loaded = std::fs::read_dir(plugin_dir.path())?.count();
     let workspace = tempfile::tempdir()?;
-    let gatewayd: PathBuf = std::env::current_exe()?.with_file_name("gatewayd");
+    let gatewayd: PathBuf = match &args.gatewayd {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()?.with_file_name("gatewayd"),
+    };
     anyhow::ensure!(
         gatewayd.is_file(),
         "{} missing: cargo build --release -p gatewayd",
@@ -310,7 +503,8 @@ async fn main() -> Result<()> {
     );
     let worker = format!("bench-{}", suffix());
     let log = tempfile::NamedTempFile::new()?;
-    let mut daemon = tokio::process::Command::new(&gatewayd)
+    let mut command = tokio::process::Command::new(&gatewayd);
+    command
         .args([
             "--redis-url",
             &url,
@@ -327,10 +521,12 @@ async fn main() -> Result<()> {
         )
         .env("GATEWAYD_WORKER__FETCH_COUNT", args.fetch.to_string())
         .env("GATEWAYD_WORKSPACE__DIR", workspace.path())
-        .env("GATEWAYD_HTTP__LISTEN", "127.0.0.1:0")
-        .stderr(log.reopen()?)
-        .kill_on_drop(true)
-        .spawn()?;
+        .env("GATEWAYD_HTTP__LISTEN", "127.0.0.1:0");
+    for (key, value) in &args.env {
+        command.env(key, value);
+    }
+    let mut daemon = command.stderr(log.reopen()?).kill_on_drop(true).spawn()?;
+    let daemon_pid = daemon.id().context("gatewayd exited at once")?;
     let ready = Instant::now();
     loop {
         let member: bool = redis::cmd("SISMEMBER")
@@ -341,7 +537,7 @@ async fn main() -> Result<()> {
         if member {
             break;
         }
-        if ready.elapsed() > Duration::from_secs(60) || daemon.try_wait()?.is_some() {
+        if ready.elapsed() > Duration::from_secs(120) || daemon.try_wait()?.is_some() {
             bail!(
                 "gatewayd did not start: {}",
                 std::fs::read_to_string(log.path())?
@@ -350,14 +546,24 @@ async fn main() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     println!(
-        "gatewayd (max_concurrency {}, fetch {}) · {} tasks, {} in flight, {} reader connections",
-        args.concurrency, args.fetch, args.tasks, args.in_flight, args.readers
+        "gatewayd {} (max_concurrency {}, fetch {}, {} plugins loaded) · {} tasks, {} in flight, {} reader connections",
+        gatewayd.display(),
+        args.concurrency,
+        args.fetch,
+        loaded,
+        args.tasks,
+        args.in_flight,
+        args.readers
     );
+    for (key, value) in &args.env {
+        println!("  env {key}={value}");
+    }
 
     // Warm up, then the throughput run.
     let text: Arc<str> = Arc::from(args.text.as_str());
     for (label, total) in [("warm-up", args.in_flight * 5), ("throughput", args.tasks)] {
         let next = Arc::new(AtomicUsize::new(0));
+        let before = usage(&mut conn, daemon_pid).await?;
         let started = Instant::now();
         let swapper = (label == "throughput" && args.reloads > 0).then(|| {
             let dir = plugin_dir.path().to_owned();
@@ -392,13 +598,25 @@ async fn main() -> Result<()> {
         }
         let mut samples = Vec::new();
         let mut failures = 0;
+        let mut generator_commands = 0;
         for driver in drivers {
-            let (s, f) = driver.await??;
-            samples.extend(s);
-            failures += f;
+            let driven = driver.await??;
+            samples.extend(driven.samples);
+            failures += driven.failures;
+            generator_commands += driven.commands;
         }
+        let wall = started.elapsed();
+        let after = usage(&mut conn, daemon_pid).await?;
         if label == "throughput" {
-            report(label, &samples, failures, started.elapsed());
+            report(label, &samples, failures, wall);
+            // The usage reads themselves: two INFO calls each (not counted),
+            // and nothing else of ours ran in between.
+            report_cost(
+                &before,
+                &after,
+                samples.len() + failures,
+                generator_commands,
+            );
         }
         if let Some(swapper) = swapper {
             report_reloads(&samples, &swapper.await??);
@@ -409,13 +627,18 @@ async fn main() -> Result<()> {
     // Idle latency: one task at a time.
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
-    let (samples, failures) = drive(conn.clone(), 1, next, args.idle, text).await?;
-    report("idle (1 in flight)", &samples, failures, started.elapsed());
+    let driven = drive(conn.clone(), 1, next, args.idle, text).await?;
+    report(
+        "idle (1 in flight)",
+        &driven.samples,
+        driven.failures,
+        started.elapsed(),
+    );
     delete_bench_keys(&mut conn).await?;
 
     let _ = tokio::process::Command::new("kill")
         .arg("-TERM")
-        .arg(daemon.id().map(|p| p.to_string()).unwrap_or_default())
+        .arg(daemon_pid.to_string())
         .status()
         .await;
     let _ = tokio::time::timeout(Duration::from_secs(10), daemon.wait()).await;
