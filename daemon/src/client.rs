@@ -3,9 +3,9 @@
 //! reference Python client (`ByaiGatewayClient`) does, so Python workers and
 //! `gatewayd` serve it alike.
 
-use crate::executions::{CancelLookup, Registry};
-pub use crate::registry::WorkerInfo;
-use crate::wire::{self, Header, keys};
+pub use byclaw_protocol::workers::WorkerInfo;
+use byclaw_protocol::{self as wire, Header, keys};
+use byclaw_protocol::{CancelLookup, Executions};
 use redis::aio::ConnectionManager;
 use serde_json::{Value, json};
 use std::collections::VecDeque;
@@ -94,7 +94,7 @@ pub struct Client {
     /// The Redis URL, for the event readers' own connections.
     url: String,
     conn: ConnectionManager,
-    registry: std::sync::Arc<Registry>,
+    registry: std::sync::Arc<Executions>,
     /// `header.tenant_id` of every command sent (empty: none).
     tenant_id: String,
 }
@@ -111,7 +111,7 @@ impl Client {
         Ok(Client {
             url: url.to_owned(),
             conn,
-            registry: std::sync::Arc::new(Registry::new(wire::DEFAULT_SESSION_TTL_S)),
+            registry: std::sync::Arc::new(Executions::new(wire::DEFAULT_SESSION_TTL_S)),
             tenant_id: String::new(),
         })
     }
@@ -247,7 +247,7 @@ impl Client {
     /// returns them (every member of the active-workers set, most recent
     /// heartbeat first).
     pub async fn workers(&self) -> Result<Vec<WorkerInfo>, ClientError> {
-        crate::registry::active_workers(&mut self.conn.clone())
+        byclaw_protocol::workers::active_workers(&mut self.conn.clone())
             .await
             .map_err(redis_error("ZREVRANGE/SMEMBERS"))
     }

@@ -1217,7 +1217,8 @@ impl Config {
                 "must not be empty",
             );
             check(
-                entry.session_prefix.is_empty() || crate::wire::is_safe_id(&entry.session_prefix),
+                entry.session_prefix.is_empty()
+                    || byclaw_protocol::is_safe_id(&entry.session_prefix),
                 &format!("{at}.session_prefix"),
                 "must be a plain id prefix (letters, digits, - _ . : @)",
             );

@@ -9,15 +9,15 @@
 use crate::broker::{self, Delivery};
 use crate::config::HistoryBackend;
 use crate::events::{Write, Writer};
-use crate::executions::{Begin, CancelLookup, NewExecution, Registry};
 use crate::history::{HistoryEntry, Role};
 use crate::metrics::{RedisOperation, TaskOutcome, TaskTimer};
 use crate::plugin::{
     AwaitedChild, CallError, CancelSignal, Hook, HookCall, Services, TaskHost, TaskShared,
 };
 use crate::routing::{self, Reply, Route, WaitKey};
-use crate::wire::{self, Action, ControlCommand, EventOrigin, keys, state};
 use crate::workspace::{TaskDirs, Workspaces};
+use byclaw_protocol::{self as wire, Action, ControlCommand, EventOrigin, keys, state};
+use byclaw_protocol::{Begin, CancelLookup, Executions, NewExecution};
 use redis::aio::ConnectionManager;
 use serde_json::value::RawValue;
 use std::collections::HashMap;
@@ -75,7 +75,7 @@ pub struct Dispatcher {
     /// Every write after a task started goes through it, in task order.
     writer: Writer,
     /// Replay check and execution records.
-    executions: Registry,
+    executions: Executions,
     /// Creates and removes task directories off the async threads.
     workspaces: Workspaces,
     /// Tasks in progress, by message id: cancels find them here, the claimer
@@ -151,7 +151,7 @@ impl Dispatcher {
     pub fn new(
         settings: Settings,
         writer: Writer,
-        executions: Registry,
+        executions: Executions,
         workspaces: Workspaces,
         force_stop: CancellationToken,
         services: Arc<Services>,
@@ -945,7 +945,7 @@ impl Dispatcher {
             execution.cancel_requested = true;
             execution.cancel_reason = cancel.reason();
         }
-        writes.push(self.executions.finish(execution, status));
+        writes.push(self.executions.finish(execution, status).into());
         writes.push(self.ack(delivery));
         writes
     }

@@ -314,3 +314,14 @@ impl Lane {
         }
     }
 }
+
+impl From<byclaw_protocol::FinishedRecord> for Write {
+    fn from(record: byclaw_protocol::FinishedRecord) -> Self {
+        Write::HashSet {
+            key: record.key,
+            field: record.field,
+            value: record.value,
+            ttl_s: record.ttl_s,
+        }
+    }
+}

@@ -18,7 +18,7 @@
 //! outcome was lost in transit is written again.
 
 use crate::config::{HistoryBackend, HistoryConfig};
-use crate::wire::PREFIX;
+use byclaw_protocol::PREFIX;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};

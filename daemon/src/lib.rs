@@ -19,7 +19,6 @@ pub mod config;
 pub mod config_reload;
 pub mod dispatch;
 pub mod events;
-pub mod executions;
 pub mod history;
 pub mod http;
 pub mod metrics;
@@ -27,7 +26,6 @@ pub mod plugin;
 pub mod registry;
 pub mod reload;
 pub mod routing;
-pub mod wire;
 pub mod workspace;
 
 use arc_swap::ArcSwap;
@@ -175,7 +173,7 @@ pub async fn run_with(
     let claimer = broker::connect(&url, Duration::from_secs(10)).await?;
 
     let capability_streams: Vec<Arc<str>> = plugins.load().streams().to_vec();
-    let control_stream: Arc<str> = Arc::from(wire::keys::worker_stream(&worker.id));
+    let control_stream: Arc<str> = Arc::from(byclaw_protocol::keys::worker_stream(&worker.id));
     for stream in capability_streams.iter().chain([&control_stream]) {
         broker::ensure_group(&mut commands, stream, &worker.consumer_group).await?;
     }
@@ -239,7 +237,7 @@ pub async fn run_with(
             history_inject: config.history.inject_limit,
         },
         writer,
-        executions::Registry::new(config.streams.session_ttl_s),
+        byclaw_protocol::Executions::new(config.streams.session_ttl_s),
         workspace::Workspaces::start(config.workspace.dir.clone()).map_err(RunError::Workspace)?,
         force_stop.clone(),
         services,

@@ -1,7 +1,7 @@
 //! This worker's membership in the reference registry: the worker-id lock,
 //! the heartbeat that lets clients find it, and leaving cleanly.
 
-use crate::wire::{self, keys};
+use byclaw_protocol::{self as wire, keys};
 use redis::aio::ConnectionManager;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -218,49 +218,4 @@ impl Membership {
             .await?;
         Ok(())
     }
-}
-
-/// A worker as the registry lists it.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct WorkerInfo {
-    pub worker_id: String,
-    /// Sorted.
-    pub capabilities: Vec<String>,
-    /// Last heartbeat, ms since the Unix epoch.
-    pub last_seen: u64,
-}
-
-/// Every worker of the registry with its capabilities, most recent
-/// heartbeat first (what the reference's `get_active_workers` reads): two
-/// round trips.
-pub async fn active_workers(
-    conn: &mut ConnectionManager,
-) -> Result<Vec<WorkerInfo>, redis::RedisError> {
-    let members: Vec<(String, f64)> = redis::cmd("ZREVRANGE")
-        .arg(keys::ACTIVE_WORKERS)
-        .arg(0)
-        .arg(-1)
-        .arg("WITHSCORES")
-        .query_async(conn)
-        .await?;
-    if members.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut pipe = redis::pipe();
-    for (worker, _) in &members {
-        pipe.cmd("SMEMBERS").arg(keys::worker_capabilities(worker));
-    }
-    let capabilities: Vec<Vec<String>> = pipe.query_async(conn).await?;
-    Ok(members
-        .into_iter()
-        .zip(capabilities)
-        .map(|((worker_id, score), mut capabilities)| {
-            capabilities.sort();
-            WorkerInfo {
-                worker_id,
-                capabilities,
-                last_seen: score.max(0.0) as u64,
-            }
-        })
-        .collect())
 }

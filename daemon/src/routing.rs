@@ -23,7 +23,7 @@
 //! `ask-user` apart: both carry the child's message id.
 
 use crate::events::Write;
-use crate::wire::{self, Header, keys};
+use byclaw_protocol::{self as wire, Header, keys};
 use redis::aio::ConnectionManager;
 use serde_json::Value;
 use std::collections::HashMap;

@@ -147,7 +147,7 @@ pub async fn send_message(
     session_id: &str,
     request: MessageRequest,
 ) -> Result<Sent, ApiError> {
-    if !crate::wire::is_safe_id(&request.agent_type) {
+    if !byclaw_protocol::is_safe_id(&request.agent_type) {
         return Err(ApiError::BadRequest(format!(
             "agent_type {:?} is not a plain id",
             request.agent_type
@@ -186,7 +186,7 @@ pub async fn send_message(
         }
         ActionType::Resume => {
             let message_id = request.message_id.as_deref().unwrap_or_default();
-            if !crate::wire::is_safe_id(message_id) {
+            if !byclaw_protocol::is_safe_id(message_id) {
                 return Err(ApiError::BadRequest(
                     "RESUME needs message_id: the id of the task being answered".into(),
                 ));
@@ -270,7 +270,7 @@ pub async fn cancel_task(
     session_id: &str,
     request: CancelRequest,
 ) -> Result<Value, ApiError> {
-    if !crate::wire::is_safe_id(&request.message_id) {
+    if !byclaw_protocol::is_safe_id(&request.message_id) {
         return Err(ApiError::BadRequest(
             "message_id must be the id of a task".into(),
         ));

@@ -60,7 +60,7 @@ impl Tokens {
 impl Caller {
     /// `session_id` when it is a well-formed id this caller may reach.
     pub fn session<'a>(&self, session_id: &'a str) -> Result<&'a str, ApiError> {
-        if !crate::wire::is_safe_id(session_id) || session_id.len() > 128 {
+        if !byclaw_protocol::is_safe_id(session_id) || session_id.len() > 128 {
             return Err(ApiError::BadRequest(format!(
                 "session id {session_id:?} is not a plain id (1-128 of letters, digits, - _ . : @)"
             )));

@@ -9,7 +9,7 @@
 use super::bindings::{TaskInfo, WitHook};
 use super::host::TaskState;
 use super::{Plugin, describe_trap, guest_error_text, to_wit_header};
-use crate::wire::ControlCommand;
+use byclaw_protocol::ControlCommand;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -34,7 +34,7 @@ impl PluginTable {
         self.streams = self
             .by_capability
             .keys()
-            .map(|c| Arc::from(crate::wire::keys::capability_stream(c)))
+            .map(|c| Arc::from(byclaw_protocol::keys::capability_stream(c)))
             .collect();
         self.tool_owners.clear();
         for plugin in self.by_id.values() {

@@ -19,8 +19,8 @@ pub use outbound::OutboundHosts;
 pub use bindings::GuestError;
 pub use hooks::{Hook, HookCall, HookCounts, HookOutcome, HookSet, HookStats};
 
-use crate::wire::{Action, ControlCommand};
 use bindings::{Command, Header, Workspace};
+use byclaw_protocol::{Action, ControlCommand};
 pub use host::{AwaitedChild, CancelSignal, Services, TaskHost, TaskShared};
 pub use sandbox::{GUEST_PRIVATE_DIR, GUEST_PUBLIC_DIR, TaskDirs};
 
@@ -550,7 +550,7 @@ impl Sandbox {
             policy: arc_swap::ArcSwap::from_pointee(
                 self.policies.load().resolve(&manifest.id, &self.limits),
             ),
-            stamp: crate::wire::plugin_stamp(&manifest.id, &manifest.version),
+            stamp: byclaw_protocol::plugin_stamp(&manifest.id, &manifest.version),
             manifest,
             path,
             digest: file_digest(bytes),
@@ -646,7 +646,7 @@ impl Manifest {
             return Err("capabilities is empty; a plugin serves at least one agent type".into());
         }
         for capability in &raw.capabilities {
-            if !crate::wire::is_safe_id(capability) || capability.len() > 128 {
+            if !byclaw_protocol::is_safe_id(capability) || capability.len() > 128 {
                 return Err(format!(
                     "capability {capability:?} must be 1-128 of [A-Za-z0-9._:@-]"
                 ));
@@ -985,7 +985,7 @@ fn to_wit_command(command: &ControlCommand, agent_type: &str, workspace: bool) -
 }
 
 /// The WIT view of a command's header.
-fn to_wit_header(h: &crate::wire::Header) -> Header {
+fn to_wit_header(h: &byclaw_protocol::Header) -> Header {
     Header {
         message_id: h.message_id.clone(),
         session_id: h.session_id.clone(),

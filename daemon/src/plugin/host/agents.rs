@@ -15,7 +15,7 @@ use crate::plugin::bindings::byclaw::gateway::agents::{
     AgentReply, AgentTask, AskOptions, CallOptions, Host, UserReply, WorkerInfo,
 };
 use crate::routing::{Reply, ReplyKind, WaitKey, Waiting};
-use crate::wire::{self, Delta, EventSpec, content_type, event_type, keys, state};
+use byclaw_protocol::{self as wire, Delta, EventSpec, content_type, event_type, keys, state};
 use futures::{FutureExt, StreamExt, stream::FuturesUnordered};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -434,7 +434,8 @@ impl Host for TaskState {
     async fn active_workers(&mut self) -> wasmtime::Result<Result<Vec<WorkerInfo>, GuestError>> {
         let _timer = self.timed(crate::metrics::HostImport::ActiveWorkers);
         let shared = self.host("active-workers")?.shared.clone();
-        let workers = crate::registry::active_workers(&mut shared.services.redis.clone()).await;
+        let workers =
+            byclaw_protocol::workers::active_workers(&mut shared.services.redis.clone()).await;
         Ok(workers
             .map(|workers| {
                 workers

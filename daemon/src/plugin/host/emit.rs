@@ -5,7 +5,7 @@ use super::TaskState;
 use crate::events::Write;
 use crate::plugin::bindings::byclaw::gateway::emit::Host;
 use crate::plugin::bindings::{Chunk, Event};
-use crate::wire::{self, Delta, EventSpec, content_type, event_type};
+use byclaw_protocol::{self as wire, Delta, EventSpec, content_type, event_type};
 use serde_json::value::RawValue;
 
 /// Parses guest JSON that must be an object (event metadata).

@@ -1,10 +1,33 @@
-//! The session registry hash (`exec:{id}` → execution JSON, `msg_map:{message}`
-//! → execution id) as the reference SDK keeps it: replay protection for
-//! redelivered entries, and where a client finds which worker runs a task.
+//! The session registry hash (`exec:{id}` → execution JSON,
+//! `msg_map:{message}` → execution id) as the reference SDK keeps it:
+//! replay protection for redelivered entries, where a client finds which
+//! worker runs a task, and the reference client's cancel — each one Lua
+//! script, so one round trip and atomic.
 
-use crate::events::Write;
-use crate::wire::{self, Execution, keys, state};
-use redis::aio::ConnectionManager;
+use crate::event::state;
+use crate::ids::{new_execution_id, now_ms};
+use crate::keys;
+use redis::aio::ConnectionLike;
+use serde::{Deserialize, Serialize};
+
+/// The execution record kept in the session registry hash (`exec:{id}`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Execution {
+    pub execution_id: String,
+    pub message_id: String,
+    pub session_id: String,
+    pub worker_id: String,
+    pub target_agent_type: String,
+    pub stream_name: String,
+    pub redis_message_id: String,
+    pub status: String,
+    pub cancel_requested: bool,
+    pub cancel_reason: String,
+    pub created_at: u64,
+    pub started_at: u64,
+    pub finished_at: u64,
+    pub updated_at: u64,
+}
 
 /// Looks up the execution of a message and, unless it is terminal, records
 /// this worker as running it — in one round trip.
@@ -139,8 +162,9 @@ pub enum Begin {
     Run(Box<Execution>),
 }
 
-/// Loaded once; `Script` sends EVALSHA and falls back to EVAL.
-pub struct Registry {
+/// The session registry's operations. Scripts are loaded once; `Script`
+/// sends EVALSHA and falls back to EVAL.
+pub struct Executions {
     script: redis::Script,
     fail_script: redis::Script,
     cancel_script: redis::Script,
@@ -157,9 +181,9 @@ pub struct NewExecution<'a> {
     pub redis_message_id: &'a str,
 }
 
-impl Registry {
+impl Executions {
     pub fn new(ttl_s: u64) -> Self {
-        Registry {
+        Executions {
             script: redis::Script::new(BEGIN_SCRIPT),
             fail_script: redis::Script::new(FAIL_SCRIPT),
             cancel_script: redis::Script::new(CANCEL_SCRIPT),
@@ -170,12 +194,12 @@ impl Registry {
     /// Replay check plus RUNNING record, one round trip.
     pub async fn begin(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut impl ConnectionLike,
         new: NewExecution<'_>,
     ) -> Result<Begin, redis::RedisError> {
-        let now = wire::now_ms();
+        let now = now_ms();
         let execution = Execution {
-            execution_id: wire::new_execution_id(),
+            execution_id: new_execution_id(),
             message_id: new.message_id.to_owned(),
             session_id: new.session_id.to_owned(),
             worker_id: new.worker_id.to_owned(),
@@ -245,7 +269,7 @@ impl Registry {
     /// terminal (an entry given up on, e.g. after too many deliveries).
     pub async fn fail_message(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut impl ConnectionLike,
         session_id: &str,
         message_id: &str,
     ) -> Result<bool, redis::RedisError> {
@@ -253,7 +277,7 @@ impl Registry {
             .fail_script
             .key(keys::session_registry(session_id))
             .arg(message_id)
-            .arg(wire::now_ms())
+            .arg(now_ms())
             .arg(self.ttl_s)
             .invoke_async(conn)
             .await?;
@@ -265,16 +289,16 @@ impl Registry {
     /// started gets a CANCELLED record so no worker runs it.
     pub async fn request_cancel(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut impl ConnectionLike,
         session_id: &str,
         message_id: &str,
         reason: &str,
         precancel: bool,
     ) -> Result<CancelLookup, redis::RedisError> {
-        let now = wire::now_ms();
+        let now = now_ms();
         let (placeholder_id, placeholder) = if precancel {
             let execution = Execution {
-                execution_id: wire::new_execution_id(),
+                execution_id: new_execution_id(),
                 message_id: message_id.to_owned(),
                 session_id: session_id.to_owned(),
                 worker_id: String::new(),
@@ -331,18 +355,30 @@ impl Registry {
         })
     }
 
-    /// The write that marks an execution finished.
-    pub fn finish(&self, execution: &mut Execution, status: &str) -> Write {
+    /// Marks `execution` finished with `status` (terminal); returns the
+    /// registry key, field and JSON to write (the daemon writes it with the
+    /// task's other final writes, in order).
+    pub fn finish(&self, execution: &mut Execution, status: &str) -> FinishedRecord {
         debug_assert!(state::is_terminal(status));
-        let now = wire::now_ms();
+        let now = now_ms();
         execution.status = status.to_owned();
         execution.finished_at = now;
         execution.updated_at = now;
-        Write::HashSet {
+        FinishedRecord {
             key: keys::session_registry(&execution.session_id),
             field: format!("exec:{}", execution.execution_id),
             value: serde_json::to_string(execution).expect("execution serializes"),
             ttl_s: self.ttl_s,
         }
     }
+}
+
+/// The HSET (and EXPIRE) that records a finished execution.
+#[derive(Debug, Clone)]
+pub struct FinishedRecord {
+    pub key: String,
+    pub field: String,
+    pub value: String,
+    /// EXPIRE of the registry hash, seconds.
+    pub ttl_s: u64,
 }

@@ -1,0 +1,39 @@
+//! Redis key builders, literal as the reference SDK spells them.
+
+use crate::PREFIX;
+
+/// Tasks for one agent type.
+pub fn capability_stream(agent_type: &str) -> String {
+    format!("{PREFIX}:ctrl:capability:{agent_type}")
+}
+/// Control commands (CANCEL_TASK) for one worker.
+pub fn worker_stream(worker_id: &str) -> String {
+    format!("{PREFIX}:ctrl:worker:{worker_id}")
+}
+/// Every event of one session.
+pub fn session_data_stream(session_id: &str) -> String {
+    format!("{PREFIX}:session:{session_id}:data_stream")
+}
+/// `exec:*` / `msg_map:*` hash of one session.
+pub fn session_registry(session_id: &str) -> String {
+    format!("{PREFIX}:session:{session_id}:registry")
+}
+/// Heartbeats of all workers (member worker id, score ms).
+pub const ACTIVE_WORKERS: &str = "byai_gateway:registry:active_workers";
+/// The capabilities one worker serves.
+pub fn worker_capabilities(worker_id: &str) -> String {
+    format!("{PREFIX}:registry:worker:capabilities:{worker_id}")
+}
+/// The workers that serve one capability.
+pub fn capability_workers(capability: &str) -> String {
+    format!("{PREFIX}:registry:capability:workers:{capability}")
+}
+/// Scatter-gather counter of one task group (`total`, `completed`,
+/// `source_agent_id`).
+pub fn task_group(task_group_id: &str) -> String {
+    format!("{PREFIX}:task_group:{task_group_id}")
+}
+/// One live process per worker id.
+pub fn worker_lock(worker_id: &str) -> String {
+    format!("{PREFIX}:registry:worker:lock:{worker_id}")
+}
