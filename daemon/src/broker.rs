@@ -3,7 +3,8 @@
 //!
 //! This module knows stream commands, not what the entries mean.
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use byclaw_client::connection::redact_password;
+use redis::aio::ConnectionManager;
 use redis::streams::{StreamClaimReply, StreamId, StreamPendingCountReply, StreamReadReply};
 use redis::{RedisError, Value};
 use std::sync::Arc;
@@ -35,44 +36,17 @@ fn err<'a>(operation: &'static str, key: &'a str) -> impl FnOnce(RedisError) -> 
     }
 }
 
-/// Opens a reconnecting, multiplexed connection. `response_timeout` must
-/// exceed the BLOCK time of any blocking read made on it.
+/// Opens a reconnecting, multiplexed connection (see
+/// [`byclaw_client::connection::connect`]); errors name the URL without
+/// its password.
 pub async fn connect(
     url: &str,
     response_timeout: Duration,
 ) -> Result<ConnectionManager, BrokerError> {
-    let client = redis::Client::open(url).map_err(err("connect", "(the Redis URL)"))?;
-    let config = ConnectionManagerConfig::new()
-        .set_response_timeout(Some(response_timeout))
-        .set_connection_timeout(Some(Duration::from_secs(5)))
-        .set_number_of_retries(6)
-        .set_max_delay(Duration::from_secs(2));
     let shown = redact_password(url);
-    ConnectionManager::new_with_config(client, config)
+    byclaw_client::connection::connect(url, response_timeout)
         .await
         .map_err(err("connect", &shown))
-}
-
-/// The URL as logs and errors may show it: a password becomes `***`.
-pub fn redact_password(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((credentials, host)) => {
-            let user = credentials
-                .split_once(':')
-                .map_or(credentials, |(user, _)| user);
-            if credentials.contains(':') {
-                format!("{scheme}://{user}:***@{host}{path}")
-            } else {
-                format!("{scheme}://{user}@{host}{path}")
-            }
-        }
-        None => url.to_owned(),
-    }
 }
 
 /// `XGROUP CREATE <stream> <group> 0 MKSTREAM`, BUSYGROUP ignored.
@@ -341,26 +315,4 @@ pub async fn release(
         .await
         .map_err(err("XCLAIM IDLE", stream))?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redact_password;
-
-    #[test]
-    fn passwords_never_reach_errors() {
-        assert_eq!(
-            redact_password("redis://app:s3cr3t@cache:6379/2"),
-            "redis://app:***@cache:6379/2"
-        );
-        assert_eq!(
-            redact_password("redis://:s3cr3t@cache"),
-            "redis://:***@cache"
-        );
-        assert_eq!(
-            redact_password("redis://cache:6379/0"),
-            "redis://cache:6379/0"
-        );
-        assert_eq!(redact_password("redis://user@cache"), "redis://user@cache");
-    }
 }

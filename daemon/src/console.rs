@@ -1,7 +1,7 @@
 //! The client commands `gatewayd send` and `gatewayd chat`: one turn sent
 //! and its reply printed as it streams, the agent's questions answered,
 //! Ctrl-C turned into a cancel. The protocol is the library's
-//! ([`gatewayd::client`]); this module owns the terminal side only: what
+//! ([`byclaw_client`]); this module owns the terminal side only: what
 //! goes to standard output and standard error, reading standard input,
 //! SIGINT, and the exit codes.
 //!
@@ -11,7 +11,7 @@
 //! terminal), the agent's questions, the final state.
 
 use anyhow::Context as _;
-use gatewayd::client::{CancelMode, CancelStatus, Client, EventReader};
+use byclaw_client::{CancelMode, CancelStatus, Client, EventReader};
 use std::io::{BufRead as _, IsTerminal as _, Write as _};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -177,7 +177,7 @@ impl<'c> Conversation<'c> {
         let session = match session {
             Some(session) => session,
             None => {
-                let session = gatewayd::client::new_session_id();
+                let session = byclaw_client::new_session_id();
                 out.note(&format!(
                     "session {session} (continue it with --session {session})"
                 ))?;
@@ -207,7 +207,7 @@ impl<'c> Conversation<'c> {
     /// Sends `text` and prints the reply until the task's terminal state,
     /// `deadline`, or a second Ctrl-C.
     async fn turn(&mut self, text: &str, deadline: Option<Instant>) -> anyhow::Result<Outcome> {
-        let err = |error: gatewayd::client::ClientError| anyhow::anyhow!("{error}");
+        let err = |error: byclaw_client::ClientError| anyhow::anyhow!("{error}");
         // Where the session's stream ends now, taken before sending: every
         // event of the task comes after it.
         let after = self

@@ -14,7 +14,6 @@
 
 pub mod bridge;
 pub mod broker;
-pub mod client;
 pub mod config;
 pub mod config_reload;
 pub mod dispatch;

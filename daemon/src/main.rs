@@ -310,7 +310,7 @@ fn run_command(config: Config, command: Command) -> ExitCode {
 
 /// `gatewayd send --agent TYPE TEXT`: the exit code says how the task ended.
 async fn send(config: &Config, args: SendArgs) -> anyhow::Result<u8> {
-    let client = gatewayd::client::Client::connect(&config.redis.connection_url())
+    let client = byclaw_client::Client::connect(&config.redis.connection_url())
         .await
         .map_err(|error| anyhow::anyhow!("{error}"))?;
     console::send(
@@ -325,7 +325,7 @@ async fn send(config: &Config, args: SendArgs) -> anyhow::Result<u8> {
 
 /// `gatewayd chat --agent TYPE`.
 async fn chat(config: &Config, args: ChatArgs) -> anyhow::Result<u8> {
-    let client = gatewayd::client::Client::connect(&config.redis.connection_url())
+    let client = byclaw_client::Client::connect(&config.redis.connection_url())
         .await
         .map_err(|error| anyhow::anyhow!("{error}"))?;
     console::chat(&client, &args.agent, args.session).await
@@ -333,7 +333,7 @@ async fn chat(config: &Config, args: ChatArgs) -> anyhow::Result<u8> {
 
 /// `gatewayd workers`.
 async fn workers(config: &Config) -> anyhow::Result<()> {
-    let client = gatewayd::client::Client::connect(&config.redis.connection_url())
+    let client = byclaw_client::Client::connect(&config.redis.connection_url())
         .await
         .map_err(|error| anyhow::anyhow!("{error}"))?;
     let workers = client
@@ -348,13 +348,13 @@ async fn workers(config: &Config) -> anyhow::Result<()> {
 
 /// `gatewayd cancel MESSAGE_ID --session ID`.
 async fn cancel(config: &Config, args: CancelArgs) -> anyhow::Result<()> {
-    let client = gatewayd::client::Client::connect(&config.redis.connection_url())
+    let client = byclaw_client::Client::connect(&config.redis.connection_url())
         .await
         .map_err(|error| anyhow::anyhow!("{error}"))?;
     let mode = if args.force {
-        gatewayd::client::CancelMode::Force
+        byclaw_client::CancelMode::Force
     } else {
-        gatewayd::client::CancelMode::Graceful
+        byclaw_client::CancelMode::Graceful
     };
     let response = client
         .cancel(&args.message_id, &args.session, &args.reason, mode)
@@ -370,7 +370,7 @@ async fn cancel(config: &Config, args: CancelArgs) -> anyhow::Result<()> {
             "error": response.error,
         })
     );
-    if response.status == gatewayd::client::CancelStatus::CancelRequested {
+    if response.status == byclaw_client::CancelStatus::CancelRequested {
         Ok(())
     } else {
         anyhow::bail!("not cancelled: {}", response.status.as_str())

@@ -2,7 +2,7 @@
 //! reply routed to the waiting task, ask-user answered live and late,
 //! cancels that cascade to awaited children, tools across plugins.
 
-use gatewayd::client::{CancelMode, CancelStatus, Client};
+use byclaw_client::{CancelMode, CancelStatus, Client};
 use integration_tests::*;
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -328,7 +328,7 @@ async fn ask_user_is_answered_and_a_late_answer_runs_as_a_resume() -> anyhow::Re
 /// A daemon with the planner family, and a planner task waiting in
 /// call-agent on a translator that is running (20 s of work).
 async fn planner_waiting_on_its_translator()
--> anyhow::Result<(TestBed, Client, String, gatewayd::client::Sent, String)> {
+-> anyhow::Result<(TestBed, Client, String, byclaw_client::Sent, String)> {
     let bed = TestBed::start(
         &["planner", "translator", "researcher", "tools"],
         "planner",

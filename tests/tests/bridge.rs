@@ -229,7 +229,7 @@ async fn sse_resumes_after_last_event_id_without_loss_or_duplicates() -> Result<
     let (mut bed, base) = bed_with_bridge(&["echo"], "echo", Vec::new()).await?;
     let http = reqwest::Client::new();
     let session = format!("sess-{}", suffix());
-    let client = gatewayd::client::Client::connect(&bed.redis.url()).await?;
+    let client = byclaw_client::Client::connect(&bed.redis.url()).await?;
 
     // Three tasks' worth of events, the last still to come while we read.
     let first = client
@@ -296,7 +296,7 @@ async fn a_slow_sse_client_is_dropped_and_resumes_without_loss() -> Result<()> {
     // ~18 MB of events while the client reads nothing: more than the
     // socket buffers hold, so its queue of 4 fills, stays full for a
     // second, and it is dropped.
-    let client = gatewayd::client::Client::connect(&bed.redis.url()).await?;
+    let client = byclaw_client::Client::connect(&bed.redis.url()).await?;
     const TASKS: usize = 60;
     for i in 0..TASKS {
         let text = format!("{i:04}{}", "x".repeat(300_000));
@@ -425,7 +425,7 @@ async fn websocket_answers_an_ask_user_prompt_and_cancels_a_task() -> Result<()>
         f["type"] == "event" && f["event"]["data"]["contentType"] == "3013"
     })
     .await?;
-    let prompt = gatewayd::client::SessionEvent {
+    let prompt = byclaw_client::SessionEvent {
         entry_id: form["id"].as_str().unwrap_or_default().to_owned(),
         message: form["event"].clone(),
     }

@@ -1,7 +1,7 @@
 //! Lifecycle hooks: each runs with its own timeout; one that traps, hangs or
 //! errs is counted and never fails its task or the daemon.
 
-use gatewayd::client::{CancelMode, Client};
+use byclaw_client::{CancelMode, Client};
 use gatewayd::plugin::{Hook, HookCounts};
 use integration_tests::*;
 use serde_json::{Value, json};

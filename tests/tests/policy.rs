@@ -1,7 +1,7 @@
 //! Per-plugin policy from `[plugins.<id>]`: memory cap, concurrency limit,
 //! configuration values; other plugins keep the daemon-wide defaults.
 
-use gatewayd::client::Client;
+use byclaw_client::Client;
 use gatewayd::config::PluginPolicy;
 use integration_tests::*;
 use serde_json::{Value, json};

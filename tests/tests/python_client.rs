@@ -137,7 +137,7 @@ async fn our_agent_calls_a_python_agent_and_a_python_client_answers_it() -> anyh
     )
     .await?;
 
-    let client = gatewayd::client::Client::connect(&bed.redis.url()).await?;
+    let client = byclaw_client::Client::connect(&bed.redis.url()).await?;
     let session = format!("sess-{}", suffix());
     let payload = serde_json::json!({ "ask_timeout_ms": 30000 });
     let sent = client

@@ -2,7 +2,7 @@
 //! in `extra_payload.history` and through the `history` import; the
 //! PostgreSQL store; a database that is down never fails a task.
 
-use gatewayd::client::Client;
+use byclaw_client::Client;
 use gatewayd::config::{Config, HistoryBackend};
 use gatewayd::history::{History, Role};
 use integration_tests::*;

@@ -5,11 +5,11 @@
 
 use super::AppState;
 use super::auth::Caller;
-use crate::client::{CancelMode, ClientError, Sent};
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
+use byclaw_client::{CancelMode, ClientError, Sent};
 use http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};

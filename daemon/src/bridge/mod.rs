@@ -4,9 +4,9 @@
 //! tokens limited to one tenant's sessions ([`auth`]), and a chat page.
 //!
 //! It owns the HTTP side only: commands go to Redis through
-//! [`crate::client::Client`] exactly as the reference Python client sends
+//! [`byclaw_client::Client`] exactly as the reference Python client sends
 //! them, and events are read from the session data streams with
-//! [`crate::client::EventReader`], so the bridge runs inside the daemon
+//! [`byclaw_client::EventReader`], so the bridge runs inside the daemon
 //! (`[bridge] enabled`) or alone (`gatewayd bridge`) beside any workers.
 //! Each open event stream has its own reader task, Redis connection and
 //! bounded queue ([`stream`]); a client whose queue stays full is
@@ -18,10 +18,10 @@ pub mod sse;
 pub mod stream;
 pub mod ws;
 
-use crate::client::{Client, ClientError};
 use crate::config::BridgeConfig;
 use axum::Router;
 use axum::routing::{get, post};
+use byclaw_client::{Client, ClientError};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;

@@ -12,7 +12,7 @@
 
 use super::AppState;
 use super::api::ApiError;
-use crate::client::{EventReader, SessionEvent};
+use byclaw_client::{EventReader, SessionEvent};
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio_util::sync::CancellationToken;
