@@ -12,7 +12,6 @@
 //! membership), [`config`]; beside them [`bridge`] (HTTP, SSE and
 //! WebSocket for front ends, over [`client`]).
 
-pub mod bridge;
 pub mod broker;
 pub mod config;
 pub mod config_reload;
@@ -59,7 +58,7 @@ pub enum RunError {
     #[error(transparent)]
     Http(#[from] http::ListenError),
     #[error(transparent)]
-    Bridge(#[from] bridge::BridgeError),
+    Bridge(#[from] byclaw_bridge::BridgeError),
 }
 
 /// Runs the daemon until `shutdown` resolves, then stops gracefully: no new
@@ -160,7 +159,7 @@ pub async fn run_with(
     let url = config.redis.connection_url();
     // Bound before anything starts, so a port in use stops us cleanly.
     let bridge = if config.bridge.enabled {
-        Some(bridge::Bridge::bind(&config.bridge, &url).await?)
+        Some(byclaw_bridge::Bridge::bind(&config.bridge, &url).await?)
     } else {
         None
     };

@@ -264,7 +264,7 @@ fn run_bridge(config: Config) -> ExitCode {
     };
     let result = runtime.block_on(async {
         let bridge =
-            gatewayd::bridge::Bridge::bind(&config.bridge, &config.redis.connection_url()).await?;
+            byclaw_bridge::Bridge::bind(&config.bridge, &config.redis.connection_url()).await?;
         let stop = tokio_util::sync::CancellationToken::new();
         let serving = tokio::spawn(bridge.serve(stop.clone()));
         shutdown_signal().await;

@@ -3,8 +3,8 @@
 //! answers and cancels, tokens and tenants, JSON errors, shutdown.
 
 use anyhow::{Context as _, Result, bail, ensure};
+use byclaw_bridge::BridgeToken;
 use futures::{SinkExt as _, StreamExt as _};
-use gatewayd::config::BridgeToken;
 use integration_tests::*;
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
@@ -33,7 +33,7 @@ async fn bed_with_bridge(
 async fn bed_with_bridge_config(
     plugins: &[&str],
     ready: &str,
-    tweak: impl FnOnce(&mut gatewayd::config::BridgeConfig),
+    tweak: impl FnOnce(&mut byclaw_bridge::BridgeConfig),
 ) -> Result<(TestBed, String)> {
     let port = free_port();
     let bed = TestBed::start(plugins, ready, |config| {
@@ -678,11 +678,11 @@ async fn tokens_are_required_and_keep_tenants_apart() -> Result<()> {
 async fn bad_requests_get_4xx_with_a_json_error() -> Result<()> {
     // The bridge on its own (as `gatewayd bridge` runs it), beside a daemon.
     let mut bed = TestBed::start(&["echo"], "echo", |_| {}).await?;
-    let config = gatewayd::config::BridgeConfig {
+    let config = byclaw_bridge::BridgeConfig {
         listen: ([127, 0, 0, 1], 0).into(),
         ..Default::default()
     };
-    let bridge = gatewayd::bridge::Bridge::bind(&config, &bed.redis.url()).await?;
+    let bridge = byclaw_bridge::Bridge::bind(&config, &bed.redis.url()).await?;
     let base = format!("http://{}", bridge.local_addr()?);
     let stop = tokio_util::sync::CancellationToken::new();
     let serving = tokio::spawn(bridge.serve(stop.clone()));

@@ -5,8 +5,8 @@
 //! prompt in its form and stops a long task with the Cancel button.
 
 use anyhow::{Context as _, Result, ensure};
+use byclaw_bridge::BridgeToken;
 use fantoccini::{ClientBuilder, Locator};
-use gatewayd::config::BridgeToken;
 use integration_tests::*;
 use serde_json::json;
 use std::path::Path;

@@ -14,14 +14,15 @@
 
 pub mod api;
 pub mod auth;
+mod config;
 pub mod sse;
 pub mod stream;
 pub mod ws;
 
-use crate::config::BridgeConfig;
 use axum::Router;
 use axum::routing::{get, post};
 use byclaw_client::{Client, ClientError};
+pub use config::{BridgeConfig, BridgeToken};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;

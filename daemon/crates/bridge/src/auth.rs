@@ -5,7 +5,7 @@
 
 use super::AppState;
 use super::api::ApiError;
-use crate::config::BridgeToken;
+use crate::BridgeToken;
 use axum::extract::FromRequestParts;
 use http::request::Parts;
 
