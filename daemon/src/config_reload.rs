@@ -7,10 +7,10 @@
 //! changes nothing. Values are never logged (they hold API keys).
 
 use crate::config::{Config, PluginsConfig, Source};
-use crate::plugin::loader::PluginTable;
-use crate::plugin::{Policies, Sandbox};
 use crate::reload::{WatchError, settle, watch_dir};
 use arc_swap::ArcSwap;
+use byclaw_sandbox::loader::PluginTable;
+use byclaw_sandbox::{Policies, Sandbox};
 use notify::EventKind;
 use serde_json::Value;
 use std::sync::Arc;

@@ -11,13 +11,13 @@ use crate::config::HistoryBackend;
 use crate::events::{Write, Writer};
 use crate::history::{HistoryEntry, Role};
 use crate::metrics::{RedisOperation, TaskOutcome, TaskTimer};
-use crate::plugin::{
-    AwaitedChild, CallError, CancelSignal, Hook, HookCall, Services, TaskHost, TaskShared,
-};
 use crate::routing::{self, Reply, Route, WaitKey};
-use crate::workspace::{TaskDirs, Workspaces};
+use crate::task_link::{AwaitedChild, Services, TaskLink};
+use crate::workspace::Workspaces;
 use byclaw_protocol::{self as wire, Action, ControlCommand, EventOrigin, keys, state};
 use byclaw_protocol::{Begin, CancelLookup, Executions, NewExecution};
+use byclaw_sandbox::TaskDirs;
+use byclaw_sandbox::{CallError, CancelSignal, Hook, HookCall, TaskContext, TaskHost};
 use redis::aio::ConnectionManager;
 use serde_json::value::RawValue;
 use std::collections::HashMap;
@@ -127,7 +127,7 @@ struct Leftovers {
     /// The handler was started on this plugin, which exports hooks: its
     /// `on-task-complete` / `-error` / `-cancel` hook runs after the outcome
     /// is written.
-    hooks_of: Option<Arc<crate::plugin::Plugin>>,
+    hooks_of: Option<Arc<byclaw_sandbox::Plugin>>,
     /// The task's permit, kept through the end hook so hook instances
     /// never outnumber the instance pool's slots.
     permit: Option<OwnedSemaphorePermit>,
@@ -203,7 +203,7 @@ impl Dispatcher {
     }
 
     /// The permit is held until the task ends, except while the task waits
-    /// for a reply (see [`TaskShared::lend_permit`]).
+    /// for a reply (see [`TaskLink`]).
     async fn handle(
         self: Arc<Self>,
         delivery: Delivery,
@@ -579,7 +579,7 @@ impl Dispatcher {
             }
         } else {
             let end_hook = leftovers.hooks_of.take().and_then(|plugin| {
-                let task = crate::plugin::hooks::task_info(&command, &agent_type);
+                let task = byclaw_sandbox::hooks::task_info(&command, &agent_type);
                 let call = match &outcome {
                     Outcome::Completed(json) => HookCall::TaskComplete(task, json.clone()),
                     Outcome::Failed(reason) => HookCall::TaskError(task, reason.clone()),
@@ -702,7 +702,7 @@ impl Dispatcher {
     #[allow(clippy::too_many_arguments)]
     async fn execute(
         &self,
-        plugin: Option<Arc<crate::plugin::Plugin>>,
+        plugin: Option<Arc<byclaw_sandbox::Plugin>>,
         command: &ControlCommand,
         agent_type: &str,
         origin: &EventOrigin,
@@ -751,22 +751,28 @@ impl Dispatcher {
             None
         };
         let stream: Arc<str> = Arc::from(keys::session_data_stream(&origin.session_id));
-        let shared = Arc::new(TaskShared {
+        let link = Arc::new(TaskLink {
             origin: origin.clone(),
             stream: stream.clone(),
             writer: self.writer.clone(),
             cancel: cancel.clone(),
-            plugin_label: Arc::from(plugin.label()),
-            message_id: Arc::from(origin.message_id.as_str()),
-            dirs,
             tenant_id: command.header.tenant_id.clone(),
-            deadline_at: tokio::time::Instant::now() + policy.deadline,
             permit: Mutex::new(Some(permit)),
             awaiting,
             reply: Mutex::new(
                 (self.services.history.backend() != HistoryBackend::Off).then(String::new),
             ),
             services: self.services.clone(),
+        });
+        let context = Arc::new(TaskContext {
+            origin: origin.clone(),
+            cancel: cancel.clone(),
+            plugin_label: Arc::from(plugin.label()),
+            message_id: Arc::from(origin.message_id.as_str()),
+            dirs,
+            deadline_at: tokio::time::Instant::now() + policy.deadline,
+            plugins: self.services.plugins.clone(),
+            port: link.clone(),
         });
         if let Action::Resume { .. } = command.action {
             let resumed = wire::state_event(origin, state::RESUMED, None);
@@ -784,7 +790,7 @@ impl Dispatcher {
             }
         }
         if plugin.has_hook(Hook::TaskStart) {
-            let task = crate::plugin::hooks::task_info(command, agent_type);
+            let task = byclaw_sandbox::hooks::task_info(command, agent_type);
             tokio::select! {
                 _ = plugin.run_hook(HookCall::TaskStart(task)) => {}
                 _ = self.force_stop.cancelled() => return Outcome::CutOff,
@@ -797,7 +803,7 @@ impl Dispatcher {
             leftovers.hooks_of = Some(plugin.clone());
         }
         let host = TaskHost {
-            shared: shared.clone(),
+            task: context,
             plugin: plugin.clone(),
             depth: 0,
         };
@@ -810,7 +816,7 @@ impl Dispatcher {
             _ = self.force_stop.cancelled() => return Outcome::CutOff,
         };
         if leftovers.hooks_of.is_some() {
-            leftovers.permit = shared
+            leftovers.permit = link
                 .permit
                 .lock()
                 .expect("permit lock is never poisoned")
@@ -821,7 +827,7 @@ impl Dispatcher {
         }
         match result {
             Ok(Ok(json)) => {
-                shared.finish_reply();
+                link.finish_reply();
                 Outcome::Completed(json)
             }
             Ok(Err(error @ CallError::Guest(_))) => Outcome::Failed(error.to_string()),

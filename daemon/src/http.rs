@@ -5,13 +5,13 @@
 //! not ready instead of vanishing.
 
 use crate::metrics::{Metrics, StreamState};
-use crate::plugin::loader::PluginTable;
 use arc_swap::ArcSwap;
 use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use byclaw_sandbox::loader::PluginTable;
 use redis::aio::ConnectionManager;
 use serde_json::json;
 use std::net::SocketAddr;

@@ -20,10 +20,10 @@ pub mod events;
 pub mod history;
 pub mod http;
 pub mod metrics;
-pub mod plugin;
 pub mod registry;
 pub mod reload;
 pub mod routing;
+pub mod task_link;
 pub mod workspace;
 
 use arc_swap::ArcSwap;
@@ -40,9 +40,9 @@ pub enum RunError {
     #[error("invalid configuration:\n{0}")]
     Config(#[from] config::ConfigErrors),
     #[error(transparent)]
-    Engine(#[from] plugin::PluginError),
+    Engine(#[from] byclaw_sandbox::PluginError),
     #[error(transparent)]
-    PluginDir(#[from] plugin::loader::DirError),
+    PluginDir(#[from] byclaw_sandbox::loader::DirError),
     #[error("no plugin could be loaded from {dir} and plugins.watch is off; nothing to serve")]
     NoPlugins { dir: std::path::PathBuf },
     #[error(transparent)]
@@ -85,7 +85,7 @@ pub struct RunOptions {
 #[derive(Debug)]
 pub struct Stats {
     /// Lifecycle hook calls by plugin version and hook.
-    pub hooks: Arc<plugin::HookStats>,
+    pub hooks: Arc<byclaw_sandbox::HookStats>,
     /// Everything `/metrics` shows (hook counts included).
     pub metrics: Arc<metrics::Metrics>,
     /// Where `/healthz`, `/readyz` and `/metrics` are served, once bound.
@@ -94,7 +94,7 @@ pub struct Stats {
 
 impl Default for Stats {
     fn default() -> Self {
-        let hooks = Arc::<plugin::HookStats>::default();
+        let hooks = Arc::<byclaw_sandbox::HookStats>::default();
         Stats {
             metrics: Arc::new(metrics::Metrics::new(hooks.clone())),
             hooks,
@@ -112,23 +112,23 @@ pub async fn run_with(
     config.validate()?;
     let hook_stats = options.stats.hooks.clone();
     let worker = &config.worker;
-    let limits = plugin::Limits {
+    let limits = byclaw_sandbox::Limits {
         // The largest cap of any plugin: it sizes the pool's memory slots.
         memory_bytes: config.plugins.largest_memory_limit_bytes(),
         deadline: Duration::from_secs(config.plugins.deadline_s),
         max_event_bytes: config.plugins.max_event_bytes,
     };
     // Waiting tasks keep their instances while their permits serve others.
-    let sandbox = plugin::Sandbox::with_options(
+    let sandbox = byclaw_sandbox::Sandbox::with_options(
         limits,
         worker.max_concurrency + worker.max_waiting,
         config.plugins.compile_cache_path().as_deref(),
-        plugin::Policies::from_config(&config.plugins),
+        byclaw_sandbox::Policies::from_config(&config.plugins),
         hook_stats,
     )?;
 
     let started = std::time::Instant::now();
-    let loaded = plugin::loader::load_dir(&sandbox, &config.plugins.dir).await?;
+    let loaded = byclaw_sandbox::loader::load_dir(&sandbox, &config.plugins.dir).await?;
     let metrics = options.stats.metrics.clone();
     for rejected in &loaded.rejected {
         tracing::error!(error = %rejected, "plugin skipped");
@@ -152,7 +152,7 @@ pub async fn run_with(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "plugins loaded"
     );
-    plugin::hooks::worker_hooks(loaded.table.plugins(), true, &worker.id).await;
+    byclaw_sandbox::hooks::worker_hooks(loaded.table.plugins(), true, &worker.id).await;
     let capabilities = loaded.table.capabilities();
     let plugins = Arc::new(ArcSwap::from_pointee(loaded.table));
 
@@ -207,7 +207,7 @@ pub async fn run_with(
     let history = history::History::start(&config.history, &url).await?;
     let permits = Arc::new(Semaphore::new(worker.max_concurrency));
     let plugins_changed = Arc::new(tokio::sync::Notify::new());
-    let services = Arc::new(plugin::Services {
+    let services = Arc::new(task_link::Services {
         worker_id: Arc::from(worker.id.as_str()),
         redis: commands.clone(),
         plugins: plugins.clone(),
@@ -359,7 +359,7 @@ pub async fn run_with(
     stop_control.cancel();
     stop_bridge.cancel();
     background.wait().await;
-    plugin::hooks::worker_hooks(plugins.load().plugins(), false, &worker.id).await;
+    byclaw_sandbox::hooks::worker_hooks(plugins.load().plugins(), false, &worker.id).await;
     sandbox.hook_stats().log_summary();
     // The last writer handles go with the dispatcher; the lanes then drain.
     drop(dispatcher);

@@ -379,16 +379,16 @@ async fn cancel(config: &Config, args: CancelArgs) -> anyhow::Result<()> {
 
 /// `gatewayd plugins check FILE` / `gatewayd plugins list`.
 async fn plugins(config: &Config, command: PluginsCommand) -> anyhow::Result<()> {
-    let limits = gatewayd::plugin::Limits {
+    let limits = byclaw_sandbox::Limits {
         memory_bytes: config.plugins.largest_memory_limit_bytes(),
         deadline: config.plugins.deadline(),
         max_event_bytes: config.plugins.max_event_bytes,
     };
-    let sandbox = gatewayd::plugin::Sandbox::with_options(
+    let sandbox = byclaw_sandbox::Sandbox::with_options(
         limits,
         2,
         config.plugins.compile_cache_path().as_deref(),
-        gatewayd::plugin::Policies::from_config(&config.plugins),
+        byclaw_sandbox::Policies::from_config(&config.plugins),
         Default::default(),
     )?;
     match command {
@@ -405,7 +405,7 @@ async fn plugins(config: &Config, command: PluginsCommand) -> anyhow::Result<()>
             Ok(())
         }
         PluginsCommand::List => {
-            let loaded = gatewayd::plugin::loader::load_dir(&sandbox, &config.plugins.dir)
+            let loaded = byclaw_sandbox::loader::load_dir(&sandbox, &config.plugins.dir)
                 .await
                 .map_err(|error| anyhow::anyhow!("{error}"))?;
             for plugin in loaded.table.plugins() {

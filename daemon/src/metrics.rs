@@ -8,7 +8,7 @@
 //! plugin `id@version`, outcome, stream, host import — never a session or
 //! message id.
 
-use crate::plugin::HookStats;
+use byclaw_sandbox::{HookStats, HostImport};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
@@ -34,71 +34,6 @@ const TASK_BUCKETS: [f64; 14] = [
 const HOST_CALL_BUCKETS: [f64; 12] = [
     0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.25, 1.0, 10.0, 60.0,
 ];
-
-/// The host functions a plugin imports, for per-import counts. Declared
-/// in the order of [`HostImport::ALL`]: the discriminant indexes it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HostImport {
-    EmitChunk,
-    EmitMessage,
-    EmitState,
-    EmitArtifact,
-    EmitEvent,
-    Log,
-    IsCancelled,
-    GetConfig,
-    CallTool,
-    ListTools,
-    CallAgent,
-    DispatchGroup,
-    AskUser,
-    ActiveWorkers,
-    HistoryRecent,
-    RenderPrompt,
-}
-
-impl HostImport {
-    const ALL: [HostImport; 16] = [
-        HostImport::EmitChunk,
-        HostImport::EmitMessage,
-        HostImport::EmitState,
-        HostImport::EmitArtifact,
-        HostImport::EmitEvent,
-        HostImport::Log,
-        HostImport::IsCancelled,
-        HostImport::GetConfig,
-        HostImport::CallTool,
-        HostImport::ListTools,
-        HostImport::CallAgent,
-        HostImport::DispatchGroup,
-        HostImport::AskUser,
-        HostImport::ActiveWorkers,
-        HostImport::HistoryRecent,
-        HostImport::RenderPrompt,
-    ];
-
-    /// `interface.function` as the WIT names it.
-    pub fn name(self) -> &'static str {
-        match self {
-            HostImport::EmitChunk => "emit.emit-chunk",
-            HostImport::EmitMessage => "emit.emit-message",
-            HostImport::EmitState => "emit.emit-state",
-            HostImport::EmitArtifact => "emit.emit-artifact",
-            HostImport::EmitEvent => "emit.emit-event",
-            HostImport::Log => "runtime.log",
-            HostImport::IsCancelled => "runtime.is-cancelled",
-            HostImport::GetConfig => "runtime.get-config",
-            HostImport::CallTool => "tools.call-tool",
-            HostImport::ListTools => "tools.list-tools",
-            HostImport::CallAgent => "agents.call-agent",
-            HostImport::DispatchGroup => "agents.dispatch-group",
-            HostImport::AskUser => "agents.ask-user",
-            HostImport::ActiveWorkers => "agents.active-workers",
-            HostImport::HistoryRecent => "history.recent",
-            HostImport::RenderPrompt => "prompts.render-prompt",
-        }
-    }
-}
 
 /// How a task ended, for the `outcome` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

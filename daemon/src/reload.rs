@@ -10,11 +10,11 @@
 //! streams from the next fetch; the worker registry follows after it.
 
 use crate::broker;
-use crate::plugin::loader::{self, PluginTable};
-use crate::plugin::{Plugin, Sandbox, hooks};
 use crate::registry::Membership;
 use arc_swap::ArcSwap;
 use byclaw_protocol::keys;
+use byclaw_sandbox::loader::{self, PluginTable};
+use byclaw_sandbox::{Plugin, Sandbox, hooks};
 use notify::{EventKind, RecursiveMode, Watcher};
 use redis::aio::ConnectionManager;
 use std::collections::BTreeSet;

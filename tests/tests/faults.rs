@@ -289,15 +289,15 @@ async fn bad_plugin_files_are_reported_and_skipped() -> anyhow::Result<()> {
         plugins.path().join("echo.wasm"),
         plugins.path().join("zz-echo-copy.wasm"),
     )?;
-    let sandbox = gatewayd::plugin::Sandbox::new(
-        gatewayd::plugin::Limits {
+    let sandbox = byclaw_sandbox::Sandbox::new(
+        byclaw_sandbox::Limits {
             memory_bytes: 64 << 20,
             deadline: Duration::from_secs(5),
             max_event_bytes: 1 << 20,
         },
         4,
     )?;
-    let loaded = gatewayd::plugin::loader::load_dir(&sandbox, plugins.path()).await?;
+    let loaded = byclaw_sandbox::loader::load_dir(&sandbox, plugins.path()).await?;
     assert_eq!(loaded.table.capabilities(), vec!["echo".to_owned()]);
     let errors: Vec<String> = loaded.rejected.iter().map(ToString::to_string).collect();
     assert_eq!(errors.len(), 2, "{errors:#?}");

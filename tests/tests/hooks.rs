@@ -2,7 +2,7 @@
 //! errs is counted and never fails its task or the daemon.
 
 use byclaw_client::{CancelMode, Client};
-use gatewayd::plugin::{Hook, HookCounts};
+use byclaw_sandbox::{Hook, HookCounts};
 use integration_tests::*;
 use serde_json::{Value, json};
 use std::time::Duration;

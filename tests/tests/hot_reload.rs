@@ -221,7 +221,7 @@ async fn a_broken_file_never_replaces_a_working_version() -> anyhow::Result<()> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compiled_plugins_are_cached_across_restarts() -> anyhow::Result<()> {
     let cache = tempfile::tempdir()?;
-    let limits = gatewayd::plugin::Limits {
+    let limits = byclaw_sandbox::Limits {
         memory_bytes: 64 << 20,
         deadline: Duration::from_secs(5),
         max_event_bytes: 1 << 20,
@@ -231,7 +231,7 @@ async fn compiled_plugins_are_cached_across_restarts() -> anyhow::Result<()> {
     let load = || async {
         // A new engine each time, as after a restart.
         let sandbox =
-            gatewayd::plugin::Sandbox::with_compile_cache(limits.clone(), 2, Some(cache.path()))?;
+            byclaw_sandbox::Sandbox::with_compile_cache(limits.clone(), 2, Some(cache.path()))?;
         anyhow::Ok(sandbox.load(path.clone(), &bytes).await?)
     };
     let first = load().await?;

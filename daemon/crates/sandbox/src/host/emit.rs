@@ -1,10 +1,11 @@
 //! `emit`: the guest's streamed output, serialized as DataMessage JSON and
-//! queued on the event writer (no round trip per event).
+//! handed to the task port, which queues it on the event writer (no round
+//! trip per event).
 
 use super::TaskState;
-use crate::events::Write;
-use crate::plugin::bindings::byclaw::gateway::emit::Host;
-use crate::plugin::bindings::{Chunk, Event};
+use crate::bindings::byclaw::gateway::emit::Host;
+use crate::bindings::{Chunk, Event};
+use crate::port::HostImport;
 use byclaw_protocol::{self as wire, Delta, EventSpec, content_type, event_type};
 use serde_json::value::RawValue;
 
@@ -27,7 +28,7 @@ fn any_json(json: &str, what: &str) -> wasmtime::Result<Box<RawValue>> {
 impl TaskState {
     async fn push_event(&mut self, event: &EventSpec<'_>) -> wasmtime::Result<()> {
         let host = self.host("emit")?;
-        let data = wire::data_message(&host.shared.origin, event);
+        let data = wire::data_message(&host.task.origin, event);
         if data.len() > self.max_event_bytes {
             wasmtime::bail!(
                 "event of {} bytes exceeds the limit of {} bytes (plugins.max_event_bytes)",
@@ -35,24 +36,14 @@ impl TaskState {
                 self.max_event_bytes
             );
         }
-        let shared = host.shared.clone();
-        shared
-            .writer
-            .send(
-                &shared.origin.session_id,
-                vec![Write::Event {
-                    stream: shared.stream.clone(),
-                    data,
-                }],
-            )
-            .await
-            .map_err(|_| wasmtime::format_err!("the daemon is stopping; the task was cut off"))
+        let port = host.task.port.clone();
+        port.emit(data).await.map_err(wasmtime::Error::new)
     }
 }
 
 impl Host for TaskState {
     async fn emit_chunk(&mut self, text: String) -> wasmtime::Result<()> {
-        let _timer = self.timed(crate::metrics::HostImport::EmitChunk);
+        let _timer = self.timed(HostImport::EmitChunk);
         let event = EventSpec {
             event_type: event_type::ANSWER_DELTA,
             content_type: content_type::TEXT,
@@ -64,12 +55,12 @@ impl Host for TaskState {
             metadata: None,
         };
         self.push_event(&event).await?;
-        self.host("emit")?.shared.add_to_reply(&text, false);
+        self.host("emit")?.task.port.add_to_reply(&text, false);
         Ok(())
     }
 
     async fn emit_message(&mut self, chunk: Chunk) -> wasmtime::Result<()> {
-        let _timer = self.timed(crate::metrics::HostImport::EmitMessage);
+        let _timer = self.timed(HostImport::EmitMessage);
         let tool_calls = chunk
             .tool_calls
             .as_deref()
@@ -103,12 +94,12 @@ impl Host for TaskState {
         // `appStreamResponse` marks the end of the reply: it is saved now,
         // as the reference does.
         let end = chunk.event_type.as_deref() == Some(event_type::APP_STREAM_RESPONSE);
-        self.host("emit")?.shared.add_to_reply(&chunk.text, end);
+        self.host("emit")?.task.port.add_to_reply(&chunk.text, end);
         Ok(())
     }
 
     async fn emit_state(&mut self, state: String) -> wasmtime::Result<()> {
-        let _timer = self.timed(crate::metrics::HostImport::EmitState);
+        let _timer = self.timed(HostImport::EmitState);
         let event = EventSpec {
             event_type: event_type::REASONING_LOG_DELTA,
             content_type: content_type::THINK_TITLE,
@@ -122,7 +113,7 @@ impl Host for TaskState {
     }
 
     async fn emit_artifact(&mut self, url: String, metadata: String) -> wasmtime::Result<()> {
-        let _timer = self.timed(crate::metrics::HostImport::EmitArtifact);
+        let _timer = self.timed(HostImport::EmitArtifact);
         let metadata = object(&metadata, "emit-artifact metadata")?;
         let files = serde_json::to_string(&[serde_json::json!({ "fileUrl": url })])?;
         let event = EventSpec {
@@ -138,7 +129,7 @@ impl Host for TaskState {
     }
 
     async fn emit_event(&mut self, event: Event) -> wasmtime::Result<()> {
-        let _timer = self.timed(crate::metrics::HostImport::EmitEvent);
+        let _timer = self.timed(HostImport::EmitEvent);
         if event.event_type.is_empty() || event.content_type.is_empty() {
             wasmtime::bail!("emit-event needs an event-type and a content-type");
         }

@@ -1,25 +1,32 @@
-//! `agents`: calling other agents, task groups, asking the user, and the
-//! worker registry.
+//! The daemon's side of a task's host calls: [`TaskLink`] implements the
+//! sandbox's [`TaskPort`] over Redis.
 //!
-//! A call sends what the reference SDK sends (ASK_AGENT with
+//! Events go to the event writer, on the task's lane. A call to another
+//! agent sends what the reference SDK sends (ASK_AGENT with
 //! `source_agent_id` and `parent_message_id`, the task-group hash, the 3013
 //! form event) and then waits for the RESUME in process: the waiter and its
 //! Redis route are registered before anything is sent (see
 //! [`crate::routing`]), the task's concurrency permit is lent out while it
-//! waits, and a cancel of the task ends the wait at once.
+//! waits, and a cancel of the task ends the wait at once. The streamed
+//! reply is kept for the session history.
 
-use super::{AwaitedChild, TaskShared, TaskState};
-use crate::events::Write;
-use crate::plugin::bindings::GuestError;
-use crate::plugin::bindings::byclaw::gateway::agents::{
-    AgentReply, AgentTask, AskOptions, CallOptions, Host, UserReply, WorkerInfo,
+use crate::events::{Write, Writer};
+use crate::routing::{Reply, ReplyKind, WaitKey, Waiters, Waiting};
+use arc_swap::ArcSwap;
+use byclaw_protocol::{
+    self as wire, Delta, EventOrigin, EventSpec, content_type, event_type, keys, state,
 };
-use crate::routing::{Reply, ReplyKind, WaitKey, Waiting};
-use byclaw_protocol::{self as wire, Delta, EventSpec, content_type, event_type, keys, state};
+use byclaw_sandbox::port::{AgentReply, GuestError, HistoryEntry, UserReply, WorkerInfo};
+use byclaw_sandbox::{
+    AgentCall, CancelSignal, HostImport, PluginTable, PortFuture, Stopping, TaskPort,
+};
 use futures::{FutureExt, StreamExt, stream::FuturesUnordered};
+use redis::aio::ConnectionManager;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Lifetime of a task-group hash (the reference's `TASK_GROUP_TTL_SECONDS`).
 const TASK_GROUP_TTL_S: u64 = 86_400;
@@ -28,56 +35,67 @@ const TASK_GROUP_TTL_S: u64 = 86_400;
 /// after the timeout still finds the worker that ran the caller.
 const ROUTE_SLACK: Duration = Duration::from_secs(30);
 
-/// One ASK_AGENT to send.
-struct Call {
-    target: String,
-    content: String,
-    /// `body.extra_payload`, an object.
-    payload: Value,
-    /// `header.metadata`, an object.
-    metadata: Value,
+/// What every task of this daemon shares, for the host calls that reach
+/// past the task (other agents, the registry, history).
+pub struct Services {
+    /// This worker: the route of every reply awaited here names it.
+    pub worker_id: Arc<str>,
+    /// Registry lookups and reads (`active-workers`, target checks).
+    pub redis: ConnectionManager,
+    /// The plugins loaded now (swapped as a whole on reload), for routing
+    /// and for tools of other plugins.
+    pub plugins: Arc<ArcSwap<PluginTable>>,
+    /// Woken when `plugins` was swapped.
+    pub plugins_changed: Arc<tokio::sync::Notify>,
+    /// Woken when a task under a plugin's own concurrency limit ends.
+    pub plugin_slot_freed: Arc<tokio::sync::Notify>,
+    /// Replies awaited by tasks running here.
+    pub waiters: Arc<Waiters>,
+    /// The daemon's concurrency permits; a task waiting for a reply gives
+    /// its permit back and takes one again when the reply is in.
+    pub permits: Arc<Semaphore>,
+    /// Bounds how many tasks may wait without holding a permit
+    /// (`worker.max_waiting`); past it a waiting task keeps its permit.
+    pub waiting_slots: Arc<Semaphore>,
+    /// The session history store (`history.recent`, replies saved).
+    pub history: crate::history::History,
+    /// Counts host calls (and, in dispatch, tasks).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
-/// Parses optional guest JSON that must be an object.
-fn json_object(json: Option<&str>, what: &str) -> Result<Value, GuestError> {
-    match json.map(serde_json::from_str::<Value>) {
-        None => Ok(json!({})),
-        Some(Ok(value @ Value::Object(_))) => Ok(value),
-        Some(Ok(_)) => Err(GuestError::InvalidInput(format!(
-            "{what} must be a JSON object"
-        ))),
-        Some(Err(e)) => Err(GuestError::InvalidInput(format!(
-            "{what} is not valid JSON: {e}"
-        ))),
-    }
+/// A reply this task still waits for; when the task is cancelled the
+/// route is tombstoned and the child task cancelled too.
+#[derive(Debug, Clone)]
+pub struct AwaitedChild {
+    /// The route of the reply.
+    pub key: WaitKey,
+    /// The child task's message id (for its CANCEL_TASK); `None` when the
+    /// user is awaited.
+    pub child_message_id: Option<String>,
 }
 
-fn check_call(
-    target: String,
-    content: String,
-    payload: Option<&str>,
-    metadata: Option<&str>,
-) -> Result<Call, GuestError> {
-    if !wire::is_safe_id(&target) || target.len() > 128 {
-        return Err(GuestError::InvalidInput(format!(
-            "target agent type {target:?} must be 1-128 of [A-Za-z0-9._:@-]"
-        )));
-    }
-    if content.is_empty() {
-        return Err(GuestError::InvalidInput(
-            "content is empty; the protocol requires a non-empty ASK_AGENT content".into(),
-        ));
-    }
-    Ok(Call {
-        target,
-        content,
-        payload: json_object(payload, "payload")?,
-        metadata: json_object(metadata, "metadata")?,
-    })
-}
-
-fn stopping() -> wasmtime::Error {
-    wasmtime::format_err!("the daemon is stopping; the task was cut off")
+/// One task's link to the daemon: what its host calls need beyond the
+/// sandbox, and what the dispatcher reads back when the task ends.
+pub struct TaskLink {
+    /// Trace, session, agent and message ids stamped on every event.
+    pub origin: EventOrigin,
+    /// `byai_gateway:session:{id}:data_stream`, shared by every event.
+    pub stream: Arc<str>,
+    /// Where events go.
+    pub writer: Writer,
+    /// Cancel requests for this task; waits end when one arrives.
+    pub cancel: Arc<CancelSignal>,
+    /// `header.tenant_id`, passed on to the agents this task calls.
+    pub tenant_id: String,
+    /// The task's concurrency permit while it holds one.
+    pub permit: Mutex<Option<OwnedSemaphorePermit>>,
+    /// Calls awaiting a reply; the dispatcher cancels them when the task is
+    /// cancelled.
+    pub awaiting: Arc<Mutex<Vec<AwaitedChild>>>,
+    /// The streamed reply so far, for the session history; `None` once saved
+    /// or when history is off.
+    pub reply: Mutex<Option<String>>,
+    pub services: Arc<Services>,
 }
 
 fn raw(value: &Value) -> Box<serde_json::value::RawValue> {
@@ -94,19 +112,169 @@ fn agent_reply(child_message_id: &str, reply: Reply) -> AgentReply {
     }
 }
 
-impl TaskShared {
-    /// How long a wait may last: the guest's timeout, capped by what is
-    /// left of the task's deadline.
-    fn wait_budget(&self, timeout_ms: Option<u64>) -> Duration {
-        let left = self
-            .deadline_at
-            .saturating_duration_since(tokio::time::Instant::now());
-        match timeout_ms {
-            Some(ms) => Duration::from_millis(ms).min(left),
-            None => left,
+impl TaskLink {
+    /// Saves the reply streamed so far, unless it was saved already (the
+    /// task completed without an end marker).
+    pub fn finish_reply(&self) {
+        let taken = self
+            .reply
+            .lock()
+            .expect("reply lock is never poisoned")
+            .take();
+        if let Some(text) = taken {
+            self.save_reply(text);
         }
     }
 
+    fn save_reply(&self, text: String) {
+        let entry = crate::history::HistoryEntry::new(crate::history::Role::Assistant, text)
+            .with_metadata(serde_json::json!({
+                "trace_id": self.origin.trace_id,
+                "agent_id": self.origin.agent_id,
+                "message_id": self.origin.message_id,
+            }));
+        self.services.history.record(&self.origin.session_id, entry);
+    }
+
+    /// Gives the task's permit back while it waits, if a waiting slot is
+    /// free. Returns the slot; hand it to [`TaskLink::resume_permit`].
+    fn lend_permit(&self) -> Option<OwnedSemaphorePermit> {
+        let slot = self
+            .services
+            .waiting_slots
+            .clone()
+            .try_acquire_owned()
+            .ok()?;
+        let permit = self
+            .permit
+            .lock()
+            .expect("permit lock is never poisoned")
+            .take();
+        match permit {
+            Some(permit) => {
+                drop(permit);
+                Some(slot)
+            }
+            None => None,
+        }
+    }
+
+    /// Takes a permit again after a wait that lent it (waits in line with
+    /// new work: the semaphore is fair).
+    async fn resume_permit(&self, slot: Option<OwnedSemaphorePermit>) {
+        let Some(slot) = slot else { return };
+        if let Ok(permit) = self.services.permits.clone().acquire_owned().await {
+            *self.permit.lock().expect("permit lock is never poisoned") = Some(permit);
+        }
+        drop(slot);
+    }
+}
+
+impl TaskPort for TaskLink {
+    fn emit(&self, data: String) -> PortFuture<'_, Result<(), Stopping>> {
+        Box::pin(async move {
+            let write = Write::Event {
+                stream: self.stream.clone(),
+                data,
+            };
+            self.writer
+                .send(&self.origin.session_id, vec![write])
+                .await
+                .map_err(|_| Stopping)
+        })
+    }
+
+    fn add_to_reply(&self, text: &str, end: bool) {
+        let mut reply = self.reply.lock().expect("reply lock is never poisoned");
+        let Some(buffer) = reply.as_mut() else { return };
+        buffer.push_str(text);
+        if end {
+            let text = std::mem::take(buffer);
+            *reply = None;
+            drop(reply);
+            self.save_reply(text);
+        }
+    }
+
+    fn call_agents(
+        &self,
+        calls: Vec<Result<AgentCall, GuestError>>,
+        group: bool,
+        timeout: Duration,
+    ) -> PortFuture<'_, Result<Vec<Result<AgentReply, GuestError>>, Stopping>> {
+        Box::pin(self.call_and_wait(calls, group, timeout))
+    }
+
+    fn send_agent(
+        &self,
+        call: AgentCall,
+    ) -> PortFuture<'_, Result<Result<AgentReply, GuestError>, Stopping>> {
+        Box::pin(self.send_without_reply(call))
+    }
+
+    fn ask_user(
+        &self,
+        prompt: String,
+        metadata: Value,
+        timeout: Duration,
+    ) -> PortFuture<'_, Result<Result<UserReply, GuestError>, Stopping>> {
+        Box::pin(self.wait_for_user(prompt, metadata, timeout))
+    }
+
+    fn active_workers(&self) -> PortFuture<'_, Result<Vec<WorkerInfo>, GuestError>> {
+        Box::pin(async move {
+            let workers =
+                byclaw_protocol::workers::active_workers(&mut self.services.redis.clone()).await;
+            workers
+                .map(|workers| {
+                    workers
+                        .into_iter()
+                        .map(|w| WorkerInfo {
+                            worker_id: w.worker_id,
+                            capabilities: w.capabilities,
+                            last_seen_ms: w.last_seen,
+                        })
+                        .collect()
+                })
+                .map_err(|e| {
+                    GuestError::Unavailable(format!("cannot read the worker registry: {e}"))
+                })
+        })
+    }
+
+    fn history_recent(
+        &self,
+        limit: usize,
+    ) -> PortFuture<'_, Result<Vec<HistoryEntry>, GuestError>> {
+        Box::pin(async move {
+            let read = self
+                .services
+                .history
+                .read(&self.origin.session_id, limit)
+                .await;
+            match read {
+                Ok(entries) => Ok(entries
+                    .into_iter()
+                    .map(|entry| HistoryEntry {
+                        role: entry.role.as_str().to_owned(),
+                        content: entry.content,
+                        metadata: entry.metadata.to_string(),
+                    })
+                    .collect()),
+                Err(crate::history::HistoryError::Off) => Ok(Vec::new()),
+                Err(error) => Err(GuestError::Unavailable(format!(
+                    "the session history cannot be read: {error}"
+                ))),
+            }
+        })
+    }
+
+    fn host_call(&self, import: HostImport, took: Duration) {
+        self.services.metrics.host_call(import, took);
+    }
+}
+
+impl TaskLink {
     fn state_write(&self, state: &str, metadata: Option<&Value>) -> Write {
         let metadata = metadata.map(raw);
         Write::Event {
@@ -134,10 +302,10 @@ impl TaskShared {
     /// replies; one result per call, in order.
     async fn call_and_wait(
         &self,
-        calls: Vec<Result<Call, GuestError>>,
+        calls: Vec<Result<AgentCall, GuestError>>,
         group: bool,
         timeout: Duration,
-    ) -> wasmtime::Result<Vec<Result<AgentReply, GuestError>>> {
+    ) -> Result<Vec<Result<AgentReply, GuestError>>, Stopping> {
         let mut results: Vec<Option<Result<AgentReply, GuestError>>> = Vec::new();
         results.resize_with(calls.len(), || None);
         if self.cancel.is_requested() {
@@ -166,7 +334,7 @@ impl TaskShared {
                 .map(|t| (t.to_string(), Err(error.clone())))
                 .collect(),
         };
-        let mut to_send: Vec<(usize, Call)> = Vec::new();
+        let mut to_send: Vec<(usize, AgentCall)> = Vec::new();
         for (index, call) in calls.into_iter().enumerate() {
             let call = match call {
                 Ok(call) => call,
@@ -275,7 +443,7 @@ impl TaskShared {
         self.writer
             .commit(&origin.session_id, writes)
             .await
-            .map_err(|_| stopping())?;
+            .map_err(|_| Stopping)?;
 
         let slot = self.lend_permit();
         let deadline = tokio::time::Instant::now() + timeout;
@@ -357,7 +525,7 @@ impl TaskShared {
             self.writer
                 .send(&origin.session_id, vec![resumed])
                 .await
-                .map_err(|_| stopping())?;
+                .map_err(|_| Stopping)?;
         }
         Ok(results
             .into_iter()
@@ -366,98 +534,13 @@ impl TaskShared {
     }
 }
 
-impl Host for TaskState {
-    async fn call_agent(
-        &mut self,
-        target_agent_type: String,
-        content: String,
-        options: CallOptions,
-    ) -> wasmtime::Result<Result<AgentReply, GuestError>> {
-        let _timer = self.timed(crate::metrics::HostImport::CallAgent);
-        let shared = self.host("call-agent")?.shared.clone();
-        let call = check_call(
-            target_agent_type,
-            content,
-            options.payload.as_deref(),
-            options.metadata.as_deref(),
-        );
-        if options.wait_for_reply == Some(false) {
-            return Ok(match call {
-                Ok(call) => shared.send_without_reply(call).await?,
-                Err(error) => Err(error),
-            });
-        }
-        let timeout = shared.wait_budget(options.timeout_ms);
-        let mut results = shared.call_and_wait(vec![call], false, timeout).await?;
-        Ok(results.pop().expect("one result per call"))
-    }
-
-    async fn dispatch_group(
-        &mut self,
-        tasks: Vec<AgentTask>,
-        timeout_ms: Option<u64>,
-    ) -> wasmtime::Result<Vec<Result<AgentReply, GuestError>>> {
-        let _timer = self.timed(crate::metrics::HostImport::DispatchGroup);
-        let shared = self.host("dispatch-group")?.shared.clone();
-        if tasks.is_empty() {
-            return Ok(Vec::new());
-        }
-        let calls = tasks
-            .into_iter()
-            .map(|task| {
-                check_call(
-                    task.target_agent_type,
-                    task.content,
-                    task.payload.as_deref(),
-                    task.metadata.as_deref(),
-                )
-            })
-            .collect();
-        let timeout = shared.wait_budget(timeout_ms);
-        shared.call_and_wait(calls, true, timeout).await
-    }
-
-    async fn ask_user(
-        &mut self,
-        prompt: String,
-        options: AskOptions,
-    ) -> wasmtime::Result<Result<UserReply, GuestError>> {
-        let _timer = self.timed(crate::metrics::HostImport::AskUser);
-        let shared = self.host("ask-user")?.shared.clone();
-        let metadata = match json_object(options.metadata.as_deref(), "metadata") {
-            Ok(metadata) => metadata,
-            Err(error) => return Ok(Err(error)),
-        };
-        shared.ask_user(prompt, metadata, options.timeout_ms).await
-    }
-
-    async fn active_workers(&mut self) -> wasmtime::Result<Result<Vec<WorkerInfo>, GuestError>> {
-        let _timer = self.timed(crate::metrics::HostImport::ActiveWorkers);
-        let shared = self.host("active-workers")?.shared.clone();
-        let workers =
-            byclaw_protocol::workers::active_workers(&mut shared.services.redis.clone()).await;
-        Ok(workers
-            .map(|workers| {
-                workers
-                    .into_iter()
-                    .map(|w| WorkerInfo {
-                        worker_id: w.worker_id,
-                        capabilities: w.capabilities,
-                        last_seen_ms: w.last_seen,
-                    })
-                    .collect()
-            })
-            .map_err(|e| GuestError::Unavailable(format!("cannot read the worker registry: {e}"))))
-    }
-}
-
-impl TaskShared {
+impl TaskLink {
     /// The reference's fire-and-forget call: no `source_agent_id`, so the
     /// callee sends no reply.
     async fn send_without_reply(
         &self,
-        call: Call,
-    ) -> wasmtime::Result<Result<AgentReply, GuestError>> {
+        call: AgentCall,
+    ) -> Result<Result<AgentReply, GuestError>, Stopping> {
         match self.served(&[call.target.as_str()]).await {
             Ok(flags) if flags.first() == Some(&true) => {}
             Ok(_) => {
@@ -497,7 +580,7 @@ impl TaskShared {
         self.writer
             .commit(&origin.session_id, writes)
             .await
-            .map_err(|_| stopping())?;
+            .map_err(|_| Stopping)?;
         Ok(Ok(AgentReply {
             status: "QUEUED".into(),
             message_id: child,
@@ -508,19 +591,18 @@ impl TaskShared {
     }
 
     /// Emits the form and WAITING_USER, then waits for the user's RESUME.
-    async fn ask_user(
+    async fn wait_for_user(
         &self,
         prompt: String,
         metadata: Value,
-        timeout_ms: Option<u64>,
-    ) -> wasmtime::Result<Result<UserReply, GuestError>> {
+        timeout: Duration,
+    ) -> Result<Result<UserReply, GuestError>, Stopping> {
         if self.cancel.is_requested() {
             return Ok(Err(GuestError::Cancelled(
                 "the task is being cancelled".into(),
             )));
         }
         let origin = &self.origin;
-        let timeout = self.wait_budget(timeout_ms);
         let key = WaitKey {
             capability: origin.agent_id.clone(),
             kind: ReplyKind::User,
@@ -572,7 +654,7 @@ impl TaskShared {
         self.writer
             .commit(&origin.session_id, writes)
             .await
-            .map_err(|_| stopping())?;
+            .map_err(|_| Stopping)?;
 
         let slot = self.lend_permit();
         let mut cancelled = false;
@@ -607,7 +689,7 @@ impl TaskShared {
         self.writer
             .send(&origin.session_id, vec![resumed])
             .await
-            .map_err(|_| stopping())?;
+            .map_err(|_| Stopping)?;
         Ok(Ok(UserReply {
             status: reply.status,
             message_id: reply.message_id,

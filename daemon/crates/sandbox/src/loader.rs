@@ -4,7 +4,8 @@
 //! compiled plugin, and a file that no longer loads keeps its previous
 //! version serving.
 
-use super::{Plugin, PluginError, Sandbox};
+use crate::engine::{PluginError, Sandbox};
+use crate::plugin::{Plugin, ToolSpec, file_digest};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -68,7 +69,7 @@ impl PluginTable {
 
     /// Every tool, once per name: the plain name for the plugin that owns
     /// it, `plugin-id/name` for the others offering the same name.
-    pub fn tools(&self) -> impl Iterator<Item = (String, &super::ToolSpec)> + '_ {
+    pub fn tools(&self) -> impl Iterator<Item = (String, &ToolSpec)> + '_ {
         self.by_id.values().flat_map(move |plugin| {
             plugin.manifest.tools.iter().map(move |tool| {
                 let owner = self
@@ -196,7 +197,7 @@ pub async fn reload_dir(
             }
         };
         if let Some(old) = old
-            && old.digest == super::file_digest(&bytes)
+            && old.digest == file_digest(&bytes)
         {
             candidates.push(old.clone());
             continue;

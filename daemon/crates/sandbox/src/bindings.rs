@@ -8,7 +8,7 @@
 //! instead of through the world's all-or-nothing `instantiate`.
 
 wasmtime::component::bindgen!({
-    path: "../wit",
+    path: "../../../wit",
     world: "byclaw:gateway/agent-with-hooks",
     imports: { default: async | trappable },
     exports: { default: async },

@@ -1,8 +1,8 @@
 //! `prompts`: renders the prompt templates plugins ship in their manifests.
 
 use super::TaskState;
-use crate::plugin::bindings::GuestError;
-use crate::plugin::bindings::byclaw::gateway::prompts::Host;
+use crate::bindings::GuestError;
+use crate::bindings::byclaw::gateway::prompts::Host;
 
 /// Fills `{name}` placeholders; `{{` / `}}` are literal braces. Returns the
 /// missing variables, in order of first use, when any is missing.
@@ -63,9 +63,9 @@ impl Host for TaskState {
         name: String,
         variables: Vec<(String, String)>,
     ) -> wasmtime::Result<Result<String, GuestError>> {
-        let _timer = self.timed(crate::metrics::HostImport::RenderPrompt);
+        let _timer = self.timed(crate::port::HostImport::RenderPrompt);
         let host = self.host("render-prompt")?;
-        let table = host.shared.services.plugins.load();
+        let table = host.task.plugins.load();
         let (plugin, prompt_name) = match name.split_once('/') {
             Some((plugin_id, prompt)) => (table.plugin(plugin_id).cloned(), prompt),
             None => (Some(host.plugin.clone()), name.as_str()),

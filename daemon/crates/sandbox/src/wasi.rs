@@ -4,18 +4,57 @@
 //! environment, no arguments, no sockets, no other files.
 
 use std::io;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder};
 
-pub use crate::workspace::TaskDirs;
-
 /// Where the private workspace appears inside the sandbox.
 pub const GUEST_PRIVATE_DIR: &str = "/workspace/private";
 /// Where the session's public workspace appears inside the sandbox.
 pub const GUEST_PUBLIC_DIR: &str = "/workspace/public";
+
+/// Host paths of one task's workspace.
+#[derive(Debug, Clone)]
+pub struct TaskDirs {
+    /// `{base}/{session}/private/{message}`: removed when the task ends.
+    pub private: PathBuf,
+    /// `{base}/{session}/public`: kept with the session.
+    pub public: PathBuf,
+}
+
+impl TaskDirs {
+    /// The layout for a task. Ids were validated as plain path segments.
+    pub fn new(base: &Path, session_id: &str, message_id: &str) -> Self {
+        let session = base.join(session_id);
+        TaskDirs {
+            private: session.join("private").join(message_id),
+            public: session.join("public"),
+        }
+    }
+
+    /// Creates the directories (blocking).
+    pub fn create(&self) -> io::Result<()> {
+        for sub in ["session", "memory/local_db", "agent_skills"] {
+            std::fs::create_dir_all(self.public.join(sub))?;
+        }
+        std::fs::create_dir_all(&self.private)?;
+        for sub in ["input", "temp", "output", "system"] {
+            std::fs::create_dir(self.private.join(sub))?;
+        }
+        Ok(())
+    }
+
+    /// Removes the private directory (blocking).
+    pub fn remove_private(&self) -> io::Result<()> {
+        match std::fs::remove_dir_all(&self.private) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
 
 /// Builds the WASI context of one store.
 pub fn wasi_context(

@@ -1,20 +1,17 @@
 //! `runtime`: logging, the cancel flag, the plugin's configuration values.
 
 use super::TaskState;
-use crate::plugin::bindings::LogLevel;
-use crate::plugin::bindings::byclaw::gateway::runtime::Host;
+use crate::bindings::LogLevel;
+use crate::bindings::byclaw::gateway::runtime::Host;
 
 /// Longest guest log message kept, bytes.
 const MAX_LOG_MESSAGE: usize = 8192;
 
 impl Host for TaskState {
     async fn log(&mut self, level: LogLevel, message: String) -> wasmtime::Result<()> {
-        let _timer = self.timed(crate::metrics::HostImport::Log);
+        let _timer = self.timed(crate::port::HostImport::Log);
         let (plugin, message_id) = match (&self.host, &self.hook) {
-            (Some(host), _) => (
-                host.shared.plugin_label.clone(),
-                host.shared.message_id.clone(),
-            ),
+            (Some(host), _) => (host.task.plugin_label.clone(), host.task.message_id.clone()),
             (None, Some(hook)) => (hook.plugin_label.clone(), "-".into()),
             (None, None) => ("loader".into(), "-".into()),
         };
@@ -37,7 +34,7 @@ impl Host for TaskState {
     }
 
     async fn get_config(&mut self, key: String) -> wasmtime::Result<Option<String>> {
-        let _timer = self.timed(crate::metrics::HostImport::GetConfig);
+        let _timer = self.timed(crate::port::HostImport::GetConfig);
         if let Some(hook) = &self.hook {
             return Ok(hook.config.get(&key).cloned());
         }
@@ -46,10 +43,10 @@ impl Host for TaskState {
     }
 
     async fn is_cancelled(&mut self) -> wasmtime::Result<bool> {
-        let _timer = self.timed(crate::metrics::HostImport::IsCancelled);
+        let _timer = self.timed(crate::port::HostImport::IsCancelled);
         if self.hook.is_some() {
             return Ok(false);
         }
-        Ok(self.host("is-cancelled")?.shared.cancel.is_requested())
+        Ok(self.host("is-cancelled")?.task.cancel.is_requested())
     }
 }

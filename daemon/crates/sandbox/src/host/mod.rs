@@ -1,6 +1,7 @@
 //! Host side of the `agent` world: the per-store state and the imports a
-//! guest may call (`emit`, `runtime`, `tools`, `agents`), one file per
-//! interface.
+//! guest may call (`emit`, `runtime`, `tools`, `agents`, `history`,
+//! `prompts`), one file per interface. What reaches past the sandbox goes
+//! through the task's [`TaskPort`].
 //!
 //! Guest-visible failures (an unknown tool, bad arguments) are returned as the
 //! WIT `error`; only a guest that breaks the contract (oversized events,
@@ -13,178 +14,58 @@ mod prompts;
 mod runtime;
 mod tools;
 
-use super::Limits;
-use super::bindings::byclaw::gateway::types;
-use super::sandbox::{TaskDirs, wasi_context};
-use crate::events::Writer;
-use crate::plugin::loader::PluginTable;
-use crate::routing::{WaitKey, Waiters};
+use crate::bindings::byclaw::gateway::types;
+use crate::loader::PluginTable;
+use crate::plugin::Plugin;
+use crate::policy::Limits;
+use crate::port::{HostImport, TaskPort};
+use crate::wasi::{TaskDirs, wasi_context};
 use arc_swap::ArcSwap;
 use byclaw_protocol::EventOrigin;
-use redis::aio::ConnectionManager;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 /// How deep tools may call tools before `call-tool` answers `denied`.
 pub const MAX_TOOL_DEPTH: u8 = 4;
 
-/// What every task of this daemon shares, for the imports that reach past
-/// the task (other plugins' tools, other agents, the registry).
-pub struct Services {
-    /// This worker: the route of every reply awaited here names it.
-    pub worker_id: Arc<str>,
-    /// Registry lookups and reads (`active-workers`, target checks).
-    pub redis: ConnectionManager,
-    /// The plugins loaded now (swapped as a whole on reload), for routing
-    /// and for tools of other plugins.
-    pub plugins: Arc<ArcSwap<PluginTable>>,
-    /// Woken when `plugins` was swapped.
-    pub plugins_changed: Arc<tokio::sync::Notify>,
-    /// Woken when a task under a plugin's own concurrency limit ends.
-    pub plugin_slot_freed: Arc<tokio::sync::Notify>,
-    /// Replies awaited by tasks running here.
-    pub waiters: Arc<Waiters>,
-    /// The daemon's concurrency permits; a task waiting for a reply gives
-    /// its permit back and takes one again when the reply is in.
-    pub permits: Arc<Semaphore>,
-    /// Bounds how many tasks may wait without holding a permit
-    /// (`worker.max_waiting`); past it a waiting task keeps its permit.
-    pub waiting_slots: Arc<Semaphore>,
-    /// The session history store (`history.recent`, replies saved).
-    pub history: crate::history::History,
-    /// Counts host calls (and, in dispatch, tasks).
-    pub metrics: Arc<crate::metrics::Metrics>,
-}
-
-/// Times one host call; records it when dropped (every return path).
+/// Times one host call; reports it to the task's port when dropped (every
+/// return path).
 pub(crate) struct HostCallTimer {
-    metrics: Option<Arc<crate::metrics::Metrics>>,
-    import: crate::metrics::HostImport,
+    port: Option<Arc<dyn TaskPort>>,
+    import: HostImport,
     started: std::time::Instant,
 }
 
 impl Drop for HostCallTimer {
     fn drop(&mut self) {
-        if let Some(metrics) = &self.metrics {
-            metrics.host_call(self.import, self.started.elapsed());
+        if let Some(port) = &self.port {
+            port.host_call(self.import, self.started.elapsed());
         }
     }
 }
 
-/// A reply this task still waits for; when the task is cancelled the
-/// route is tombstoned and the child task cancelled too.
-#[derive(Debug, Clone)]
-pub struct AwaitedChild {
-    /// The route of the reply.
-    pub key: WaitKey,
-    /// The child task's message id (for its CANCEL_TASK); `None` when the
-    /// user is awaited.
-    pub child_message_id: Option<String>,
-}
-
 /// What every store of one task shares (the handler's and its tool calls').
-pub struct TaskShared {
+pub struct TaskContext {
     /// Trace, session, agent and message ids stamped on every event.
     pub origin: EventOrigin,
-    /// `byai_gateway:session:{id}:data_stream`, shared by every event.
-    pub stream: Arc<str>,
-    /// Where events go.
-    pub writer: Writer,
     /// Cancel requests for this task; `is-cancelled` reads it.
     pub cancel: Arc<CancelSignal>,
     /// Its label (`id@version`) for logs.
     pub plugin_label: Arc<str>,
     /// `origin.message_id`, shared for log records.
     pub message_id: Arc<str>,
-    /// The task's directories; `None` for the manifest read at load time.
+    /// The task's directories; `None` when its plugin wants no workspace.
     pub dirs: Option<TaskDirs>,
-    /// `header.tenant_id`, passed on to the agents this task calls.
-    pub tenant_id: String,
     /// When the task's deadline passes; waits default to it.
     pub deadline_at: tokio::time::Instant,
-    /// The task's concurrency permit while it holds one.
-    pub permit: Mutex<Option<OwnedSemaphorePermit>>,
-    /// Calls awaiting a reply; the dispatcher cancels them when the task is
-    /// cancelled.
-    pub awaiting: Arc<Mutex<Vec<AwaitedChild>>>,
-    /// The streamed reply so far, for the session history; `None` once saved
-    /// or when history is off.
-    pub reply: Mutex<Option<String>>,
-    pub services: Arc<Services>,
-}
-
-impl TaskShared {
-    /// Adds streamed text to the reply; `end` saves the reply now.
-    pub(crate) fn add_to_reply(&self, text: &str, end: bool) {
-        let mut reply = self.reply.lock().expect("reply lock is never poisoned");
-        let Some(buffer) = reply.as_mut() else { return };
-        buffer.push_str(text);
-        if end {
-            let text = std::mem::take(buffer);
-            *reply = None;
-            drop(reply);
-            self.save_reply(text);
-        }
-    }
-
-    /// Saves the reply streamed so far, unless it was saved already (the
-    /// task completed without an end marker).
-    pub fn finish_reply(&self) {
-        let taken = self
-            .reply
-            .lock()
-            .expect("reply lock is never poisoned")
-            .take();
-        if let Some(text) = taken {
-            self.save_reply(text);
-        }
-    }
-
-    fn save_reply(&self, text: String) {
-        let entry = crate::history::HistoryEntry::new(crate::history::Role::Assistant, text)
-            .with_metadata(serde_json::json!({
-                "trace_id": self.origin.trace_id,
-                "agent_id": self.origin.agent_id,
-                "message_id": self.origin.message_id,
-            }));
-        self.services.history.record(&self.origin.session_id, entry);
-    }
-
-    /// Gives the task's permit back while it waits, if a waiting slot is
-    /// free. Returns the slot; hand it to [`TaskShared::resume_permit`].
-    pub(crate) fn lend_permit(&self) -> Option<OwnedSemaphorePermit> {
-        let slot = self
-            .services
-            .waiting_slots
-            .clone()
-            .try_acquire_owned()
-            .ok()?;
-        let permit = self
-            .permit
-            .lock()
-            .expect("permit lock is never poisoned")
-            .take();
-        match permit {
-            Some(permit) => {
-                drop(permit);
-                Some(slot)
-            }
-            None => None,
-        }
-    }
-
-    /// Takes a permit again after a wait that lent it (waits in line with
-    /// new work: the semaphore is fair).
-    pub(crate) async fn resume_permit(&self, slot: Option<OwnedSemaphorePermit>) {
-        let Some(slot) = slot else { return };
-        if let Ok(permit) = self.services.permits.clone().acquire_owned().await {
-            *self.permit.lock().expect("permit lock is never poisoned") = Some(permit);
-        }
-        drop(slot);
-    }
+    /// The plugins loaded now (swapped as a whole on reload), for the tools
+    /// and prompts of other plugins.
+    pub plugins: Arc<ArcSwap<PluginTable>>,
+    /// Everything past the sandbox: events, other agents, the user, the
+    /// registry, history.
+    pub port: Arc<dyn TaskPort>,
 }
 
 /// A task's cancel state, shared by the dispatcher (which sets it when a
@@ -229,10 +110,10 @@ impl CancelSignal {
 /// The host context of one store.
 #[derive(Clone)]
 pub struct TaskHost {
-    pub shared: Arc<TaskShared>,
+    pub task: Arc<TaskContext>,
     /// The plugin whose code runs in this store: the task's, or the one
     /// whose tool is being called.
-    pub plugin: Arc<super::Plugin>,
+    pub plugin: Arc<Plugin>,
     /// 0 for the handler; +1 for each nested tool call.
     pub depth: u8,
 }
@@ -251,7 +132,7 @@ pub struct TaskState {
     table: ResourceTable,
     /// `wasi:http` state, and the policy its requests pass.
     http: wasmtime_wasi_http::WasiHttpCtx,
-    http_policy: super::outbound::OutboundPolicy,
+    http_policy: crate::outbound::OutboundPolicy,
     /// Enforces the memory cap and remembers that it did.
     pub(crate) limiter: MemoryCap,
     /// `None` while reading a manifest or running a hook, when no host
@@ -267,14 +148,14 @@ impl TaskState {
     pub(crate) fn new(host: TaskHost, limits: &Limits) -> std::io::Result<Self> {
         let policy = host.plugin.policy();
         let wasi = wasi_context(
-            host.shared.dirs.as_ref(),
+            host.task.dirs.as_ref(),
             &policy.read_only_dirs,
-            host.shared.plugin_label.clone(),
-            host.shared.message_id.clone(),
+            host.task.plugin_label.clone(),
+            host.task.message_id.clone(),
         )?;
-        let http_policy = super::outbound::OutboundPolicy {
+        let http_policy = crate::outbound::OutboundPolicy {
             allowed: policy.outbound.clone(),
-            plugin: host.shared.plugin_label.clone(),
+            plugin: host.task.plugin_label.clone(),
         };
         let memory_bytes = policy.memory_bytes;
         Ok(TaskState {
@@ -295,7 +176,7 @@ impl TaskState {
                 .expect("a WASI context without directories cannot fail"),
             table: ResourceTable::new(),
             http: wasmtime_wasi_http::WasiHttpCtx::new(),
-            http_policy: super::outbound::OutboundPolicy {
+            http_policy: crate::outbound::OutboundPolicy {
                 allowed: Arc::default(),
                 plugin: Arc::from("loader"),
             },
@@ -309,14 +190,14 @@ impl TaskState {
     /// The state of a lifecycle hook's store: no workspace and no task, but
     /// the plugin's read-only directories, outbound hosts, memory cap and
     /// configuration values.
-    pub(crate) fn for_hook(plugin: &super::Plugin, limits: &Limits) -> std::io::Result<Self> {
+    pub(crate) fn for_hook(plugin: &Plugin, limits: &Limits) -> std::io::Result<Self> {
         let label: Arc<str> = Arc::from(plugin.label());
         let policy = plugin.policy();
         Ok(TaskState {
             wasi: wasi_context(None, &policy.read_only_dirs, label.clone(), Arc::from("-"))?,
             table: ResourceTable::new(),
             http: wasmtime_wasi_http::WasiHttpCtx::new(),
-            http_policy: super::outbound::OutboundPolicy {
+            http_policy: crate::outbound::OutboundPolicy {
                 allowed: policy.outbound.clone(),
                 plugin: label.clone(),
             },
@@ -332,12 +213,9 @@ impl TaskState {
 
     /// Starts timing a host call of a task (manifest and hook stores are
     /// not counted).
-    pub(crate) fn timed(&self, import: crate::metrics::HostImport) -> HostCallTimer {
+    pub(crate) fn timed(&self, import: HostImport) -> HostCallTimer {
         HostCallTimer {
-            metrics: self
-                .host
-                .as_ref()
-                .map(|host| host.shared.services.metrics.clone()),
+            port: self.host.as_ref().map(|host| host.task.port.clone()),
             import,
             started: std::time::Instant::now(),
         }

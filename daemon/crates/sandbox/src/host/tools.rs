@@ -4,9 +4,9 @@
 //! against the tool's JSON Schema; and lists every tool for a model.
 
 use super::{MAX_TOOL_DEPTH, TaskHost, TaskState};
-use crate::plugin::bindings::GuestError;
-use crate::plugin::bindings::byclaw::gateway::tools::Host;
-use crate::plugin::bindings::byclaw::gateway::types::Tool;
+use crate::bindings::GuestError;
+use crate::bindings::byclaw::gateway::tools::Host;
+use crate::bindings::byclaw::gateway::types::Tool;
 use crate::plugin::{CallError, Plugin};
 use std::sync::Arc;
 
@@ -14,7 +14,7 @@ use std::sync::Arc;
 /// a plain name is looked up in the caller's plugin, then in every loaded
 /// plugin. Returns the plugin and the tool's own name.
 fn resolve(host: &TaskHost, name: &str) -> Result<(Arc<Plugin>, String), GuestError> {
-    let table = host.shared.services.plugins.load();
+    let table = host.task.plugins.load();
     if let Some((plugin_id, tool)) = name.split_once('/') {
         return table
             .plugin(plugin_id)
@@ -41,7 +41,7 @@ impl Host for TaskState {
         name: String,
         args: String,
     ) -> wasmtime::Result<Result<String, GuestError>> {
-        let _timer = self.timed(crate::metrics::HostImport::CallTool);
+        let _timer = self.timed(crate::port::HostImport::CallTool);
         let host = self.host("call-tool")?.clone();
         let (plugin, tool) = match resolve(&host, &name) {
             Ok(found) => found,
@@ -71,7 +71,7 @@ impl Host for TaskState {
             ))));
         }
         let nested = TaskHost {
-            shared: host.shared.clone(),
+            task: host.task.clone(),
             plugin: plugin.clone(),
             depth: host.depth + 1,
         };
@@ -88,9 +88,9 @@ impl Host for TaskState {
     }
 
     async fn list_tools(&mut self) -> wasmtime::Result<Vec<Tool>> {
-        let _timer = self.timed(crate::metrics::HostImport::ListTools);
+        let _timer = self.timed(crate::port::HostImport::ListTools);
         let host = self.host("list-tools")?;
-        let table = host.shared.services.plugins.load();
+        let table = host.task.plugins.load();
         Ok(table
             .tools()
             .map(|(listed_name, spec)| Tool {

@@ -6,9 +6,9 @@
 //! counted and otherwise ignored, so a broken hook cannot fail a task or
 //! keep a plugin from serving.
 
-use super::bindings::{TaskInfo, WitHook};
-use super::host::TaskState;
-use super::{Plugin, describe_trap, guest_error_text, to_wit_header};
+use crate::bindings::{TaskInfo, WitHook};
+use crate::host::TaskState;
+use crate::plugin::{Plugin, describe_trap, guest_error_text, to_wit_header};
 use byclaw_protocol::ControlCommand;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};

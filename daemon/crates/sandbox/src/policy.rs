@@ -1,0 +1,166 @@
+//! What each plugin's tasks get: memory cap, deadline, concurrency limit,
+//! configuration values, outbound hosts, read-only directories, hook
+//! budget — resolved from `[plugins]` and `[plugins.<id>]`, and replaced
+//! whole when the configuration is reloaded.
+
+use crate::config::{PluginPolicy, PluginsConfig};
+use crate::outbound::OutboundHosts;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Limits applied to every store.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Cap on the sum of a store's linear memories, bytes.
+    pub memory_bytes: usize,
+    /// Wall-clock budget of one task, host calls included.
+    pub deadline: Duration,
+    /// Largest event a guest may emit, bytes of JSON.
+    pub max_event_bytes: usize,
+}
+
+/// What the tasks of one plugin get (`[plugins.<id>]`, else `[plugins]`).
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// Memory cap of one of its stores, bytes.
+    pub memory_bytes: usize,
+    /// Wall-clock budget of one of its tasks.
+    pub deadline: Duration,
+    /// Bounds its tasks in progress; shared by every version of the plugin.
+    pub concurrency: Option<Arc<tokio::sync::Semaphore>>,
+    /// What `get-config(key)` answers.
+    pub config: Arc<std::collections::BTreeMap<String, String>>,
+    /// Where its HTTP requests may go.
+    pub outbound: Arc<OutboundHosts>,
+    /// Host directories it sees read-only: (host path, guest path).
+    pub read_only_dirs: Arc<[(PathBuf, String)]>,
+    /// Budget of one lifecycle hook call.
+    pub hook_timeout: Duration,
+}
+
+/// Resolves the policy of each plugin id.
+#[derive(Debug)]
+pub struct Policies {
+    /// `[plugins]`: most tasks of one plugin (0: no limit of its own).
+    default_concurrency: usize,
+    /// `[plugins] memory_limit_mb`; `None`: the sandbox's limit.
+    default_memory_bytes: Option<usize>,
+    /// `[plugins.<id>]` tables.
+    by_id: std::collections::BTreeMap<String, PluginPolicy>,
+    /// `[plugins] allowed_outbound_hosts`.
+    default_outbound: Vec<String>,
+    /// `[plugins] read_only_dirs`.
+    default_read_only: std::collections::BTreeMap<String, PathBuf>,
+    /// `[plugins] hook_timeout_ms`.
+    default_hook_timeout: Duration,
+    /// `[plugins] deadline_s`; `None`: the sandbox's deadline.
+    default_deadline: Option<Duration>,
+    /// One semaphore per id with the limit it was made for, kept across
+    /// versions of the plugin and across configuration reloads (a new
+    /// limit gets a new semaphore; tasks holding the old one finish).
+    semaphores: Arc<std::sync::Mutex<std::collections::HashMap<String, ConcurrencyLimit>>>,
+}
+
+/// A plugin's concurrency limit and the semaphore enforcing it.
+#[derive(Debug)]
+struct ConcurrencyLimit {
+    limit: usize,
+    semaphore: Arc<tokio::sync::Semaphore>,
+}
+
+impl Default for Policies {
+    /// `[plugins]`'s defaults, without `[plugins.<id>]` tables; memory
+    /// capped by the sandbox's limit only.
+    fn default() -> Self {
+        Policies {
+            default_memory_bytes: None,
+            default_deadline: None,
+            ..Policies::from_config(&PluginsConfig::default())
+        }
+    }
+}
+
+impl Policies {
+    /// From the `[plugins]` configuration.
+    pub fn from_config(config: &PluginsConfig) -> Self {
+        Policies {
+            default_concurrency: config.max_concurrency,
+            default_memory_bytes: Some(config.memory_limit_bytes()),
+            default_outbound: config.allowed_outbound_hosts.clone(),
+            default_read_only: config.read_only_dirs.clone(),
+            default_hook_timeout: Duration::from_millis(config.hook_timeout_ms),
+            default_deadline: Some(config.deadline()),
+            by_id: config.policy.clone(),
+            semaphores: Default::default(),
+        }
+    }
+
+    /// These policies, replacing `previous`: plugins whose concurrency
+    /// limit stays keep their semaphore (and the tasks holding it count).
+    pub fn succeeding(mut self, previous: &Policies) -> Self {
+        self.semaphores = previous.semaphores.clone();
+        self
+    }
+
+    pub(crate) fn resolve(&self, id: &str, limits: &Limits) -> Policy {
+        let own = self.by_id.get(id);
+        let memory_bytes = own
+            .and_then(|p| p.memory_limit_mb)
+            .map_or(
+                self.default_memory_bytes.unwrap_or(limits.memory_bytes),
+                |mb| usize::try_from(mb << 20).unwrap_or(usize::MAX),
+            )
+            // The pool was sized for the largest cap configured at start.
+            .min(limits.memory_bytes);
+        let deadline = own.and_then(|p| p.deadline_s).map_or(
+            self.default_deadline.unwrap_or(limits.deadline),
+            Duration::from_secs,
+        );
+        let limit = own
+            .and_then(|p| p.max_concurrency)
+            .unwrap_or(self.default_concurrency);
+        let concurrency = (limit > 0).then(|| {
+            let mut semaphores = self
+                .semaphores
+                .lock()
+                .expect("semaphores lock is never poisoned");
+            let entry = semaphores
+                .entry(id.to_owned())
+                .or_insert_with(|| ConcurrencyLimit {
+                    limit,
+                    semaphore: Arc::new(tokio::sync::Semaphore::new(limit)),
+                });
+            if entry.limit != limit {
+                *entry = ConcurrencyLimit {
+                    limit,
+                    semaphore: Arc::new(tokio::sync::Semaphore::new(limit)),
+                };
+            }
+            entry.semaphore.clone()
+        });
+        let patterns = own
+            .and_then(|p| p.allowed_outbound_hosts.as_deref())
+            .unwrap_or(&self.default_outbound);
+        // Checked when the configuration was loaded; a bad list denies all.
+        let outbound = OutboundHosts::parse(patterns).unwrap_or_default();
+        let read_only_dirs = own
+            .and_then(|p| p.read_only_dirs.as_ref())
+            .unwrap_or(&self.default_read_only)
+            .iter()
+            .map(|(guest, host)| (host.clone(), guest.clone()))
+            .collect();
+        let hook_timeout = own
+            .and_then(|p| p.hook_timeout_ms)
+            .map_or(self.default_hook_timeout, Duration::from_millis);
+        Policy {
+            read_only_dirs,
+            hook_timeout,
+            outbound: Arc::new(outbound),
+            memory_bytes,
+            deadline,
+            concurrency,
+            config: Arc::new(own.map(|p| p.config.clone()).unwrap_or_default()),
+        }
+    }
+}
