@@ -40,6 +40,7 @@ typedef struct {
 } buf_t;
 
 static void buf_push(buf_t *b, const void *bytes, size_t n) {
+    if (n == 0) return;
     if (b->len + n > b->cap) {
         size_t cap = b->cap ? b->cap : 64;
         while (cap < b->len + n) cap *= 2;
