@@ -39,9 +39,11 @@ export GOCACHE=$cache/go-build GOMODCACHE=$cache/go-mod
 (
   cd "$scratch"
   "$venv/bin/go" mod edit -replace "go.bytecodealliance.org/pkg=$tools/go-pkg"
-  # The runtime package reaches runtime.sbrk through //go:linkname, which the
-  # linker allows only with -checklinkname=0.
-  GOOS=wasip1 GOARCH=wasm "$venv/bin/go" build -buildmode=c-shared \
+  # A reactor (c-shared: no main, the host calls the exports). The runtime
+  # package reaches runtime.sbrk through //go:linkname, which the linker
+  # allows only with -checklinkname=0. -trimpath: the same bytes whatever the
+  # scratch directory.
+  GOOS=wasip1 GOARCH=wasm "$venv/bin/go" build -buildmode=c-shared -trimpath \
     -ldflags=-checklinkname=0 -o core.wasm . >&2
 )
 "$tools/bin/wasm-tools" component embed --world agent "$here/../../wit" "$scratch/core.wasm" \
