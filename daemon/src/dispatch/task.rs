@@ -1,0 +1,476 @@
+//! One task on this worker: the replay check, the run in the sandbox
+//! with its permit and the plugin's own limit, then the writes that end it
+//! in order (events, reply to a calling agent, execution record, XACK).
+
+use super::*;
+
+impl Dispatcher {
+    pub(super) async fn run(
+        &self,
+        delivery: Delivery,
+        agent_type: String,
+        mut command: ControlCommand,
+        permit: OwnedSemaphorePermit,
+    ) {
+        let history = &self.services.history;
+        let inject = matches!(command.action, Action::AskAgent { .. })
+            && history.backend() != HistoryBackend::Off;
+        let header = &command.header;
+        // The session's history is read alongside the replay check: no
+        // round trip of its own on the way to the plugin.
+        let mut conn = self.services.redis.clone();
+        let (begin, recent) = tokio::join!(
+            self.executions.begin(
+                &mut conn,
+                NewExecution {
+                    message_id: &header.message_id,
+                    session_id: &header.session_id,
+                    worker_id: &self.settings.worker_id,
+                    target_agent_type: &header.target_agent_type,
+                    stream_name: &delivery.stream,
+                    redis_message_id: &delivery.id,
+                },
+            ),
+            async {
+                if inject {
+                    history
+                        .recent(&header.session_id, self.settings.history_inject)
+                        .await
+                } else {
+                    Vec::new()
+                }
+            }
+        );
+        let mut execution = match begin {
+            Ok(Begin::Run(execution)) => execution,
+            Ok(Begin::Terminal {
+                execution_id,
+                status,
+            }) => {
+                tracing::info!(%execution_id, %status, "already finished; redelivery acknowledged and skipped");
+                let _ = self
+                    .writer
+                    .commit(&header.session_id, vec![self.ack(&delivery)])
+                    .await;
+                return;
+            }
+            Err(error) => {
+                // Redis is failing; leave the entry pending. It is retried
+                // when claimed again after worker.claim_idle_ms.
+                tracing::warn!(%error, "cannot record the execution; entry left pending");
+                return;
+            }
+        };
+
+        if let Action::AskAgent {
+            content,
+            extra_payload,
+            ..
+        } = &mut command.action
+            && inject
+        {
+            // As the reference: history before this message is injected,
+            // then the message is saved.
+            if let Some(payload) = extra_payload.as_object_mut() {
+                payload.insert(
+                    "history".into(),
+                    serde_json::to_value(&recent).expect("history entries serialize"),
+                );
+            }
+            let text = match content {
+                serde_json::Value::String(text) => text.clone(),
+                other => other.to_string(),
+            };
+            let header = &command.header;
+            history.record(
+                &header.session_id,
+                HistoryEntry::new(Role::User, text).with_metadata(serde_json::json!({
+                    "message_id": header.message_id,
+                    "trace_id": header.trace_id,
+                })),
+            );
+        }
+        let header = &command.header;
+        let cancel = Arc::new(CancelSignal::default());
+        if execution.cancel_requested {
+            cancel.request(&execution.cancel_reason);
+        }
+        self.running
+            .lock()
+            .expect("running lock is never poisoned")
+            .entry(header.message_id.clone())
+            .or_insert_with(|| Running {
+                cancel: cancel.clone(),
+                stream: delivery.stream.clone(),
+                entry_id: delivery.id.clone(),
+                agent_type: agent_type.clone(),
+                started: Instant::now(),
+            });
+
+        // The version this task runs on, whatever is swapped in meanwhile.
+        let plugin = self.services.plugins.load().get(&agent_type).cloned();
+        let origin = EventOrigin {
+            trace_id: header.trace_id.clone(),
+            session_id: header.session_id.clone(),
+            agent_id: agent_type.clone(),
+            message_id: header.message_id.clone(),
+            plugin: plugin.as_ref().map(|p| p.stamp.clone()),
+        };
+        let dirs = self.workspaces.dirs(&header.session_id, &header.message_id);
+        let mut leftovers = Leftovers::default();
+        let awaiting = Arc::new(Mutex::new(Vec::new()));
+        let outcome = self
+            .execute(
+                plugin,
+                &command,
+                &agent_type,
+                &origin,
+                &dirs,
+                &cancel,
+                &mut leftovers,
+                permit,
+                awaiting.clone(),
+            )
+            .await;
+        if let Outcome::CutOff = outcome {
+            tracing::warn!("cut off by shutdown; entry left pending for another worker");
+        } else if let Outcome::Unserved = outcome {
+            // Read just before its plugin was removed: hand it to the
+            // workers that serve the type (this one too, if it comes back).
+            let released = broker::release(
+                &mut self.services.redis.clone(),
+                &delivery.stream,
+                &self.settings.group,
+                &self.settings.worker_id,
+                &delivery.id,
+                self.settings.claim_idle,
+            )
+            .await;
+            match released {
+                Ok(()) => tracing::warn!(
+                    "no plugin serves this agent type any more; entry released for the workers that do"
+                ),
+                Err(error) => {
+                    tracing::warn!(%error, "no plugin serves this agent type any more; entry left pending")
+                }
+            }
+        } else {
+            let end_hook = leftovers.hooks_of.take().and_then(|plugin| {
+                let task = byclaw_sandbox::hooks::task_info(&command, &agent_type);
+                let call = match &outcome {
+                    Outcome::Completed(json) => HookCall::TaskComplete(task, json.clone()),
+                    Outcome::Failed(reason) => HookCall::TaskError(task, reason.clone()),
+                    Outcome::Cancelled(reason) => HookCall::TaskCancel(task, reason.clone()),
+                    Outcome::CutOff | Outcome::Unserved => return None,
+                };
+                Some((plugin, call))
+            });
+            if let Some((timer, plugin)) = leftovers.timer.take() {
+                let ended = match &outcome {
+                    Outcome::Completed(_) => Some(TaskOutcome::Completed),
+                    Outcome::Failed(_) => Some(TaskOutcome::Failed),
+                    Outcome::Cancelled(_) => Some(TaskOutcome::Cancelled),
+                    Outcome::CutOff | Outcome::Unserved => None,
+                };
+                if let Some(ended) = ended {
+                    timer.finish(&agent_type, &plugin, ended);
+                }
+            }
+            let mut writes = Vec::new();
+            if let Outcome::Cancelled(reason) = &outcome {
+                let awaited =
+                    std::mem::take(&mut *awaiting.lock().expect("awaiting lock is never poisoned"));
+                writes = self.cancel_awaited(&origin, awaited, reason).await;
+            }
+            writes.extend(self.finish_writes(
+                &command,
+                &agent_type,
+                &origin,
+                &delivery,
+                &mut execution,
+                outcome,
+                &cancel,
+            ));
+            if self
+                .writer
+                .commit(&header.session_id, writes)
+                .await
+                .is_err()
+            {
+                tracing::warn!("writer stopped before the outcome was written; entry left pending");
+            }
+            if let Some((plugin, call)) = end_hook {
+                plugin.run_hook(call).await;
+            }
+            drop(leftovers.permit.take());
+        }
+        self.running
+            .lock()
+            .expect("running lock is never poisoned")
+            .remove(&header.message_id);
+        if leftovers.created_workspace {
+            self.workspaces.remove_private(dirs);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn execute(
+        &self,
+        plugin: Option<Arc<byclaw_sandbox::Plugin>>,
+        command: &ControlCommand,
+        agent_type: &str,
+        origin: &EventOrigin,
+        dirs: &TaskDirs,
+        cancel: &Arc<CancelSignal>,
+        leftovers: &mut Leftovers,
+        permit: OwnedSemaphorePermit,
+        awaiting: Arc<Mutex<Vec<AwaitedChild>>>,
+    ) -> Outcome {
+        if cancel.is_requested() {
+            return Outcome::Cancelled(cancel.reason());
+        }
+        let Some(plugin) = plugin else {
+            return Outcome::Unserved;
+        };
+        let label = plugin.label();
+        tracing::Span::current().record("plugin", &label);
+        leftovers.timer = Some((
+            self.services.metrics.task_started(agent_type, &label),
+            label,
+        ));
+        // The plugin's own limit (`[plugins.<id>] max_concurrency`); the
+        // reader skips its streams while it is reached, so this rarely waits.
+        // The policy when the task starts; a reload changes later tasks.
+        let policy = plugin.policy();
+        let _plugin_slot = match &policy.concurrency {
+            Some(limit) => tokio::select! {
+                permit = limit.clone().acquire_owned() => match permit {
+                    Ok(permit) => Some(PluginSlot {
+                        _permit: permit,
+                        freed: self.services.plugin_slot_freed.clone(),
+                    }),
+                    Err(_) => None,
+                },
+                _ = self.force_stop.cancelled() => return Outcome::CutOff,
+            },
+            None => None,
+        };
+        let dirs = if plugin.manifest.workspace {
+            leftovers.created_workspace = true;
+            if let Err(error) = self.workspaces.create(dirs).await {
+                return Outcome::Failed(format!("cannot create the workspace: {error}"));
+            }
+            Some(dirs.clone())
+        } else {
+            None
+        };
+        let stream: Arc<str> = Arc::from(keys::session_data_stream(&origin.session_id));
+        let link = Arc::new(TaskLink {
+            origin: origin.clone(),
+            stream: stream.clone(),
+            writer: self.writer.clone(),
+            cancel: cancel.clone(),
+            tenant_id: command.header.tenant_id.clone(),
+            permit: Mutex::new(Some(permit)),
+            awaiting,
+            reply: Mutex::new(
+                (self.services.history.backend() != HistoryBackend::Off).then(String::new),
+            ),
+            services: self.services.clone(),
+        });
+        let context = Arc::new(TaskContext {
+            origin: origin.clone(),
+            cancel: cancel.clone(),
+            plugin_label: Arc::from(plugin.label()),
+            message_id: Arc::from(origin.message_id.as_str()),
+            dirs,
+            deadline_at: tokio::time::Instant::now() + policy.deadline,
+            plugins: self.services.plugins.clone(),
+            port: link.clone(),
+        });
+        if let Action::Resume { .. } = command.action {
+            let resumed = wire::state_event(origin, state::RESUMED, None);
+            let write = Write::Event {
+                stream,
+                data: resumed,
+            };
+            if self
+                .writer
+                .send(&origin.session_id, vec![write])
+                .await
+                .is_err()
+            {
+                return Outcome::CutOff;
+            }
+        }
+        if plugin.has_hook(Hook::TaskStart) {
+            let task = byclaw_sandbox::hooks::task_info(command, agent_type);
+            tokio::select! {
+                _ = plugin.run_hook(HookCall::TaskStart(task)) => {}
+                _ = self.force_stop.cancelled() => return Outcome::CutOff,
+            }
+        }
+        if [Hook::TaskComplete, Hook::TaskError, Hook::TaskCancel]
+            .into_iter()
+            .any(|hook| plugin.has_hook(hook))
+        {
+            leftovers.hooks_of = Some(plugin.clone());
+        }
+        let host = TaskHost {
+            task: context,
+            plugin: plugin.clone(),
+            depth: 0,
+        };
+        let call = tokio::time::timeout(policy.deadline, plugin.handle(host, command, agent_type));
+        let result = tokio::select! {
+            result = call => result,
+            _ = cancel.force.cancelled() => {
+                return Outcome::Cancelled(cancel.reason());
+            }
+            _ = self.force_stop.cancelled() => return Outcome::CutOff,
+        };
+        if leftovers.hooks_of.is_some() {
+            leftovers.permit = link
+                .permit
+                .lock()
+                .expect("permit lock is never poisoned")
+                .take();
+        }
+        if cancel.is_requested() {
+            return Outcome::Cancelled(cancel.reason());
+        }
+        match result {
+            Ok(Ok(json)) => {
+                link.finish_reply();
+                Outcome::Completed(json)
+            }
+            Ok(Err(error @ CallError::Guest(_))) => Outcome::Failed(error.to_string()),
+            Ok(Err(CallError::Trap(reason))) => {
+                if reason.contains("the daemon is stopping") {
+                    Outcome::CutOff
+                } else {
+                    Outcome::Failed(reason)
+                }
+            }
+            Err(_) => Outcome::Failed(format!(
+                "deadline of {} s exceeded",
+                policy.deadline.as_secs_f64()
+            )),
+        }
+    }
+
+    /// The writes that end a task, in order: events, the reply to a calling
+    /// agent, the execution record, the XACK.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn finish_writes(
+        &self,
+        command: &ControlCommand,
+        agent_type: &str,
+        origin: &EventOrigin,
+        delivery: &Delivery,
+        execution: &mut wire::Execution,
+        outcome: Outcome,
+        cancel: &CancelSignal,
+    ) -> Vec<Write> {
+        let header = &command.header;
+        let stream: Arc<str> = Arc::from(keys::session_data_stream(&header.session_id));
+        let event = |data: String| Write::Event {
+            stream: stream.clone(),
+            data,
+        };
+        let caller = match command.action {
+            Action::AskAgent { .. } if !header.source_agent_id.is_empty() => {
+                Some(header.source_agent_id.as_str())
+            }
+            _ => None,
+        };
+        let mut writes = Vec::with_capacity(5);
+        let reply_to_caller = |status: &str, reply_data: serde_json::Value| {
+            let caller = caller?;
+            let resume_header = wire::Header {
+                message_id: wire::new_message_id(),
+                session_id: header.session_id.clone(),
+                trace_id: header.trace_id.clone(),
+                source_agent_id: if agent_type.is_empty() {
+                    self.settings.worker_id.to_string()
+                } else {
+                    agent_type.to_owned()
+                },
+                target_agent_type: caller.to_owned(),
+                parent_message_id: header.message_id.clone(),
+                task_group_id: header.task_group_id.clone(),
+                tenant_id: header.tenant_id.clone(),
+                metadata: serde_json::json!({}),
+            };
+            let body = serde_json::json!({
+                "content": "",
+                "status": status,
+                "reply_data": reply_data,
+            });
+            Some(Write::Control {
+                stream: keys::capability_stream(caller),
+                data: wire::control_json("RESUME", &resume_header, &body),
+            })
+        };
+        let status = match outcome {
+            Outcome::Completed(json) => {
+                let result: serde_json::Value =
+                    serde_json::from_str(&json).unwrap_or(serde_json::Value::Null);
+                let metadata = RawValue::from_string(format!("{{\"result\":{json}}}")).ok();
+                let terminal = match caller {
+                    Some(caller) => format!("QUEUED: {caller}"),
+                    None => state::COMPLETED.to_owned(),
+                };
+                if let Some(resume) = reply_to_caller(state::COMPLETED, result) {
+                    writes.push(resume);
+                }
+                writes.push(event(wire::state_event(
+                    origin,
+                    &terminal,
+                    metadata.as_deref(),
+                )));
+                tracing::debug!(elapsed_ms = execution_elapsed(execution), "completed");
+                state::COMPLETED
+            }
+            Outcome::Failed(reason) => {
+                if let Some(resume) =
+                    reply_to_caller(state::FAILED, serde_json::json!({ "error": reason }))
+                {
+                    writes.push(resume);
+                }
+                writes.push(event(wire::state_event(
+                    origin,
+                    &format!("FAILED: {reason}"),
+                    None,
+                )));
+                tracing::warn!(%reason, "failed");
+                state::FAILED
+            }
+            Outcome::Cancelled(reason) => {
+                writes.push(event(wire::state_event(origin, state::CANCELLING, None)));
+                if let Some(resume) =
+                    reply_to_caller(state::CANCELLED, serde_json::json!({ "reason": reason }))
+                {
+                    writes.push(resume);
+                }
+                writes.push(event(wire::state_event(origin, state::CANCELLED, None)));
+                tracing::info!(%reason, "cancelled");
+                state::CANCELLED
+            }
+            Outcome::CutOff | Outcome::Unserved => {
+                unreachable!("cut-off and unserved tasks write nothing")
+            }
+        };
+        if cancel.is_requested() {
+            execution.cancel_requested = true;
+            execution.cancel_reason = cancel.reason();
+        }
+        writes.push(self.executions.finish(execution, status).into());
+        writes.push(self.ack(delivery));
+        writes
+    }
+}
+
+fn execution_elapsed(execution: &wire::Execution) -> u64 {
+    wire::now_ms().saturating_sub(execution.started_at)
+}
