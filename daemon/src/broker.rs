@@ -265,29 +265,57 @@ pub async fn claim(
         .collect())
 }
 
+/// Renews entries `consumer` holds: KEYS[1] the stream, ARGV[1] the group,
+/// ARGV[2] the consumer, then the entry ids. Each id the consumer still
+/// holds gets its idle time reset (XCLAIM 0 JUSTID); the ids it no longer
+/// holds — another consumer took them over, or they were acknowledged —
+/// are returned and left alone: a lease taken over is never taken back.
+const RENEW_OWN: &str = r#"
+local held = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0}
+local lost = {}
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if #p > 0 and p[1][2] == ARGV[2] then
+    held[#held + 1] = ARGV[i]
+  else
+    lost[#lost + 1] = ARGV[i]
+  end
+end
+if #held > 5 then
+  held[#held + 1] = 'JUSTID'
+  redis.call(unpack(held))
+end
+return lost
+"#;
+
 /// Resets the idle time of entries this consumer is still working on, so
-/// no other worker takes them over (`XCLAIM ... 0 ids JUSTID`).
+/// no other worker takes them over. Returns the ids it no longer holds:
+/// another worker took them over (after this one stalled longer than its
+/// claim time) or acknowledged them; their tasks here must stop.
 pub async fn renew(
     conn: &mut ConnectionManager,
     stream: &str,
     group: &str,
     consumer: &str,
     ids: &[String],
-) -> Result<(), BrokerError> {
-    if ids.is_empty() {
-        return Ok(());
+) -> Result<Vec<String>, BrokerError> {
+    static SCRIPT: std::sync::LazyLock<redis::Script> =
+        std::sync::LazyLock::new(|| redis::Script::new(RENEW_OWN));
+    let mut lost = Vec::new();
+    // Bounded so the script's argument list stays small.
+    for ids in ids.chunks(500) {
+        let mut invocation = SCRIPT.key(stream);
+        invocation.arg(group).arg(consumer);
+        for id in ids {
+            invocation.arg(id);
+        }
+        let gone: Vec<String> = invocation
+            .invoke_async(conn)
+            .await
+            .map_err(err("renew", stream))?;
+        lost.extend(gone);
     }
-    let mut cmd = redis::cmd("XCLAIM");
-    cmd.arg(stream).arg(group).arg(consumer).arg(0);
-    for id in ids {
-        cmd.arg(id);
-    }
-    cmd.arg("JUSTID");
-    let _: Value = cmd
-        .query_async(conn)
-        .await
-        .map_err(err("XCLAIM JUSTID", stream))?;
-    Ok(())
+    Ok(lost)
 }
 
 /// Gives up an entry delivered to `consumer` without acknowledging it: its
@@ -315,4 +343,59 @@ pub async fn release(
         .await
         .map_err(err("XCLAIM IDLE", stream))?;
     Ok(())
+}
+
+/// Whether Redis under `maxmemory-policy` may delete keys to make room:
+/// every policy but `noeviction` can drop a stream, a pending list or an
+/// execution record (the `volatile-*` ones the keys with a TTL, which
+/// session streams and records have).
+pub fn policy_evicts(policy: &str) -> bool {
+    !policy.eq_ignore_ascii_case("noeviction")
+}
+
+/// Warns when Redis may evict keys: tasks, their events and their
+/// execution records could then vanish without anyone acknowledging them.
+/// Servers that refuse CONFIG (managed services, ACLs) are not checked.
+pub async fn warn_if_evicting(conn: &mut ConnectionManager) {
+    let reply: Result<Vec<String>, _> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("maxmemory-policy")
+        .query_async(conn)
+        .await;
+    match reply {
+        Ok(pair) => {
+            if let Some(policy) = pair.get(1)
+                && policy_evicts(policy)
+            {
+                tracing::warn!(
+                    maxmemory_policy = %policy,
+                    "Redis may evict keys when full: queued tasks, events and execution records can be lost; set maxmemory-policy noeviction (a full Redis then refuses writes, which the daemon retries)"
+                );
+            }
+        }
+        Err(error) => {
+            tracing::debug!(%error, "cannot read maxmemory-policy; eviction not checked")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_noeviction_keeps_every_key() {
+        assert!(!policy_evicts("noeviction"));
+        for policy in [
+            "allkeys-lru",
+            "allkeys-lfu",
+            "allkeys-random",
+            "volatile-lru",
+            "volatile-lfu",
+            "volatile-random",
+            "volatile-ttl",
+        ] {
+            assert!(policy_evicts(policy), "{policy}");
+        }
+    }
 }

@@ -6,8 +6,15 @@
 //! up into one pipeline per round trip, so a chunk costs no round trip of its
 //! own. A task's writes all go to the lane chosen by its session id, in the
 //! order the task made them, so the terminal event is written before the XACK
-//! that follows it. A failed pipeline is retried until it succeeds or the
-//! daemon is force-stopped: delivery is at least once, never silently lost.
+//! that follows it.
+//!
+//! Each pipeline is one MULTI/EXEC transaction: Redis applies all of it or,
+//! when it refuses it (out of memory under `noeviction`, a read-only replica,
+//! loading), none of it — an XACK never lands while the events before it were
+//! refused. A refused or unsent pipeline is retried until Redis takes it or
+//! the daemon is force-stopped: delivery is at least once, never silently
+//! lost. A task's final writes are one [`Write::Owned`] group, applied only
+//! while the task's worker still holds the entry (see [`OWNED_BATCH`]).
 
 use redis::aio::ConnectionManager;
 use std::collections::HashSet;
@@ -47,13 +54,62 @@ pub enum Write {
         id: String,
         delete: bool,
     },
+    /// Writes applied only while `consumer` still holds entry `id` of
+    /// `stream` in `group` — the task's lease — all of them or none (one
+    /// script). A task's final writes go this way, so a worker whose entry
+    /// another worker took over writes no terminal state and no XACK.
+    Owned {
+        lease: Lease,
+        writes: Vec<Write>,
+    },
 }
+
+/// A pending entry as one consumer holds it.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    pub stream: Arc<str>,
+    pub group: Arc<str>,
+    pub consumer: Arc<str>,
+    pub id: String,
+}
+
+/// How a committed batch went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Committed {
+    /// Redis applied every write.
+    Applied,
+    /// An [`Write::Owned`] group was not applied: another consumer holds
+    /// the entry now. The batch's other writes were applied.
+    NotOwner,
+    /// An [`Write::Owned`] group was not applied: the entry is no longer
+    /// pending (acknowledged — by another worker, or by this batch on an
+    /// earlier try whose reply was lost). The other writes were applied.
+    Gone,
+}
+
+/// Applies the commands in ARGV (each as its word count, then its words)
+/// only while consumer ARGV[2] holds entry ARGV[3] of stream KEYS[1] in
+/// group ARGV[1]. 1 when applied, 0 when another consumer holds it, -1 when
+/// it is not pending. The shebang makes Redis refuse the whole script when
+/// it is out of memory, rather than fail half way.
+pub const OWNED_BATCH: &str = r#"#!lua
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if #p == 0 then return -1 end
+if p[1][2] ~= ARGV[2] then return 0 end
+local i = 4
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  redis.call(unpack(ARGV, i + 1, i + n))
+  i = i + n + 1
+end
+return 1
+"#;
 
 /// A group of writes, applied in order, with an optional confirmation.
 #[derive(Debug)]
 struct Batch {
     writes: Vec<Write>,
-    done: Option<oneshot::Sender<()>>,
+    done: Option<oneshot::Sender<Committed>>,
 }
 
 /// Settings of the writer.
@@ -135,8 +191,13 @@ impl Writer {
             .map_err(|_| WriterClosed)
     }
 
-    /// Queues writes and waits until Redis has applied them.
-    pub async fn commit(&self, session_id: &str, writes: Vec<Write>) -> Result<(), WriterClosed> {
+    /// Queues writes and waits until Redis has applied them (or refused
+    /// their fenced part).
+    pub async fn commit(
+        &self,
+        session_id: &str,
+        writes: Vec<Write>,
+    ) -> Result<Committed, WriterClosed> {
         let (tx, rx) = oneshot::channel();
         self.lane(session_id)
             .send(Batch {
@@ -163,7 +224,6 @@ struct Lane {
 impl Lane {
     async fn run(mut self, mut queue: mpsc::Receiver<Batch>) {
         let mut batches: Vec<Batch> = Vec::new();
-        let mut expired: HashSet<Arc<str>> = HashSet::new();
         loop {
             batches.clear();
             let Some(first) = queue.recv().await else {
@@ -181,138 +241,258 @@ impl Lane {
                     Err(_) => break,
                 }
             }
-            let pipeline = self.build(&batches, &mut expired);
-            if !self.apply(&pipeline, writes).await {
+            let (pipeline, owned_in) = self.build(&batches);
+            let Some(owned_results) = self.apply(&pipeline, writes).await else {
                 tracing::warn!(
                     lane = self.index,
                     writes,
                     "forced stop while Redis was failing; queued writes dropped, their entries stay pending"
                 );
                 return;
+            };
+            let mut outcomes = vec![Committed::Applied; batches.len()];
+            for (batch, outcome) in owned_in.iter().zip(owned_results) {
+                if outcome != Committed::Applied {
+                    outcomes[*batch] = outcome;
+                }
             }
-            for batch in batches.drain(..) {
+            for (batch, outcome) in batches.drain(..).zip(outcomes) {
                 if let Some(done) = batch.done {
-                    let _ = done.send(());
+                    let _ = done.send(outcome);
                 }
             }
         }
     }
 
-    fn build(&self, batches: &[Batch], expired: &mut HashSet<Arc<str>>) -> redis::Pipeline {
+    /// One MULTI/EXEC pipeline of the batches — Redis applies all of it or,
+    /// when it refuses the transaction, none — and for each owned group
+    /// (whose reply is read) the batch it belongs to.
+    fn build(&self, batches: &[Batch]) -> (redis::Pipeline, Vec<usize>) {
         let mut pipe = redis::pipe();
-        expired.clear();
-        for write in batches.iter().flat_map(|b| b.writes.iter()) {
-            match write {
-                Write::Event { stream, data } => {
-                    let cmd = pipe.cmd("XADD").arg(&**stream);
-                    if self.config.session_maxlen > 0 {
-                        cmd.arg("MAXLEN").arg("~").arg(self.config.session_maxlen);
-                    }
-                    cmd.arg("*").arg("data").arg(data).ignore();
-                    expired.insert(stream.clone());
+        pipe.atomic();
+        let mut owned_in = Vec::new();
+        let mut expire: HashSet<Arc<str>> = HashSet::new();
+        for (index, batch) in batches.iter().enumerate() {
+            for write in &batch.writes {
+                if let Write::Owned { lease, writes } = write {
+                    pipe.add_command(self.owned(lease, writes));
+                    owned_in.push(index);
+                    continue;
                 }
-                Write::Control { stream, data } => {
-                    pipe.cmd("XADD")
-                        .arg(stream)
-                        .arg("*")
-                        .arg("data")
-                        .arg(data)
-                        .ignore();
-                }
-                Write::Fields { stream, fields } => {
-                    let cmd = pipe.cmd("XADD").arg(stream).arg("*");
-                    for (name, value) in fields {
-                        cmd.arg(name).arg(value);
-                    }
-                    cmd.ignore();
-                }
-                Write::HashSet {
-                    key,
-                    field,
-                    value,
-                    ttl_s,
-                } => {
-                    pipe.cmd("HSET").arg(key).arg(field).arg(value).ignore();
-                    pipe.cmd("EXPIRE").arg(key).arg(ttl_s).ignore();
-                }
-                Write::Command(cmd) => {
-                    pipe.add_command(cmd.clone()).ignore();
-                }
-                Write::Ack {
-                    stream,
-                    group,
-                    id,
-                    delete,
-                } => {
-                    // Expire the streams touched so far before the ack, so
-                    // everything a task wrote is durable when its entry is acked.
-                    for key in expired.drain() {
-                        pipe.cmd("EXPIRE")
-                            .arg(&*key)
-                            .arg(self.config.session_ttl_s)
-                            .ignore();
-                    }
-                    pipe.cmd("XACK")
-                        .arg(&**stream)
-                        .arg(&**group)
-                        .arg(id)
-                        .ignore();
-                    if *delete {
-                        pipe.cmd("XDEL").arg(&**stream).arg(id).ignore();
-                    }
+                for cmd in self.commands(write, &mut expire) {
+                    pipe.add_command(cmd).ignore();
                 }
             }
         }
-        for key in expired.drain() {
-            pipe.cmd("EXPIRE")
-                .arg(&*key)
-                .arg(self.config.session_ttl_s)
-                .ignore();
+        for cmd in self.expire_all(&mut expire) {
+            pipe.add_command(cmd).ignore();
         }
-        pipe
+        (pipe, owned_in)
     }
 
-    /// Applies a pipeline, retrying with backoff. False when a forced stop
+    /// The script applying `writes` only while the lease is held.
+    fn owned(&self, lease: &Lease, writes: &[Write]) -> redis::Cmd {
+        let mut expire = HashSet::new();
+        let mut commands = Vec::new();
+        for write in writes {
+            commands.extend(self.commands(write, &mut expire));
+        }
+        commands.extend(self.expire_all(&mut expire));
+        let mut eval = redis::cmd("EVAL");
+        eval.arg(OWNED_BATCH)
+            .arg(1)
+            .arg(&*lease.stream)
+            .arg(&*lease.group)
+            .arg(&*lease.consumer)
+            .arg(&lease.id);
+        for cmd in &commands {
+            let words: Vec<&[u8]> = cmd
+                .args_iter()
+                .filter_map(|arg| match arg {
+                    redis::Arg::Simple(bytes) => Some(bytes),
+                    // Only scan commands have a cursor; none is written here.
+                    _ => None,
+                })
+                .collect();
+            eval.arg(words.len());
+            for word in words {
+                eval.arg(word);
+            }
+        }
+        eval
+    }
+
+    /// The commands of one write. Session streams touched are collected in
+    /// `expire`; their EXPIRE goes before the next XACK (so everything a
+    /// task wrote is durable, TTL included, when its entry is acked) or at
+    /// the end.
+    fn commands(&self, write: &Write, expire: &mut HashSet<Arc<str>>) -> Vec<redis::Cmd> {
+        match write {
+            Write::Event { stream, data } => {
+                let mut cmd = redis::cmd("XADD");
+                cmd.arg(&**stream);
+                if self.config.session_maxlen > 0 {
+                    cmd.arg("MAXLEN").arg("~").arg(self.config.session_maxlen);
+                }
+                cmd.arg("*").arg("data").arg(data);
+                expire.insert(stream.clone());
+                vec![cmd]
+            }
+            Write::Control { stream, data } => {
+                let mut cmd = redis::cmd("XADD");
+                cmd.arg(stream).arg("*").arg("data").arg(data);
+                vec![cmd]
+            }
+            Write::Fields { stream, fields } => {
+                let mut cmd = redis::cmd("XADD");
+                cmd.arg(stream).arg("*");
+                for (name, value) in fields {
+                    cmd.arg(name).arg(value);
+                }
+                vec![cmd]
+            }
+            Write::HashSet {
+                key,
+                field,
+                value,
+                ttl_s,
+            } => {
+                let mut hset = redis::cmd("HSET");
+                hset.arg(key).arg(field).arg(value);
+                let mut ttl = redis::cmd("EXPIRE");
+                ttl.arg(key).arg(ttl_s);
+                vec![hset, ttl]
+            }
+            Write::Command(cmd) => vec![cmd.clone()],
+            Write::Ack {
+                stream,
+                group,
+                id,
+                delete,
+            } => {
+                let mut commands = self.expire_all(expire);
+                let mut ack = redis::cmd("XACK");
+                ack.arg(&**stream).arg(&**group).arg(id);
+                commands.push(ack);
+                if *delete {
+                    let mut del = redis::cmd("XDEL");
+                    del.arg(&**stream).arg(id);
+                    commands.push(del);
+                }
+                commands
+            }
+            Write::Owned { writes, .. } => {
+                // Only a top-level group is checked on its own; nested, its
+                // writes join the enclosing group.
+                writes
+                    .iter()
+                    .flat_map(|w| self.commands(w, expire))
+                    .collect()
+            }
+        }
+    }
+
+    fn expire_all(&self, expire: &mut HashSet<Arc<str>>) -> Vec<redis::Cmd> {
+        expire
+            .drain()
+            .map(|key| {
+                let mut cmd = redis::cmd("EXPIRE");
+                cmd.arg(&*key).arg(self.config.session_ttl_s);
+                cmd
+            })
+            .collect()
+    }
+
+    /// Applies a pipeline, retrying with backoff while Redis cannot take
+    /// it. Returns how each owned group went, or `None` when a forced stop
     /// ended the retries.
-    async fn apply(&mut self, pipeline: &redis::Pipeline, writes: usize) -> bool {
+    async fn apply(&mut self, pipeline: &redis::Pipeline, writes: usize) -> Option<Vec<Committed>> {
         let mut backoff = Duration::from_millis(50);
         let mut attempt = 0u32;
         loop {
-            match pipeline.query_async::<()>(&mut self.connection).await {
-                Ok(()) => return true,
-                Err(error) if matches!(error.retry_method(), redis::RetryMethod::NoRetry) => {
-                    // Redis ran every command and refused some (e.g. a key
-                    // of the wrong type). Retrying cannot help; the rest of
-                    // the pipeline has been applied.
-                    tracing::error!(
-                        lane = self.index,
-                        writes,
-                        %error,
-                        "Redis rejected part of an event pipeline"
+            let error = match pipeline.query_async::<Vec<redis::Value>>(&mut self.connection).await {
+                Ok(replies) => {
+                    return Some(
+                        replies
+                            .iter()
+                            .map(|reply| match reply {
+                                redis::Value::Int(0) => Committed::NotOwner,
+                                redis::Value::Int(-1) => Committed::Gone,
+                                _ => Committed::Applied,
+                            })
+                            .collect(),
                     );
-                    return true;
                 }
-                Err(error) => {
-                    attempt += 1;
-                    self.config
-                        .metrics
-                        .redis_error(crate::metrics::RedisOperation::Write);
-                    tracing::warn!(
-                        lane = self.index,
-                        writes,
-                        attempt,
-                        %error,
-                        "event pipeline failed; retrying"
-                    );
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = self.force_stop.cancelled() => return false,
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
+                Err(error) => error,
+            };
+            if !refused_whole(&error) {
+                // Redis ran the transaction and one command failed in it
+                // (e.g. a key of the wrong type): the others are applied,
+                // retrying cannot help.
+                tracing::error!(
+                    lane = self.index,
+                    writes,
+                    %error,
+                    "Redis rejected part of an event pipeline"
+                );
+                return Some(Vec::new());
             }
+            attempt += 1;
+            self.config
+                .metrics
+                .redis_error(crate::metrics::RedisOperation::Write);
+            tracing::warn!(
+                lane = self.index,
+                writes,
+                attempt,
+                %error,
+                "event pipeline not applied; retrying"
+            );
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = self.force_stop.cancelled() => return None,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
+}
+
+/// Whether Redis refused a transaction (or a script in it) rather than
+/// failed a command it ran: it could not be sent or answered, or Redis
+/// refused it for now (out of memory, a read-only replica, loading, a
+/// failover in progress). Such a pipeline is retried; what of it was
+/// applied is applied again (XACK, XDEL, EXPIRE and the scripts' checks make
+/// that harmless; an event may repeat, never go missing). A command that
+/// failed on its own (a key of the wrong type) is not retried.
+pub fn refused_whole(error: &redis::RedisError) -> bool {
+    if error.is_io_error() || error.is_timeout() || error.is_connection_dropped() {
+        return true;
+    }
+    let refusal = |code: &str| {
+        matches!(
+            code,
+            "OOM"
+                | "EXECABORT"
+                | "READONLY"
+                | "LOADING"
+                | "BUSY"
+                | "MASTERDOWN"
+                | "TRYAGAIN"
+                | "CLUSTERDOWN"
+                | "NOREPLICAS"
+                | "MISCONF"
+        )
+    };
+    if error.code().is_some_and(refusal) {
+        return true;
+    }
+    // Errors inside EXEC come as a list, one per failed command.
+    if let Some(errors) = error.clone().into_server_errors()
+        && errors.iter().any(|(_, error)| refusal(error.code()))
+    {
+        return true;
+    }
+    !matches!(error.retry_method(), redis::RetryMethod::NoRetry)
 }
 
 impl From<byclaw_protocol::FinishedRecord> for Write {

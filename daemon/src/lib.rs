@@ -169,6 +169,7 @@ pub async fn run_with(
     let reader = broker::connect(&url, blocking_timeout).await?;
     let control_reader = broker::connect(&url, blocking_timeout).await?;
     let claimer = broker::connect(&url, Duration::from_secs(10)).await?;
+    broker::warn_if_evicting(&mut commands).await;
 
     let capability_streams: Vec<Arc<str>> = plugins.load().streams().to_vec();
     let control_stream: Arc<str> = Arc::from(byclaw_protocol::keys::worker_stream(&worker.id));

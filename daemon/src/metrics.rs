@@ -97,6 +97,10 @@ pub struct Metrics {
     tasks_in_flight: Gauge,
     dead_letters: Counter,
     claimed: Counter,
+    /// Entries another worker took over while a task ran here.
+    leases_lost: Counter,
+    /// RESUMEs for a call already answered, acknowledged and dropped.
+    duplicate_replies: Counter,
     plugin_loads: Family<Labels, Counter>,
     config_reloads: Family<Labels, Counter>,
     redis_errors: Family<Labels, Counter>,
@@ -156,6 +160,18 @@ impl Metrics {
             "claims",
             "Abandoned entries of other consumers taken over",
             claimed.clone(),
+        );
+        let leases_lost = Counter::default();
+        registry.register(
+            "leases_lost",
+            "Entries another worker took over while a task of this worker ran them (that run stopped and wrote no outcome)",
+            leases_lost.clone(),
+        );
+        let duplicate_replies = Counter::default();
+        registry.register(
+            "duplicate_replies",
+            "Replies to a call or prompt already answered, acknowledged and dropped",
+            duplicate_replies.clone(),
         );
         let plugin_loads = Family::<Labels, Counter>::default();
         registry.register(
@@ -232,6 +248,8 @@ impl Metrics {
             tasks_in_flight,
             dead_letters,
             claimed,
+            leases_lost,
+            duplicate_replies,
             plugin_loads,
             config_reloads,
             redis_errors,
@@ -291,6 +309,26 @@ impl Metrics {
     /// `count` abandoned entries were taken over.
     pub fn claimed(&self, count: u64) {
         self.claimed.inc_by(count);
+    }
+
+    /// Another worker took over an entry a task of ours was running.
+    pub fn lease_lost(&self) {
+        self.leases_lost.inc();
+    }
+
+    /// A reply to a call already answered was dropped.
+    pub fn duplicate_reply(&self) {
+        self.duplicate_replies.inc();
+    }
+
+    /// How many leases were lost so far.
+    pub fn leases_lost_total(&self) -> u64 {
+        self.leases_lost.get()
+    }
+
+    /// How many duplicate replies were dropped so far.
+    pub fn duplicate_replies_total(&self) -> u64 {
+        self.duplicate_replies.get()
     }
 
     /// A plugin file was loaded (`true`) or rejected.

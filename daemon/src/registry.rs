@@ -17,13 +17,31 @@ pub enum RegistryError {
     Redis(#[from] redis::RedisError),
 }
 
-/// Refreshes the lock only while it still holds our token.
+/// Refreshes the lock while it holds our token (1); takes it again when it
+/// is gone — Redis restarted without persistence, or a partition outlasted
+/// its TTL — (2); leaves it to another process that holds it (0).
 const REFRESH_LOCK: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
+  return 1
+end
+if not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[2]))
+  return 2
 end
 return 0
 "#;
+
+/// What a heartbeat found of the worker-id lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lock {
+    Held,
+    /// It was gone and is ours again.
+    Retaken,
+    /// Another process holds it.
+    Lost,
+}
 
 /// Deletes the lock only while it still holds our token.
 const RELEASE_LOCK: &str = r#"
@@ -155,8 +173,8 @@ impl Membership {
         self.announce_locked(conn).await
     }
 
-    /// Refreshes the lock and the heartbeat. False if the lock was lost.
-    async fn beat(&self, conn: &mut ConnectionManager) -> Result<bool, redis::RedisError> {
+    /// Refreshes the lock (taking it again if it is gone) and the heartbeat.
+    async fn beat(&self, conn: &mut ConnectionManager) -> Result<Lock, redis::RedisError> {
         let refreshed: i64 = redis::Script::new(REFRESH_LOCK)
             .key(keys::worker_lock(&self.worker_id))
             .arg(&self.token)
@@ -164,7 +182,11 @@ impl Membership {
             .invoke_async(conn)
             .await?;
         self.announce(conn).await?;
-        Ok(refreshed == 1)
+        Ok(match refreshed {
+            1 => Lock::Held,
+            2 => Lock::Retaken,
+            _ => Lock::Lost,
+        })
     }
 
     /// Beats every `interval` until `stop` fires.
@@ -182,10 +204,14 @@ impl Membership {
                 _ = stop.cancelled() => return,
             }
             match self.beat(&mut conn).await {
-                Ok(true) => tracing::trace!(worker_id = %self.worker_id, "heartbeat"),
-                Ok(false) => tracing::error!(
+                Ok(Lock::Held) => tracing::trace!(worker_id = %self.worker_id, "heartbeat"),
+                Ok(Lock::Retaken) => tracing::warn!(
                     worker_id = %self.worker_id,
-                    "worker-id lock lost (expired or taken by another process); two processes may now share this worker id"
+                    "worker-id lock was gone (Redis lost it, or it expired); taken again"
+                ),
+                Ok(Lock::Lost) => tracing::error!(
+                    worker_id = %self.worker_id,
+                    "worker-id lock held by another process; two processes may now share this worker id"
                 ),
                 Err(error) => {
                     tracing::warn!(worker_id = %self.worker_id, %error, "heartbeat failed")

@@ -15,8 +15,16 @@
 //! the XACK in one pipeline). A RESUME with no waiter anywhere — the wait
 //! timed out, the daemon restarted, the route expired or names a dead worker
 //! — is an *orphan* and runs through the plugin's handler as a RESUME
-//! command, as the reference worker would run it. Replies to a task that was
-//! cancelled find a tombstone route and are dropped.
+//! command, as the reference worker would run it. A route whose wait was
+//! answered or cancelled holds a marker instead of a worker id: a second
+//! reply (a duplicate RESUME, a redelivered entry, a client that answered
+//! twice) or a late one finds it and is acknowledged and dropped, never run.
+//!
+//! One task may ask the user several times, all under one key (a client's
+//! answer names only the task). Each prompt has an id (`<message id>:u<n>`,
+//! in the form event's and WAITING_USER's metadata); an answer that names
+//! a prompt (`prompt_id` in its `reply_data` or `extra_payload`) reaches
+//! that prompt only, and no answer is taken twice by one task.
 //!
 //! The kind (`agent` when the RESUME has a `source_agent_id`, `user` when a
 //! client sent it) keeps a child's reply and the answer to the child's own
@@ -33,6 +41,8 @@ use tokio::sync::oneshot;
 
 /// Route value of a cancelled waiter: its replies are dropped.
 pub const TOMBSTONE: &str = "!cancelled";
+/// Route value of an answered wait: further replies are dropped.
+pub const ANSWERED: &str = "!answered";
 
 /// Who sends the awaited RESUME.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -101,13 +111,56 @@ impl WaitKey {
     /// The write that marks the route cancelled (if it still exists), so a
     /// late reply is dropped instead of run as an orphan.
     pub fn tombstone(&self) -> Write {
+        self.mark(TOMBSTONE)
+    }
+
+    /// The write that marks the wait answered (if its route still exists),
+    /// so a second reply is dropped instead of run as an orphan.
+    pub fn answered(&self) -> Write {
+        self.mark(ANSWERED)
+    }
+
+    fn mark(&self, marker: &str) -> Write {
         let mut cmd = redis::cmd("SET");
         cmd.arg(self.redis_key())
-            .arg(TOMBSTONE)
+            .arg(marker)
             .arg("XX")
             .arg("KEEPTTL");
         Write::Command(cmd)
     }
+}
+
+/// What a waiter accepts besides its key.
+#[derive(Debug, Clone, Default)]
+pub struct Expect {
+    /// The prompt waited for: an answer naming another prompt is stale.
+    pub prompt_id: Option<String>,
+    /// RESUME message ids the task has taken already: never taken twice.
+    pub taken: Vec<String>,
+}
+
+impl Expect {
+    fn accepts(&self, reply: &Reply) -> bool {
+        if self.taken.contains(&reply.message_id) {
+            return false;
+        }
+        match (&self.prompt_id, reply.prompt_id()) {
+            (Some(expected), Some(named)) => expected == named,
+            _ => true,
+        }
+    }
+}
+
+/// What became of a reply handed to [`Waiters::deliver`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivered {
+    /// Its waiter has it.
+    Taken,
+    /// A waiter exists but the reply answers an earlier prompt, or was
+    /// taken before: drop it.
+    Stale,
+    /// Nobody here waits for it.
+    NoWaiter,
 }
 
 /// A RESUME as the waiter receives it.
@@ -123,9 +176,18 @@ pub struct Reply {
     pub extra_payload: Value,
 }
 
+impl Reply {
+    /// The prompt an answer names, if its client said which.
+    pub fn prompt_id(&self) -> Option<&str> {
+        [&self.reply_data, &self.extra_payload]
+            .into_iter()
+            .find_map(|v| v.get("prompt_id").and_then(Value::as_str))
+    }
+}
+
 /// A registered waiter's end of the channel, tagged so a replaced
 /// registration does not unregister its successor.
-type Slot = (u64, oneshot::Sender<Reply>);
+type Slot = (u64, Expect, oneshot::Sender<Reply>);
 
 /// The waiters of this daemon.
 #[derive(Debug, Default)]
@@ -140,11 +202,16 @@ impl Waiters {
     /// A second registration of the same key replaces the first (whose
     /// `recv` then ends with `None`).
     pub fn register(self: &Arc<Self>, key: WaitKey) -> Waiting {
+        self.register_expecting(key, Expect::default())
+    }
+
+    /// Registers a waiter that takes only the replies `expect` accepts.
+    pub fn register_expecting(self: &Arc<Self>, key: WaitKey, expect: Expect) -> Waiting {
         let (tx, rx) = oneshot::channel();
         let tag = self
             .next_tag
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.lock().insert(key.clone(), (tag, tx));
+        self.lock().insert(key.clone(), (tag, expect, tx));
         Waiting {
             key,
             tag,
@@ -153,13 +220,22 @@ impl Waiters {
         }
     }
 
-    /// Hands a reply to its waiter; false when nobody here waits for it
-    /// (or the waiter went away in the meantime).
-    pub fn deliver(&self, key: &WaitKey, reply: Reply) -> bool {
-        let Some((_, tx)) = self.lock().remove(key) else {
-            return false;
+    /// Hands a reply to its waiter.
+    pub fn deliver(&self, key: &WaitKey, reply: Reply) -> Delivered {
+        let mut slots = self.lock();
+        let Some((_, expect, _)) = slots.get(key) else {
+            return Delivered::NoWaiter;
         };
-        tx.send(reply).is_ok()
+        if !expect.accepts(&reply) {
+            return Delivered::Stale;
+        }
+        let (_, _, tx) = slots.remove(key).expect("looked up above");
+        drop(slots);
+        if tx.send(reply).is_ok() {
+            Delivered::Taken
+        } else {
+            Delivered::NoWaiter
+        }
     }
 
     /// How many waits are in progress.
@@ -209,7 +285,7 @@ impl Waiting {
         let mut slots = self.waiters.lock();
         if slots
             .get(&self.key)
-            .is_some_and(|(tag, _)| *tag == self.tag)
+            .is_some_and(|(tag, _, _)| *tag == self.tag)
         {
             slots.remove(&self.key);
         }
@@ -227,7 +303,7 @@ impl Drop for Waiting {
 pub enum Route {
     /// Another live worker waits for it: forward to its control stream.
     Forward(String),
-    /// Its waiter was cancelled: acknowledge and drop.
+    /// Its wait was cancelled or answered already: acknowledge and drop.
     Dropped,
     /// Nobody waits (no route, a route to us, or to a dead worker): run it
     /// through the handler.
@@ -248,7 +324,7 @@ pub async fn lookup(
     let Some(worker) = worker else {
         return Ok(Route::Orphan);
     };
-    if worker == TOMBSTONE {
+    if worker == TOMBSTONE || worker == ANSWERED {
         return Ok(Route::Dropped);
     }
     if worker == own_worker_id {
@@ -293,11 +369,11 @@ mod tests {
         let waiters = Arc::new(Waiters::default());
         let mut a = waiters.register(key("msg-a"));
         let _b = waiters.register(key("msg-b"));
-        assert!(waiters.deliver(&key("msg-a"), reply("r1")));
+        assert_eq!(waiters.deliver(&key("msg-a"), reply("r1")), Delivered::Taken);
         assert_eq!(a.recv().await.unwrap().message_id, "r1");
         // Nobody waits for msg-c; a second reply to msg-a finds no waiter.
-        assert!(!waiters.deliver(&key("msg-c"), reply("r2")));
-        assert!(!waiters.deliver(&key("msg-a"), reply("r3")));
+        assert_eq!(waiters.deliver(&key("msg-c"), reply("r2")), Delivered::NoWaiter);
+        assert_eq!(waiters.deliver(&key("msg-a"), reply("r3")), Delivered::NoWaiter);
         assert_eq!(waiters.len(), 1);
     }
 
@@ -306,13 +382,34 @@ mod tests {
         let waiters = Arc::new(Waiters::default());
         drop(waiters.register(key("msg-a")));
         assert!(waiters.is_empty());
-        assert!(!waiters.deliver(&key("msg-a"), reply("r")));
+        assert_eq!(waiters.deliver(&key("msg-a"), reply("r")), Delivered::NoWaiter);
 
         let waiting = waiters.register(key("msg-b"));
-        assert!(waiters.deliver(&key("msg-b"), reply("late")));
+        assert_eq!(waiters.deliver(&key("msg-b"), reply("late")), Delivered::Taken);
         // The reply raced the timeout: close() still returns it.
         assert_eq!(waiting.close().unwrap().message_id, "late");
         assert!(waiters.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_second_prompt_takes_neither_an_answer_to_the_first_nor_one_taken_before() {
+        let waiters = Arc::new(Waiters::default());
+        let expect = Expect {
+            prompt_id: Some("msg-a:u2".into()),
+            taken: vec!["answer-1".into()],
+        };
+        let mut second = waiters.register_expecting(key("msg-a"), expect);
+        // The first prompt's answer, delivered again.
+        assert_eq!(waiters.deliver(&key("msg-a"), reply("answer-1")), Delivered::Stale);
+        // A late answer naming the first prompt.
+        let mut late = reply("answer-1b");
+        late.reply_data = serde_json::json!({ "prompt_id": "msg-a:u1" });
+        assert_eq!(waiters.deliver(&key("msg-a"), late), Delivered::Stale);
+        // The answer to the second prompt, by id or without one.
+        let mut answer = reply("answer-2");
+        answer.extra_payload = serde_json::json!({ "prompt_id": "msg-a:u2" });
+        assert_eq!(waiters.deliver(&key("msg-a"), answer), Delivered::Taken);
+        assert_eq!(second.recv().await.unwrap().message_id, "answer-2");
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //! reply is kept for the session history.
 
 use crate::events::{Write, Writer};
-use crate::routing::{Reply, ReplyKind, WaitKey, Waiters, Waiting};
+use crate::routing::{Expect, Reply, ReplyKind, WaitKey, Waiters, Waiting};
 use arc_swap::ArcSwap;
 use byclaw_protocol::{
     self as wire, Delta, EventOrigin, EventSpec, content_type, event_type, keys, state,
@@ -95,6 +95,9 @@ pub struct TaskLink {
     /// The streamed reply so far, for the session history; `None` once saved
     /// or when history is off.
     pub reply: Mutex<Option<String>>,
+    /// The user's answers this task took (RESUME message ids, in order):
+    /// numbers its prompts, and none is taken twice.
+    pub answers: Mutex<Vec<String>>,
     pub services: Arc<Services>,
 }
 
@@ -619,6 +622,22 @@ impl TaskLink {
             }],
         })
         .to_string();
+        // This task's prompts are numbered from 1; the id goes out with
+        // the form so a client can name the prompt it answers.
+        let taken = self
+            .answers
+            .lock()
+            .expect("answers lock is never poisoned")
+            .clone();
+        let prompt_id = format!("{}:u{}", origin.message_id, taken.len() + 1);
+        let metadata = match metadata {
+            Value::Object(mut fields) => {
+                fields.insert("prompt_id".into(), Value::String(prompt_id.clone()));
+                Value::Object(fields)
+            }
+            Value::Null => json!({ "prompt_id": prompt_id }),
+            other => json!({ "prompt_id": prompt_id, "metadata": other }),
+        };
         let metadata = raw(&metadata);
         let form_event = wire::data_message(
             origin,
@@ -633,14 +652,24 @@ impl TaskLink {
                 metadata: Some(&metadata),
             },
         );
-        let mut waiting = self.services.waiters.register(key.clone());
+        let expect = Expect {
+            prompt_id: Some(prompt_id.clone()),
+            taken,
+        };
+        let mut waiting = self
+            .services
+            .waiters
+            .register_expecting(key.clone(), expect);
         let writes = vec![
             key.route(&self.services.worker_id, timeout + ROUTE_SLACK),
             Write::Event {
                 stream: self.stream.clone(),
                 data: form_event,
             },
-            self.state_write(state::WAITING_USER, None),
+            self.state_write(
+                state::WAITING_USER,
+                Some(&json!({ "prompt_id": prompt_id })),
+            ),
         ];
         let waiting_key = key.clone();
         let awaited = AwaitedChild {
@@ -685,9 +714,21 @@ impl TaskLink {
                 ))
             }));
         };
+        self.answers
+            .lock()
+            .expect("answers lock is never poisoned")
+            .push(reply.message_id.clone());
+        // Marked on this task's lane, so before the route of a next prompt:
+        // a second answer to this one, once the task is over, is dropped.
+        let answered = WaitKey {
+            capability: origin.agent_id.clone(),
+            kind: ReplyKind::User,
+            message_id: origin.message_id.clone(),
+        }
+        .answered();
         let resumed = self.state_write(state::RESUMED, None);
         self.writer
-            .send(&origin.session_id, vec![resumed])
+            .send(&origin.session_id, vec![answered, resumed])
             .await
             .map_err(|_| Stopping)?;
         Ok(Ok(UserReply {

@@ -19,10 +19,10 @@ mod task;
 
 use crate::broker::{self, Delivery};
 use crate::config::HistoryBackend;
-use crate::events::{Write, Writer};
+use crate::events::{Committed, Lease, Write, Writer};
 use crate::history::{HistoryEntry, Role};
 use crate::metrics::{RedisOperation, TaskOutcome, TaskTimer};
-use crate::routing::{self, Reply, Route, WaitKey};
+use crate::routing::{self, Delivered, Reply, ReplyKind, Route, WaitKey};
 use crate::task_link::{AwaitedChild, Services, TaskLink};
 use crate::workspace::Workspaces;
 use byclaw_protocol::{self as wire, Action, ControlCommand, EventOrigin, keys, state};
@@ -70,6 +70,9 @@ pub struct Settings {
 struct Running {
     /// Where a CANCEL_TASK for it is signalled.
     cancel: Arc<CancelSignal>,
+    /// Fired when renewing its entry found another consumer holding it:
+    /// the run stops and writes nothing.
+    lease_lost: CancellationToken,
     /// Stream and entry id, for renewing the entry while the task runs long.
     stream: Arc<str>,
     entry_id: String,
@@ -291,6 +294,16 @@ impl Dispatcher {
         self.run(delivery, agent_type, command, permit)
             .instrument(span)
             .await;
+    }
+
+    /// The entry as this worker holds it.
+    pub(super) fn lease(&self, delivery: &Delivery) -> Lease {
+        Lease {
+            stream: delivery.stream.clone(),
+            group: self.settings.group.clone(),
+            consumer: self.settings.worker_id.clone(),
+            id: delivery.id.clone(),
+        }
     }
 
     pub(super) fn ack(&self, delivery: &Delivery) -> Write {

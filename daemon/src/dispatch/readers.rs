@@ -232,7 +232,7 @@ impl Dispatcher {
             }
         }
         for (stream, ids) in by_stream {
-            broker::renew(
+            let lost = broker::renew(
                 conn,
                 &stream,
                 &self.settings.group,
@@ -240,8 +240,40 @@ impl Dispatcher {
                 &ids,
             )
             .await?;
+            if !lost.is_empty() {
+                self.leases_lost(&stream, &lost);
+            }
         }
         Ok(())
+    }
+
+    /// Entries of `stream` another worker took over (or acknowledged) while
+    /// we held them: their tasks stop without writing an outcome, and
+    /// backlog entries are dropped — the other worker runs them.
+    fn leases_lost(&self, stream: &Arc<str>, lost: &[String]) {
+        {
+            let running = self.running.lock().expect("running lock is never poisoned");
+            for task in running.values() {
+                if task.stream == *stream && lost.contains(&task.entry_id) {
+                    tracing::warn!(
+                        %stream,
+                        entry_id = %task.entry_id,
+                        agent_type = %task.agent_type,
+                        "another worker holds this task's entry now; stopping it here"
+                    );
+                    task.lease_lost.cancel();
+                }
+            }
+        }
+        let mut backlog = self.backlog.lock().expect("backlog lock is never poisoned");
+        backlog.retain(|(delivery, _)| {
+            let keep = !(delivery.stream == *stream && lost.contains(&delivery.id));
+            if !keep {
+                self.services.metrics.lease_lost();
+                tracing::warn!(%stream, entry_id = %delivery.id, "another worker took over an entry waiting here; dropped");
+            }
+            keep
+        });
     }
 
     pub(super) async fn claim_stream(

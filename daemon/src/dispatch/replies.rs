@@ -4,6 +4,38 @@
 
 use super::*;
 
+/// Counts a child's reply into its task group once per child: KEYS[1] the
+/// group hash, KEYS[2] the set of children counted, ARGV[1] the child's
+/// message id. Returns {1 if newly counted else 0, completed, total}, or
+/// total -1 when the group hash is gone.
+/// `completed` stays the reference's counter, now of distinct children.
+const COUNT_GROUP_REPLY: &str = r#"
+local total = redis.call('HGET', KEYS[1], 'total')
+if not total then return {0, 0, -1} end
+local new = redis.call('SADD', KEYS[2], ARGV[1])
+local completed
+if new == 1 then
+  completed = redis.call('HINCRBY', KEYS[1], 'completed', 1)
+  local ttl = redis.call('TTL', KEYS[1])
+  redis.call('EXPIRE', KEYS[2], ttl > 0 and ttl or 86400)
+else
+  completed = tonumber(redis.call('HGET', KEYS[1], 'completed') or '0')
+end
+return {new, completed, tonumber(total)}
+"#;
+
+/// The script call counting `header`'s reply into its task group (the
+/// child is the RESUME's `parent_message_id`).
+fn count_group_reply(header: &wire::Header) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(COUNT_GROUP_REPLY)
+        .arg(2)
+        .arg(keys::task_group(&header.task_group_id))
+        .arg(keys::task_group_replied(&header.task_group_id))
+        .arg(&header.parent_message_id);
+    cmd
+}
+
 impl Dispatcher {
     /// Hands a RESUME to the task awaiting it, here or on another worker.
     /// False when nobody awaits it: it then runs as an orphan RESUME.
@@ -33,27 +65,34 @@ impl Dispatcher {
             reply_data: reply_data.clone(),
             extra_payload: extra_payload.clone(),
         };
-        if self.services.waiters.deliver(&key, reply) {
-            let mut writes = Vec::with_capacity(2);
-            if !header.task_group_id.is_empty() {
-                // Keep the reference's group counter true for observers.
-                let mut incr = redis::cmd("HINCRBY");
-                incr.arg(keys::task_group(&header.task_group_id))
-                    .arg("completed")
-                    .arg(1);
-                writes.push(Write::Command(incr));
+        match self.services.waiters.deliver(&key, reply) {
+            Delivered::Taken => {
+                let mut writes = Vec::with_capacity(3);
+                // A second reply to this call finds the route answered. (A
+                // user's answer is marked by the task itself, in order with
+                // the route of its next prompt, which reuses the key.)
+                if key.kind == ReplyKind::Agent {
+                    writes.push(key.answered());
+                }
+                if !header.task_group_id.is_empty() {
+                    // Keep the reference's group counter true for observers.
+                    writes.push(Write::Command(count_group_reply(header)));
+                }
+                writes.push(self.ack(delivery));
+                tracing::debug!(
+                    parent_message_id = %header.parent_message_id,
+                    resume_id = %header.message_id,
+                    "reply handed to the task awaiting it"
+                );
+                let _ = self.writer.commit(&header.session_id, writes).await;
+                return true;
             }
-            writes.push(self.ack(delivery));
-            tracing::debug!(
-                parent_message_id = %header.parent_message_id,
-                resume_id = %header.message_id,
-                "reply handed to the task awaiting it"
-            );
-            let _ = self.writer.commit(&header.session_id, writes).await;
-            return true;
-        }
-        if source == Source::Forwarded {
-            return false;
+            Delivered::Stale => {
+                self.drop_duplicate(delivery, header, "the awaiting task took this reply, or an answer to that prompt, before")
+                    .await;
+                return true;
+            }
+            Delivered::NoWaiter => {}
         }
         match routing::lookup(
             &mut self.services.redis.clone(),
@@ -62,19 +101,14 @@ impl Dispatcher {
         )
         .await
         {
-            Ok(Route::Orphan) => false,
             Ok(Route::Dropped) => {
-                tracing::info!(
-                    parent_message_id = %header.parent_message_id,
-                    resume_id = %header.message_id,
-                    "reply to a cancelled task dropped"
-                );
-                let _ = self
-                    .writer
-                    .commit(&header.session_id, vec![self.ack(delivery)])
+                self.drop_duplicate(delivery, header, "its call was answered or cancelled before")
                     .await;
                 true
             }
+            // Forwarded here, but the waiter went meanwhile: run it here.
+            _ if source == Source::Forwarded => false,
+            Ok(Route::Orphan) => false,
             Ok(Route::Forward(worker)) => {
                 let mut fields: Vec<(String, Vec<u8>)> = delivery.fields.clone();
                 fields.retain(|(name, _)| name != "capability");
@@ -101,6 +135,22 @@ impl Dispatcher {
         }
     }
 
+    /// Acknowledges a reply nobody may take (a duplicate, a late answer, a
+    /// reply to a cancelled task) and counts it.
+    async fn drop_duplicate(&self, delivery: &Delivery, header: &wire::Header, why: &str) {
+        self.services.metrics.duplicate_reply();
+        tracing::info!(
+            parent_message_id = %header.parent_message_id,
+            resume_id = %header.message_id,
+            why,
+            "reply dropped"
+        );
+        let _ = self
+            .writer
+            .commit(&header.session_id, vec![self.ack(delivery)])
+            .await;
+    }
+
     /// For an orphan RESUME of a task group: counts it in, as the reference
     /// does; true when it completes the group (then the handler runs it),
     /// false when the group still waits (the entry is acknowledged).
@@ -110,29 +160,18 @@ impl Dispatcher {
         command: &ControlCommand,
     ) -> bool {
         let header = &command.header;
-        let key = keys::task_group(&header.task_group_id);
         let mut conn = self.services.redis.clone();
-        let total: Result<Option<u64>, _> = redis::cmd("HGET")
-            .arg(&key)
-            .arg("total")
-            .query_async(&mut conn)
-            .await;
-        let total = match total {
-            Ok(Some(total)) => total,
-            Ok(None) => return true,
-            Err(error) => {
-                tracing::warn!(%error, "cannot read the task group; entry left pending");
-                return false;
+        let counted: Result<(i64, i64, i64), _> =
+            count_group_reply(header).query_async(&mut conn).await;
+        match counted {
+            Ok((_, _, -1)) => true,
+            Ok((0, _, _)) => {
+                // This child's reply was counted before: a redelivery.
+                self.drop_duplicate(delivery, header, "this child's reply was counted before")
+                    .await;
+                false
             }
-        };
-        let completed: Result<u64, _> = redis::cmd("HINCRBY")
-            .arg(&key)
-            .arg("completed")
-            .arg(1)
-            .query_async(&mut conn)
-            .await;
-        match completed {
-            Ok(completed) if completed < total => {
+            Ok((_, completed, total)) if completed < total => {
                 tracing::info!(
                     task_group_id = %header.task_group_id,
                     completed,

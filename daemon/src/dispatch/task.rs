@@ -16,6 +16,38 @@ impl Dispatcher {
         let inject = matches!(command.action, Action::AskAgent { .. })
             && history.backend() != HistoryBackend::Off;
         let header = &command.header;
+        // Registered before the replay check writes the execution record: a
+        // client cancels only a task whose record it can read, so its
+        // CANCEL_TASK always finds the task here.
+        let cancel = Arc::new(CancelSignal::default());
+        let lease_lost = CancellationToken::new();
+        let registered = {
+            let mut running = self.running.lock().expect("running lock is never poisoned");
+            if running.contains_key(&header.message_id) {
+                false
+            } else {
+                running.insert(
+                    header.message_id.clone(),
+                    Running {
+                        cancel: cancel.clone(),
+                        lease_lost: lease_lost.clone(),
+                        stream: delivery.stream.clone(),
+                        entry_id: delivery.id.clone(),
+                        agent_type: agent_type.clone(),
+                        started: Instant::now(),
+                    },
+                );
+                true
+            }
+        };
+        let unregister = || {
+            if registered {
+                self.running
+                    .lock()
+                    .expect("running lock is never poisoned")
+                    .remove(&command.header.message_id);
+            }
+        };
         // The session's history is read alongside the replay check: no
         // round trip of its own on the way to the plugin.
         let mut conn = self.services.redis.clone();
@@ -52,12 +84,14 @@ impl Dispatcher {
                     .writer
                     .commit(&header.session_id, vec![self.ack(&delivery)])
                     .await;
+                unregister();
                 return;
             }
             Err(error) => {
                 // Redis is failing; leave the entry pending. It is retried
                 // when claimed again after worker.claim_idle_ms.
                 tracing::warn!(%error, "cannot record the execution; entry left pending");
+                unregister();
                 return;
             }
         };
@@ -91,21 +125,9 @@ impl Dispatcher {
             );
         }
         let header = &command.header;
-        let cancel = Arc::new(CancelSignal::default());
         if execution.cancel_requested {
             cancel.request(&execution.cancel_reason);
         }
-        self.running
-            .lock()
-            .expect("running lock is never poisoned")
-            .entry(header.message_id.clone())
-            .or_insert_with(|| Running {
-                cancel: cancel.clone(),
-                stream: delivery.stream.clone(),
-                entry_id: delivery.id.clone(),
-                agent_type: agent_type.clone(),
-                started: Instant::now(),
-            });
 
         // The version this task runs on, whatever is swapped in meanwhile.
         let plugin = self.services.plugins.load().get(&agent_type).cloned();
@@ -127,12 +149,18 @@ impl Dispatcher {
                 &origin,
                 &dirs,
                 &cancel,
+                &lease_lost,
                 &mut leftovers,
                 permit,
                 awaiting.clone(),
             )
             .await;
-        if let Outcome::CutOff = outcome {
+        if lease_lost.is_cancelled() {
+            self.services.metrics.lease_lost();
+            tracing::warn!(
+                "another worker took the entry over; this run stopped and wrote no outcome"
+            );
+        } else if let Outcome::CutOff = outcome {
             tracing::warn!("cut off by shutdown; entry left pending for another worker");
         } else if let Outcome::Unserved = outcome {
             // Read just before its plugin was removed: hand it to the
@@ -191,23 +219,33 @@ impl Dispatcher {
                 outcome,
                 &cancel,
             ));
-            if self
-                .writer
-                .commit(&header.session_id, writes)
-                .await
-                .is_err()
-            {
-                tracing::warn!("writer stopped before the outcome was written; entry left pending");
+            // All of it, or — when another worker took the entry over
+            // meanwhile — none of it: one owner writes the outcome.
+            let owned = Write::Owned {
+                lease: self.lease(&delivery),
+                writes,
+            };
+            match self.writer.commit(&header.session_id, vec![owned]).await {
+                Ok(Committed::Applied) => {}
+                Ok(Committed::NotOwner) => {
+                    self.services.metrics.lease_lost();
+                    tracing::warn!(
+                        "another worker took the entry over before the outcome was written; nothing written, the other run's outcome stands"
+                    );
+                }
+                Ok(Committed::Gone) => tracing::info!(
+                    "entry no longer pending when the outcome was written; nothing written"
+                ),
+                Err(_) => tracing::warn!(
+                    "writer stopped before the outcome was written; entry left pending"
+                ),
             }
             if let Some((plugin, call)) = end_hook {
                 plugin.run_hook(call).await;
             }
             drop(leftovers.permit.take());
         }
-        self.running
-            .lock()
-            .expect("running lock is never poisoned")
-            .remove(&header.message_id);
+        unregister();
         if leftovers.created_workspace {
             self.workspaces.remove_private(dirs);
         }
@@ -222,6 +260,7 @@ impl Dispatcher {
         origin: &EventOrigin,
         dirs: &TaskDirs,
         cancel: &Arc<CancelSignal>,
+        lease_lost: &CancellationToken,
         leftovers: &mut Leftovers,
         permit: OwnedSemaphorePermit,
         awaiting: Arc<Mutex<Vec<AwaitedChild>>>,
@@ -276,6 +315,7 @@ impl Dispatcher {
             reply: Mutex::new(
                 (self.services.history.backend() != HistoryBackend::Off).then(String::new),
             ),
+            answers: Mutex::new(Vec::new()),
             services: self.services.clone(),
         });
         let context = Arc::new(TaskContext {
@@ -328,6 +368,8 @@ impl Dispatcher {
                 return Outcome::Cancelled(cancel.reason());
             }
             _ = self.force_stop.cancelled() => return Outcome::CutOff,
+            // Another worker owns the entry now: stop the guest, write nothing.
+            _ = lease_lost.cancelled() => return Outcome::CutOff,
         };
         if leftovers.hooks_of.is_some() {
             leftovers.permit = link

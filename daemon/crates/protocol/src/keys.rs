@@ -33,6 +33,11 @@ pub fn capability_workers(capability: &str) -> String {
 pub fn task_group(task_group_id: &str) -> String {
     format!("{PREFIX}:task_group:{task_group_id}")
 }
+/// The children of a task group whose reply was counted (a set; ours, not
+/// the reference's): a redelivered reply is not counted twice.
+pub fn task_group_replied(task_group_id: &str) -> String {
+    format!("{PREFIX}:task_group:{task_group_id}:replied")
+}
 /// One live process per worker id.
 pub fn worker_lock(worker_id: &str) -> String {
     format!("{PREFIX}:registry:worker:lock:{worker_id}")

@@ -35,11 +35,15 @@ impl TaskDirs {
         }
     }
 
-    /// Creates the directories (blocking).
+    /// Creates the directories (blocking). A private directory left by an
+    /// earlier attempt of the same task (its daemon died, or another worker
+    /// took the entry over) is emptied first: the task starts again from
+    /// the beginning, so it starts from what the first attempt saw.
     pub fn create(&self) -> io::Result<()> {
         for sub in ["session", "memory/local_db", "agent_skills"] {
             std::fs::create_dir_all(self.public.join(sub))?;
         }
+        self.remove_private()?;
         std::fs::create_dir_all(&self.private)?;
         for sub in ["input", "temp", "output", "system"] {
             std::fs::create_dir(self.private.join(sub))?;
@@ -183,5 +187,29 @@ impl Drop for LineWriter {
             let line = std::mem::take(&mut self.pending);
             self.log(&line);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_retried_task_gets_a_clean_private_directory() {
+        let root = tempfile::tempdir().unwrap();
+        let dirs = TaskDirs::new(root.path(), "session-1", "message-1");
+        dirs.create().unwrap();
+        let left = dirs.private.join("output/partial.txt");
+        std::fs::write(&left, b"from the first attempt").unwrap();
+        std::fs::write(dirs.public.join("session/kept.txt"), b"shared").unwrap();
+
+        // The first attempt's daemon died; the retry creates the same dirs.
+        dirs.create().unwrap();
+        assert!(!left.exists(), "the first attempt's files are gone");
+        assert!(dirs.private.join("output").is_dir());
+        assert!(
+            dirs.public.join("session/kept.txt").exists(),
+            "the session's public files stay"
+        );
     }
 }
