@@ -121,6 +121,9 @@ pub struct WorkerConfig {
     /// Most tasks that may wait for a reply (call-agent, dispatch-group,
     /// ask-user) without holding a permit; they keep their instance.
     pub max_waiting: usize,
+    /// Longest chain of agents calling agents: a task at this depth gets
+    /// `error.denied` from call-agent and dispatch-group.
+    pub max_call_depth: u32,
     /// Most entries one XREADGROUP returns.
     pub fetch_count: usize,
     /// XREADGROUP BLOCK, milliseconds; also bounds how long a shutdown waits for a read.
@@ -187,6 +190,7 @@ impl Default for WorkerConfig {
             consumer_group: "agent_engines".into(),
             max_concurrency: 50,
             max_waiting: 1000,
+            max_call_depth: 8,
             fetch_count: 10,
             block_ms: 2000,
             claim_idle_ms: 60_000,
@@ -683,6 +687,11 @@ impl Config {
             w.max_waiting <= 100_000,
             "worker.max_waiting",
             "must be at most 100000",
+        );
+        check(
+            (1..=100).contains(&w.max_call_depth),
+            "worker.max_call_depth",
+            "must be between 1 and 100",
         );
         check(
             w.fetch_count >= 1,

@@ -217,6 +217,7 @@ pub async fn run_with(
         waiters: Arc::new(routing::Waiters::default()),
         permits: permits.clone(),
         waiting_slots: Arc::new(Semaphore::new(worker.max_waiting)),
+        max_call_depth: worker.max_call_depth,
         history: history.clone(),
         metrics: options.stats.metrics.clone(),
     });
@@ -234,6 +235,7 @@ pub async fn run_with(
             claim_idle: Duration::from_millis(worker.claim_idle_ms),
             claim_interval: Duration::from_millis(worker.claim_interval_ms),
             history_inject: config.history.inject_limit,
+            max_result_bytes: config.plugins.max_result_bytes,
         },
         writer,
         byclaw_protocol::Executions::new(config.streams.session_ttl_s),

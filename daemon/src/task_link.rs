@@ -57,6 +57,8 @@ pub struct Services {
     /// Bounds how many tasks may wait without holding a permit
     /// (`worker.max_waiting`); past it a waiting task keeps its permit.
     pub waiting_slots: Arc<Semaphore>,
+    /// `worker.max_call_depth`.
+    pub max_call_depth: u32,
     /// The session history store (`history.recent`, replies saved).
     pub history: crate::history::History,
     /// Counts host calls (and, in dispatch, tasks).
@@ -98,7 +100,35 @@ pub struct TaskLink {
     /// The user's answers this task took (RESUME message ids, in order):
     /// numbers its prompts, and none is taken twice.
     pub answers: Mutex<Vec<String>>,
+    /// Set when the task's outcome is decided (returned, deadline, cancel,
+    /// lease lost), before its final writes are queued: whatever its guest
+    /// or its host calls still try to write is dropped, so nothing lands
+    /// after the terminal event.
+    pub closed: std::sync::atomic::AtomicBool,
+    /// How many calls led to this task (`header.metadata.call_depth`; 0
+    /// for a task a client sent).
+    pub call_depth: u32,
     pub services: Arc<Services>,
+}
+
+/// A called task's header metadata: the caller's, with `call_depth`.
+fn with_call_depth(metadata: Value, depth: u32) -> Value {
+    match metadata {
+        Value::Object(mut fields) => {
+            fields.insert("call_depth".into(), depth.into());
+            Value::Object(fields)
+        }
+        Value::Null => json!({ "call_depth": depth }),
+        other => json!({ "call_depth": depth, "metadata": other }),
+    }
+}
+
+/// How many calls led to a task, from its header's metadata.
+pub fn call_depth(metadata: &Value) -> u32 {
+    metadata
+        .get("call_depth")
+        .and_then(Value::as_u64)
+        .map_or(0, |d| u32::try_from(d).unwrap_or(u32::MAX))
 }
 
 fn raw(value: &Value) -> Box<serde_json::value::RawValue> {
@@ -116,6 +146,53 @@ fn agent_reply(child_message_id: &str, reply: Reply) -> AgentReply {
 }
 
 impl TaskLink {
+    /// The depth of the tasks this one calls, or `error.denied` when that
+    /// passes `worker.max_call_depth`.
+    fn child_depth(&self) -> Result<u32, GuestError> {
+        let depth = self.call_depth.saturating_add(1);
+        if depth > self.services.max_call_depth {
+            return Err(GuestError::Denied(format!(
+                "call depth {depth} exceeds worker.max_call_depth ({}): agents calling agents this deep are refused",
+                self.services.max_call_depth
+            )));
+        }
+        Ok(depth)
+    }
+
+    /// No write of this task's guest or host calls goes out from now on.
+    pub fn close(&self) {
+        self.closed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Queues writes of the running task; refused once it is closed.
+    async fn send(&self, writes: Vec<Write>) -> Result<(), Stopping> {
+        if self.is_closed() {
+            return Err(Stopping);
+        }
+        self.writer
+            .send(&self.origin.session_id, writes)
+            .await
+            .map_err(|_| Stopping)
+    }
+
+    /// Queues writes of the running task and waits until they are applied;
+    /// refused once it is closed.
+    async fn commit(&self, writes: Vec<Write>) -> Result<(), Stopping> {
+        if self.is_closed() {
+            return Err(Stopping);
+        }
+        self.writer
+            .commit(&self.origin.session_id, writes)
+            .await
+            .map(|_| ())
+            .map_err(|_| Stopping)
+    }
+
     /// Saves the reply streamed so far, unless it was saved already (the
     /// task completed without an end marker).
     pub fn finish_reply(&self) {
@@ -180,10 +257,7 @@ impl TaskPort for TaskLink {
                 stream: self.stream.clone(),
                 data,
             };
-            self.writer
-                .send(&self.origin.session_id, vec![write])
-                .await
-                .map_err(|_| Stopping)
+            self.send(vec![write]).await
         })
     }
 
@@ -317,6 +391,10 @@ impl TaskLink {
                 .map(|_| Err(GuestError::Cancelled("the task is being cancelled".into())))
                 .collect());
         }
+        let depth = match self.child_depth() {
+            Ok(depth) => depth,
+            Err(denied) => return Ok(calls.into_iter().map(|_| Err(denied.clone())).collect()),
+        };
 
         // Fail fast on agent types nobody serves: a wait for them could only
         // time out.
@@ -414,7 +492,7 @@ impl TaskLink {
                 parent_message_id: origin.message_id.clone(),
                 task_group_id: task_group_id.clone(),
                 tenant_id: self.tenant_id.clone(),
-                metadata: call.metadata,
+                metadata: with_call_depth(call.metadata, depth),
             };
             let body = json!({
                 "content": call.content,
@@ -443,10 +521,7 @@ impl TaskLink {
             .lock()
             .expect("awaiting lock is never poisoned")
             .extend(awaited);
-        self.writer
-            .commit(&origin.session_id, writes)
-            .await
-            .map_err(|_| Stopping)?;
+        self.commit(writes).await?;
 
         let slot = self.lend_permit();
         let deadline = tokio::time::Instant::now() + timeout;
@@ -525,10 +600,7 @@ impl TaskLink {
         results.iter_mut().for_each(unanswered);
         if any_answered {
             let resumed = self.state_write(state::RESUMED, None);
-            self.writer
-                .send(&origin.session_id, vec![resumed])
-                .await
-                .map_err(|_| Stopping)?;
+            self.send(vec![resumed]).await?;
         }
         Ok(results
             .into_iter()
@@ -554,6 +626,10 @@ impl TaskLink {
             }
             Err(error) => return Ok(Err(error)),
         }
+        let depth = match self.child_depth() {
+            Ok(depth) => depth,
+            Err(denied) => return Ok(Err(denied)),
+        };
         let origin = &self.origin;
         let child = wire::new_message_id();
         let header = wire::Header {
@@ -565,7 +641,7 @@ impl TaskLink {
             parent_message_id: origin.message_id.clone(),
             task_group_id: String::new(),
             tenant_id: self.tenant_id.clone(),
-            metadata: call.metadata,
+            metadata: with_call_depth(call.metadata, depth),
         };
         let body = json!({
             "content": call.content,
@@ -580,10 +656,7 @@ impl TaskLink {
                 data: wire::control_json("ASK_AGENT", &header, &body),
             },
         ];
-        self.writer
-            .commit(&origin.session_id, writes)
-            .await
-            .map_err(|_| Stopping)?;
+        self.commit(writes).await?;
         Ok(Ok(AgentReply {
             status: "QUEUED".into(),
             message_id: child,
@@ -680,10 +753,7 @@ impl TaskLink {
             .lock()
             .expect("awaiting lock is never poisoned")
             .push(awaited);
-        self.writer
-            .commit(&origin.session_id, writes)
-            .await
-            .map_err(|_| Stopping)?;
+        self.commit(writes).await?;
 
         let slot = self.lend_permit();
         let mut cancelled = false;
@@ -727,10 +797,7 @@ impl TaskLink {
         }
         .answered();
         let resumed = self.state_write(state::RESUMED, None);
-        self.writer
-            .send(&origin.session_id, vec![answered, resumed])
-            .await
-            .map_err(|_| Stopping)?;
+        self.send(vec![answered, resumed]).await?;
         Ok(Ok(UserReply {
             status: reply.status,
             message_id: reply.message_id,

@@ -311,3 +311,111 @@ async fn bad_plugin_files_are_reported_and_skipped() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_lands_after_the_terminal_event_of_a_flooding_plugin() -> anyhow::Result<()> {
+    let mut bed = TestBed::start(&["faults"], "fault-flood", |c| {
+        c.plugins.deadline_s = 1;
+    })
+    .await?;
+    let mut conn = bed.conn.clone();
+    let mut sent = Vec::new();
+    for _ in 0..4 {
+        sent.push(send_ask(&mut conn, "fault-flood", "x").await?);
+    }
+    for task in &sent {
+        let events = task_events(&mut conn, &task.session_id, &task.message_id, WAIT).await?;
+        let state = final_state(&events);
+        assert!(state.starts_with("FAILED"), "{state}");
+    }
+    // Stopped daemon: everything it queued is written; still nothing after
+    // each task's terminal event.
+    bed.daemon.stop().await?;
+    for task in &sent {
+        let events: Vec<Value> = all_events(&mut conn, &task.session_id)
+            .await?
+            .into_iter()
+            .filter(|e| e["message_id"] == task.message_id.as_str())
+            .collect();
+        let terminal = events
+            .iter()
+            .position(is_terminal_state)
+            .expect("a terminal event");
+        assert_eq!(
+            terminal,
+            events.len() - 1,
+            "{} events after the terminal one",
+            events.len() - 1 - terminal
+        );
+        assert!(terminal > 0, "the flood reached the stream before the end");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_past_max_result_bytes_fails_the_task_with_the_sizes() -> anyhow::Result<()> {
+    let mut bed = TestBed::start(&["faults"], "fault-big-result", |c| {
+        c.plugins.max_result_bytes = 64 * 1024;
+    })
+    .await?;
+    let mut conn = bed.conn.clone();
+    let small = send_ask(&mut conn, "fault-big-result", "1000").await?;
+    let big = send_ask(&mut conn, "fault-big-result", "200000").await?;
+    let events = events_until_terminal(&mut conn, &small.session_id, WAIT).await?;
+    assert_eq!(final_state(&events), "COMPLETED");
+    let events = events_until_terminal(&mut conn, &big.session_id, WAIT).await?;
+    let state = final_state(&events);
+    assert!(
+        state.starts_with("FAILED: result of 2000")
+            && state.ends_with("bytes exceeds the limit of 65536 bytes (plugins.max_result_bytes)"),
+        "{state}"
+    );
+    let stream_bytes: u64 = redis::cmd("MEMORY")
+        .arg("USAGE")
+        .arg(format!("byai_gateway:session:{}:data_stream", big.session_id))
+        .query_async(&mut conn)
+        .await?;
+    assert!(stream_bytes < 64 * 1024, "the big result was not written: {stream_bytes} bytes");
+    bed.daemon.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_calling_itself_is_refused_past_max_call_depth() -> anyhow::Result<()> {
+    let mut bed = TestBed::start(&["faults"], "recurse", |c| {
+        c.worker.max_call_depth = 3;
+        c.streams.delete_acked = false;
+    })
+    .await?;
+    let mut conn = bed.conn.clone();
+    let root = send_ask(&mut conn, "recurse", "0").await?;
+    let events = events_until_terminal(&mut conn, &root.session_id, WAIT).await?;
+    let state = final_state(&events);
+    assert!(state.starts_with("FAILED"), "{state}");
+    let stream = "byai_gateway:ctrl:capability:recurse";
+    wait_all_acked(&conn, stream, WAIT).await?;
+    // The root and three calls below it; the task at depth 3 was refused.
+    let asks: Vec<Value> = xrange(&mut conn, stream)
+        .await?
+        .into_iter()
+        .filter_map(|entry| entry.get::<String>("data"))
+        .filter_map(|data| serde_json::from_str::<Value>(&data).ok())
+        .filter(|data| data["action_type"] == "ASK_AGENT")
+        .collect();
+    let depths: Vec<u64> = asks
+        .iter()
+        .map(|a| a["header"]["metadata"]["call_depth"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(depths, [0, 1, 2, 3], "{asks:#?}");
+    let deepest = asks.last().unwrap()["header"]["message_id"].as_str().unwrap().to_owned();
+    let events = task_events(&mut conn, &root.session_id, &deepest, WAIT).await?;
+    let reason = events
+        .iter()
+        .rev()
+        .find(|e| is_terminal_state(e))
+        .map(|e| delta_content(e).to_owned())
+        .unwrap();
+    assert!(reason.contains("worker.max_call_depth (3)"), "{reason}");
+    bed.daemon.stop().await?;
+    Ok(())
+}

@@ -64,6 +64,8 @@ pub struct Settings {
     pub claim_interval: Duration,
     /// How many history entries go into `extra_payload.history`.
     pub history_inject: usize,
+    /// Largest handler result written (`plugins.max_result_bytes`).
+    pub max_result_bytes: usize,
 }
 
 /// A task in progress on this worker.

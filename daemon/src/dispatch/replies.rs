@@ -204,7 +204,7 @@ impl Dispatcher {
         reason: &str,
     ) -> Vec<Write> {
         let mut writes = Vec::with_capacity(awaited.len() * 2);
-        let reason = format!("caller {} was cancelled: {reason}", origin.message_id);
+        let reason = format!("caller {} ended: {reason}", origin.message_id);
         for child in awaited {
             writes.push(child.key.tombstone());
             let Some(message_id) = child.child_message_id else {

@@ -205,10 +205,15 @@ impl Dispatcher {
                 }
             }
             let mut writes = Vec::new();
-            if let Outcome::Cancelled(reason) = &outcome {
+            // A task that ends while calls are still awaited (cancelled, or
+            // failed mid-wait: deadline, trap) cancels them, so a failed
+            // chain stops growing.
+            if let Outcome::Cancelled(reason) | Outcome::Failed(reason) = &outcome {
                 let awaited =
                     std::mem::take(&mut *awaiting.lock().expect("awaiting lock is never poisoned"));
-                writes = self.cancel_awaited(&origin, awaited, reason).await;
+                if !awaited.is_empty() {
+                    writes = self.cancel_awaited(&origin, awaited, reason).await;
+                }
             }
             writes.extend(self.finish_writes(
                 &command,
@@ -316,8 +321,13 @@ impl Dispatcher {
                 (self.services.history.backend() != HistoryBackend::Off).then(String::new),
             ),
             answers: Mutex::new(Vec::new()),
+            closed: Default::default(),
+            call_depth: crate::task_link::call_depth(&command.header.metadata),
             services: self.services.clone(),
         });
+        // However this returns, the task's own writes end here: the final
+        // writes queued after this cannot be followed by a late chunk.
+        let _close = CloseOnReturn(link.clone());
         let context = Arc::new(TaskContext {
             origin: origin.clone(),
             cancel: cancel.clone(),
@@ -382,6 +392,11 @@ impl Dispatcher {
             return Outcome::Cancelled(cancel.reason());
         }
         match result {
+            Ok(Ok(json)) if json.len() > self.settings.max_result_bytes => Outcome::Failed(format!(
+                "result of {} bytes exceeds the limit of {} bytes (plugins.max_result_bytes)",
+                json.len(),
+                self.settings.max_result_bytes
+            )),
             Ok(Ok(json)) => {
                 link.finish_reply();
                 Outcome::Completed(json)
@@ -510,6 +525,15 @@ impl Dispatcher {
         writes.push(self.executions.finish(execution, status).into());
         writes.push(self.ack(delivery));
         writes
+    }
+}
+
+/// Closes a task's link when dropped.
+struct CloseOnReturn(Arc<TaskLink>);
+
+impl Drop for CloseOnReturn {
+    fn drop(&mut self) {
+        self.0.close();
     }
 }
 

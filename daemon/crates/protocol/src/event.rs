@@ -116,6 +116,18 @@ pub struct EventSpec<'a> {
     pub metadata: Option<&'a RawValue>,
 }
 
+impl EventSpec<'_> {
+    /// A lower bound of the event's JSON size, known without serializing:
+    /// the texts it carries (escaping only adds). Checked first, so an
+    /// oversized event costs no work proportional to its size.
+    pub fn min_json_len(&self) -> usize {
+        self.delta.content.map_or(0, str::len)
+            + self.delta.function_call.map_or(0, |v| v.get().len())
+            + self.delta.tool_calls.map_or(0, |v| v.get().len())
+            + self.metadata.map_or(0, |v| v.get().len())
+    }
+}
+
 #[derive(Serialize)]
 struct Choice<'a> {
     index: u32,
@@ -227,6 +239,32 @@ mod tests {
             serde_json::json!({"plugin_version": "mine"})
         );
         assert_eq!(stamped_metadata(None, None).get(), "{}");
+    }
+
+    #[test]
+    fn the_size_bound_never_exceeds_the_serialized_event() {
+        let origin = EventOrigin {
+            trace_id: "t".into(),
+            session_id: "s".into(),
+            agent_id: "echo".into(),
+            message_id: "m".into(),
+            plugin: None,
+        };
+        let metadata = RawValue::from_string(r#"{"k":"v"}"#.to_owned()).unwrap();
+        for text in ["", "plain", "\u{1}\u{2}\"quoted\"\n", "日本語"] {
+            let event = EventSpec {
+                event_type: "answerDelta",
+                content_type: "1002",
+                delta: Delta {
+                    content: Some(text),
+                    ..Delta::default()
+                },
+                metadata: Some(&metadata),
+            };
+            let json = data_message(&origin, &event);
+            assert!(event.min_json_len() <= json.len(), "{text:?}");
+            assert!(event.min_json_len() >= text.len() + metadata.get().len());
+        }
     }
 
     #[test]

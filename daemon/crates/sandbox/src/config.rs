@@ -18,6 +18,9 @@ pub struct PluginsConfig {
     pub deadline_s: u64,
     /// Largest event one emit may produce, bytes of JSON.
     pub max_event_bytes: usize,
+    /// Largest result a handler may return, bytes of JSON: it is copied into
+    /// the terminal event and the caller's RESUME.
+    pub max_result_bytes: usize,
     /// Watch `dir` and load, replace and drop plugins while serving.
     pub watch: bool,
     /// Quiet time after the last change in `dir` before it is reloaded, ms.
@@ -141,6 +144,7 @@ impl Default for PluginsConfig {
             memory_limit_mb: 128,
             deadline_s: 300,
             max_event_bytes: 1 << 20,
+            max_result_bytes: 1 << 20,
             watch: true,
             reload_debounce_ms: 200,
             compile_cache: true,
@@ -178,6 +182,11 @@ impl PluginsConfig {
         check(
             p.max_event_bytes >= 1024,
             "plugins.max_event_bytes",
+            "must be at least 1024",
+        );
+        check(
+            p.max_result_bytes >= 1024,
+            "plugins.max_result_bytes",
             "must be at least 1024",
         );
         if let Err(why) = OutboundHosts::parse(&p.allowed_outbound_hosts) {

@@ -28,6 +28,13 @@ fn any_json(json: &str, what: &str) -> wasmtime::Result<Box<RawValue>> {
 impl TaskState {
     async fn push_event(&mut self, event: &EventSpec<'_>) -> wasmtime::Result<()> {
         let host = self.host("emit")?;
+        let at_least = event.min_json_len();
+        if at_least > self.max_event_bytes {
+            wasmtime::bail!(
+                "event of at least {at_least} bytes exceeds the limit of {} bytes (plugins.max_event_bytes)",
+                self.max_event_bytes
+            );
+        }
         let data = wire::data_message(&host.task.origin, event);
         if data.len() > self.max_event_bytes {
             wasmtime::bail!(
