@@ -145,6 +145,9 @@ fn keep_restart_only(running: &PluginsConfig, fresh: PluginsConfig) -> PluginsCo
         compile_cache: running.compile_cache,
         compile_cache_dir: running.compile_cache_dir.clone(),
         max_event_bytes: running.max_event_bytes,
+        max_result_bytes: running.max_result_bytes,
+        guest_log_lines_per_s: running.guest_log_lines_per_s,
+        guest_log_bytes: running.guest_log_bytes,
         ..fresh
     }
 }
@@ -172,6 +175,9 @@ fn is_daemon_wide(key: &str) -> bool {
         "memory_limit_mb",
         "deadline_s",
         "max_event_bytes",
+        "max_result_bytes",
+        "guest_log_lines_per_s",
+        "guest_log_bytes",
         "watch",
         "reload_debounce_ms",
         "compile_cache",

@@ -117,6 +117,10 @@ pub async fn run_with(
         memory_bytes: config.plugins.largest_memory_limit_bytes(),
         deadline: Duration::from_secs(config.plugins.deadline_s),
         max_event_bytes: config.plugins.max_event_bytes,
+        guest_log: byclaw_sandbox::OutputLimits {
+            lines_per_s: config.plugins.guest_log_lines_per_s,
+            bytes: config.plugins.guest_log_bytes,
+        },
     };
     // Waiting tasks keep their instances while their permits serve others.
     let sandbox = byclaw_sandbox::Sandbox::with_options(

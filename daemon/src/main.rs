@@ -383,6 +383,10 @@ async fn plugins(config: &Config, command: PluginsCommand) -> anyhow::Result<()>
         memory_bytes: config.plugins.largest_memory_limit_bytes(),
         deadline: config.plugins.deadline(),
         max_event_bytes: config.plugins.max_event_bytes,
+        guest_log: byclaw_sandbox::OutputLimits {
+            lines_per_s: config.plugins.guest_log_lines_per_s,
+            bytes: config.plugins.guest_log_bytes,
+        },
     };
     let sandbox = byclaw_sandbox::Sandbox::with_options(
         limits,

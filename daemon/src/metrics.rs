@@ -101,6 +101,8 @@ pub struct Metrics {
     leases_lost: Counter,
     /// RESUMEs for a call already answered, acknowledged and dropped.
     duplicate_replies: Counter,
+    /// Guest log lines over their task's budget, dropped.
+    guest_log_dropped: Counter,
     plugin_loads: Family<Labels, Counter>,
     config_reloads: Family<Labels, Counter>,
     redis_errors: Family<Labels, Counter>,
@@ -172,6 +174,12 @@ impl Metrics {
             "duplicate_replies",
             "Replies to a call or prompt already answered, acknowledged and dropped",
             duplicate_replies.clone(),
+        );
+        let guest_log_dropped = Counter::default();
+        registry.register(
+            "guest_log_lines_dropped",
+            "Lines plugins wrote to stdout, stderr or runtime.log past their task's budget, dropped",
+            guest_log_dropped.clone(),
         );
         let plugin_loads = Family::<Labels, Counter>::default();
         registry.register(
@@ -250,6 +258,7 @@ impl Metrics {
             claimed,
             leases_lost,
             duplicate_replies,
+            guest_log_dropped,
             plugin_loads,
             config_reloads,
             redis_errors,
@@ -319,6 +328,16 @@ impl Metrics {
     /// A reply to a call already answered was dropped.
     pub fn duplicate_reply(&self) {
         self.duplicate_replies.inc();
+    }
+
+    /// A task's guest wrote `lines` log lines past its budget.
+    pub fn guest_log_dropped(&self, lines: u64) {
+        self.guest_log_dropped.inc_by(lines);
+    }
+
+    /// How many guest log lines were dropped so far.
+    pub fn guest_log_dropped_total(&self) -> u64 {
+        self.guest_log_dropped.get()
     }
 
     /// How many leases were lost so far.

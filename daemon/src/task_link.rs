@@ -349,6 +349,10 @@ impl TaskPort for TaskLink {
     fn host_call(&self, import: HostImport, took: Duration) {
         self.services.metrics.host_call(import, took);
     }
+
+    fn guest_output_dropped(&self, lines: u64) {
+        self.services.metrics.guest_log_dropped(lines);
+    }
 }
 
 impl TaskLink {

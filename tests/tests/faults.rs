@@ -294,6 +294,7 @@ async fn bad_plugin_files_are_reported_and_skipped() -> anyhow::Result<()> {
             memory_bytes: 64 << 20,
             deadline: Duration::from_secs(5),
             max_event_bytes: 1 << 20,
+            guest_log: Default::default(),
         },
         4,
     )?;
@@ -416,6 +417,36 @@ async fn an_agent_calling_itself_is_refused_past_max_call_depth() -> anyhow::Res
         .map(|e| delta_content(e).to_owned())
         .unwrap();
     assert!(reason.contains("worker.max_call_depth (3)"), "{reason}");
+    bed.daemon.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chatty_plugin_is_held_to_its_log_budget() -> anyhow::Result<()> {
+    let mut bed = TestBed::start(&["faults"], "fault-chatter", |c| {
+        c.plugins.guest_log_lines_per_s = 20;
+    })
+    .await?;
+    let mut conn = bed.conn.clone();
+    let started = std::time::Instant::now();
+    let task = send_ask(&mut conn, "fault-chatter", "20000").await?;
+    let events = events_until_terminal(&mut conn, &task.session_id, WAIT).await?;
+    assert_eq!(final_state(&events), "COMPLETED", "output over budget never fails a task");
+    // Counted once, when the task's store is dropped.
+    let dropped = wait_for("the dropped lines counted", WAIT, || {
+        let dropped = bed.daemon.stats.metrics.guest_log_dropped_total();
+        async move { Ok((dropped > 0).then_some(dropped)) }
+    })
+    .await?;
+    let elapsed = started.elapsed().as_secs_f64();
+    // 20,000 lines to stdout and 20,000 through runtime.log: at most one
+    // second's burst and 20 a second since got through.
+    let admitted_at_most = 20.0 + 20.0 * elapsed;
+    assert!(
+        dropped as f64 >= 40_000.0 - admitted_at_most,
+        "{dropped} dropped in {elapsed:.1} s"
+    );
+    assert!(dropped <= 40_000);
     bed.daemon.stop().await?;
     Ok(())
 }

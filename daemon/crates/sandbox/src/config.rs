@@ -21,6 +21,11 @@ pub struct PluginsConfig {
     /// Largest result a handler may return, bytes of JSON: it is copied into
     /// the terminal event and the caller's RESUME.
     pub max_result_bytes: usize,
+    /// Lines per second one task's guest may write to the daemon's log
+    /// (stdout, stderr, `runtime.log`); the rest is dropped and counted.
+    pub guest_log_lines_per_s: u32,
+    /// Bytes one task's guest may write to the daemon's log in all.
+    pub guest_log_bytes: u64,
     /// Watch `dir` and load, replace and drop plugins while serving.
     pub watch: bool,
     /// Quiet time after the last change in `dir` before it is reloaded, ms.
@@ -145,6 +150,8 @@ impl Default for PluginsConfig {
             deadline_s: 300,
             max_event_bytes: 1 << 20,
             max_result_bytes: 1 << 20,
+            guest_log_lines_per_s: 100,
+            guest_log_bytes: 1 << 20,
             watch: true,
             reload_debounce_ms: 200,
             compile_cache: true,
@@ -187,6 +194,16 @@ impl PluginsConfig {
         check(
             p.max_result_bytes >= 1024,
             "plugins.max_result_bytes",
+            "must be at least 1024",
+        );
+        check(
+            (1..=100_000).contains(&p.guest_log_lines_per_s),
+            "plugins.guest_log_lines_per_s",
+            "must be between 1 and 100000",
+        );
+        check(
+            p.guest_log_bytes >= 1024,
+            "plugins.guest_log_bytes",
             "must be at least 1024",
         );
         if let Err(why) = OutboundHosts::parse(&p.allowed_outbound_hosts) {

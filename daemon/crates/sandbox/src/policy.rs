@@ -18,6 +18,8 @@ pub struct Limits {
     pub deadline: Duration,
     /// Largest event a guest may emit, bytes of JSON.
     pub max_event_bytes: usize,
+    /// What one store's guest may write to the daemon's log.
+    pub guest_log: crate::output::OutputLimits,
 }
 
 /// What the tasks of one plugin get (`[plugins.<id>]`, else `[plugins]`).

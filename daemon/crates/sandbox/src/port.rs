@@ -80,6 +80,12 @@ pub trait TaskPort: Send + Sync + 'static {
 
     /// One host call of the task took `took` (for metrics).
     fn host_call(&self, import: HostImport, took: Duration);
+
+    /// The task's guest wrote `lines` lines to its log past its budget;
+    /// they were dropped (for metrics).
+    fn guest_output_dropped(&self, lines: u64) {
+        let _ = lines;
+    }
 }
 
 /// The host functions a plugin imports, for per-import counts. Declared

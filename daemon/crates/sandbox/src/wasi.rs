@@ -3,6 +3,7 @@
 //! grants, and a stdout/stderr that lands in the daemon's log. No
 //! environment, no arguments, no sockets, no other files.
 
+use crate::output::OutputBudget;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -66,6 +67,7 @@ pub fn wasi_context(
     read_only: &[(std::path::PathBuf, String)],
     plugin: Arc<str>,
     message_id: Arc<str>,
+    output: Arc<OutputBudget>,
 ) -> io::Result<WasiCtx> {
     let mut builder = WasiCtxBuilder::new();
     builder
@@ -73,11 +75,13 @@ pub fn wasi_context(
             plugin: plugin.clone(),
             message_id: message_id.clone(),
             stream: "stdout",
+            output: output.clone(),
         })
         .stderr(GuestLog {
             plugin,
             message_id,
             stream: "stderr",
+            output,
         })
         .allow_ip_name_lookup(false)
         .allow_tcp(false)
@@ -104,6 +108,8 @@ struct GuestLog {
     plugin: Arc<str>,
     message_id: Arc<str>,
     stream: &'static str,
+    /// Shared with the store's other output: what it may still log.
+    output: Arc<OutputBudget>,
 }
 
 impl IsTerminal for GuestLog {
@@ -132,6 +138,9 @@ struct LineWriter {
 
 impl LineWriter {
     fn log(&self, line: &[u8]) {
+        if !self.target.output.admit(line.len()) {
+            return;
+        }
         let text = String::from_utf8_lossy(line);
         let text = text.trim_end_matches('\r');
         tracing::info!(

@@ -142,16 +142,26 @@ pub struct TaskState {
     hook: Option<HookScope>,
     /// Largest event the guest may emit.
     max_event_bytes: usize,
+    /// What the guest may still write to the daemon's log (stdout, stderr
+    /// and `runtime.log` share it).
+    pub(crate) output: Arc<crate::output::OutputBudget>,
 }
 
 impl TaskState {
     pub(crate) fn new(host: TaskHost, limits: &Limits) -> std::io::Result<Self> {
         let policy = host.plugin.policy();
+        let output = crate::output::OutputBudget::new(
+            limits.guest_log,
+            host.task.plugin_label.clone(),
+            host.task.message_id.clone(),
+            Some(host.task.port.clone()),
+        );
         let wasi = wasi_context(
             host.task.dirs.as_ref(),
             &policy.read_only_dirs,
             host.task.plugin_label.clone(),
             host.task.message_id.clone(),
+            output.clone(),
         )?;
         let http_policy = crate::outbound::OutboundPolicy {
             allowed: policy.outbound.clone(),
@@ -167,12 +177,15 @@ impl TaskState {
             host: Some(host),
             hook: None,
             max_event_bytes: limits.max_event_bytes,
+            output,
         })
     }
 
     pub(crate) fn for_manifest(limits: &Limits) -> Self {
+        let output =
+            crate::output::OutputBudget::new(limits.guest_log, Arc::from("loader"), Arc::from("-"), None);
         TaskState {
-            wasi: wasi_context(None, &[], Arc::from("loader"), Arc::from("-"))
+            wasi: wasi_context(None, &[], Arc::from("loader"), Arc::from("-"), output.clone())
                 .expect("a WASI context without directories cannot fail"),
             table: ResourceTable::new(),
             http: wasmtime_wasi_http::WasiHttpCtx::new(),
@@ -184,6 +197,7 @@ impl TaskState {
             host: None,
             hook: None,
             max_event_bytes: limits.max_event_bytes,
+            output,
         }
     }
 
@@ -193,8 +207,16 @@ impl TaskState {
     pub(crate) fn for_hook(plugin: &Plugin, limits: &Limits) -> std::io::Result<Self> {
         let label: Arc<str> = Arc::from(plugin.label());
         let policy = plugin.policy();
+        let output =
+            crate::output::OutputBudget::new(limits.guest_log, label.clone(), Arc::from("-"), None);
         Ok(TaskState {
-            wasi: wasi_context(None, &policy.read_only_dirs, label.clone(), Arc::from("-"))?,
+            wasi: wasi_context(
+                None,
+                &policy.read_only_dirs,
+                label.clone(),
+                Arc::from("-"),
+                output.clone(),
+            )?,
             table: ResourceTable::new(),
             http: wasmtime_wasi_http::WasiHttpCtx::new(),
             http_policy: crate::outbound::OutboundPolicy {
@@ -208,6 +230,7 @@ impl TaskState {
                 config: policy.config.clone(),
             }),
             max_event_bytes: limits.max_event_bytes,
+            output,
         })
     }
 

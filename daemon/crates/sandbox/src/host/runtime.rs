@@ -16,6 +16,9 @@ impl Host for TaskState {
             (None, None) => ("loader".into(), "-".into()),
         };
         let mut text = message.as_str();
+        if !self.output.admit(text.len().min(MAX_LOG_MESSAGE)) {
+            return Ok(());
+        }
         if text.len() > MAX_LOG_MESSAGE {
             let mut end = MAX_LOG_MESSAGE;
             while !text.is_char_boundary(end) {
