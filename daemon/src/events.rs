@@ -58,10 +58,7 @@ pub enum Write {
     /// `stream` in `group` — the task's lease — all of them or none (one
     /// script). A task's final writes go this way, so a worker whose entry
     /// another worker took over writes no terminal state and no XACK.
-    Owned {
-        lease: Lease,
-        writes: Vec<Write>,
-    },
+    Owned { lease: Lease, writes: Vec<Write> },
 }
 
 /// A pending entry as one consumer holds it.
@@ -410,7 +407,10 @@ impl Lane {
         let mut backoff = Duration::from_millis(50);
         let mut attempt = 0u32;
         loop {
-            let error = match pipeline.query_async::<Vec<redis::Value>>(&mut self.connection).await {
+            let error = match pipeline
+                .query_async::<Vec<redis::Value>>(&mut self.connection)
+                .await
+            {
                 Ok(replies) => {
                     return Some(
                         replies

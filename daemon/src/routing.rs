@@ -369,11 +369,20 @@ mod tests {
         let waiters = Arc::new(Waiters::default());
         let mut a = waiters.register(key("msg-a"));
         let _b = waiters.register(key("msg-b"));
-        assert_eq!(waiters.deliver(&key("msg-a"), reply("r1")), Delivered::Taken);
+        assert_eq!(
+            waiters.deliver(&key("msg-a"), reply("r1")),
+            Delivered::Taken
+        );
         assert_eq!(a.recv().await.unwrap().message_id, "r1");
         // Nobody waits for msg-c; a second reply to msg-a finds no waiter.
-        assert_eq!(waiters.deliver(&key("msg-c"), reply("r2")), Delivered::NoWaiter);
-        assert_eq!(waiters.deliver(&key("msg-a"), reply("r3")), Delivered::NoWaiter);
+        assert_eq!(
+            waiters.deliver(&key("msg-c"), reply("r2")),
+            Delivered::NoWaiter
+        );
+        assert_eq!(
+            waiters.deliver(&key("msg-a"), reply("r3")),
+            Delivered::NoWaiter
+        );
         assert_eq!(waiters.len(), 1);
     }
 
@@ -382,10 +391,16 @@ mod tests {
         let waiters = Arc::new(Waiters::default());
         drop(waiters.register(key("msg-a")));
         assert!(waiters.is_empty());
-        assert_eq!(waiters.deliver(&key("msg-a"), reply("r")), Delivered::NoWaiter);
+        assert_eq!(
+            waiters.deliver(&key("msg-a"), reply("r")),
+            Delivered::NoWaiter
+        );
 
         let waiting = waiters.register(key("msg-b"));
-        assert_eq!(waiters.deliver(&key("msg-b"), reply("late")), Delivered::Taken);
+        assert_eq!(
+            waiters.deliver(&key("msg-b"), reply("late")),
+            Delivered::Taken
+        );
         // The reply raced the timeout: close() still returns it.
         assert_eq!(waiting.close().unwrap().message_id, "late");
         assert!(waiters.is_empty());
@@ -400,7 +415,10 @@ mod tests {
         };
         let mut second = waiters.register_expecting(key("msg-a"), expect);
         // The first prompt's answer, delivered again.
-        assert_eq!(waiters.deliver(&key("msg-a"), reply("answer-1")), Delivered::Stale);
+        assert_eq!(
+            waiters.deliver(&key("msg-a"), reply("answer-1")),
+            Delivered::Stale
+        );
         // A late answer naming the first prompt.
         let mut late = reply("answer-1b");
         late.reply_data = serde_json::json!({ "prompt_id": "msg-a:u1" });

@@ -161,8 +161,7 @@ impl TaskLink {
 
     /// No write of this task's guest or host calls goes out from now on.
     pub fn close(&self) {
-        self.closed
-            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn is_closed(&self) -> bool {

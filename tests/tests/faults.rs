@@ -373,10 +373,16 @@ async fn a_result_past_max_result_bytes_fails_the_task_with_the_sizes() -> anyho
     );
     let stream_bytes: u64 = redis::cmd("MEMORY")
         .arg("USAGE")
-        .arg(format!("byai_gateway:session:{}:data_stream", big.session_id))
+        .arg(format!(
+            "byai_gateway:session:{}:data_stream",
+            big.session_id
+        ))
         .query_async(&mut conn)
         .await?;
-    assert!(stream_bytes < 64 * 1024, "the big result was not written: {stream_bytes} bytes");
+    assert!(
+        stream_bytes < 64 * 1024,
+        "the big result was not written: {stream_bytes} bytes"
+    );
     bed.daemon.stop().await?;
     Ok(())
 }
@@ -408,7 +414,10 @@ async fn an_agent_calling_itself_is_refused_past_max_call_depth() -> anyhow::Res
         .map(|a| a["header"]["metadata"]["call_depth"].as_u64().unwrap_or(0))
         .collect();
     assert_eq!(depths, [0, 1, 2, 3], "{asks:#?}");
-    let deepest = asks.last().unwrap()["header"]["message_id"].as_str().unwrap().to_owned();
+    let deepest = asks.last().unwrap()["header"]["message_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let events = task_events(&mut conn, &root.session_id, &deepest, WAIT).await?;
     let reason = events
         .iter()
@@ -431,7 +440,11 @@ async fn a_chatty_plugin_is_held_to_its_log_budget() -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let task = send_ask(&mut conn, "fault-chatter", "20000").await?;
     let events = events_until_terminal(&mut conn, &task.session_id, WAIT).await?;
-    assert_eq!(final_state(&events), "COMPLETED", "output over budget never fails a task");
+    assert_eq!(
+        final_state(&events),
+        "COMPLETED",
+        "output over budget never fails a task"
+    );
     // Counted once, when the task's store is dropped.
     let dropped = wait_for("the dropped lines counted", WAIT, || {
         let dropped = bed.daemon.stats.metrics.guest_log_dropped_total();

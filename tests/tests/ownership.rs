@@ -105,8 +105,10 @@ async fn writes_refused_by_a_full_redis_leave_entries_pending_until_they_apply()
     wait_for("the daemon's writes refused", LONG, || {
         let mut conn = bed.conn.clone();
         async move {
-            Ok((info_field(&mut conn, "errorstats", "errorstat_OOM").await > oom_before)
-                .then_some(()))
+            Ok(
+                (info_field(&mut conn, "errorstats", "errorstat_OOM").await > oom_before)
+                    .then_some(()),
+            )
         }
     })
     .await?;
@@ -231,7 +233,12 @@ async fn replies_and_answers_delivered_twice_are_dropped_not_run() -> anyhow::Re
     let client = Client::connect(&bed.redis.url()).await?;
     let session = format!("sess-{}", suffix());
     let sent = client
-        .send("planner", &session, "solar power", json!({ "ask_timeout_ms": 30000 }))
+        .send(
+            "planner",
+            &session,
+            "solar power",
+            json!({ "ask_timeout_ms": 30000 }),
+        )
         .await?;
     wait_for("the planner's question", LONG, || {
         let mut conn = bed.conn.clone();
@@ -280,7 +287,11 @@ async fn replies_and_answers_delivered_twice_are_dropped_not_run() -> anyhow::Re
     );
     let group_id = resumes
         .iter()
-        .find_map(|r| r["header"]["task_group_id"].as_str().filter(|g| !g.is_empty()))
+        .find_map(|r| {
+            r["header"]["task_group_id"]
+                .as_str()
+                .filter(|g| !g.is_empty())
+        })
         .expect("the researchers' replies carry their task group");
     let completed: String = redis::cmd("HGET")
         .arg(format!("byai_gateway:task_group:{group_id}"))
@@ -389,7 +400,12 @@ async fn a_cancel_sent_as_soon_as_the_task_is_recorded_is_honoured() -> anyhow::
             tokio::task::yield_now().await;
         }
         client
-            .cancel(&task.message_id, &task.session_id, "changed my mind", CancelMode::Graceful)
+            .cancel(
+                &task.message_id,
+                &task.session_id,
+                "changed my mind",
+                CancelMode::Graceful,
+            )
             .await?;
         sent.push(task);
     }
@@ -410,9 +426,15 @@ async fn a_cancel_sent_as_soon_as_the_task_is_recorded_is_honoured() -> anyhow::
 async fn the_worker_lock_is_taken_again_when_redis_lost_it() -> anyhow::Result<()> {
     let mut bed = TestBed::start(&["echo"], "echo", |_| {}).await?;
     let lock = format!("byai_gateway:registry:worker:lock:{}", bed.daemon.worker_id);
-    let held: String = redis::cmd("GET").arg(&lock).query_async(&mut bed.conn).await?;
+    let held: String = redis::cmd("GET")
+        .arg(&lock)
+        .query_async(&mut bed.conn)
+        .await?;
     // As a Redis restarted without persistence would: the lock is gone.
-    let _: i64 = redis::cmd("DEL").arg(&lock).query_async(&mut bed.conn).await?;
+    let _: i64 = redis::cmd("DEL")
+        .arg(&lock)
+        .query_async(&mut bed.conn)
+        .await?;
     let again: String = wait_for("the lock taken again", LONG, || {
         let mut conn = bed.conn.clone();
         let lock = lock.clone();
@@ -422,8 +444,14 @@ async fn the_worker_lock_is_taken_again_when_redis_lost_it() -> anyhow::Result<(
         }
     })
     .await?;
-    assert_eq!(again, held, "the same process holds it again, with its token");
-    let ttl: i64 = redis::cmd("TTL").arg(&lock).query_async(&mut bed.conn).await?;
+    assert_eq!(
+        again, held,
+        "the same process holds it again, with its token"
+    );
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(&lock)
+        .query_async(&mut bed.conn)
+        .await?;
     assert!(ttl > 0, "it expires if the process dies: {ttl}");
     // And the daemon still works.
     let sent = send_ask(&mut bed.conn, "echo", "still here").await?;

@@ -88,8 +88,12 @@ impl Dispatcher {
                 return true;
             }
             Delivered::Stale => {
-                self.drop_duplicate(delivery, header, "the awaiting task took this reply, or an answer to that prompt, before")
-                    .await;
+                self.drop_duplicate(
+                    delivery,
+                    header,
+                    "the awaiting task took this reply, or an answer to that prompt, before",
+                )
+                .await;
                 return true;
             }
             Delivered::NoWaiter => {}
@@ -102,8 +106,12 @@ impl Dispatcher {
         .await
         {
             Ok(Route::Dropped) => {
-                self.drop_duplicate(delivery, header, "its call was answered or cancelled before")
-                    .await;
+                self.drop_duplicate(
+                    delivery,
+                    header,
+                    "its call was answered or cancelled before",
+                )
+                .await;
                 true
             }
             // Forwarded here, but the waiter went meanwhile: run it here.

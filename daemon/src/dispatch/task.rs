@@ -392,11 +392,13 @@ impl Dispatcher {
             return Outcome::Cancelled(cancel.reason());
         }
         match result {
-            Ok(Ok(json)) if json.len() > self.settings.max_result_bytes => Outcome::Failed(format!(
-                "result of {} bytes exceeds the limit of {} bytes (plugins.max_result_bytes)",
-                json.len(),
-                self.settings.max_result_bytes
-            )),
+            Ok(Ok(json)) if json.len() > self.settings.max_result_bytes => {
+                Outcome::Failed(format!(
+                    "result of {} bytes exceeds the limit of {} bytes (plugins.max_result_bytes)",
+                    json.len(),
+                    self.settings.max_result_bytes
+                ))
+            }
             Ok(Ok(json)) => {
                 link.finish_reply();
                 Outcome::Completed(json)

@@ -73,7 +73,10 @@ impl OutputBudget {
     /// Whether a line of `bytes` may be written; counts it as dropped if not.
     pub fn admit(&self, bytes: usize) -> bool {
         let bytes = bytes as u64;
-        let mut bucket = self.state.lock().expect("output budget lock is never poisoned");
+        let mut bucket = self
+            .state
+            .lock()
+            .expect("output budget lock is never poisoned");
         let now = Instant::now();
         let rate = f64::from(self.limits.lines_per_s);
         let elapsed = now.duration_since(bucket.at).as_secs_f64();
@@ -101,7 +104,10 @@ impl OutputBudget {
 
 impl Drop for OutputBudget {
     fn drop(&mut self) {
-        let bucket = self.state.get_mut().expect("output budget lock is never poisoned");
+        let bucket = self
+            .state
+            .get_mut()
+            .expect("output budget lock is never poisoned");
         if bucket.dropped_lines == 0 {
             return;
         }

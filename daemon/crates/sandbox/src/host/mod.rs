@@ -182,11 +182,21 @@ impl TaskState {
     }
 
     pub(crate) fn for_manifest(limits: &Limits) -> Self {
-        let output =
-            crate::output::OutputBudget::new(limits.guest_log, Arc::from("loader"), Arc::from("-"), None);
+        let output = crate::output::OutputBudget::new(
+            limits.guest_log,
+            Arc::from("loader"),
+            Arc::from("-"),
+            None,
+        );
         TaskState {
-            wasi: wasi_context(None, &[], Arc::from("loader"), Arc::from("-"), output.clone())
-                .expect("a WASI context without directories cannot fail"),
+            wasi: wasi_context(
+                None,
+                &[],
+                Arc::from("loader"),
+                Arc::from("-"),
+                output.clone(),
+            )
+            .expect("a WASI context without directories cannot fail"),
             table: ResourceTable::new(),
             http: wasmtime_wasi_http::WasiHttpCtx::new(),
             http_policy: crate::outbound::OutboundPolicy {
