@@ -719,3 +719,52 @@ pub async fn python_venv() -> Result<String> {
     let stdout = String::from_utf8(out.stdout)?;
     Ok(stdout.lines().last().unwrap_or_default().trim().to_owned())
 }
+
+/// Builds the echo agent in `plugins/<name>` with its `build.sh` (the
+/// documented build command) and checks it serves tasks as the Rust echo
+/// does: `ECHOING`, the text upper-cased (ASCII only), the text, COMPLETED
+/// with `{"echo": text, "language": language}`. The second text needs every
+/// kind of JSON escape both ways (a quote, a backslash, a newline, a tab, a
+/// control character) and carries non-ASCII UTF-8, which the upper-casing
+/// must leave alone.
+pub async fn echo_agent_built_by_its_script_serves_tasks(name: &str, language: &str) -> Result<()> {
+    let plugins = tempfile::tempdir()?;
+    let wasm = plugins.path().join(format!("{name}.wasm"));
+    let out = tokio::process::Command::new("bash")
+        .arg(repo_root().join(format!("plugins/{name}/build.sh")))
+        .arg(&wasm)
+        .output()
+        .await?;
+    anyhow::ensure!(
+        out.status.success(),
+        "building {name} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let redis = RedisServer::start().await?;
+    let workspace = tempfile::tempdir()?;
+    let config = test_config(&redis, plugins.path(), workspace.path());
+    let mut daemon = Daemon::start(config, &redis, name).await?;
+    let mut conn = redis.connect().await?;
+    for text in [
+        format!("hello from {language}"),
+        "say \"hi\" \\ back\\slash\nnew line\ttab \u{1} é 你好 🦀".to_owned(),
+    ] {
+        let sent = send_ask(&mut conn, name, &text).await?;
+        let events =
+            events_until_terminal(&mut conn, &sent.session_id, Duration::from_secs(60)).await?;
+        let contents: Vec<&str> = events.iter().map(delta_content).collect();
+        assert_eq!(
+            contents,
+            ["ECHOING", &*text.to_ascii_uppercase(), &*text, "COMPLETED"],
+            "{events:#?}"
+        );
+        assert_eq!(
+            events.last().unwrap()["metadata"]["result"],
+            json!({"echo": text, "language": language})
+        );
+        assert_eq!(events[0]["metadata"]["plugin_id"], name);
+    }
+    daemon.stop().await?;
+    Ok(())
+}
