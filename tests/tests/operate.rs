@@ -13,10 +13,20 @@ fn series(text: &str, name_and_labels: &str) -> Option<f64> {
         .and_then(|value| value.trim().parse().ok())
 }
 
+/// The operator listener's address, once it is bound (the daemon binds it
+/// after it registered, which is what `TestBed::start` waits for).
+async fn http_addr(bed: &TestBed) -> anyhow::Result<std::net::SocketAddr> {
+    wait_for("the operator listener", Duration::from_secs(30), || {
+        let bound = bed.daemon.stats.http_addr.get().copied();
+        async move { Ok(bound) }
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_the_tasks_just_run() -> anyhow::Result<()> {
     let mut bed = TestBed::start(&["echo", "faults"], "echo", |_| {}).await?;
-    let addr = *bed.daemon.stats.http_addr.get().expect("listener bound");
+    let addr = http_addr(&bed).await?;
     let http = reqwest::Client::new();
     let mut conn = bed.conn.clone();
 
@@ -84,7 +94,7 @@ async fn metrics_count_the_tasks_just_run() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_follows_redis_and_draining() -> anyhow::Result<()> {
     let mut bed = TestBed::start(&["echo", "faults"], "echo", |_| {}).await?;
-    let addr = *bed.daemon.stats.http_addr.get().expect("listener bound");
+    let addr = http_addr(&bed).await?;
     let http = reqwest::Client::new();
     let ready = async |http: &reqwest::Client| -> anyhow::Result<(u16, serde_json::Value)> {
         let response = http.get(format!("http://{addr}/readyz")).send().await?;
