@@ -19,7 +19,8 @@ pub struct PluginsConfig {
     /// Largest event one emit may produce, bytes of JSON.
     pub max_event_bytes: usize,
     /// Largest result a handler may return, bytes of JSON: it is copied into
-    /// the terminal event and the caller's RESUME.
+    /// the terminal event and the caller's RESUME. Tool arguments and tool
+    /// results are held to it too.
     pub max_result_bytes: usize,
     /// Lines per second one task's guest may write to the daemon's log
     /// (stdout, stderr, `runtime.log`); the rest is dropped and counted.
@@ -69,12 +70,36 @@ pub struct PluginPolicy {
     /// Values the plugin reads with `get-config(key)` (API keys, endpoints).
     /// Never logged.
     pub config: std::collections::BTreeMap<String, String>,
+    /// Pins the plugin to one file: the hex SHA-256 of the only `.wasm`
+    /// that may load under this id (`sha256sum plugin.wasm`); any other is
+    /// refused with both digests named. Checked when a file is loaded.
+    pub sha256: Option<String>,
+    /// Plugin ids whose tasks may call this plugin's tools (a tool runs
+    /// with this plugin's policy, its outbound hosts included). Unset: any
+    /// plugin; `[]`: only its own tasks.
+    pub tool_callers: Option<Vec<String>>,
 }
 
 impl PluginsConfig {
     /// `memory_limit_mb` in bytes.
     pub fn memory_limit_bytes(&self) -> usize {
         usize::try_from(self.memory_limit_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX)
+    }
+
+    /// The limits every store gets: the pool's memory slots are sized for
+    /// the largest cap any plugin may get.
+    pub fn limits(&self) -> crate::Limits {
+        crate::Limits {
+            memory_bytes: self.largest_memory_limit_bytes(),
+            deadline: self.deadline(),
+            max_event_bytes: self.max_event_bytes,
+            max_tool_bytes: self.max_result_bytes,
+            guest_log: crate::OutputLimits {
+                lines_per_s: self.guest_log_lines_per_s,
+                bytes: self.guest_log_bytes,
+            },
+            memory_budget_bytes: 0,
+        }
     }
 
     /// `deadline_s`.
@@ -256,6 +281,13 @@ impl PluginsConfig {
                     .is_none_or(|ms| (1..=600_000).contains(&ms)),
                 &format!("plugins.{id}.hook_timeout_ms"),
                 "must be between 1 and 600000",
+            );
+            check(
+                policy.sha256.as_deref().is_none_or(|hex| {
+                    hex.len() == 64 && hex.bytes().all(|c| c.is_ascii_hexdigit())
+                }),
+                &format!("plugins.{id}.sha256"),
+                "must be 64 hex digits (the output of sha256sum)",
             );
             check(
                 policy.max_concurrency != Some(0),

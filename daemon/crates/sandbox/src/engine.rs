@@ -33,6 +33,15 @@ pub enum PluginError {
     Manifest { path: PathBuf, reason: String },
     #[error("{path}: invalid manifest: {reason}")]
     InvalidManifest { path: PathBuf, reason: String },
+    #[error(
+        "{path}: plugin {id:?} is pinned to SHA-256 {pinned} (plugins.{id}.sha256) but this file's is {actual}; it is not loaded"
+    )]
+    Pinned {
+        path: PathBuf,
+        id: String,
+        pinned: String,
+        actual: String,
+    },
 }
 
 /// The engine, the linker with all host functions, and the limits; shared by
@@ -55,6 +64,8 @@ pub struct Sandbox {
     pub(crate) policies: arc_swap::ArcSwap<Policies>,
     /// How the plugins' lifecycle hooks went.
     pub(crate) hook_stats: Arc<HookStats>,
+    /// The linear memory of every store, against `limits.memory_budget_bytes`.
+    pub(crate) guest_memory: Arc<crate::host::GuestMemory>,
 }
 
 impl Drop for Sandbox {
@@ -168,7 +179,9 @@ impl Sandbox {
                 None
             }
         });
+        let guest_memory = Arc::new(crate::host::GuestMemory::new(limits.memory_budget_bytes));
         Ok(Arc::new(Sandbox {
+            guest_memory,
             engine,
             linker,
             limits,
@@ -183,6 +196,12 @@ impl Sandbox {
     /// The limits every store gets.
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// The linear memory every store holds, and the budget new tasks wait
+    /// under.
+    pub fn guest_memory(&self) -> &Arc<crate::host::GuestMemory> {
+        &self.guest_memory
     }
 
     /// How the plugins' lifecycle hooks went.
@@ -259,6 +278,19 @@ impl Sandbox {
                 path: path.clone(),
                 reason,
             })?;
+        let digest = file_digest(bytes);
+        let policies = self.policies.load_full();
+        if let Some(pinned) = policies.pinned_sha256(&manifest.id) {
+            let actual = crate::cache::hex(&digest);
+            if !pinned.eq_ignore_ascii_case(&actual) {
+                return Err(PluginError::Pinned {
+                    path,
+                    id: manifest.id.clone(),
+                    pinned: pinned.to_ascii_lowercase(),
+                    actual,
+                });
+            }
+        }
         let mut validators = std::collections::HashMap::with_capacity(manifest.tools.len());
         for tool in &manifest.tools {
             let validator = jsonschema::validator_for(&tool.input_schema).map_err(|e| {
@@ -273,13 +305,11 @@ impl Sandbox {
             validators.insert(tool.name.clone(), validator);
         }
         Ok(Plugin {
-            policy: arc_swap::ArcSwap::from_pointee(
-                self.policies.load().resolve(&manifest.id, &self.limits),
-            ),
+            policy: arc_swap::ArcSwap::from_pointee(policies.resolve(&manifest.id, &self.limits)),
             stamp: byclaw_protocol::plugin_stamp(&manifest.id, &manifest.version),
             manifest,
             path,
-            digest: file_digest(bytes),
+            digest,
             from_cache: cached,
             hooks,
             pre,
@@ -294,7 +324,10 @@ impl Sandbox {
         &self,
         pre: &AgentPre<TaskState>,
     ) -> Result<(bindings::Manifest, HookSet), String> {
-        let mut store = self.store(TaskState::for_manifest(&self.limits));
+        let mut store = self.store(TaskState::for_manifest(
+            &self.limits,
+            self.guest_memory.clone(),
+        ));
         let call = async {
             let instance = pre.instantiate(&mut store).await?;
             // Checks the types of the hooks now rather than at a task's end.

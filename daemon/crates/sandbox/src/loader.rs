@@ -237,5 +237,13 @@ pub async fn reload_dir(
         }
         loaded.table.insert(plugin);
     }
+    if let Some(cache) = sandbox.cache.clone() {
+        let in_use: Vec<crate::FileDigest> = loaded.table.plugins().map(|p| p.digest).collect();
+        // Directory listing and deletes: off the async threads.
+        let _ = tokio::task::spawn_blocking(move || {
+            cache.evict_unused(&in_use, crate::cache::UNUSED_FOR)
+        })
+        .await;
+    }
     Ok(loaded)
 }

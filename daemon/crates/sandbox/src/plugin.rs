@@ -111,8 +111,8 @@ pub struct Plugin {
     pub manifest: Manifest,
     /// The file it was loaded from.
     pub path: PathBuf,
-    /// Hash of the file's bytes: an unchanged file is not compiled again.
-    pub digest: u64,
+    /// SHA-256 of the file's bytes: an unchanged file is not compiled again.
+    pub digest: FileDigest,
     /// Whether the compiled code came from the compile cache.
     pub from_cache: bool,
     /// Its limits and settings; swapped when the configuration is reloaded
@@ -138,12 +138,14 @@ impl std::fmt::Debug for Plugin {
     }
 }
 
-/// A hash of a plugin file, to notice whether it changed.
-pub fn file_digest(bytes: &[u8]) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    bytes.hash(&mut hasher);
-    hasher.finish()
+/// The SHA-256 of a plugin file.
+pub type FileDigest = [u8; 32];
+
+/// The SHA-256 of a plugin file: notices whether it changed, names its
+/// compiled code in the cache, and is what `[plugins.<id>] sha256` pins.
+pub fn file_digest(bytes: &[u8]) -> FileDigest {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes).into()
 }
 
 /// Aborts a spawned guest task when the caller stops waiting for it
@@ -211,6 +213,11 @@ fn trap_detail(error: &wasmtime::Error, root: &str) -> String {
 }
 
 impl Plugin {
+    /// The linear memory of every store of its sandbox, and the budget.
+    pub fn guest_memory(&self) -> &Arc<crate::host::GuestMemory> {
+        &self.sandbox.guest_memory
+    }
+
     /// Its limits and settings now.
     pub fn policy(&self) -> Arc<Policy> {
         self.policy.load_full()

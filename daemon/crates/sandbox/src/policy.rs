@@ -18,8 +18,15 @@ pub struct Limits {
     pub deadline: Duration,
     /// Largest event a guest may emit, bytes of JSON.
     pub max_event_bytes: usize,
+    /// Largest tool arguments a guest may pass, and largest tool result it
+    /// may get back, bytes of JSON (`plugins.max_result_bytes`): checked
+    /// before anything proportional to the size is done with them.
+    pub max_tool_bytes: usize,
     /// What one store's guest may write to the daemon's log.
     pub guest_log: crate::output::OutputLimits,
+    /// Budget of the linear memory of all stores together, bytes; past it
+    /// new tasks wait to start. 0: none (`worker.memory_budget_mb`).
+    pub memory_budget_bytes: usize,
 }
 
 /// What the tasks of one plugin get (`[plugins.<id>]`, else `[plugins]`).
@@ -39,6 +46,17 @@ pub struct Policy {
     pub read_only_dirs: Arc<[(PathBuf, String)]>,
     /// Budget of one lifecycle hook call.
     pub hook_timeout: Duration,
+    /// Plugin ids whose code may call its tools; `None`: any.
+    pub tool_callers: Option<Arc<[String]>>,
+}
+
+impl Policy {
+    /// Whether code of the plugin `caller` may call this plugin's tools.
+    pub fn lets_call_tools(&self, caller: &str) -> bool {
+        self.tool_callers
+            .as_deref()
+            .is_none_or(|callers| callers.iter().any(|c| c == caller))
+    }
 }
 
 /// Resolves the policy of each plugin id.
@@ -105,6 +123,11 @@ impl Policies {
         self
     }
 
+    /// The SHA-256 the plugin `id` is pinned to, if any.
+    pub(crate) fn pinned_sha256(&self, id: &str) -> Option<&str> {
+        self.by_id.get(id).and_then(|p| p.sha256.as_deref())
+    }
+
     pub(crate) fn resolve(&self, id: &str, limits: &Limits) -> Policy {
         let own = self.by_id.get(id);
         let memory_bytes = own
@@ -163,6 +186,7 @@ impl Policies {
             deadline,
             concurrency,
             config: Arc::new(own.map(|p| p.config.clone()).unwrap_or_default()),
+            tool_callers: own.and_then(|p| p.tool_callers.as_deref()).map(Arc::from),
         }
     }
 }

@@ -81,6 +81,13 @@ pub trait TaskPort: Send + Sync + 'static {
     /// One host call of the task took `took` (for metrics).
     fn host_call(&self, import: HostImport, took: Duration);
 
+    /// The plugin `caller`'s code called a tool of the plugin `owner`
+    /// (another plugin's, or its own); `allowed` is false when `owner`'s
+    /// `tool_callers` refused it (for metrics).
+    fn tool_call(&self, caller: &str, owner: &str, allowed: bool) {
+        let _ = (caller, owner, allowed);
+    }
+
     /// The task's guest wrote `lines` lines to its log past its budget;
     /// they were dropped (for metrics).
     fn guest_output_dropped(&self, lines: u64) {

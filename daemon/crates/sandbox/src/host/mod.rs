@@ -142,6 +142,8 @@ pub struct TaskState {
     hook: Option<HookScope>,
     /// Largest event the guest may emit.
     max_event_bytes: usize,
+    /// Largest tool arguments it may pass and tool result it may get.
+    max_tool_bytes: usize,
     /// What the guest may still write to the daemon's log (stdout, stderr
     /// and `runtime.log` share it).
     pub(crate) output: Arc<crate::output::OutputBudget>,
@@ -173,15 +175,16 @@ impl TaskState {
             table: ResourceTable::new(),
             http: wasmtime_wasi_http::WasiHttpCtx::new(),
             http_policy,
-            limiter: MemoryCap::new(memory_bytes),
+            limiter: MemoryCap::new(memory_bytes, host.plugin.sandbox.guest_memory.clone()),
             host: Some(host),
             hook: None,
             max_event_bytes: limits.max_event_bytes,
+            max_tool_bytes: limits.max_tool_bytes,
             output,
         })
     }
 
-    pub(crate) fn for_manifest(limits: &Limits) -> Self {
+    pub(crate) fn for_manifest(limits: &Limits, budget: Arc<GuestMemory>) -> Self {
         let output = crate::output::OutputBudget::new(
             limits.guest_log,
             Arc::from("loader"),
@@ -203,10 +206,11 @@ impl TaskState {
                 allowed: Arc::default(),
                 plugin: Arc::from("loader"),
             },
-            limiter: MemoryCap::new(limits.memory_bytes),
+            limiter: MemoryCap::new(limits.memory_bytes, budget),
             host: None,
             hook: None,
             max_event_bytes: limits.max_event_bytes,
+            max_tool_bytes: limits.max_tool_bytes,
             output,
         }
     }
@@ -233,13 +237,14 @@ impl TaskState {
                 allowed: policy.outbound.clone(),
                 plugin: label.clone(),
             },
-            limiter: MemoryCap::new(policy.memory_bytes),
+            limiter: MemoryCap::new(policy.memory_bytes, plugin.sandbox.guest_memory.clone()),
             host: None,
             hook: Some(HookScope {
                 plugin_label: label,
                 config: policy.config.clone(),
             }),
             max_event_bytes: limits.max_event_bytes,
+            max_tool_bytes: limits.max_tool_bytes,
             output,
         })
     }
@@ -291,19 +296,93 @@ pub struct MemoryCapExceeded {
     wanted_mib: usize,
 }
 
-/// Caps the sum of all linear memories of a store.
+/// The linear memory of every store of a sandbox, against the daemon's
+/// budget (`worker.memory_budget_mb`): past it, new tasks wait to start
+/// ([`GuestMemory::admit`]) until stores that end give memory back. Tasks
+/// already running keep growing up to their own caps, so nothing fails.
+#[derive(Debug, Default)]
+pub struct GuestMemory {
+    /// Bytes of linear memory all live stores hold.
+    in_use: std::sync::atomic::AtomicUsize,
+    /// The budget, bytes; 0: none.
+    limit: usize,
+    /// Woken when a store ends and gives its memory back.
+    released: tokio::sync::Notify,
+}
+
+impl GuestMemory {
+    /// A budget of `limit` bytes (0: none).
+    pub fn new(limit: usize) -> Self {
+        GuestMemory {
+            limit,
+            ..GuestMemory::default()
+        }
+    }
+
+    /// Bytes of linear memory held now.
+    pub fn in_use(&self) -> usize {
+        self.in_use.load(Ordering::Relaxed)
+    }
+
+    /// The budget, bytes (0: none).
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Returns once the memory in use is under the budget (at once without
+    /// one). True when it had to wait.
+    pub async fn admit(&self) -> bool {
+        if self.limit == 0 {
+            return false;
+        }
+        let mut waited = false;
+        loop {
+            let released = self.released.notified();
+            tokio::pin!(released);
+            // Registered before the check, so a release in between wakes it.
+            released.as_mut().enable();
+            if self.in_use() < self.limit {
+                return waited;
+            }
+            waited = true;
+            released.await;
+        }
+    }
+
+    fn grew(&self, bytes: usize) {
+        self.in_use.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn released(&self, bytes: usize) {
+        if bytes > 0 {
+            self.in_use.fetch_sub(bytes, Ordering::Relaxed);
+            self.released.notify_waiters();
+        }
+    }
+}
+
+/// Caps the sum of all linear memories of a store, and counts them in the
+/// sandbox's [`GuestMemory`] until the store is dropped.
 pub(crate) struct MemoryCap {
     limit: usize,
     used: usize,
     exceeded: Option<MemoryCapExceeded>,
+    budget: Arc<GuestMemory>,
+}
+
+impl Drop for MemoryCap {
+    fn drop(&mut self) {
+        self.budget.released(self.used);
+    }
 }
 
 impl MemoryCap {
-    fn new(limit: usize) -> Self {
+    fn new(limit: usize, budget: Arc<GuestMemory>) -> Self {
         MemoryCap {
             limit,
             used: 0,
             exceeded: None,
+            budget,
         }
     }
 
@@ -329,6 +408,7 @@ impl wasmtime::ResourceLimiter for MemoryCap {
             self.exceeded = Some(error.clone());
             return Err(error.into());
         }
+        self.budget.grew(wanted - self.used);
         self.used = wanted;
         Ok(true)
     }

@@ -47,6 +47,15 @@ impl Host for TaskState {
             Ok(found) => found,
             Err(error) => return Ok(Err(error)),
         };
+        // Before anything proportional to their size: no parse, no schema
+        // check of arguments the limit refuses anyway.
+        if args.len() > self.max_tool_bytes {
+            return Ok(Err(GuestError::InvalidInput(format!(
+                "arguments of tool {name:?} are {} bytes, over the limit of {} bytes (plugins.max_result_bytes)",
+                args.len(),
+                self.max_tool_bytes
+            ))));
+        }
         let value = match serde_json::from_str::<serde_json::Value>(&args) {
             Ok(value @ serde_json::Value::Object(_)) => value,
             Ok(_) => {
@@ -65,6 +74,19 @@ impl Host for TaskState {
                 "arguments of tool {name:?} do not match its input schema: {problems}"
             ))));
         }
+        // No confused deputy: a tool runs with its own plugin's policy (its
+        // outbound hosts, its configuration values), so that plugin says
+        // who may borrow them.
+        let caller = host.plugin.manifest.id.as_str();
+        let owner = plugin.manifest.id.as_str();
+        let allowed = caller == owner || plugin.policy().lets_call_tools(caller);
+        host.task.port.tool_call(caller, owner, allowed);
+        if !allowed {
+            tracing::warn!(caller, plugin = owner, %tool, message_id = %host.task.message_id, "tool call refused by the tool's plugin (tool_callers)");
+            return Ok(Err(GuestError::Denied(format!(
+                "plugin {owner:?} does not let plugin {caller:?} call its tools (plugins.{owner}.tool_callers)"
+            ))));
+        }
         if host.depth >= MAX_TOOL_DEPTH {
             return Ok(Err(GuestError::Denied(format!(
                 "tool calls nest deeper than {MAX_TOOL_DEPTH}"
@@ -75,10 +97,15 @@ impl Host for TaskState {
             plugin: plugin.clone(),
             depth: host.depth + 1,
         };
-        tracing::debug!(caller = %host.plugin.label(), plugin = %plugin.label(), %tool, "tool call");
+        tracing::debug!(caller = %host.plugin.label(), plugin = %plugin.label(), %tool, message_id = %host.task.message_id, "tool call");
         // Boxed: the nested call may itself call tools.
         let result = Box::pin(plugin.invoke_tool(nested, &tool, &args)).await;
         Ok(match result {
+            Ok(json) if json.len() > self.max_tool_bytes => Err(GuestError::Failed(format!(
+                "tool {name:?} returned {} bytes, over the limit of {} bytes (plugins.max_result_bytes)",
+                json.len(),
+                self.max_tool_bytes
+            ))),
             Ok(json) => Ok(json),
             Err(CallError::Guest(error)) => Err(error),
             Err(CallError::Trap(reason)) => Err(GuestError::Failed(format!(
