@@ -34,9 +34,18 @@ pub enum ApiError {
     /// No such route: 404.
     #[error("no such endpoint: {0}")]
     NotFound(String),
+    /// A RESUME names a task that is not in the caller's session: 404.
+    #[error("session {session_id} has no task {message_id}")]
+    NoTask {
+        session_id: String,
+        message_id: String,
+    },
     /// No worker serves the agent type: 404.
     #[error("no worker serves agent type {agent_type:?}")]
     NoWorker { agent_type: String },
+    /// The caller's tenant is past one of its limits: 429 with Retry-After.
+    #[error("{reason}")]
+    TooManyRequests { reason: String, retry_after_s: u64 },
     /// Too many event streams open: 503.
     #[error("too many event streams are open; try again later")]
     Busy,
@@ -74,7 +83,10 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Rejected(status, _) => *status,
-            ApiError::NotFound(_) | ApiError::NoWorker { .. } => StatusCode::NOT_FOUND,
+            ApiError::NotFound(_) | ApiError::NoWorker { .. } | ApiError::NoTask { .. } => {
+                StatusCode::NOT_FOUND
+            }
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Busy => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Redis(_) => StatusCode::BAD_GATEWAY,
         }
@@ -84,6 +96,10 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
+        let retry_after = match &self {
+            ApiError::TooManyRequests { retry_after_s, .. } => Some(*retry_after_s),
+            _ => None,
+        };
         if status.is_server_error() {
             tracing::warn!(%status, error = %self, "bridge request failed");
         } else {
@@ -95,6 +111,11 @@ impl IntoResponse for ApiError {
                 http::header::WWW_AUTHENTICATE,
                 http::HeaderValue::from_static("Bearer"),
             );
+        }
+        if let Some(seconds) = retry_after {
+            response
+                .headers_mut()
+                .insert(http::header::RETRY_AFTER, http::HeaderValue::from(seconds));
         }
         response
     }
@@ -153,6 +174,7 @@ pub async fn send_message(
             request.agent_type
         )));
     }
+    state.limits.message(caller)?;
     // A tenant's commands say whose they are (`header.tenant_id`).
     let client = match &caller.tenant {
         Some(tenant) => state.client.for_tenant(tenant),
@@ -195,6 +217,14 @@ pub async fn send_message(
                 return Err(ApiError::BadRequest(
                     "extra_payload is for action_type ASK_AGENT".into(),
                 ));
+            }
+            // Only a task of this session may be answered from it (the
+            // daemon refuses an answer from another session too).
+            if !state.client.task_in_session(session_id, message_id).await? {
+                return Err(ApiError::NoTask {
+                    session_id: session_id.to_owned(),
+                    message_id: message_id.to_owned(),
+                });
             }
             let status = request.status.as_deref().unwrap_or("USER_REPLIED");
             let reply_data = request

@@ -8,11 +8,15 @@ use super::api::ApiError;
 use crate::BridgeToken;
 use axum::extract::FromRequestParts;
 use http::request::Parts;
+use sha2::{Digest as _, Sha256};
+use subtle::ConstantTimeEq as _;
 
 /// The configured tokens.
 pub struct Tokens {
-    /// Token, tenant and session prefix; empty when the bridge is open.
-    entries: Vec<BridgeToken>,
+    /// SHA-256 of each token, with its entry; empty when the bridge is open.
+    /// Presented tokens are compared by digest: every comparison takes the
+    /// same time whatever the length or the content of the guess.
+    entries: Vec<([u8; 32], BridgeToken)>,
 }
 
 /// Who made a request.
@@ -28,7 +32,10 @@ impl Tokens {
     /// Tokens from `[[bridge.tokens]]`.
     pub fn new(entries: &[BridgeToken]) -> Self {
         Tokens {
-            entries: entries.to_vec(),
+            entries: entries
+                .iter()
+                .map(|entry| (digest(&entry.token), entry.clone()))
+                .collect(),
         }
     }
 
@@ -41,11 +48,12 @@ impl Tokens {
             });
         }
         let token = token.ok_or(ApiError::Unauthorized("a bearer token is required"))?;
-        // Every entry is compared, each in constant time, so the time taken
-        // does not tell how much of a guess was right.
+        // Every entry is compared, each in constant time on fixed-length
+        // digests, so the time taken tells nothing about the guess.
+        let presented = digest(token);
         let mut found = None;
-        for entry in &self.entries {
-            if constant_time_eq(entry.token.as_bytes(), token.as_bytes()) {
+        for (known, entry) in &self.entries {
+            if bool::from(known.ct_eq(&presented)) {
                 found = Some(entry);
             }
         }
@@ -75,15 +83,20 @@ impl Caller {
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+fn digest(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
 }
 
-/// The token of a request: `Authorization: Bearer ...`, else `?token=`
-/// (browsers cannot set headers on an EventSource or a WebSocket).
+/// Whether `path` is an event stream, where a browser cannot send an
+/// `Authorization` header (EventSource, WebSocket) and `?token=` is taken.
+fn is_stream_path(path: &str) -> bool {
+    path.starts_with("/v1/sessions/") && (path.ends_with("/events") || path.ends_with("/ws"))
+}
+
+/// The token of a request: `Authorization: Bearer ...`, else `?token=` on
+/// the event streams only (browsers cannot set headers on an EventSource
+/// or a WebSocket; anywhere else a token in the URL would only end up in
+/// logs and histories).
 fn presented_token(parts: &Parts) -> Result<Option<String>, ApiError> {
     if let Some(value) = parts.headers.get(http::header::AUTHORIZATION) {
         let text = value
@@ -100,7 +113,13 @@ fn presented_token(parts: &Parts) -> Result<Option<String>, ApiError> {
     let Some(query) = parts.uri.query() else {
         return Ok(None);
     };
-    Ok(query_value(query, "token"))
+    let token = query_value(query, "token");
+    if token.is_some() && !is_stream_path(parts.uri.path()) {
+        return Err(ApiError::Unauthorized(
+            "?token= is taken on /events and /ws only; send `Authorization: Bearer <token>`",
+        ));
+    }
+    Ok(token)
 }
 
 /// The value of `name` in a query string, percent-decoded.
@@ -157,6 +176,8 @@ mod tests {
             token: token.into(),
             tenant: tenant.into(),
             session_prefix: prefix.into(),
+            max_streams: None,
+            messages_per_s: None,
         }
     }
 
@@ -181,6 +202,25 @@ mod tests {
         assert!(matches!(a.session("a-/x"), Err(ApiError::BadRequest(_))));
         let open = Tokens::new(&[]).caller(None).unwrap();
         assert_eq!(open.session("anything").unwrap(), "anything");
+    }
+
+    #[test]
+    fn a_token_in_the_query_is_taken_on_event_streams_only() {
+        let parts = |uri: &str| http::Request::get(uri).body(()).unwrap().into_parts().0;
+        let token = presented_token(&parts("/v1/sessions/s-1/events?token=abc")).unwrap();
+        assert_eq!(token.as_deref(), Some("abc"));
+        let token = presented_token(&parts("/v1/sessions/s-1/ws?after=0&token=abc")).unwrap();
+        assert_eq!(token.as_deref(), Some("abc"));
+        for uri in [
+            "/v1/agents?token=abc",
+            "/v1/sessions/s-1/messages?token=abc",
+        ] {
+            assert!(
+                matches!(presented_token(&parts(uri)), Err(ApiError::Unauthorized(_))),
+                "{uri}"
+            );
+        }
+        assert_eq!(presented_token(&parts("/v1/agents")).unwrap(), None);
     }
 
     #[test]

@@ -31,6 +31,21 @@ pub struct BridgeConfig {
     /// Seconds between keep-alive comments (SSE) or pings (WebSocket), so
     /// proxies do not close an idle stream.
     pub keep_alive_s: u64,
+    /// Host names the bridge answers to (the `Host` header, without the
+    /// port). Empty: on a loopback address, loopback names only (so a
+    /// DNS-rebinding page is refused); elsewhere, any.
+    pub allowed_hosts: Vec<String>,
+    /// Origins of other pages that may call the bridge from a browser
+    /// (`https://app.example.com`): they get CORS answers and may open the
+    /// WebSocket. Empty: only the bridge's own page.
+    pub allowed_origins: Vec<String>,
+    /// Most event streams one tenant may hold open (a token's
+    /// `max_streams` overrides it); past it, 429.
+    pub tenant_max_streams: usize,
+    /// Messages (new tasks and answers) one tenant may send per second, in
+    /// bursts of as many (a token's `messages_per_s` overrides it); past
+    /// it, 429 with a Retry-After.
+    pub tenant_messages_per_s: u32,
 }
 
 /// One `[[bridge.tokens]]` entry: a bearer token and the sessions it reaches.
@@ -46,6 +61,14 @@ pub struct BridgeToken {
     /// session (only when it is the only tenant).
     #[serde(default)]
     pub session_prefix: String,
+    /// This tenant's most open event streams, instead of
+    /// `bridge.tenant_max_streams`.
+    #[serde(default)]
+    pub max_streams: Option<usize>,
+    /// This tenant's messages per second, instead of
+    /// `bridge.tenant_messages_per_s`.
+    #[serde(default)]
+    pub messages_per_s: Option<u32>,
 }
 
 impl BridgeConfig {
@@ -70,6 +93,10 @@ impl Default for BridgeConfig {
             stall_timeout_ms: 5000,
             max_streams: 1000,
             keep_alive_s: 15,
+            allowed_hosts: Vec::new(),
+            allowed_origins: Vec::new(),
+            tenant_max_streams: 100,
+            tenant_messages_per_s: 20,
         }
     }
 }
@@ -105,6 +132,39 @@ impl BridgeConfig {
             "bridge.keep_alive_s",
             "must be between 1 and 3600",
         );
+        check(
+            (1..=1_000_000).contains(&b.tenant_max_streams),
+            "bridge.tenant_max_streams",
+            "must be between 1 and 1000000",
+        );
+        check(
+            (1..=1_000_000).contains(&b.tenant_messages_per_s),
+            "bridge.tenant_messages_per_s",
+            "must be between 1 and 1000000",
+        );
+        for (i, host) in b.allowed_hosts.iter().enumerate() {
+            check(
+                !host.is_empty()
+                    && host
+                        .bytes()
+                        .all(|c| c.is_ascii_alphanumeric() || b"-.:[]".contains(&c)),
+                &format!("bridge.allowed_hosts[{i}]"),
+                "must be a host name or address, without scheme or port (e.g. gateway.example.com)",
+            );
+        }
+        for (i, origin) in b.allowed_origins.iter().enumerate() {
+            let rest = origin
+                .strip_prefix("https://")
+                .or_else(|| origin.strip_prefix("http://"));
+            check(
+                rest.is_some_and(|rest| {
+                    let rest = rest.trim_end_matches('/');
+                    !rest.is_empty() && !rest.contains('/') && !rest.contains('*')
+                }),
+                &format!("bridge.allowed_origins[{i}]"),
+                "must be an origin: http(s)://host[:port], without a path or wildcards",
+            );
+        }
         for (i, entry) in b.tokens.iter().enumerate() {
             let at = format!("bridge.tokens[{i}]");
             check(
@@ -127,6 +187,31 @@ impl BridgeConfig {
                     || byclaw_protocol::is_safe_id(&entry.session_prefix),
                 &format!("{at}.session_prefix"),
                 "must be a plain id prefix (letters, digits, - _ . : @)",
+            );
+            check(
+                entry
+                    .max_streams
+                    .is_none_or(|n| (1..=1_000_000).contains(&n)),
+                &format!("{at}.max_streams"),
+                "must be between 1 and 1000000",
+            );
+            check(
+                entry
+                    .messages_per_s
+                    .is_none_or(|n| (1..=1_000_000).contains(&n)),
+                &format!("{at}.messages_per_s"),
+                "must be between 1 and 1000000",
+            );
+            // The limits are the tenant's: its tokens must agree on them.
+            let disagrees = b.tokens[..i].iter().any(|other| {
+                other.tenant == entry.tenant
+                    && (other.max_streams != entry.max_streams
+                        || other.messages_per_s != entry.messages_per_s)
+            });
+            check(
+                !disagrees,
+                &format!("{at}.max_streams"),
+                "another token of this tenant sets different limits (max_streams, messages_per_s); they are the tenant's",
             );
             // Tenants apart: no session may belong to two of them.
             let overlaps = b.tokens[..i].iter().any(|other| {

@@ -1,7 +1,9 @@
 //! The bridge for front ends: an HTTP API that sends messages, answers
 //! ask-user prompts and cancels tasks ([`api`]), the events of a session
 //! as Server-Sent Events ([`sse`]) or over a WebSocket ([`ws`]), bearer
-//! tokens limited to one tenant's sessions ([`auth`]), and a chat page.
+//! tokens limited to one tenant's sessions ([`auth`]), Host and Origin
+//! checks against other pages in the user's browser ([`guard`]), and a chat
+//! page.
 //!
 //! It owns the HTTP side only: commands go to Redis through
 //! [`byclaw_client::Client`] exactly as the reference Python client sends
@@ -15,6 +17,8 @@
 pub mod api;
 pub mod auth;
 mod config;
+pub mod guard;
+pub mod limits;
 pub mod sse;
 pub mod stream;
 pub mod ws;
@@ -68,8 +72,18 @@ pub struct AppState {
     pub keep_alive: Duration,
     /// One permit per open event stream (each holds a Redis connection).
     pub streams: Arc<Semaphore>,
+    /// Each tenant's streams and message rate.
+    pub limits: Arc<limits::TenantLimits>,
     /// Cancelled on shutdown: every stream and socket ends with it.
     pub shutdown: CancellationToken,
+}
+
+/// A bound listener's routes and browser rules.
+struct Routes {
+    /// Host and Origin rules, checked before every handler.
+    guard: Arc<guard::BrowserGuard>,
+    /// CORS answers for `bridge.allowed_origins`, if any.
+    cors: Option<tower_http::cors::CorsLayer>,
 }
 
 /// A bound listener, ready to serve.
@@ -79,12 +93,18 @@ pub struct Bridge {
     listener: tokio::net::TcpListener,
     /// Handlers' state; its shutdown token is replaced by `serve`'s.
     state: AppState,
+    /// What wraps the handlers.
+    routes: Routes,
 }
 
 impl Bridge {
-    /// Connects to Redis and binds `config.listen`.
-    pub async fn bind(config: &BridgeConfig, redis_url: &str) -> Result<Self, BridgeError> {
-        let client = Client::connect(redis_url).await?;
+    /// Connects to Redis (a URL, or an endpoint with TLS files) and binds
+    /// `config.listen`.
+    pub async fn bind(
+        config: &BridgeConfig,
+        redis: impl Into<byclaw_client::connection::Endpoint>,
+    ) -> Result<Self, BridgeError> {
+        let client = Client::connect(redis).await?;
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|source| BridgeError::Bind {
@@ -100,7 +120,12 @@ impl Bridge {
                 stall_timeout: config.stall_timeout(),
                 keep_alive: config.keep_alive(),
                 streams: Arc::new(Semaphore::new(config.max_streams)),
+                limits: Arc::new(limits::TenantLimits::new(config)),
                 shutdown: CancellationToken::new(),
+            },
+            routes: Routes {
+                guard: Arc::new(guard::BrowserGuard::new(config)),
+                cors: guard::cors(config),
             },
         })
     }
@@ -116,10 +141,11 @@ impl Bridge {
         let Bridge {
             listener,
             mut state,
+            routes,
         } = self;
         let addr = listener.local_addr().map_err(BridgeError::Serve)?;
         state.shutdown = shutdown.clone();
-        let app = router(state);
+        let app = router(state, routes);
         tracing::info!(%addr, "bridge listening");
         let stopped = shutdown.clone();
         let server = axum::serve(listener, app)
@@ -142,9 +168,10 @@ impl Bridge {
     }
 }
 
-/// Routes of the bridge.
-fn router(state: AppState) -> Router {
-    Router::new()
+/// Routes of the bridge, behind the browser guard (and CORS, outermost, so
+/// that preflight requests of listed origins are answered).
+fn router(state: AppState, routes: Routes) -> Router {
+    let app = Router::new()
         .route("/", get(page))
         .route("/v1/agents", get(api::agents))
         .route("/v1/sessions/{id}/messages", post(api::post_message))
@@ -153,6 +180,14 @@ fn router(state: AppState) -> Router {
         .route("/v1/sessions/{id}/ws", get(ws::upgrade))
         .fallback(api::not_found)
         .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(
+            routes.guard,
+            guard::enforce,
+        ));
+    match routes.cors {
+        Some(cors) => app.layer(cors),
+        None => app,
+    }
 }
 
 /// `GET /`: the chat page (it holds no data; the API calls need a token).

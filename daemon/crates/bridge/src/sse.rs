@@ -46,7 +46,7 @@ pub async fn events(
     let Path(session_id) = path?;
     let session_id = caller.session(&session_id)?;
     let after = start_position(&headers, uri.query())?;
-    let stream = stream::open(&state, session_id, after).await?;
+    let stream = stream::open(&state, &caller, session_id, after).await?;
     tracing::info!(
         session_id,
         tenant = caller.tenant.as_deref().unwrap_or_default(),

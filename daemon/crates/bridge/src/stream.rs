@@ -12,6 +12,7 @@
 
 use super::AppState;
 use super::api::ApiError;
+use super::auth::Caller;
 use byclaw_client::{EventReader, SessionEvent};
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
@@ -45,6 +46,7 @@ pub fn is_entry_id(id: &str) -> bool {
 /// only events from now on).
 pub async fn open(
     state: &AppState,
+    caller: &Caller,
     session_id: &str,
     after: Option<String>,
 ) -> Result<EventStream, ApiError> {
@@ -55,6 +57,7 @@ pub async fn open(
             "{after:?} is not a stream entry id (e.g. 0 or 1732500000000-0)"
         )));
     }
+    let tenant_permit = state.limits.stream(caller)?;
     let permit = state
         .streams
         .clone()
@@ -77,6 +80,7 @@ pub async fn open(
         failed: failed.clone(),
         shutdown: state.shutdown.clone(),
         _permit: permit,
+        _tenant_permit: tenant_permit,
     }));
     Ok(EventStream { events, failed })
 }
@@ -99,6 +103,8 @@ struct Follow {
     shutdown: CancellationToken,
     /// One of `bridge.max_streams`, given back when the task ends.
     _permit: OwnedSemaphorePermit,
+    /// One of the tenant's streams (none on an open bridge).
+    _tenant_permit: Option<OwnedSemaphorePermit>,
 }
 
 async fn follow(mut f: Follow) {

@@ -45,7 +45,7 @@ pub async fn upgrade(
     let session_id = caller.session(&session_id)?.to_owned();
     let upgrade = upgrade.map_err(|r| ApiError::Rejected(r.status(), r.body_text()))?;
     let after = uri.query().and_then(|q| query_value(q, "after"));
-    let events = stream::open(&state, &session_id, after).await?;
+    let events = stream::open(&state, &caller, &session_id, after).await?;
     tracing::info!(
         session_id,
         tenant = caller.tenant.as_deref().unwrap_or_default(),

@@ -89,8 +89,8 @@ pub enum CancelMode {
 /// A connection to the gateway's Redis.
 #[derive(Clone)]
 pub struct Client {
-    /// The Redis URL, for the event readers' own connections.
-    url: String,
+    /// The Redis, for the event readers' own connections.
+    endpoint: crate::connection::Endpoint,
     conn: ConnectionManager,
     registry: std::sync::Arc<Executions>,
     /// `header.tenant_id` of every command sent (empty: none).
@@ -98,16 +98,20 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects to the Redis at `url`.
-    pub async fn connect(url: &str) -> Result<Self, ClientError> {
-        let conn = crate::connection::connect(url, Duration::from_secs(10))
+    /// Connects to the Redis at `endpoint` (a URL, or an
+    /// [`Endpoint`](crate::connection::Endpoint) with TLS files).
+    pub async fn connect(
+        endpoint: impl Into<crate::connection::Endpoint>,
+    ) -> Result<Self, ClientError> {
+        let endpoint = endpoint.into();
+        let conn = crate::connection::connect(&endpoint, Duration::from_secs(10))
             .await
             .map_err(|source| ClientError::Connect {
-                url: crate::connection::redact_password(url),
+                url: crate::connection::redact_password(endpoint.url()),
                 source,
             })?;
         Ok(Client {
-            url: url.to_owned(),
+            endpoint,
             conn,
             registry: std::sync::Arc::new(Executions::new(wire::DEFAULT_SESSION_TTL_S)),
             tenant_id: String::new(),
@@ -212,6 +216,23 @@ impl Client {
         self.xadd(agent_type, "RESUME", &header, &body).await
     }
 
+    /// Whether `message_id` is a task of `session_id` (its execution is in
+    /// the session's registry): what a front end checks before it lets a
+    /// user answer or resume a task, so that knowing another session's
+    /// message id is not enough.
+    pub async fn task_in_session(
+        &self,
+        session_id: &str,
+        message_id: &str,
+    ) -> Result<bool, ClientError> {
+        redis::cmd("HEXISTS")
+            .arg(byclaw_protocol::keys::session_registry(session_id))
+            .arg(format!("msg_map:{message_id}"))
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(redis_error("HEXISTS"))
+    }
+
     /// Answers the question a task asked with `ask-user` (its ask-user
     /// event, [`SessionEvent::ask_user_prompt`]): a RESUME to `agent_type`
     /// whose parent is the waiting task's `message_id`, status
@@ -238,7 +259,7 @@ impl Client {
     /// A reader of session event streams on a connection of its own (a
     /// blocking read would hold up every other command sharing one).
     pub async fn event_reader(&self) -> Result<EventReader, ClientError> {
-        EventReader::connect(&self.url).await
+        EventReader::connect(&self.endpoint).await
     }
 
     /// The registry's workers, as the reference's `get_active_workers`

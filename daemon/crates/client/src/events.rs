@@ -115,11 +115,14 @@ pub const MAX_EVENT_BLOCK: Duration = Duration::from_secs(30);
 
 impl EventReader {
     /// Opens a connection for blocking reads.
-    pub async fn connect(url: &str) -> Result<Self, ClientError> {
-        let conn = crate::connection::connect(url, MAX_EVENT_BLOCK + Duration::from_secs(10))
+    pub async fn connect(
+        endpoint: impl Into<crate::connection::Endpoint>,
+    ) -> Result<Self, ClientError> {
+        let endpoint = endpoint.into();
+        let conn = crate::connection::connect(&endpoint, MAX_EVENT_BLOCK + Duration::from_secs(10))
             .await
             .map_err(|source| ClientError::Connect {
-                url: crate::connection::redact_password(url),
+                url: crate::connection::redact_password(endpoint.url()),
                 source,
             })?;
         Ok(EventReader { conn })
