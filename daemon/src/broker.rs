@@ -40,11 +40,11 @@ fn err<'a>(operation: &'static str, key: &'a str) -> impl FnOnce(RedisError) -> 
 /// [`byclaw_client::connection::connect`]); errors name the URL without
 /// its password.
 pub async fn connect(
-    url: &str,
+    endpoint: &byclaw_client::connection::Endpoint,
     response_timeout: Duration,
 ) -> Result<ConnectionManager, BrokerError> {
-    let shown = redact_password(url);
-    byclaw_client::connection::connect(url, response_timeout)
+    let shown = redact_password(endpoint.url());
+    byclaw_client::connection::connect(endpoint, response_timeout)
         .await
         .map_err(err("connect", &shown))
 }

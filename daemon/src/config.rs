@@ -55,6 +55,16 @@ pub struct RedisConfig {
     pub username: Option<String>,
     /// Password, as REDIS_PASSWORD.
     pub password: Option<String>,
+    /// TLS with the parts above (`rediss://`); a `url` says it by its scheme.
+    pub tls: bool,
+    /// TLS: PEM file of the CA(s) that sign the server's certificate, instead
+    /// of the system's trust store.
+    pub tls_ca_file: Option<PathBuf>,
+    /// TLS: PEM file of a client certificate, for a server that asks for one
+    /// (`tls-auth-clients`); with `tls_key_file`.
+    pub tls_cert_file: Option<PathBuf>,
+    /// TLS: PEM file of the client certificate's private key.
+    pub tls_key_file: Option<PathBuf>,
 }
 
 impl Default for RedisConfig {
@@ -66,6 +76,10 @@ impl Default for RedisConfig {
             db: 0,
             username: None,
             password: None,
+            tls: false,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
@@ -86,12 +100,30 @@ impl RedisConfig {
             (None, None) => String::new(),
         };
         let host = &self.host;
+        let scheme = if self.tls { "rediss" } else { "redis" };
         if host.contains(':') && !host.starts_with('[') {
             // An IPv6 address.
-            format!("redis://{auth}[{host}]:{}/{}", self.port, self.db)
+            format!("{scheme}://{auth}[{host}]:{}/{}", self.port, self.db)
         } else {
-            format!("redis://{auth}{host}:{}/{}", self.port, self.db)
+            format!("{scheme}://{auth}{host}:{}/{}", self.port, self.db)
         }
+    }
+
+    /// The Redis to connect to: [`RedisConfig::connection_url`] with the TLS
+    /// files read. The error names the key of the file that is unusable.
+    pub fn endpoint(&self) -> Result<byclaw_client::connection::Endpoint, ConfigError> {
+        let paths = byclaw_client::connection::TlsPaths {
+            ca_file: self.tls_ca_file.clone(),
+            cert_file: self.tls_cert_file.clone(),
+            key_file: self.tls_key_file.clone(),
+        };
+        byclaw_client::connection::Endpoint::with_tls(self.connection_url(), &paths).map_err(
+            |error| ConfigError {
+                key: format!("redis.tls_{}", error.which),
+                message: format!("{}: {}", error.path.display(), error.reason),
+                source: None,
+            },
+        )
     }
 }
 
@@ -124,6 +156,10 @@ pub struct WorkerConfig {
     /// Longest chain of agents calling agents: a task at this depth gets
     /// `error.denied` from call-agent and dispatch-group.
     pub max_call_depth: u32,
+    /// Budget of the plugins' memory, all tasks together, MiB; past it new
+    /// tasks wait to start until running ones give memory back (nothing
+    /// fails). 0: none.
+    pub memory_budget_mb: u64,
     /// Most entries one XREADGROUP returns.
     pub fetch_count: usize,
     /// XREADGROUP BLOCK, milliseconds; also bounds how long a shutdown waits for a read.
@@ -191,6 +227,7 @@ impl Default for WorkerConfig {
             max_concurrency: 50,
             max_waiting: 1000,
             max_call_depth: 8,
+            memory_budget_mb: 2048,
             fetch_count: 10,
             block_ms: 2000,
             claim_idle_ms: 60_000,
@@ -235,6 +272,10 @@ pub struct StreamsConfig {
     pub writer_queue: usize,
     /// Most writes in one pipeline.
     pub writer_batch: usize,
+    /// Most bytes of writes queued or in flight (all lanes); past it,
+    /// whoever writes waits: a plugin emitting big events is slowed to
+    /// Redis' pace instead of growing the daemon.
+    pub writer_queue_bytes: usize,
 }
 
 impl StreamsConfig {
@@ -252,6 +293,7 @@ impl Default for StreamsConfig {
             delete_acked: true,
             writer_queue: 8192,
             writer_batch: 512,
+            writer_queue_bytes: 64 << 20,
         }
     }
 }
@@ -269,6 +311,9 @@ pub struct HistoryConfig {
     pub ttl_s: u64,
     /// Most entries injected into a task as `extra_payload.history`.
     pub inject_limit: usize,
+    /// Most bytes of one task's streamed reply kept as its history entry;
+    /// the rest is left out and the entry's metadata says `truncated`.
+    pub max_entry_bytes: usize,
     /// Bound of the write queue, in entries; when full, entries are dropped
     /// (counted and logged) rather than slowing a task down.
     pub queue: usize,
@@ -288,6 +333,10 @@ pub struct HistoryConfig {
     pub postgres_dsn: Option<String>,
     /// Most pooled PostgreSQL connections.
     pub postgres_pool: usize,
+    /// With `sslmode=require` in the DSN: PEM file of the CA(s) that sign
+    /// the server's certificate (else the Mozilla roots). The certificate
+    /// and the host name are always checked.
+    pub postgres_ca_file: Option<PathBuf>,
 }
 
 impl HistoryConfig {
@@ -319,6 +368,7 @@ impl Default for HistoryConfig {
             max_entries: 200,
             ttl_s: 604_800,
             inject_limit: 10,
+            max_entry_bytes: 256 * 1024,
             queue: 10_000,
             write_batch: 500,
             write_timeout_ms: 5000,
@@ -327,6 +377,7 @@ impl Default for HistoryConfig {
             read_timeout_ms: 2000,
             postgres_dsn: None,
             postgres_pool: 8,
+            postgres_ca_file: None,
         }
     }
 }
@@ -451,6 +502,8 @@ impl fmt::Display for ConfigError {
         Ok(())
     }
 }
+
+impl std::error::Error for ConfigError {}
 
 /// Every problem found, one per line.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -694,6 +747,15 @@ impl Config {
             "must be between 1 and 100",
         );
         check(
+            w.memory_budget_mb == 0
+                || (w.memory_budget_mb <= 1 << 24
+                    // Compared only with a cap that is itself valid.
+                    && (w.memory_budget_mb >= self.plugins.memory_limit_mb
+                        || !(1..=4096).contains(&self.plugins.memory_limit_mb))),
+            "worker.memory_budget_mb",
+            "must be 0 (none), or at least plugins.memory_limit_mb and at most 16777216",
+        );
+        check(
             w.fetch_count >= 1,
             "worker.fetch_count",
             "must be at least 1",
@@ -750,6 +812,13 @@ impl Config {
             "streams.writer_batch",
             "must be at least 1",
         );
+        check(
+            (1 << 20..=1 << 32).contains(&self.streams.writer_queue_bytes)
+                && self.streams.writer_queue_bytes >= self.plugins.max_event_bytes
+                && self.streams.writer_queue_bytes >= self.plugins.max_result_bytes,
+            "streams.writer_queue_bytes",
+            "must be between 1 MiB and 4 GiB, and hold at least the largest event and result (plugins.max_event_bytes, plugins.max_result_bytes)",
+        );
         self.validate_history(&mut check);
         self.bridge.validate(&mut check);
         let r = &self.redis;
@@ -779,6 +848,19 @@ impl Config {
                 }
             }
         }
+        let tls_files = self.redis.tls_ca_file.is_some()
+            || self.redis.tls_cert_file.is_some()
+            || self.redis.tls_key_file.is_some();
+        if tls_files {
+            check(
+                self.redis.connection_url().starts_with("rediss://"),
+                "redis.tls_ca_file",
+                "TLS files are set but the connection is not TLS: use a rediss:// url or redis.tls = true",
+            );
+            if let Err(error) = self.redis.endpoint() {
+                check(false, &error.key, &error.message);
+            }
+        }
         let level = &self.log.level;
         check(
             !level.trim().is_empty() && tracing_subscriber::EnvFilter::try_new(level).is_ok(),
@@ -797,6 +879,11 @@ impl Config {
     /// The rules of `[history]`.
     fn validate_history(&self, check: &mut impl FnMut(bool, &str, &str)) {
         let h = &self.history;
+        check(
+            (1024..=64 << 20).contains(&h.max_entry_bytes),
+            "history.max_entry_bytes",
+            "must be between 1024 and 67108864",
+        );
         check(
             (1..=100_000).contains(&h.max_entries),
             "history.max_entries",

@@ -15,13 +15,19 @@
 //! the daemon is force-stopped: delivery is at least once, never silently
 //! lost. A task's final writes are one [`Write::Owned`] group, applied only
 //! while the task's worker still holds the entry (see [`OWNED_BATCH`]).
+//!
+//! What is queued is bounded twice: in batches per lane, and in bytes for
+//! the whole writer (`streams.writer_queue_bytes`). A batch holds its bytes
+//! from the moment it is queued until Redis applied it; past the bound,
+//! whoever writes waits — a guest emitting big events as fast as it can is
+//! slowed to Redis' pace instead of growing the daemon.
 
 use redis::aio::ConnectionManager;
 use std::collections::HashSet;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 /// One Redis command the writer may issue.
@@ -102,11 +108,46 @@ end
 return 1
 "#;
 
+impl Write {
+    /// About how many bytes it holds (its keys and values), for the
+    /// writer's byte bound.
+    fn bytes(&self) -> usize {
+        match self {
+            Write::Event { stream, data } => stream.len() + data.len(),
+            Write::Control { stream, data } => stream.len() + data.len(),
+            Write::Fields { stream, fields } => {
+                stream.len()
+                    + fields
+                        .iter()
+                        .map(|(name, value)| name.len() + value.len())
+                        .sum::<usize>()
+            }
+            Write::HashSet {
+                key, field, value, ..
+            } => key.len() + field.len() + value.len(),
+            Write::Command(cmd) => cmd
+                .args_iter()
+                .map(|arg| match arg {
+                    redis::Arg::Simple(bytes) => bytes.len(),
+                    _ => 8,
+                })
+                .sum(),
+            Write::Ack { stream, id, .. } => stream.len() + id.len(),
+            Write::Owned { lease, writes } => {
+                lease.stream.len() + lease.id.len() + writes.iter().map(Write::bytes).sum::<usize>()
+            }
+        }
+    }
+}
+
 /// A group of writes, applied in order, with an optional confirmation.
 #[derive(Debug)]
 struct Batch {
     writes: Vec<Write>,
     done: Option<oneshot::Sender<Committed>>,
+    /// Its share of the writer's byte bound, given back when the batch is
+    /// dropped (applied, or dropped at a forced stop).
+    _bytes: OwnedSemaphorePermit,
 }
 
 /// Settings of the writer.
@@ -118,6 +159,8 @@ pub struct WriterConfig {
     pub queue: usize,
     /// Most writes put into one pipeline.
     pub max_batch: usize,
+    /// Most bytes queued or in flight, all lanes together.
+    pub queue_bytes: usize,
     /// `MAXLEN ~` of session data streams; 0 disables trimming.
     pub session_maxlen: u64,
     /// EXPIRE of session data streams, seconds.
@@ -138,6 +181,10 @@ pub struct Writer {
     lanes: Arc<[mpsc::Sender<Batch>]>,
     /// Picks the lane for a session.
     hasher: RandomState,
+    /// One permit per byte queued or in flight (`queue_bytes` in all).
+    bytes: Arc<Semaphore>,
+    /// `queue_bytes`: a batch bigger than this takes all of it.
+    queue_bytes: u32,
 }
 
 impl Writer {
@@ -162,13 +209,34 @@ impl Writer {
             };
             handles.push(tokio::spawn(lane_task.run(rx)));
         }
+        let queue_bytes = u32::try_from(config.queue_bytes.max(1)).unwrap_or(u32::MAX);
         (
             Writer {
                 lanes: senders.into(),
                 hasher: RandomState::new(),
+                bytes: Arc::new(Semaphore::new(queue_bytes as usize)),
+                queue_bytes,
             },
             handles,
         )
+    }
+
+    /// Bytes queued or in flight now.
+    pub fn queued_bytes(&self) -> usize {
+        self.queue_bytes as usize - self.bytes.available_permits()
+    }
+
+    /// Waits until `writes` fit under the byte bound; their share.
+    async fn reserve(&self, writes: &[Write]) -> Result<OwnedSemaphorePermit, WriterClosed> {
+        let bytes = writes.iter().map(Write::bytes).sum::<usize>().max(1);
+        let share = u32::try_from(bytes)
+            .unwrap_or(u32::MAX)
+            .min(self.queue_bytes);
+        self.bytes
+            .clone()
+            .acquire_many_owned(share)
+            .await
+            .map_err(|_| WriterClosed)
     }
 
     fn lane(&self, session_id: &str) -> &mpsc::Sender<Batch> {
@@ -182,8 +250,13 @@ impl Writer {
 
     /// Queues writes for a session, waiting while its lane is full.
     pub async fn send(&self, session_id: &str, writes: Vec<Write>) -> Result<(), WriterClosed> {
+        let bytes = self.reserve(&writes).await?;
         self.lane(session_id)
-            .send(Batch { writes, done: None })
+            .send(Batch {
+                writes,
+                done: None,
+                _bytes: bytes,
+            })
             .await
             .map_err(|_| WriterClosed)
     }
@@ -196,10 +269,12 @@ impl Writer {
         writes: Vec<Write>,
     ) -> Result<Committed, WriterClosed> {
         let (tx, rx) = oneshot::channel();
+        let bytes = self.reserve(&writes).await?;
         self.lane(session_id)
             .send(Batch {
                 writes,
                 done: Some(tx),
+                _bytes: bytes,
             })
             .await
             .map_err(|_| WriterClosed)?;

@@ -158,6 +158,12 @@ pub enum HistoryError {
     /// The connection string does not parse.
     #[error("history.postgres_dsn is not a usable PostgreSQL connection string: {}", pg_text(.0))]
     InvalidDsn(#[source] tokio_postgres::Error),
+    /// The CA file for TLS to PostgreSQL cannot be used.
+    #[error("history.postgres_ca_file {path}: {reason}")]
+    PostgresCa {
+        path: std::path::PathBuf,
+        reason: String,
+    },
     /// The pool could not be built (a configuration problem, not an outage).
     #[error("cannot build the PostgreSQL pool for history: {0}")]
     Pool(#[source] deadpool_postgres::BuildError),
@@ -341,12 +347,16 @@ struct Record {
 
 impl History {
     /// Opens the configured store and starts the writer. The Redis store
-    /// connects to `redis_url` (the daemon's Redis). The PostgreSQL store
+    /// connects to `redis` (the daemon's Redis). The PostgreSQL store
     /// builds a pool and creates the reference's table if it is missing;
     /// when the database cannot be reached the store starts anyway (writes
     /// then fail and are retried, then dropped, and reads give nothing,
     /// every time counted) and the table is created once it can be.
-    pub async fn start(config: &HistoryConfig, redis_url: &str) -> Result<History, HistoryError> {
+    pub async fn start(
+        config: &HistoryConfig,
+        redis: impl Into<byclaw_client::connection::Endpoint>,
+    ) -> Result<History, HistoryError> {
+        let redis = redis.into();
         let store = match config.backend {
             HistoryBackend::Off => {
                 tracing::info!("history is off: nothing is stored, tasks get no history");
@@ -362,7 +372,7 @@ impl History {
                         "history.postgres_dsn is set but history.backend is redis; the DSN is unused"
                     );
                 }
-                Store::Redis(RedisStore::connect(redis_url, config).await?)
+                Store::Redis(RedisStore::connect(&redis, config).await?)
             }
             HistoryBackend::Postgres => Store::Postgres(PostgresStore::connect(config).await?),
         };
@@ -827,8 +837,11 @@ struct RedisStore {
 }
 
 impl RedisStore {
-    async fn connect(url: &str, config: &HistoryConfig) -> Result<RedisStore, HistoryError> {
-        let client = redis::Client::open(url).map_err(HistoryError::RedisConnect)?;
+    async fn connect(
+        endpoint: &byclaw_client::connection::Endpoint,
+        config: &HistoryConfig,
+    ) -> Result<RedisStore, HistoryError> {
+        let client = endpoint.client().map_err(HistoryError::RedisConnect)?;
         let response_timeout = config.write_timeout().max(config.read_timeout());
         let settings = ConnectionManagerConfig::new()
             .set_response_timeout(Some(response_timeout))
@@ -1031,6 +1044,43 @@ struct PostgresStore {
     schema_lock: tokio::sync::Mutex<()>,
 }
 
+/// TLS to PostgreSQL: the server's certificate checked against
+/// `history.postgres_ca_file`, or the Mozilla roots without one.
+fn postgres_tls(
+    config: &HistoryConfig,
+) -> Result<tokio_postgres_rustls::MakeRustlsConnect, HistoryError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    match &config.postgres_ca_file {
+        Some(path) => {
+            let ca_error = |reason: String| HistoryError::PostgresCa {
+                path: path.clone(),
+                reason,
+            };
+            let certs = CertificateDer::pem_file_iter(path)
+                .map_err(|e| ca_error(e.to_string()))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| ca_error(e.to_string()))?;
+            if certs.is_empty() {
+                return Err(ca_error("holds no PEM certificate".into()));
+            }
+            for cert in certs {
+                roots.add(cert).map_err(|e| ca_error(e.to_string()))?;
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("ring supports the default protocol versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(tls))
+}
+
 impl PostgresStore {
     async fn connect(config: &HistoryConfig) -> Result<PostgresStore, HistoryError> {
         let dsn = config
@@ -1045,13 +1095,16 @@ impl PostgresStore {
         if pg.get_application_name().is_none() {
             pg.application_name("gatewayd");
         }
-        let manager = Manager::from_config(
-            pg,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let settings = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        // `sslmode=require`: TLS, and the server's certificate checked
+        // (stricter than libpq's require). Otherwise plain, as before.
+        let manager = if pg.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+            Manager::from_config(pg, postgres_tls(config)?, settings)
+        } else {
+            Manager::from_config(pg, NoTls, settings)
+        };
         let timeout = Some(config.write_timeout());
         let pool = Pool::builder(manager)
             .max_size(config.postgres_pool.max(1))

@@ -112,16 +112,9 @@ pub async fn run_with(
     config.validate()?;
     let hook_stats = options.stats.hooks.clone();
     let worker = &config.worker;
-    let limits = byclaw_sandbox::Limits {
-        // The largest cap of any plugin: it sizes the pool's memory slots.
-        memory_bytes: config.plugins.largest_memory_limit_bytes(),
-        deadline: Duration::from_secs(config.plugins.deadline_s),
-        max_event_bytes: config.plugins.max_event_bytes,
-        guest_log: byclaw_sandbox::OutputLimits {
-            lines_per_s: config.plugins.guest_log_lines_per_s,
-            bytes: config.plugins.guest_log_bytes,
-        },
-    };
+    let mut limits = config.plugins.limits();
+    limits.memory_budget_bytes =
+        usize::try_from(worker.memory_budget_mb << 20).unwrap_or(usize::MAX);
     // Waiting tasks keep their instances while their permits serve others.
     let sandbox = byclaw_sandbox::Sandbox::with_options(
         limits,
@@ -160,7 +153,12 @@ pub async fn run_with(
     let capabilities = loaded.table.capabilities();
     let plugins = Arc::new(ArcSwap::from_pointee(loaded.table));
 
-    let url = config.redis.connection_url();
+    let url = config
+        .redis
+        .endpoint()
+        .map_err(|error| config::ConfigErrors {
+            errors: vec![error],
+        })?;
     // Bound before anything starts, so a port in use stops us cleanly.
     let bridge = if config.bridge.enabled {
         Some(byclaw_bridge::Bridge::bind(&config.bridge, &url).await?)
@@ -203,6 +201,7 @@ pub async fn run_with(
             lanes: 4,
             queue: config.streams.writer_queue,
             max_batch: config.streams.writer_batch,
+            queue_bytes: config.streams.writer_queue_bytes,
             session_maxlen: config.streams.session_maxlen,
             session_ttl_s: config.streams.session_ttl_s,
             metrics: options.stats.metrics.clone(),
@@ -222,6 +221,7 @@ pub async fn run_with(
         permits: permits.clone(),
         waiting_slots: Arc::new(Semaphore::new(worker.max_waiting)),
         max_call_depth: worker.max_call_depth,
+        max_reply_bytes: config.history.max_entry_bytes,
         history: history.clone(),
         metrics: options.stats.metrics.clone(),
     });

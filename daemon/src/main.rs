@@ -263,8 +263,8 @@ fn run_bridge(config: Config) -> ExitCode {
         return ExitCode::FAILURE;
     };
     let result = runtime.block_on(async {
-        let bridge =
-            byclaw_bridge::Bridge::bind(&config.bridge, &config.redis.connection_url()).await?;
+        let endpoint = config.redis.endpoint()?;
+        let bridge = byclaw_bridge::Bridge::bind(&config.bridge, endpoint).await?;
         let stop = tokio_util::sync::CancellationToken::new();
         let serving = tokio::spawn(bridge.serve(stop.clone()));
         shutdown_signal().await;
@@ -272,7 +272,8 @@ fn run_bridge(config: Config) -> ExitCode {
         stop.cancel();
         serving
             .await
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic.into_panic()))
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic.into_panic()))?;
+        anyhow::Ok(())
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -308,11 +309,17 @@ fn run_command(config: Config, command: Command) -> ExitCode {
     }
 }
 
+/// A client of the configured Redis (TLS files included).
+async fn client(config: &Config) -> anyhow::Result<byclaw_client::Client> {
+    let endpoint = config.redis.endpoint()?;
+    byclaw_client::Client::connect(endpoint)
+        .await
+        .map_err(|error| anyhow::anyhow!("{error}"))
+}
+
 /// `gatewayd send --agent TYPE TEXT`: the exit code says how the task ended.
 async fn send(config: &Config, args: SendArgs) -> anyhow::Result<u8> {
-    let client = byclaw_client::Client::connect(&config.redis.connection_url())
-        .await
-        .map_err(|error| anyhow::anyhow!("{error}"))?;
+    let client = client(config).await?;
     console::send(
         &client,
         &args.agent,
@@ -325,17 +332,13 @@ async fn send(config: &Config, args: SendArgs) -> anyhow::Result<u8> {
 
 /// `gatewayd chat --agent TYPE`.
 async fn chat(config: &Config, args: ChatArgs) -> anyhow::Result<u8> {
-    let client = byclaw_client::Client::connect(&config.redis.connection_url())
-        .await
-        .map_err(|error| anyhow::anyhow!("{error}"))?;
+    let client = client(config).await?;
     console::chat(&client, &args.agent, args.session).await
 }
 
 /// `gatewayd workers`.
 async fn workers(config: &Config) -> anyhow::Result<()> {
-    let client = byclaw_client::Client::connect(&config.redis.connection_url())
-        .await
-        .map_err(|error| anyhow::anyhow!("{error}"))?;
+    let client = client(config).await?;
     let workers = client
         .workers()
         .await
@@ -348,9 +351,7 @@ async fn workers(config: &Config) -> anyhow::Result<()> {
 
 /// `gatewayd cancel MESSAGE_ID --session ID`.
 async fn cancel(config: &Config, args: CancelArgs) -> anyhow::Result<()> {
-    let client = byclaw_client::Client::connect(&config.redis.connection_url())
-        .await
-        .map_err(|error| anyhow::anyhow!("{error}"))?;
+    let client = client(config).await?;
     let mode = if args.force {
         byclaw_client::CancelMode::Force
     } else {
@@ -379,15 +380,7 @@ async fn cancel(config: &Config, args: CancelArgs) -> anyhow::Result<()> {
 
 /// `gatewayd plugins check FILE` / `gatewayd plugins list`.
 async fn plugins(config: &Config, command: PluginsCommand) -> anyhow::Result<()> {
-    let limits = byclaw_sandbox::Limits {
-        memory_bytes: config.plugins.largest_memory_limit_bytes(),
-        deadline: config.plugins.deadline(),
-        max_event_bytes: config.plugins.max_event_bytes,
-        guest_log: byclaw_sandbox::OutputLimits {
-            lines_per_s: config.plugins.guest_log_lines_per_s,
-            bytes: config.plugins.guest_log_bytes,
-        },
-    };
+    let limits = config.plugins.limits();
     let sandbox = byclaw_sandbox::Sandbox::with_options(
         limits,
         2,
@@ -445,7 +438,7 @@ async fn print_history(config: &Config, args: HistoryArgs) -> anyhow::Result<()>
     }
     // Errors are rendered here, once: their messages already include their
     // causes, which `{:#}` would print again.
-    let history = History::start(&config.history, &config.redis.connection_url())
+    let history = History::start(&config.history, config.redis.endpoint()?)
         .await
         .map_err(|error| anyhow::anyhow!("cannot open the history store: {error}"))?;
     let limit = args

@@ -101,9 +101,18 @@ pub struct Metrics {
     leases_lost: Counter,
     /// RESUMEs for a call already answered, acknowledged and dropped.
     duplicate_replies: Counter,
+    /// RESUMEs refused because they came from another session or tenant
+    /// than the task they name.
+    foreign_replies: Counter,
     /// Guest log lines over their task's budget, dropped.
     guest_log_dropped: Counter,
     plugin_loads: Family<Labels, Counter>,
+    /// Tasks that waited to start because guest memory was past
+    /// `worker.memory_budget_mb`.
+    memory_budget_waits: Counter,
+    /// Tool calls by calling plugin, tool's plugin and outcome
+    /// (`called`, `refused`): who borrows whose tools.
+    tool_calls: Family<Labels, Counter>,
     config_reloads: Family<Labels, Counter>,
     redis_errors: Family<Labels, Counter>,
     redis_reconnects: Counter,
@@ -175,11 +184,29 @@ impl Metrics {
             "Replies to a call or prompt already answered, acknowledged and dropped",
             duplicate_replies.clone(),
         );
+        let foreign_replies = Counter::default();
+        registry.register(
+            "foreign_replies",
+            "Replies refused because they came from another session or tenant than the task they name",
+            foreign_replies.clone(),
+        );
         let guest_log_dropped = Counter::default();
         registry.register(
             "guest_log_lines_dropped",
             "Lines plugins wrote to stdout, stderr or runtime.log past their task's budget, dropped",
             guest_log_dropped.clone(),
+        );
+        let memory_budget_waits = Counter::default();
+        registry.register(
+            "memory_budget_waits",
+            "Tasks that waited to start because the plugins' memory was past worker.memory_budget_mb",
+            memory_budget_waits.clone(),
+        );
+        let tool_calls = Family::<Labels, Counter>::default();
+        registry.register(
+            "tool_calls",
+            "Tool calls by calling plugin (caller), the tool's plugin (plugin) and outcome (called, or refused by the tool's tool_callers)",
+            tool_calls.clone(),
         );
         let plugin_loads = Family::<Labels, Counter>::default();
         registry.register(
@@ -258,8 +285,11 @@ impl Metrics {
             claimed,
             leases_lost,
             duplicate_replies,
+            foreign_replies,
             guest_log_dropped,
             plugin_loads,
+            memory_budget_waits,
+            tool_calls,
             config_reloads,
             redis_errors,
             redis_reconnects,
@@ -328,6 +358,50 @@ impl Metrics {
     /// A reply to a call already answered was dropped.
     pub fn duplicate_reply(&self) {
         self.duplicate_replies.inc();
+    }
+
+    /// A task waited for the memory budget before it started.
+    pub fn memory_budget_wait(&self) {
+        self.memory_budget_waits.inc();
+    }
+
+    /// How many tasks waited for the memory budget so far.
+    pub fn memory_budget_waits_total(&self) -> u64 {
+        self.memory_budget_waits.get()
+    }
+
+    /// Code of the plugin `caller` called (or was refused) a tool of `owner`.
+    pub fn tool_call(&self, caller: &str, owner: &str, allowed: bool) {
+        let outcome = if allowed { "called" } else { "refused" };
+        self.tool_calls
+            .get_or_create(&vec![
+                ("caller", caller.to_owned()),
+                ("plugin", owner.to_owned()),
+                ("outcome", outcome.to_owned()),
+            ])
+            .inc();
+    }
+
+    /// How many tool calls `caller` made to `owner`'s tools with this outcome.
+    pub fn tool_calls_total(&self, caller: &str, owner: &str, allowed: bool) -> u64 {
+        let outcome = if allowed { "called" } else { "refused" };
+        self.tool_calls
+            .get_or_create(&vec![
+                ("caller", caller.to_owned()),
+                ("plugin", owner.to_owned()),
+                ("outcome", outcome.to_owned()),
+            ])
+            .get()
+    }
+
+    /// A reply from another session or tenant was refused.
+    pub fn foreign_reply(&self) {
+        self.foreign_replies.inc();
+    }
+
+    /// How many replies from another session or tenant were refused so far.
+    pub fn foreign_replies_total(&self) -> u64 {
+        self.foreign_replies.get()
     }
 
     /// A task's guest wrote `lines` log lines past its budget.

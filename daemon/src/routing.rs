@@ -133,6 +133,12 @@ impl WaitKey {
 /// What a waiter accepts besides its key.
 #[derive(Debug, Clone, Default)]
 pub struct Expect {
+    /// The waiting task's session: a reply from another session is
+    /// refused, so knowing a message id is not enough to answer a task.
+    pub session_id: String,
+    /// The waiting task's tenant (`header.tenant_id`); a reply must carry
+    /// the same.
+    pub tenant_id: String,
     /// The prompt waited for: an answer naming another prompt is stale.
     pub prompt_id: Option<String>,
     /// RESUME message ids the task has taken already: never taken twice.
@@ -140,13 +146,17 @@ pub struct Expect {
 }
 
 impl Expect {
-    fn accepts(&self, reply: &Reply) -> bool {
+    /// What the waiter makes of `reply`.
+    fn judge(&self, reply: &Reply) -> Delivered {
+        if reply.session_id != self.session_id || reply.tenant_id != self.tenant_id {
+            return Delivered::Foreign;
+        }
         if self.taken.contains(&reply.message_id) {
-            return false;
+            return Delivered::Stale;
         }
         match (&self.prompt_id, reply.prompt_id()) {
-            (Some(expected), Some(named)) => expected == named,
-            _ => true,
+            (Some(expected), Some(named)) if expected != named => Delivered::Stale,
+            _ => Delivered::Taken,
         }
     }
 }
@@ -159,6 +169,9 @@ pub enum Delivered {
     /// A waiter exists but the reply answers an earlier prompt, or was
     /// taken before: drop it.
     Stale,
+    /// A waiter exists but the reply comes from another session or tenant
+    /// than the task's: refuse it (the waiter keeps waiting).
+    Foreign,
     /// Nobody here waits for it.
     NoWaiter,
 }
@@ -170,6 +183,10 @@ pub struct Reply {
     pub message_id: String,
     /// Who answered (`header.source_agent_id`; empty for a user).
     pub source_agent_id: String,
+    /// The session it was sent in (`header.session_id`).
+    pub session_id: String,
+    /// The tenant it was sent for (`header.tenant_id`).
+    pub tenant_id: String,
     pub status: String,
     pub content: Value,
     pub reply_data: Value,
@@ -198,14 +215,10 @@ pub struct Waiters {
 }
 
 impl Waiters {
-    /// Registers a waiter. Register before sending what will be answered.
-    /// A second registration of the same key replaces the first (whose
-    /// `recv` then ends with `None`).
-    pub fn register(self: &Arc<Self>, key: WaitKey) -> Waiting {
-        self.register_expecting(key, Expect::default())
-    }
-
     /// Registers a waiter that takes only the replies `expect` accepts.
+    /// Register before sending what will be answered. A second
+    /// registration of the same key replaces the first (whose `recv` then
+    /// ends with `None`).
     pub fn register_expecting(self: &Arc<Self>, key: WaitKey, expect: Expect) -> Waiting {
         let (tx, rx) = oneshot::channel();
         let tag = self
@@ -226,8 +239,9 @@ impl Waiters {
         let Some((_, expect, _)) = slots.get(key) else {
             return Delivered::NoWaiter;
         };
-        if !expect.accepts(&reply) {
-            return Delivered::Stale;
+        let judged = expect.judge(&reply);
+        if judged != Delivered::Taken {
+            return judged;
         }
         let (_, _, tx) = slots.remove(key).expect("looked up above");
         drop(slots);
@@ -357,11 +371,51 @@ mod tests {
         Reply {
             message_id: id.into(),
             source_agent_id: "translator".into(),
+            session_id: "sess-1".into(),
+            tenant_id: "acme".into(),
             status: "COMPLETED".into(),
             content: Value::Null,
             reply_data: Value::Null,
             extra_payload: Value::Null,
         }
+    }
+
+    /// What a task of session `sess-1`, tenant `acme`, expects.
+    fn owned() -> Expect {
+        Expect {
+            session_id: "sess-1".into(),
+            tenant_id: "acme".into(),
+            ..Expect::default()
+        }
+    }
+
+    impl Waiters {
+        fn register(self: &Arc<Self>, key: WaitKey) -> Waiting {
+            self.register_expecting(key, owned())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reply_from_another_session_or_tenant_is_refused_and_the_task_waits_on() {
+        let waiters = Arc::new(Waiters::default());
+        let mut waiting = waiters.register(key("msg-a"));
+        let mut other_session = reply("r-1");
+        other_session.session_id = "sess-globex".into();
+        assert_eq!(
+            waiters.deliver(&key("msg-a"), other_session),
+            Delivered::Foreign
+        );
+        let mut other_tenant = reply("r-2");
+        other_tenant.tenant_id = "globex".into();
+        assert_eq!(
+            waiters.deliver(&key("msg-a"), other_tenant),
+            Delivered::Foreign
+        );
+        assert_eq!(
+            waiters.deliver(&key("msg-a"), reply("r-3")),
+            Delivered::Taken
+        );
+        assert_eq!(waiting.recv().await.unwrap().message_id, "r-3");
     }
 
     #[tokio::test]
@@ -412,6 +466,7 @@ mod tests {
         let expect = Expect {
             prompt_id: Some("msg-a:u2".into()),
             taken: vec!["answer-1".into()],
+            ..owned()
         };
         let mut second = waiters.register_expecting(key("msg-a"), expect);
         // The first prompt's answer, delivered again.

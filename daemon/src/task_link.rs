@@ -59,10 +59,40 @@ pub struct Services {
     pub waiting_slots: Arc<Semaphore>,
     /// `worker.max_call_depth`.
     pub max_call_depth: u32,
+    /// `history.max_entry_bytes`: most of a streamed reply kept for the
+    /// session history.
+    pub max_reply_bytes: usize,
     /// The session history store (`history.recent`, replies saved).
     pub history: crate::history::History,
     /// Counts host calls (and, in dispatch, tasks).
     pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+/// The reply a task streams, kept for the session history up to a bound:
+/// what a guest streams past it is not held in the daemon's memory.
+#[derive(Debug, Default)]
+pub struct ReplyBuffer {
+    /// The text so far, at most the bound.
+    text: String,
+    /// Some text was left out.
+    truncated: bool,
+}
+
+impl ReplyBuffer {
+    /// Appends what fits under `max_bytes` (cut at a character boundary).
+    fn push(&mut self, text: &str, max_bytes: usize) {
+        let room = max_bytes.saturating_sub(self.text.len());
+        if text.len() <= room {
+            self.text.push_str(text);
+            return;
+        }
+        let mut cut = room;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        self.text.push_str(&text[..cut]);
+        self.truncated = true;
+    }
 }
 
 /// A reply this task still waits for; when the task is cancelled the
@@ -95,8 +125,8 @@ pub struct TaskLink {
     /// cancelled.
     pub awaiting: Arc<Mutex<Vec<AwaitedChild>>>,
     /// The streamed reply so far, for the session history; `None` once saved
-    /// or when history is off.
-    pub reply: Mutex<Option<String>>,
+    /// or when history is off. Bounded by `history.max_entry_bytes`.
+    pub reply: Mutex<Option<ReplyBuffer>>,
     /// The user's answers this task took (RESUME message ids, in order):
     /// numbers its prompts, and none is taken twice.
     pub answers: Mutex<Vec<String>>,
@@ -200,18 +230,22 @@ impl TaskLink {
             .lock()
             .expect("reply lock is never poisoned")
             .take();
-        if let Some(text) = taken {
-            self.save_reply(text);
+        if let Some(reply) = taken {
+            self.save_reply(reply);
         }
     }
 
-    fn save_reply(&self, text: String) {
-        let entry = crate::history::HistoryEntry::new(crate::history::Role::Assistant, text)
-            .with_metadata(serde_json::json!({
-                "trace_id": self.origin.trace_id,
-                "agent_id": self.origin.agent_id,
-                "message_id": self.origin.message_id,
-            }));
+    fn save_reply(&self, reply: ReplyBuffer) {
+        let mut metadata = serde_json::json!({
+            "trace_id": self.origin.trace_id,
+            "agent_id": self.origin.agent_id,
+            "message_id": self.origin.message_id,
+        });
+        if reply.truncated {
+            metadata["truncated"] = serde_json::Value::Bool(true);
+        }
+        let entry = crate::history::HistoryEntry::new(crate::history::Role::Assistant, reply.text)
+            .with_metadata(metadata);
         self.services.history.record(&self.origin.session_id, entry);
     }
 
@@ -263,12 +297,12 @@ impl TaskPort for TaskLink {
     fn add_to_reply(&self, text: &str, end: bool) {
         let mut reply = self.reply.lock().expect("reply lock is never poisoned");
         let Some(buffer) = reply.as_mut() else { return };
-        buffer.push_str(text);
+        buffer.push(text, self.services.max_reply_bytes);
         if end {
-            let text = std::mem::take(buffer);
+            let done = std::mem::take(buffer);
             *reply = None;
             drop(reply);
-            self.save_reply(text);
+            self.save_reply(done);
         }
     }
 
@@ -351,6 +385,10 @@ impl TaskPort for TaskLink {
 
     fn guest_output_dropped(&self, lines: u64) {
         self.services.metrics.guest_log_dropped(lines);
+    }
+
+    fn tool_call(&self, caller: &str, owner: &str, allowed: bool) {
+        self.services.metrics.tool_call(caller, owner, allowed);
     }
 }
 
@@ -512,7 +550,13 @@ impl TaskLink {
             });
             children.push(json!({ "target_agent_type": call.target, "message_id": child }));
             sent_ids.push(child.clone());
-            waits.push((index, child, call.target, services.waiters.register(key)));
+            let expect = Expect {
+                session_id: origin.session_id.clone(),
+                tenant_id: self.tenant_id.clone(),
+                ..Expect::default()
+            };
+            let waiting = services.waiters.register_expecting(key, expect);
+            waits.push((index, child, call.target, waiting));
         }
         let waiting = if group {
             json!({ "task_group_id": task_group_id, "children": children })
@@ -729,6 +773,8 @@ impl TaskLink {
             },
         );
         let expect = Expect {
+            session_id: self.origin.session_id.clone(),
+            tenant_id: self.tenant_id.clone(),
             prompt_id: Some(prompt_id.clone()),
             taken,
         };
@@ -808,5 +854,22 @@ impl TaskLink {
             reply_data: reply.reply_data.to_string(),
             extra_payload: reply.extra_payload.to_string(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ReplyBuffer;
+
+    #[test]
+    fn a_reply_is_kept_up_to_its_bound_and_cut_on_a_character() {
+        let mut reply = ReplyBuffer::default();
+        reply.push("héllo ", 10);
+        assert_eq!((reply.text.as_str(), reply.truncated), ("héllo ", false));
+        // 7 bytes used; of "wörld" only "w" and "ö" (3 bytes) fit.
+        reply.push("wörld", 10);
+        assert_eq!((reply.text.as_str(), reply.truncated), ("héllo wö", true));
+        reply.push("more", 10);
+        assert_eq!(reply.text, "héllo wö");
     }
 }

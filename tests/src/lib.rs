@@ -35,6 +35,9 @@ pub fn init_logging() {
     });
 }
 
+pub mod postgres;
+pub mod tls;
+
 /// A redis-server of its own on a free port, killed on drop.
 pub struct RedisServer {
     child: Child,
@@ -42,6 +45,10 @@ pub struct RedisServer {
     /// Append-only file with fsync on every write, so a restart keeps everything.
     persistent: bool,
     dir: tempfile::TempDir,
+    /// A second, TLS-only port (with the certificates it serves), when
+    /// started by [`RedisServer::start_tls`]; `port` stays plain for the
+    /// harness.
+    tls: Option<(u16, tls::TlsMaterial)>,
 }
 
 impl RedisServer {
@@ -55,7 +62,53 @@ impl RedisServer {
         Self::start_with(true).await
     }
 
+    /// A server that also listens with TLS on [`RedisServer::tls_url`],
+    /// with a server certificate of a throwaway CA, asking clients for a
+    /// certificate of that CA too.
+    pub async fn start_tls() -> Result<Self> {
+        let material = tls::TlsMaterial::generate()?;
+        for _attempt in 0..5 {
+            let dir = tempfile::tempdir()?;
+            let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+            let tls_port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+            let tls = Some((tls_port, material.clone()));
+            let child = Self::spawn_with(port, dir.path(), false, tls.as_ref())?;
+            let mut server = RedisServer {
+                child,
+                port,
+                persistent: false,
+                dir,
+                tls,
+            };
+            if server.wait_ready().await? {
+                return Ok(server);
+            }
+        }
+        bail!("could not start redis-server with TLS")
+    }
+
+    /// The `rediss://` URL of the TLS port.
+    pub fn tls_url(&self) -> Option<String> {
+        self.tls
+            .as_ref()
+            .map(|(port, _)| format!("rediss://127.0.0.1:{port}/0"))
+    }
+
+    /// The certificates the TLS port serves and trusts.
+    pub fn tls_material(&self) -> Option<&tls::TlsMaterial> {
+        self.tls.as_ref().map(|(_, material)| material)
+    }
+
     fn spawn(port: u16, dir: &Path, persistent: bool) -> Result<Child> {
+        Self::spawn_with(port, dir, persistent, None)
+    }
+
+    fn spawn_with(
+        port: u16,
+        dir: &Path,
+        persistent: bool,
+        tls: Option<&(u16, tls::TlsMaterial)>,
+    ) -> Result<Child> {
         let mut command = Command::new("redis-server");
         command
             .args([
@@ -75,6 +128,17 @@ impl RedisServer {
         } else {
             command.args(["--appendonly", "no"]);
         }
+        if let Some((tls_port, material)) = tls {
+            command
+                .args(["--tls-port", &tls_port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(&material.server_cert)
+                .arg("--tls-key-file")
+                .arg(&material.server_key)
+                .arg("--tls-ca-cert-file")
+                .arg(&material.ca_cert)
+                .args(["--tls-auth-clients", "yes"]);
+        }
         command
             .spawn()
             .context("starting redis-server (is it installed?)")
@@ -90,6 +154,7 @@ impl RedisServer {
                 port,
                 persistent,
                 dir,
+                tls: None,
             };
             if server.wait_ready().await? {
                 return Ok(server);
@@ -132,7 +197,12 @@ impl RedisServer {
 
     /// Starts the killed server again on the same port and data.
     pub async fn start_again(&mut self) -> Result<()> {
-        self.child = Self::spawn(self.port, self.dir.path(), self.persistent)?;
+        self.child = Self::spawn_with(
+            self.port,
+            self.dir.path(),
+            self.persistent,
+            self.tls.as_ref(),
+        )?;
         anyhow::ensure!(
             self.wait_ready().await?,
             "redis-server did not restart on port {}",

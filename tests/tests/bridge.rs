@@ -51,6 +51,8 @@ fn token(token: &str, tenant: &str, prefix: &str) -> BridgeToken {
         token: token.into(),
         tenant: tenant.into(),
         session_prefix: prefix.into(),
+        max_streams: None,
+        messages_per_s: None,
     }
 }
 
@@ -768,6 +770,14 @@ async fn bad_requests_get_4xx_with_a_json_error() -> Result<()> {
             400,
             "upgrade",
         ),
+        (
+            http.post(&messages).json(&json!({
+                "agent_type": "echo", "content": "x", "action_type": "RESUME",
+                "message_id": "not-a-task-of-sess-1",
+            })),
+            404,
+            "has no task",
+        ),
         (http.get(format!("{base}/v2/whatever")), 404, "/v2/whatever"),
     ];
     for (request, status, needle) in cases {
@@ -785,6 +795,270 @@ async fn bad_requests_get_4xx_with_a_json_error() -> Result<()> {
 
     stop.cancel();
     tokio::time::timeout(WAIT, serving).await???;
+    bed.daemon.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_pages_rebinding_names_and_foreign_answers_are_refused() -> Result<()> {
+    const ACME: &str = "acme-token-0123456789abcdef";
+    const GLOBEX: &str = "globex-token-0123456789abcdef";
+    let (mut bed, base) = bed_with_bridge_config(&["echo", "faults"], "ask-twice", |bridge| {
+        bridge.tokens = vec![
+            token(ACME, "acme", "acme-"),
+            token(GLOBEX, "globex", "globex-"),
+        ];
+        bridge.allowed_origins = vec!["https://app.example.com".into()];
+    })
+    .await?;
+    let http = reqwest::Client::new();
+    let session = format!("acme-{}", suffix());
+    let messages = format!("{base}/v1/sessions/{session}/messages");
+    let hello = json!({"agent_type": "echo", "content": "hello"});
+
+    // A DNS-rebinding page: its own name in Host, resolving to loopback.
+    let response = http
+        .get(format!("{base}/v1/agents"))
+        .bearer_auth(ACME)
+        .header("Host", "evil.example")
+        .send()
+        .await?;
+    assert_eq!(response.status(), 403);
+    let body: Value = response.json().await?;
+    assert!(
+        body["error"].as_str().unwrap().contains("evil.example"),
+        "{body}"
+    );
+    // Another page posting with the user's token.
+    let response = http
+        .post(&messages)
+        .bearer_auth(ACME)
+        .header("Origin", "http://evil.example")
+        .json(&hello)
+        .send()
+        .await?;
+    assert_eq!(response.status(), 403);
+    // A listed origin: let in, with CORS answers; its preflight too.
+    let response = http
+        .post(&messages)
+        .bearer_auth(ACME)
+        .header("Origin", "https://app.example.com")
+        .json(&hello)
+        .send()
+        .await?;
+    assert_eq!(response.status(), 202);
+    assert_eq!(
+        response.headers()["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    let preflight = |origin: &'static str| {
+        http.request(reqwest::Method::OPTIONS, &messages)
+            .header("Origin", origin)
+            .header("Access-Control-Request-Method", "POST")
+            .header(
+                "Access-Control-Request-Headers",
+                "authorization, content-type",
+            )
+            .send()
+    };
+    let allowed = preflight("https://app.example.com").await?;
+    assert_eq!(
+        allowed.headers()["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    let refused = preflight("http://evil.example").await?;
+    assert!(
+        refused
+            .headers()
+            .get("access-control-allow-origin")
+            .is_none()
+    );
+    // A token in the URL of anything but an event stream.
+    let response = http
+        .get(format!("{base}/v1/agents?token={ACME}"))
+        .send()
+        .await?;
+    assert_eq!(response.status(), 401);
+
+    // The WebSocket: another page's handshake is refused, the bridge's own
+    // page (same origin) gets through.
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    let ws_url = format!(
+        "{}/v1/sessions/{session}/ws?token={ACME}",
+        base.replace("http", "ws")
+    );
+    let mut evil = ws_url.as_str().into_client_request()?;
+    evil.headers_mut()
+        .insert("Origin", "http://evil.example".parse()?);
+    match tokio_tungstenite::connect_async(evil).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 403)
+        }
+        other => bail!("another page opened the socket: {other:?}"),
+    }
+    let mut own = ws_url.as_str().into_client_request()?;
+    own.headers_mut().insert("Origin", base.parse()?);
+    let (socket, _) = tokio_tungstenite::connect_async(own).await?;
+    drop(socket);
+
+    // Globex answers acme's waiting task from its own session: the bridge
+    // finds no such task there; sent to Redis directly, the daemon refuses it.
+    let sent: Value = http
+        .post(&messages)
+        .bearer_auth(ACME)
+        .json(&json!({"agent_type": "ask-twice", "content": "go"}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let task = sent["message_id"].as_str().context("sent")?.to_owned();
+    wait_for("the first prompt", WAIT, || {
+        let mut conn = bed.conn.clone();
+        let (session, task) = (session.clone(), task.clone());
+        async move {
+            Ok(all_events(&mut conn, &session)
+                .await?
+                .into_iter()
+                .find(|e| e["message_id"] == task.as_str() && e["data"]["contentType"] == "3013"))
+        }
+    })
+    .await?;
+    let theirs = format!("globex-{}", suffix());
+    let answer = json!({
+        "agent_type": "ask-twice", "content": "globex says",
+        "action_type": "RESUME", "message_id": task,
+    });
+    let response = http
+        .post(format!("{base}/v1/sessions/{theirs}/messages"))
+        .bearer_auth(GLOBEX)
+        .json(&answer)
+        .send()
+        .await?;
+    assert_eq!(response.status(), 404);
+    let forged = byclaw_client::Client::connect(&bed.redis.url())
+        .await?
+        .for_tenant("globex");
+    forged
+        .answer_user("ask-twice", &theirs, &task, "globex says")
+        .await?;
+    wait_for("the forged answer refused", WAIT, || {
+        let refused = bed.daemon.stats.metrics.foreign_replies_total();
+        async move { Ok((refused >= 1).then_some(())) }
+    })
+    .await?;
+    // Acme's own answers still reach it.
+    for text in ["one", "two"] {
+        let mut answer = answer.clone();
+        answer["content"] = json!(text);
+        let response = http
+            .post(&messages)
+            .bearer_auth(ACME)
+            .json(&answer)
+            .send()
+            .await?;
+        assert_eq!(response.status(), 202);
+        if text == "one" {
+            wait_for("the second prompt", WAIT, || {
+                let mut conn = bed.conn.clone();
+                let (session, task) = (session.clone(), task.clone());
+                async move {
+                    Ok(all_events(&mut conn, &session)
+                        .await?
+                        .into_iter()
+                        .filter(|e| {
+                            e["message_id"] == task.as_str() && e["data"]["contentType"] == "3013"
+                        })
+                        .nth(1))
+                }
+            })
+            .await?;
+        }
+    }
+    let events = task_events(&mut bed.conn, &session, &task, WAIT).await?;
+    assert_eq!(
+        task_result(&events).unwrap(),
+        &json!({ "first": "one", "second": "two" })
+    );
+    bed.daemon.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_past_its_limits_gets_429_and_others_go_on() -> Result<()> {
+    const GREEDY: &str = "greedy-token-0123456789abcdef";
+    const OTHER: &str = "other-token-0123456789abcdef";
+    let (mut bed, base) = bed_with_bridge_config(&["echo"], "echo", |bridge| {
+        let mut greedy = token(GREEDY, "greedy", "greedy-");
+        greedy.max_streams = Some(1);
+        greedy.messages_per_s = Some(1);
+        bridge.tokens = vec![greedy, token(OTHER, "other", "other-")];
+    })
+    .await?;
+    let http = reqwest::Client::new();
+    let events = |tenant: &str, token: &str| {
+        http.get(format!("{base}/v1/sessions/{tenant}-{}/events", suffix()))
+            .bearer_auth(token.to_owned())
+    };
+    let held = SseReader::open(events("greedy", GREEDY)).await?;
+    let refused = events("greedy", GREEDY).send().await?;
+    assert_eq!(refused.status(), 429);
+    assert_eq!(refused.headers()["retry-after"], "1");
+    let body: Value = refused.json().await?;
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("tenant greedy has 1 event streams open"),
+        "{body}"
+    );
+    // Another tenant's streams are its own.
+    let _other = SseReader::open(events("other", OTHER)).await?;
+    // Closing the stream gives it back.
+    drop(held);
+    wait_for("the stream given back", WAIT, || {
+        let request = events("greedy", GREEDY);
+        async move {
+            let response = request.send().await?;
+            Ok((response.status() == 200).then_some(()))
+        }
+    })
+    .await?;
+
+    // One message a second: of five sent at once, the first goes through
+    // and the rest are refused with a Retry-After (one more per second
+    // the five took, on a slow machine).
+    let session = format!("greedy-{}", suffix());
+    let started = Instant::now();
+    let mut accepted = 0;
+    for _ in 0..5 {
+        let response = http
+            .post(format!("{base}/v1/sessions/{session}/messages"))
+            .bearer_auth(GREEDY)
+            .json(&json!({"agent_type": "echo", "content": "hi"}))
+            .send()
+            .await?;
+        match response.status().as_u16() {
+            202 => accepted += 1,
+            429 => {
+                let retry: u64 = response.headers()["retry-after"].to_str()?.parse()?;
+                assert!(retry >= 1);
+            }
+            other => bail!("unexpected {other}"),
+        }
+    }
+    let took = started.elapsed().as_secs_f64();
+    assert!(accepted >= 1, "the first message is within the rate");
+    assert!(
+        accepted as f64 <= 1.0 + took,
+        "{accepted} of 5 accepted in {took:.2} s at one a second"
+    );
+    let other = http
+        .post(format!("{base}/v1/sessions/other-{}/messages", suffix()))
+        .bearer_auth(OTHER)
+        .json(&json!({"agent_type": "echo", "content": "hi"}))
+        .send()
+        .await?;
+    assert_eq!(other.status(), 202);
     bed.daemon.stop().await?;
     Ok(())
 }

@@ -63,6 +63,8 @@ async fn the_chat_page_streams_a_reply_in_chromium() -> Result<()> {
             token: TOKEN.into(),
             tenant: "web".into(),
             session_prefix: "web-".into(),
+            max_streams: None,
+            messages_per_s: None,
         }];
     })
     .await?;

@@ -294,7 +294,9 @@ async fn bad_plugin_files_are_reported_and_skipped() -> anyhow::Result<()> {
             memory_bytes: 64 << 20,
             deadline: Duration::from_secs(5),
             max_event_bytes: 1 << 20,
+            max_tool_bytes: 1 << 20,
             guest_log: Default::default(),
+            memory_budget_bytes: 0,
         },
         4,
     )?;
@@ -308,6 +310,50 @@ async fn bad_plugin_files_are_reported_and_skipped() -> anyhow::Result<()> {
     );
     assert!(
         errors[1].contains("zz-echo-copy.wasm") && errors[1].contains("already served"),
+        "{errors:#?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_plugin_loads_only_from_the_file_it_is_pinned_to() -> anyhow::Result<()> {
+    let plugins = plugin_dir(&["echo", "faults"]);
+    let hex = |digest: byclaw_sandbox::FileDigest| {
+        digest
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let echo_sha256 = hex(byclaw_sandbox::file_digest(&std::fs::read(
+        plugins.path().join("echo.wasm"),
+    )?));
+    let faults_sha256 = hex(byclaw_sandbox::file_digest(&std::fs::read(
+        plugins.path().join("faults.wasm"),
+    )?));
+    let mut config = byclaw_sandbox::PluginsConfig::default();
+    let pin = |sha256: &str| byclaw_sandbox::PluginPolicy {
+        sha256: Some(sha256.to_owned()),
+        ..Default::default()
+    };
+    config
+        .policy
+        .insert("echo".into(), pin(&echo_sha256.to_uppercase()));
+    config.policy.insert("faults".into(), pin(&"0".repeat(64)));
+    let sandbox = byclaw_sandbox::Sandbox::with_options(
+        config.limits(),
+        4,
+        None,
+        byclaw_sandbox::Policies::from_config(&config),
+        Default::default(),
+    )?;
+    let loaded = byclaw_sandbox::loader::load_dir(&sandbox, plugins.path()).await?;
+    assert_eq!(loaded.table.capabilities(), vec!["echo".to_owned()]);
+    let errors: Vec<String> = loaded.rejected.iter().map(ToString::to_string).collect();
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert!(
+        errors[0].contains("faults.wasm")
+            && errors[0].contains(&format!("pinned to SHA-256 {}", "0".repeat(64)))
+            && errors[0].contains(&format!("this file's is {faults_sha256}")),
         "{errors:#?}"
     );
     Ok(())
@@ -460,6 +506,176 @@ async fn a_chatty_plugin_is_held_to_its_log_budget() -> anyhow::Result<()> {
         "{dropped} dropped in {elapsed:.1} s"
     );
     assert!(dropped <= 40_000);
+    bed.daemon.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_arguments_and_results_past_the_limit_are_refused_before_parsing() -> anyhow::Result<()>
+{
+    let mut bed = TestBed::start(&["faults"], "fault-big-tool", |c| {
+        c.plugins.max_result_bytes = 64 * 1024;
+    })
+    .await?;
+    let mut conn = bed.conn.clone();
+    let small = send_ask(&mut conn, "fault-big-tool", "1000").await?;
+    let big = send_ask(&mut conn, "fault-big-tool", "200000").await?;
+
+    let events = events_until_terminal(&mut conn, &small.session_id, WAIT).await?;
+    assert_eq!(final_state(&events), "COMPLETED");
+    let result = task_result(&events).expect("a result");
+    assert_eq!(result["sink"]["ok"]["took"], 1000, "{result}");
+    assert!(result["bloat"]["ok"]["padding"].is_string(), "{result}");
+
+    let events = events_until_terminal(&mut conn, &big.session_id, WAIT).await?;
+    assert_eq!(
+        final_state(&events),
+        "COMPLETED",
+        "the guest got errors, not a trap"
+    );
+    let result = task_result(&events).expect("a result");
+    let sink = result["sink"]["error"].as_str().unwrap_or_default();
+    assert!(
+        sink.contains("arguments of tool \"sink\" are 2000")
+            && sink.contains("over the limit of 65536 bytes (plugins.max_result_bytes)"),
+        "{result}"
+    );
+    let bloat = result["bloat"]["error"].as_str().unwrap_or_default();
+    assert!(
+        bloat.contains("tool \"bloat\" returned 2000")
+            && bloat.contains("over the limit of 65536 bytes"),
+        "{result}"
+    );
+    bed.daemon.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_writer_holds_no_more_than_its_byte_bound_while_redis_is_slow() -> anyhow::Result<()> {
+    use gatewayd::events::{Write, Writer, WriterConfig};
+    use std::sync::Arc;
+    const BOUND: usize = 1 << 20;
+    const EVENT: usize = 256 << 10;
+    let redis = RedisServer::start().await?;
+    let connection =
+        gatewayd::broker::connect(&redis.url().into(), Duration::from_secs(60)).await?;
+    let (writer, _lanes) = Writer::start(
+        connection,
+        WriterConfig {
+            lanes: 2,
+            queue: 1000,
+            max_batch: 512,
+            queue_bytes: BOUND,
+            session_maxlen: 0,
+            session_ttl_s: 60,
+            metrics: Arc::new(gatewayd::metrics::Metrics::new(Default::default())),
+        },
+        tokio_util::sync::CancellationToken::new(),
+    );
+    // Redis takes no writes for now: what is sent piles up in the writer.
+    let mut admin = redis.connect().await?;
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(60_000)
+        .arg("WRITE")
+        .query_async(&mut admin)
+        .await?;
+    let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut senders = Vec::new();
+    for i in 0..8 {
+        let (writer, queued) = (writer.clone(), queued.clone());
+        senders.push(tokio::spawn(async move {
+            let stream: Arc<str> = Arc::from(format!("bound-test:{i}"));
+            let write = Write::Event {
+                stream,
+                data: "x".repeat(EVENT),
+            };
+            writer.send(&format!("session-{i}"), vec![write]).await?;
+            queued.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            anyhow::Ok(())
+        }));
+    }
+    wait_for("the writer to fill up", WAIT, || {
+        let held = writer.queued_bytes();
+        async move { Ok((held > BOUND - EVENT).then_some(())) }
+    })
+    .await?;
+    assert!(writer.queued_bytes() <= BOUND, "{}", writer.queued_bytes());
+    let taken = queued.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        taken <= BOUND / EVENT,
+        "{taken} sends of {EVENT} bytes queued under {BOUND}"
+    );
+    // Redis takes writes again: every send goes through, nothing is lost.
+    let _: () = redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .query_async(&mut admin)
+        .await?;
+    for sender in senders {
+        tokio::time::timeout(WAIT, sender).await???;
+    }
+    wait_for("every event written", WAIT, || {
+        let mut conn = admin.clone();
+        async move {
+            let mut written = 0;
+            for i in 0..8 {
+                let len: usize = redis::cmd("XLEN")
+                    .arg(format!("bound-test:{i}"))
+                    .query_async(&mut conn)
+                    .await?;
+                written += len;
+            }
+            Ok((written == 8).then_some(()))
+        }
+    })
+    .await?;
+    assert_eq!(writer.queued_bytes(), 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_memory_budget_new_tasks_wait_and_none_fails() -> anyhow::Result<()> {
+    let mut bed = TestBed::start(&["faults"], "hold-memory", |c| {
+        c.plugins.memory_limit_mb = 100;
+        c.worker.memory_budget_mb = 100;
+        c.plugins.deadline_s = 30;
+    })
+    .await?;
+    let mut conn = bed.conn.clone();
+    /// When the task's "holding" chunk was emitted (ms), once it is there.
+    async fn holding_at(
+        conn: &redis::aio::MultiplexedConnection,
+        session: &str,
+    ) -> anyhow::Result<u64> {
+        wait_for("the holding chunk", WAIT, || {
+            let mut conn = conn.clone();
+            async move {
+                Ok(all_events(&mut conn, session)
+                    .await?
+                    .iter()
+                    .find(|e| delta_content(e) == "holding")
+                    .and_then(|e| e["timestamp"].as_u64()))
+            }
+        })
+        .await
+    }
+    // Two tasks hold 60 MiB each for 2 s: together past the budget.
+    let a = send_ask(&mut conn, "hold-memory", "60 2000").await?;
+    let b = send_ask(&mut conn, "hold-memory", "60 2000").await?;
+    let a_at = holding_at(&bed.conn, &a.session_id).await?;
+    let b_at = holding_at(&bed.conn, &b.session_id).await?;
+    // A third waits until one of them gives its memory back.
+    let c = send_ask(&mut conn, "hold-memory", "1 10").await?;
+    let c_at = holding_at(&bed.conn, &c.session_id).await?;
+    assert!(
+        c_at >= a_at.min(b_at) + 2000,
+        "started at {c_at}, while both held their memory ({a_at}, {b_at} + 2000 ms)"
+    );
+    for task in [&a, &b, &c] {
+        let events = events_until_terminal(&mut conn, &task.session_id, WAIT).await?;
+        assert_eq!(final_state(&events), "COMPLETED", "nothing fails");
+    }
+    assert!(bed.daemon.stats.metrics.memory_budget_waits_total() >= 1);
     bed.daemon.stop().await?;
     Ok(())
 }

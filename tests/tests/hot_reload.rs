@@ -225,7 +225,9 @@ async fn compiled_plugins_are_cached_across_restarts() -> anyhow::Result<()> {
         memory_bytes: 64 << 20,
         deadline: Duration::from_secs(5),
         max_event_bytes: 1 << 20,
+        max_tool_bytes: 1 << 20,
         guest_log: Default::default(),
+        memory_budget_bytes: 0,
     };
     let path = built_plugins().join("planner.wasm");
     let bytes = std::fs::read(&path)?;

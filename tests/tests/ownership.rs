@@ -1,7 +1,8 @@
 //! One owner per task, one outcome per task, one answer per wait — at the
 //! edges: Redis refusing writes while tasks finish, another daemon taking
 //! an entry over, replies and answers that arrive twice, two prompts in one
-//! task, a cancel racing the task's start, the worker lock lost.
+//! task, an answer from another session or tenant, a cancel racing the
+//! task's start, the worker lock lost.
 
 use byclaw_client::{CancelMode, Client};
 use integration_tests::*;
@@ -40,6 +41,26 @@ async fn control_entries(
         }
     }
     Ok(found)
+}
+
+/// The `n`th ask-user form event (1-based) of `message_id`, once it is there.
+async fn prompt_event(
+    conn: &MultiplexedConnection,
+    session_id: &str,
+    message_id: &str,
+    n: usize,
+) -> anyhow::Result<Value> {
+    wait_for(&format!("prompt {n}"), LONG, || {
+        let mut conn = conn.clone();
+        async move {
+            Ok(all_events(&mut conn, session_id)
+                .await?
+                .into_iter()
+                .filter(|e| e["message_id"] == message_id && e["data"]["contentType"] == "3013")
+                .nth(n - 1))
+        }
+    })
+    .await
 }
 
 async fn wait_record_status(
@@ -313,27 +334,7 @@ async fn two_prompts_in_one_task_each_take_their_own_answer() -> anyhow::Result<
     let client = Client::connect(&bed.redis.url()).await?;
     let session = format!("sess-{}", suffix());
     let sent = client.send("ask-twice", &session, "go", json!({})).await?;
-    let form = |n: usize| {
-        let conn = bed.conn.clone();
-        let (session, id) = (session.clone(), sent.message_id.clone());
-        async move {
-            wait_for(&format!("prompt {n}"), LONG, || {
-                let mut conn = conn.clone();
-                let (session, id) = (session.clone(), id.clone());
-                async move {
-                    Ok(all_events(&mut conn, &session)
-                        .await?
-                        .into_iter()
-                        .filter(|e| {
-                            e["message_id"] == id.as_str() && e["data"]["contentType"] == "3013"
-                        })
-                        .nth(n - 1))
-                }
-            })
-            .await
-        }
-    };
-    let first = form(1).await?;
+    let first = prompt_event(&bed.conn, &session, &sent.message_id, 1).await?;
     assert_eq!(
         first["metadata"]["prompt_id"],
         format!("{}:u1", sent.message_id)
@@ -341,7 +342,7 @@ async fn two_prompts_in_one_task_each_take_their_own_answer() -> anyhow::Result<
     let answer = client
         .answer_user("ask-twice", &session, &sent.message_id, "one")
         .await?;
-    let second = form(2).await?;
+    let second = prompt_event(&bed.conn, &session, &sent.message_id, 2).await?;
     let second_prompt = format!("{}:u2", sent.message_id);
     assert_eq!(second["metadata"]["prompt_id"], second_prompt.as_str());
 
@@ -375,6 +376,50 @@ async fn two_prompts_in_one_task_each_take_their_own_answer() -> anyhow::Result<
     let events = task_events(&mut bed.conn, &session, &sent.message_id, LONG).await?;
     let result = task_result(&events).unwrap();
     assert_eq!(result, &json!({ "first": "one", "second": "two" }));
+    bed.daemon.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_from_another_session_or_tenant_is_refused() -> anyhow::Result<()> {
+    let mut bed = TestBed::start(&["faults"], "ask-twice", |config| {
+        config.plugins.deadline_s = 60;
+    })
+    .await?;
+    let client = Client::connect(&bed.redis.url()).await?;
+    let (acme, globex) = (client.for_tenant("acme"), client.for_tenant("globex"));
+    let session = format!("acme-{}", suffix());
+    let sent = acme.send("ask-twice", &session, "go", json!({})).await?;
+    prompt_event(&bed.conn, &session, &sent.message_id, 1).await?;
+
+    // Another tenant, in its own session, naming acme's task; the right
+    // session without acme's tenant; acme's tenant from another session.
+    let theirs = format!("globex-{}", suffix());
+    globex
+        .answer_user("ask-twice", &theirs, &sent.message_id, "globex says")
+        .await?;
+    client
+        .answer_user("ask-twice", &session, &sent.message_id, "no tenant")
+        .await?;
+    acme.answer_user("ask-twice", &theirs, &sent.message_id, "wrong session")
+        .await?;
+    wait_for("three answers refused", LONG, || {
+        let refused = bed.daemon.stats.metrics.foreign_replies_total();
+        async move { Ok((refused >= 3).then_some(())) }
+    })
+    .await?;
+    // The task still waits on its first prompt; its owner's answers go on.
+    acme.answer_user("ask-twice", &session, &sent.message_id, "one")
+        .await?;
+    prompt_event(&bed.conn, &session, &sent.message_id, 2).await?;
+    acme.answer_user("ask-twice", &session, &sent.message_id, "two")
+        .await?;
+    let events = task_events(&mut bed.conn, &session, &sent.message_id, LONG).await?;
+    assert_eq!(
+        task_result(&events).unwrap(),
+        &json!({ "first": "one", "second": "two" })
+    );
+    assert_eq!(bed.daemon.stats.metrics.foreign_replies_total(), 3);
     bed.daemon.stop().await?;
     Ok(())
 }

@@ -193,6 +193,38 @@ async fn outbound_http_reaches_allowed_hosts_only() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wildcard_never_reaches_inside_the_host() -> anyhow::Result<()> {
+    let port = loopback_server("internal secret").await?;
+    // Allowed anywhere by a wildcard: still not loopback, the metadata
+    // service or the private network, by address or by a name for them.
+    let mut bed = TestBed::start(&["faults"], "fetch", |config| {
+        config.plugins.policy.insert(
+            "faults".into(),
+            PluginPolicy {
+                allowed_outbound_hosts: Some(vec!["http://*:*".into()]),
+                ..PluginPolicy::default()
+            },
+        );
+    })
+    .await?;
+    for url in [
+        format!("http://127.0.0.1:{port}/"),
+        format!("http://localhost:{port}/"),
+        format!("http://[::ffff:127.0.0.1]:{port}/"),
+        "http://169.254.169.254/latest/meta-data/".to_owned(),
+        "http://10.0.0.1/".to_owned(),
+    ] {
+        let sent = send_ask(&mut bed.conn, "fetch", &url).await?;
+        let events = events_until_terminal(&mut bed.conn, &sent.session_id, LONG).await?;
+        let result = &events.last().unwrap()["metadata"]["result"];
+        let error = result["error"].as_str().unwrap_or_default();
+        assert!(error.contains("DestinationIpProhibited"), "{url}: {result}");
+    }
+    bed.daemon.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_only_directories_can_be_read_not_written() -> anyhow::Result<()> {
     let models = tempfile::tempdir()?;
     std::fs::write(models.path().join("weights.txt"), "42")?;
@@ -325,5 +357,48 @@ async fn policy_changes_in_the_file_apply_without_a_restart() -> anyhow::Result<
     );
     assert_eq!(ask(json!({"allocate_mb": 32})).await?["allocated_mb"], 32);
     daemon.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_says_which_plugins_may_call_its_tools() -> anyhow::Result<()> {
+    for (callers, allowed) in [(vec![], false), (vec!["faults".to_owned()], true)] {
+        let mut bed = TestBed::start(&["faults", "tools"], "use-tool", |config| {
+            config.plugins.policy.insert(
+                "tools".into(),
+                PluginPolicy {
+                    tool_callers: Some(callers.clone()),
+                    ..PluginPolicy::default()
+                },
+            );
+        })
+        .await?;
+        let sent = send_ask(&mut bed.conn, "use-tool", r#"tools/add {"a": 1, "b": 2}"#).await?;
+        let events = events_until_terminal(&mut bed.conn, &sent.session_id, LONG).await?;
+        let result = &events.last().unwrap()["metadata"]["result"];
+        if allowed {
+            assert_eq!(result, &json!({"ok": {"sum": 3.0}}), "{callers:?}");
+        } else {
+            let error = result["error"].as_str().unwrap_or_default();
+            assert!(
+                error.contains(
+                    "plugin \"tools\" does not let plugin \"faults\" call its tools (plugins.tools.tool_callers)"
+                ),
+                "{result}"
+            );
+        }
+        // Its own tools stay its own to call.
+        let sent = send_ask(&mut bed.conn, "use-tool", r#"sink {"padding": "abc"}"#).await?;
+        let events = events_until_terminal(&mut bed.conn, &sent.session_id, LONG).await?;
+        assert_eq!(
+            events.last().unwrap()["metadata"]["result"],
+            json!({"ok": {"took": 3}})
+        );
+        let metrics = &bed.daemon.stats.metrics;
+        assert_eq!(metrics.tool_calls_total("faults", "tools", allowed), 1);
+        assert_eq!(metrics.tool_calls_total("faults", "tools", !allowed), 0);
+        assert_eq!(metrics.tool_calls_total("faults", "faults", true), 1);
+        bed.daemon.stop().await?;
+    }
     Ok(())
 }

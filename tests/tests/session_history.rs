@@ -166,3 +166,37 @@ async fn a_database_that_is_down_never_fails_a_task() -> anyhow::Result<()> {
     bed.daemon.stop().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_reply_is_kept_up_to_max_entry_bytes_and_marked_truncated() -> anyhow::Result<()> {
+    let mut bed = TestBed::start(&["echo"], "echo", |c| {
+        c.history.max_entry_bytes = 1024;
+    })
+    .await?;
+    let client = Client::connect(&bed.redis.url()).await?;
+    let session = format!("sess-long-{}", suffix());
+    let long = "é".repeat(3000);
+    let events = ask(&client, &mut bed.conn, "echo", &session, &long).await?;
+    assert_eq!(states(&events).last().unwrap(), "COMPLETED");
+    // The session saw the whole reply; the history keeps a bounded part.
+    let streamed: String = events
+        .iter()
+        .filter(|e| e["data"]["contentType"] == "1002")
+        .map(|e| delta_content(e))
+        .collect();
+    assert_eq!(streamed, long);
+    let store = History::start(&Default::default(), &bed.redis.url()).await?;
+    let saved = wait_entries(&store, &session, 2).await?;
+    let reply = saved[1]["content"].as_str().unwrap();
+    assert_eq!(saved[1]["role"], "assistant");
+    assert_eq!(
+        reply.len(),
+        1024,
+        "cut at a character boundary under the bound"
+    );
+    assert!(long.starts_with(reply));
+    assert_eq!(saved[1]["metadata"]["truncated"], true);
+    store.close(Duration::from_secs(5)).await?;
+    bed.daemon.stop().await?;
+    Ok(())
+}

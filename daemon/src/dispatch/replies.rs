@@ -60,6 +60,8 @@ impl Dispatcher {
         let reply = Reply {
             message_id: header.message_id.clone(),
             source_agent_id: header.source_agent_id.clone(),
+            session_id: header.session_id.clone(),
+            tenant_id: header.tenant_id.clone(),
             status: status.clone(),
             content: content.clone(),
             reply_data: reply_data.clone(),
@@ -94,6 +96,21 @@ impl Dispatcher {
                     "the awaiting task took this reply, or an answer to that prompt, before",
                 )
                 .await;
+                return true;
+            }
+            Delivered::Foreign => {
+                self.services.metrics.foreign_reply();
+                tracing::warn!(
+                    parent_message_id = %header.parent_message_id,
+                    resume_id = %header.message_id,
+                    session_id = %header.session_id,
+                    tenant_id = %header.tenant_id,
+                    "reply refused: it comes from another session or tenant than the task it names"
+                );
+                let _ = self
+                    .writer
+                    .commit(&header.session_id, vec![self.ack(delivery)])
+                    .await;
                 return true;
             }
             Delivered::NoWaiter => {}

@@ -318,7 +318,8 @@ impl Dispatcher {
             permit: Mutex::new(Some(permit)),
             awaiting,
             reply: Mutex::new(
-                (self.services.history.backend() != HistoryBackend::Off).then(String::new),
+                (self.services.history.backend() != HistoryBackend::Off)
+                    .then(crate::task_link::ReplyBuffer::default),
             ),
             answers: Mutex::new(Vec::new()),
             closed: Default::default(),
@@ -328,6 +329,18 @@ impl Dispatcher {
         // However this returns, the task's own writes end here: the final
         // writes queued after this cannot be followed by a late chunk.
         let _close = CloseOnReturn(link.clone());
+        // Past worker.memory_budget_mb new work waits, before its deadline
+        // starts, until running tasks give memory back.
+        tokio::select! {
+            waited = plugin.guest_memory().admit() => {
+                if waited {
+                    self.services.metrics.memory_budget_wait();
+                }
+            }
+            _ = cancel.requested_token.cancelled() => return Outcome::Cancelled(cancel.reason()),
+            _ = self.force_stop.cancelled() => return Outcome::CutOff,
+            _ = lease_lost.cancelled() => return Outcome::CutOff,
+        }
         let context = Arc::new(TaskContext {
             origin: origin.clone(),
             cancel: cancel.clone(),

@@ -10,7 +10,12 @@
 //! The hard path is measured with `--idle-plugins N` (N more plugins loaded,
 //! each with a stream of its own, never asked) and `--examples` (the other
 //! five example plugins loaded beside echo): throughput must not depend on
-//! what is loaded and idle.
+//! what is loaded and idle. With `--hostile` the misbehaving fixture plugin
+//! is loaded too (the daemon-wide limits become 64 MiB / 3 s) and, for the
+//! whole throughput run, hostile tasks run beside echo, seven at a time:
+//! an event flood, a memory bomb, an endless loop, a log flood, a 20 MB
+//! result, 20 MB tool arguments and an agent calling itself. It prints how
+//! each ended and the daemon's peak RSS.
 //!
 //! Besides tasks/s and latency it prints the CPU time per task of the
 //! daemon (from `/proc/<pid>/stat`) and of Redis (`INFO cpu`), and the Redis
@@ -41,6 +46,7 @@ struct Args {
     reloads: usize,
     idle_plugins: usize,
     examples: bool,
+    hostile: bool,
     gatewayd: Option<PathBuf>,
     /// `KEY=VALUE` for the daemon's environment (e.g. `GATEWAYD_HISTORY__BACKEND=off`).
     env: Vec<(String, String)>,
@@ -59,6 +65,7 @@ fn parse_args() -> Result<Args> {
         reloads: 0,
         idle_plugins: 0,
         examples: false,
+        hostile: false,
         gatewayd: None,
         env: Vec::new(),
     };
@@ -77,6 +84,7 @@ fn parse_args() -> Result<Args> {
             "--reloads" => args.reloads = value()?.parse()?,
             "--idle-plugins" => args.idle_plugins = value()?.parse()?,
             "--examples" => args.examples = true,
+            "--hostile" => args.hostile = true,
             "--gatewayd" => args.gatewayd = Some(PathBuf::from(value()?)),
             "--env" => {
                 let pair = value()?;
@@ -89,7 +97,7 @@ fn parse_args() -> Result<Args> {
                 println!(
                     "gatewayd-bench [--tasks 20000] [--in-flight 200] [--idle 200] [--readers 4] \
                      [--concurrency 256] [--fetch 64] [--text T] [--redis-url URL] [--reloads N] \
-                     [--idle-plugins N] [--examples] [--gatewayd PATH] [--env KEY=VALUE]..."
+                     [--idle-plugins N] [--examples] [--hostile] [--gatewayd PATH] [--env KEY=VALUE]..."
                 );
                 std::process::exit(0);
             }
@@ -326,6 +334,125 @@ async fn delete_bench_keys(conn: &mut MultiplexedConnection) -> Result<()> {
     Ok(())
 }
 
+/// The hostile tasks of `--hostile`: capability and input.
+const HOSTILE: &[(&str, &str)] = &[
+    ("fault-flood", "x"),
+    ("fault-memory", "x"),
+    ("fault-loop", "x"),
+    ("fault-chatter", "100000"),
+    ("fault-big-result", "20000000"),
+    ("fault-big-tool", "20000000"),
+    ("recurse", "0"),
+];
+
+/// Runs every kind of [`HOSTILE`] task at once, again and again, until
+/// `stop`; returns how each ended (kind → terminal states, counted).
+async fn hostile(
+    mut conn: MultiplexedConnection,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Result<std::collections::BTreeMap<String, std::collections::BTreeMap<String, usize>>> {
+    let mut ended: std::collections::BTreeMap<String, std::collections::BTreeMap<String, usize>> =
+        Default::default();
+    let run = suffix();
+    let mut round = 0;
+    while !stop.load(Ordering::Relaxed) {
+        round += 1;
+        let mut waiting = Vec::new();
+        let mut pipe = redis::pipe();
+        for (capability, input) in HOSTILE {
+            let session = format!("bench-hostile-{run}-{round}-{capability}");
+            let message = format!("msg-{}", suffix());
+            let trace = format!("{:032x}", fastrand::u128(..));
+            let data = ask_agent_json(
+                &session,
+                &message,
+                &trace,
+                capability,
+                serde_json::json!(input),
+                "",
+            );
+            pipe.cmd("XADD")
+                .arg(format!("byai_gateway:ctrl:capability:{capability}"))
+                .arg("*")
+                .arg("data")
+                .arg(data)
+                .ignore();
+            waiting.push((capability.to_string(), session, message, "0".to_owned()));
+        }
+        pipe.query_async::<()>(&mut conn).await?;
+        while !waiting.is_empty() {
+            let mut cmd = redis::cmd("XREAD");
+            cmd.arg("COUNT")
+                .arg(1000)
+                .arg("BLOCK")
+                .arg(1000)
+                .arg("STREAMS");
+            for (_, session, _, _) in &waiting {
+                cmd.arg(format!("byai_gateway:session:{session}:data_stream"));
+            }
+            for (_, _, _, last) in &waiting {
+                cmd.arg(last);
+            }
+            let reply: Option<redis::streams::StreamReadReply> = cmd.query_async(&mut conn).await?;
+            let mut done = Vec::new();
+            for key in reply.map(|r| r.keys).unwrap_or_default() {
+                let Some(i) = waiting
+                    .iter()
+                    .position(|(_, session, _, _)| key.key.contains(session.as_str()))
+                else {
+                    continue;
+                };
+                for entry in key.ids {
+                    waiting[i].3 = entry.id.clone();
+                    let data: String = entry.get("data").unwrap_or_default();
+                    let Ok(event) = serde_json::from_str::<serde_json::Value>(&data) else {
+                        continue;
+                    };
+                    let state = event["data"]["delta"]["content"]
+                        .as_str()
+                        .unwrap_or_default();
+                    let terminal = event["message_id"] == waiting[i].2.as_str()
+                        && event["data"]["contentType"] == "3003"
+                        && ["COMPLETED", "FAILED", "CANCELLED"]
+                            .iter()
+                            .any(|t| state.starts_with(t));
+                    if terminal {
+                        // The reason without its sizes, so like ones count together.
+                        let reason: String = state.chars().take(48).collect();
+                        *ended
+                            .entry(waiting[i].0.clone())
+                            .or_default()
+                            .entry(reason)
+                            .or_default() += 1;
+                        done.push(i);
+                    }
+                }
+            }
+            done.sort_unstable();
+            done.dedup();
+            for i in done.into_iter().rev() {
+                waiting.remove(i);
+            }
+        }
+    }
+    Ok(ended)
+}
+
+/// The daemon's resident memory now and at its peak, MiB (`VmRSS`,
+/// `VmHWM` of `/proc/<pid>/status`).
+fn rss_mib(pid: u32) -> Result<(f64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| -> f64 {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map_or(f64::NAN, |kb| kb / 1024.0)
+    };
+    Ok((field("VmRSS:"), field("VmHWM:")))
+}
+
 /// CPU seconds a process has used (user + system), from `/proc/<pid>/stat`.
 fn process_cpu_s(pid: u32) -> Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
@@ -444,6 +571,9 @@ fn plugin_directory(args: &Args, plugins: &std::path::Path) -> Result<tempfile::
             )?;
         }
     }
+    if args.hostile {
+        std::fs::copy(plugins.join("faults.wasm"), dir.path().join("faults.wasm"))?;
+    }
     if args.idle_plugins > 0 {
         // The fixture names itself `idle-0000`; each copy gets its own id
         // and capability by rewriting that placeholder (same length).
@@ -522,6 +652,11 @@ async fn main() -> Result<()> {
         .env("GATEWAYD_WORKER__FETCH_COUNT", args.fetch.to_string())
         .env("GATEWAYD_WORKSPACE__DIR", workspace.path())
         .env("GATEWAYD_HTTP__LISTEN", "127.0.0.1:0");
+    if args.hostile {
+        command
+            .env("GATEWAYD_PLUGINS__MEMORY_LIMIT_MB", "64")
+            .env("GATEWAYD_PLUGINS__DEADLINE_S", "3");
+    }
     for (key, value) in &args.env {
         command.env(key, value);
     }
@@ -583,6 +718,14 @@ async fn main() -> Result<()> {
                 anyhow::Ok(swaps)
             })
         });
+        let stop_hostile = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let neighbour = (label == "throughput" && args.hostile).then(|| {
+            let stop = stop_hostile.clone();
+            let client = client.clone();
+            tokio::spawn(async move {
+                hostile(client.get_multiplexed_async_connection().await?, stop).await
+            })
+        });
         let mut drivers = Vec::new();
         for r in 0..args.readers {
             let slots =
@@ -607,8 +750,11 @@ async fn main() -> Result<()> {
         }
         let wall = started.elapsed();
         let after = usage(&mut conn, daemon_pid).await?;
+        stop_hostile.store(true, Ordering::Relaxed);
         if label == "throughput" {
             report(label, &samples, failures, wall);
+            let (rss, peak) = rss_mib(daemon_pid)?;
+            println!("  gatewayd memory  RSS {rss:.0} MiB, peak {peak:.0} MiB");
             // The usage reads themselves: two INFO calls each (not counted),
             // and nothing else of ours ran in between.
             report_cost(
@@ -620,6 +766,15 @@ async fn main() -> Result<()> {
         }
         if let Some(swapper) = swapper {
             report_reloads(&samples, &swapper.await??);
+        }
+        if let Some(neighbour) = neighbour {
+            let ended = neighbour.await??;
+            let (_, peak) = rss_mib(daemon_pid)?;
+            println!("  hostile tasks beside it (gatewayd peak RSS {peak:.0} MiB):");
+            for (kind, states) in ended {
+                let states: Vec<String> = states.iter().map(|(s, n)| format!("{n}× {s}")).collect();
+                println!("    {kind}: {}", states.join("; "));
+            }
         }
         delete_bench_keys(&mut conn).await?;
     }
