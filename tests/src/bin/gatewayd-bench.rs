@@ -723,7 +723,13 @@ async fn main() -> Result<()> {
             let stop = stop_hostile.clone();
             let client = client.clone();
             tokio::spawn(async move {
-                hostile(client.get_multiplexed_async_connection().await?, stop).await
+                // Its reads block up to a second on tasks that emit nothing
+                // for seconds: no response timeout.
+                let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+                let conn = client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await?;
+                hostile(conn, stop).await
             })
         });
         let mut drivers = Vec::new();
