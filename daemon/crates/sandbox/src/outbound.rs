@@ -287,7 +287,10 @@ async fn send_to(
                 .trim_end_matches(']')
                 .to_owned(),
         )
-        .map_err(HttpError::InvalidDnsNameError)?;
+        .map_err(|_| HttpError::DnsError {
+            rcode: Some("invalid server name".to_owned()),
+            info_code: None,
+        })?;
         let stream = tls_connector()
             .connect(server_name, tcp)
             .await
