@@ -647,6 +647,28 @@ pub async fn all_events(conn: &mut MultiplexedConnection, session_id: &str) -> R
         .collect()
 }
 
+/// Waits up to `timeout` for the `n`th (from 1) `ask-user` prompt (content
+/// type 3013) of a task in its session stream, and returns it.
+pub async fn prompt_event(
+    conn: &MultiplexedConnection,
+    session_id: &str,
+    message_id: &str,
+    n: usize,
+    timeout: Duration,
+) -> Result<Value> {
+    wait_for(&format!("prompt {n} of {message_id}"), timeout, || {
+        let mut conn = conn.clone();
+        async move {
+            Ok(all_events(&mut conn, session_id)
+                .await?
+                .into_iter()
+                .filter(|e| e["message_id"] == message_id && e["data"]["contentType"] == "3013")
+                .nth(n - 1))
+        }
+    })
+    .await
+}
+
 /// Polls `check` until it returns `Some`, or fails after `timeout`.
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
 where

@@ -912,17 +912,7 @@ async fn other_pages_rebinding_names_and_foreign_answers_are_refused() -> Result
         .json()
         .await?;
     let task = sent["message_id"].as_str().context("sent")?.to_owned();
-    wait_for("the first prompt", WAIT, || {
-        let mut conn = bed.conn.clone();
-        let (session, task) = (session.clone(), task.clone());
-        async move {
-            Ok(all_events(&mut conn, &session)
-                .await?
-                .into_iter()
-                .find(|e| e["message_id"] == task.as_str() && e["data"]["contentType"] == "3013"))
-        }
-    })
-    .await?;
+    prompt_event(&bed.conn, &session, &task, 1, WAIT).await?;
     let theirs = format!("globex-{}", suffix());
     let answer = json!({
         "agent_type": "ask-twice", "content": "globex says",
@@ -958,20 +948,7 @@ async fn other_pages_rebinding_names_and_foreign_answers_are_refused() -> Result
             .await?;
         assert_eq!(response.status(), 202);
         if text == "one" {
-            wait_for("the second prompt", WAIT, || {
-                let mut conn = bed.conn.clone();
-                let (session, task) = (session.clone(), task.clone());
-                async move {
-                    Ok(all_events(&mut conn, &session)
-                        .await?
-                        .into_iter()
-                        .filter(|e| {
-                            e["message_id"] == task.as_str() && e["data"]["contentType"] == "3013"
-                        })
-                        .nth(1))
-                }
-            })
-            .await?;
+            prompt_event(&bed.conn, &session, &task, 2, WAIT).await?;
         }
     }
     let events = task_events(&mut bed.conn, &session, &task, WAIT).await?;

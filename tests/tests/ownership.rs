@@ -44,25 +44,6 @@ async fn control_entries(
 }
 
 /// The `n`th ask-user form event (1-based) of `message_id`, once it is there.
-async fn prompt_event(
-    conn: &MultiplexedConnection,
-    session_id: &str,
-    message_id: &str,
-    n: usize,
-) -> anyhow::Result<Value> {
-    wait_for(&format!("prompt {n}"), LONG, || {
-        let mut conn = conn.clone();
-        async move {
-            Ok(all_events(&mut conn, session_id)
-                .await?
-                .into_iter()
-                .filter(|e| e["message_id"] == message_id && e["data"]["contentType"] == "3013")
-                .nth(n - 1))
-        }
-    })
-    .await
-}
-
 async fn wait_record_status(
     conn: &MultiplexedConnection,
     session_id: &str,
@@ -334,7 +315,7 @@ async fn two_prompts_in_one_task_each_take_their_own_answer() -> anyhow::Result<
     let client = Client::connect(&bed.redis.url()).await?;
     let session = format!("sess-{}", suffix());
     let sent = client.send("ask-twice", &session, "go", json!({})).await?;
-    let first = prompt_event(&bed.conn, &session, &sent.message_id, 1).await?;
+    let first = prompt_event(&bed.conn, &session, &sent.message_id, 1, LONG).await?;
     assert_eq!(
         first["metadata"]["prompt_id"],
         format!("{}:u1", sent.message_id)
@@ -342,7 +323,7 @@ async fn two_prompts_in_one_task_each_take_their_own_answer() -> anyhow::Result<
     let answer = client
         .answer_user("ask-twice", &session, &sent.message_id, "one")
         .await?;
-    let second = prompt_event(&bed.conn, &session, &sent.message_id, 2).await?;
+    let second = prompt_event(&bed.conn, &session, &sent.message_id, 2, LONG).await?;
     let second_prompt = format!("{}:u2", sent.message_id);
     assert_eq!(second["metadata"]["prompt_id"], second_prompt.as_str());
 
@@ -390,7 +371,7 @@ async fn an_answer_from_another_session_or_tenant_is_refused() -> anyhow::Result
     let (acme, globex) = (client.for_tenant("acme"), client.for_tenant("globex"));
     let session = format!("acme-{}", suffix());
     let sent = acme.send("ask-twice", &session, "go", json!({})).await?;
-    prompt_event(&bed.conn, &session, &sent.message_id, 1).await?;
+    prompt_event(&bed.conn, &session, &sent.message_id, 1, LONG).await?;
 
     // Another tenant, in its own session, naming acme's task; the right
     // session without acme's tenant; acme's tenant from another session.
@@ -411,7 +392,7 @@ async fn an_answer_from_another_session_or_tenant_is_refused() -> anyhow::Result
     // The task still waits on its first prompt; its owner's answers go on.
     acme.answer_user("ask-twice", &session, &sent.message_id, "one")
         .await?;
-    prompt_event(&bed.conn, &session, &sent.message_id, 2).await?;
+    prompt_event(&bed.conn, &session, &sent.message_id, 2, LONG).await?;
     acme.answer_user("ask-twice", &session, &sent.message_id, "two")
         .await?;
     let events = task_events(&mut bed.conn, &session, &sent.message_id, LONG).await?;
