@@ -345,6 +345,123 @@ pub async fn release(
     Ok(())
 }
 
+/// What one [`trim`] removed from a stream.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Trimmed {
+    /// Entries every consumer group had read and acknowledged.
+    pub consumed: u64,
+    /// Entries past the hard cap, read or not.
+    pub over_cap: u64,
+}
+
+/// The first entry id some consumer group on the stream still needs: the
+/// oldest it holds pending, or the one after the last delivered to it when
+/// it holds none. `None` without groups (nobody consumes the stream, so
+/// nothing counts as consumed).
+pub async fn first_needed_id(
+    conn: &mut ConnectionManager,
+    stream: &str,
+) -> Result<Option<String>, BrokerError> {
+    let groups: redis::streams::StreamInfoGroupsReply = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(stream)
+        .query_async(conn)
+        .await
+        .map_err(err("XINFO GROUPS", stream))?;
+    let mut needed: Option<EntryId> = None;
+    for group in &groups.groups {
+        let Some(last) = EntryId::parse(&group.last_delivered_id) else {
+            // An id we cannot read: keep everything rather than guess.
+            return Ok(None);
+        };
+        let mut first = last.next();
+        if group.pending > 0 {
+            // Pending entries only move forward meanwhile (acks, and new
+            // deliveries past `last`), so an answer read after XINFO never
+            // lets an entry go that the group still needs.
+            let reply: redis::streams::StreamPendingReply = redis::cmd("XPENDING")
+                .arg(stream)
+                .arg(&group.name)
+                .query_async(conn)
+                .await
+                .map_err(err("XPENDING", stream))?;
+            if let redis::streams::StreamPendingReply::Data(data) = reply {
+                match EntryId::parse(&data.start_id) {
+                    Some(oldest) => first = first.min(oldest),
+                    None => return Ok(None),
+                }
+            }
+        }
+        needed = Some(needed.map_or(first, |n| n.min(first)));
+    }
+    Ok(needed.map(|id| id.to_string()))
+}
+
+/// Trims a control stream: `XTRIM MINID` to the first entry some consumer
+/// group still needs (see [`first_needed_id`]), then, when `maxlen` is not
+/// 0, `XTRIM MAXLEN` to it. A group created later from id 0 does not see
+/// what was trimmed before it existed.
+pub async fn trim(
+    conn: &mut ConnectionManager,
+    stream: &str,
+    maxlen: u64,
+) -> Result<Trimmed, BrokerError> {
+    let mut trimmed = Trimmed::default();
+    if let Some(first) = first_needed_id(conn, stream).await? {
+        trimmed.consumed = redis::cmd("XTRIM")
+            .arg(stream)
+            .arg("MINID")
+            .arg(&first)
+            .query_async(conn)
+            .await
+            .map_err(err("XTRIM MINID", stream))?;
+    }
+    if maxlen > 0 {
+        trimmed.over_cap = redis::cmd("XTRIM")
+            .arg(stream)
+            .arg("MAXLEN")
+            .arg(maxlen)
+            .query_async(conn)
+            .await
+            .map_err(err("XTRIM MAXLEN", stream))?;
+    }
+    Ok(trimmed)
+}
+
+/// A stream entry id, ordered as Redis orders them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct EntryId {
+    ms: u64,
+    seq: u64,
+}
+
+impl EntryId {
+    fn parse(id: &str) -> Option<EntryId> {
+        let (ms, seq) = id.split_once('-')?;
+        Some(EntryId {
+            ms: ms.parse().ok()?,
+            seq: seq.parse().ok()?,
+        })
+    }
+
+    /// The smallest id after this one.
+    fn next(self) -> EntryId {
+        match self.seq.checked_add(1) {
+            Some(seq) => EntryId { ms: self.ms, seq },
+            None => EntryId {
+                ms: self.ms + 1,
+                seq: 0,
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for EntryId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.ms, self.seq)
+    }
+}
+
 /// Whether Redis under `maxmemory-policy` may delete keys to make room:
 /// every policy but `noeviction` can drop a stream, a pending list or an
 /// execution record (the `volatile-*` ones the keys with a TTL, which
@@ -382,6 +499,20 @@ pub async fn warn_if_evicting(conn: &mut ConnectionManager) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn entry_ids_order_and_follow_as_redis_orders_them() {
+        fn id(text: &str) -> EntryId {
+            EntryId::parse(text).unwrap()
+        }
+        assert!(id("1700000000000-9") < id("1700000000000-10"));
+        assert!(id("1700000000000-10") < id("1700000000001-0"));
+        assert_eq!(id("5-1").next().to_string(), "5-2");
+        assert_eq!(id(&format!("5-{}", u64::MAX)).next().to_string(), "6-0");
+        assert_eq!(id("0-0").next().to_string(), "0-1");
+        assert_eq!(EntryId::parse("5"), None);
+        assert_eq!(EntryId::parse("x-1"), None);
+    }
 
     #[test]
     fn only_noeviction_keeps_every_key() {

@@ -268,6 +268,16 @@ pub struct StreamsConfig {
     pub session_maxlen: u64,
     /// XDEL control entries once acked, so control streams do not grow forever.
     pub delete_acked: bool,
+    /// How often each capability stream served here is trimmed of what
+    /// every consumer group has read and acknowledged (entries Python
+    /// workers ack without deleting), milliseconds; 0: never.
+    pub trim_interval_ms: u64,
+    /// Most entries kept in each capability stream served here, read or
+    /// not; past it the oldest are trimmed (tasks nobody ran are lost, and
+    /// counted). 0: no cap, only consumed entries are trimmed.
+    pub control_maxlen: u64,
+    /// Approximate MAXLEN of the dead-letter stream; 0 keeps everything.
+    pub dead_letter_maxlen: u64,
     /// Bound of each event-writer queue, in batches; a full queue slows emitting plugins.
     pub writer_queue: usize,
     /// Most writes in one pipeline.
@@ -283,6 +293,11 @@ impl StreamsConfig {
     pub fn session_ttl(&self) -> Duration {
         Duration::from_secs(self.session_ttl_s)
     }
+
+    /// `trim_interval_ms`; `None` when trimming is off.
+    pub fn trim_interval(&self) -> Option<Duration> {
+        (self.trim_interval_ms > 0).then(|| Duration::from_millis(self.trim_interval_ms))
+    }
 }
 
 impl Default for StreamsConfig {
@@ -291,6 +306,9 @@ impl Default for StreamsConfig {
             session_ttl_s: 604_800,
             session_maxlen: 10_000,
             delete_acked: true,
+            trim_interval_ms: 60_000,
+            control_maxlen: 0,
+            dead_letter_maxlen: 100_000,
             writer_queue: 8192,
             writer_batch: 512,
             writer_queue_bytes: 64 << 20,
@@ -801,6 +819,16 @@ impl Config {
             self.streams.session_ttl_s >= 1,
             "streams.session_ttl_s",
             "must be at least 1",
+        );
+        check(
+            self.streams.trim_interval_ms == 0 || self.streams.trim_interval_ms >= 100,
+            "streams.trim_interval_ms",
+            "must be 0 (never) or at least 100",
+        );
+        check(
+            self.streams.control_maxlen == 0 || self.streams.trim_interval_ms > 0,
+            "streams.control_maxlen",
+            "needs streams.trim_interval_ms above 0: the cap is applied when streams are trimmed",
         );
         check(
             self.streams.writer_queue >= 1,

@@ -38,10 +38,12 @@ pub enum Write {
     Event { stream: Arc<str>, data: String },
     /// XADD an entry with one `data` field to a control stream.
     Control { stream: String, data: String },
-    /// XADD an entry with several fields (dead letters).
+    /// XADD an entry with several fields (dead letters, forwarded
+    /// replies), trimmed to about `maxlen` entries when that is not 0.
     Fields {
         stream: String,
         fields: Vec<(String, Vec<u8>)>,
+        maxlen: u64,
     },
     /// HSET one field and EXPIRE the hash (session registry).
     HashSet {
@@ -115,7 +117,7 @@ impl Write {
         match self {
             Write::Event { stream, data } => stream.len() + data.len(),
             Write::Control { stream, data } => stream.len() + data.len(),
-            Write::Fields { stream, fields } => {
+            Write::Fields { stream, fields, .. } => {
                 stream.len()
                     + fields
                         .iter()
@@ -415,9 +417,17 @@ impl Lane {
                 cmd.arg(stream).arg("*").arg("data").arg(data);
                 vec![cmd]
             }
-            Write::Fields { stream, fields } => {
+            Write::Fields {
+                stream,
+                fields,
+                maxlen,
+            } => {
                 let mut cmd = redis::cmd("XADD");
-                cmd.arg(stream).arg("*");
+                cmd.arg(stream);
+                if *maxlen > 0 {
+                    cmd.arg("MAXLEN").arg("~").arg(*maxlen);
+                }
+                cmd.arg("*");
                 for (name, value) in fields {
                     cmd.arg(name).arg(value);
                 }

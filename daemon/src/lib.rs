@@ -233,6 +233,9 @@ pub async fn run_with(
             cancel_grace: Duration::from_millis(worker.cancel_grace_ms),
             max_deliveries: worker.max_deliveries,
             dead_letter_stream: worker.dead_letter_stream.clone(),
+            dead_letter_maxlen: config.streams.dead_letter_maxlen,
+            trim_interval: config.streams.trim_interval(),
+            control_maxlen: config.streams.control_maxlen,
             delete_acked: config.streams.delete_acked,
             fetch_count: worker.fetch_count,
             block,
@@ -309,6 +312,11 @@ pub async fn run_with(
         dispatcher
             .clone()
             .reclaim(claimer, permits.clone(), stop_reading.clone()),
+    );
+    readers.spawn(
+        dispatcher
+            .clone()
+            .trim_streams(commands.clone(), stop_reading.clone()),
     );
     background.spawn(dispatcher.clone().control(
         control_reader,

@@ -9,7 +9,7 @@ use gatewayd::history::History;
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tracing_subscriber::EnvFilter;
 
 mod console;
@@ -94,6 +94,10 @@ enum Command {
     /// Inspect plugins without running the daemon.
     #[command(subcommand)]
     Plugins(PluginsCommand),
+    /// The entries workers could not run, in `worker.dead_letter_stream`:
+    /// list, show, replay onto their streams, purge.
+    #[command(subcommand)]
+    DeadLetters(DeadLettersCommand),
     /// Run only the bridge for front ends ([bridge] listen, tokens: HTTP
     /// API, SSE, WebSocket, chat page), whatever bridge.enabled says; workers
     /// run elsewhere on the same Redis.
@@ -144,6 +148,78 @@ struct ChatArgs {
     /// Continue this session [default: a new one, printed on stderr].
     #[arg(long, value_name = "ID")]
     session: Option<String>,
+}
+
+/// `gatewayd dead-letters list|show|replay|purge`.
+#[derive(Debug, Subcommand)]
+enum DeadLettersCommand {
+    /// One JSON object per line, oldest first: id, reason, source stream
+    /// and entry id, consumer group, worker, deliveries, when and how long
+    /// ago it was dead-lettered.
+    List {
+        #[command(flatten)]
+        filter: DeadLetterFilterArgs,
+        /// At most this many (0: all).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// One entry with its original fields (a JSON field shown as JSON).
+    Show {
+        /// Its id in the dead-letter stream.
+        #[arg(value_name = "ID")]
+        id: String,
+    },
+    /// Put entries back on the streams they came from and delete them from
+    /// the dead-letter stream; a control command gets
+    /// `header.metadata.replayed_from`. By id, or every entry the filters
+    /// select (`--all`: every entry). Prints one JSON line per entry.
+    Replay {
+        /// Ids in the dead-letter stream.
+        #[arg(value_name = "ID")]
+        ids: Vec<String>,
+        #[command(flatten)]
+        filter: DeadLetterFilterArgs,
+        /// Every entry (needed when no id and no filter is given).
+        #[arg(long)]
+        all: bool,
+    },
+    /// Delete the entries the filters select (`--all`: every entry);
+    /// prints how many went.
+    Purge {
+        #[command(flatten)]
+        filter: DeadLetterFilterArgs,
+        /// Every entry (needed when no filter is given).
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+/// Which dead letters: every condition given must hold.
+#[derive(Debug, clap::Args)]
+struct DeadLetterFilterArgs {
+    /// The reason contains TEXT.
+    #[arg(long, value_name = "TEXT")]
+    reason: Option<String>,
+    /// It came from STREAM (its full name, or an agent type).
+    #[arg(long, value_name = "STREAM")]
+    stream: Option<String>,
+    /// Dead-lettered at least AGE ago (`90s`, `15m`, `2h`, `7d`).
+    #[arg(long, value_name = "AGE", value_parser = humantime::parse_duration)]
+    older_than: Option<Duration>,
+    /// Dead-lettered less than AGE ago.
+    #[arg(long, value_name = "AGE", value_parser = humantime::parse_duration)]
+    newer_than: Option<Duration>,
+}
+
+impl From<DeadLetterFilterArgs> for byclaw_client::DeadLetterFilter {
+    fn from(args: DeadLetterFilterArgs) -> Self {
+        byclaw_client::DeadLetterFilter {
+            reason: args.reason,
+            stream: args.stream,
+            older_than: args.older_than,
+            newer_than: args.newer_than,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -297,6 +373,7 @@ fn run_command(config: Config, command: Command) -> ExitCode {
             Command::Chat(args) => chat(&config, args).await,
             Command::Workers => workers(&config).await.map(|()| 0),
             Command::Plugins(command) => plugins(&config, command).await.map(|()| 0),
+            Command::DeadLetters(command) => dead_letters(&config, command).await.map(|()| 0),
             Command::Bridge => unreachable!("run by run_bridge"),
         }
     });
@@ -347,6 +424,124 @@ async fn workers(config: &Config) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&worker)?);
     }
     Ok(())
+}
+
+/// `gatewayd dead-letters ...`.
+async fn dead_letters(config: &Config, command: DeadLettersCommand) -> anyhow::Result<()> {
+    let client = client(config).await?;
+    let stream = &config.worker.dead_letter_stream;
+    let failed = |error: byclaw_client::ClientError| anyhow::anyhow!("{error}");
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let summary = |letter: &byclaw_client::DeadLetter| {
+        let at = letter.dead_lettered_at_ms();
+        serde_json::json!({
+            "id": letter.id,
+            "reason": letter.reason,
+            "source_stream": letter.source_stream,
+            "source_id": letter.source_id,
+            "consumer_group": letter.consumer_group,
+            "worker_id": letter.worker_id,
+            "delivery_count": letter.delivery_count,
+            "dead_lettered_at_ms": at,
+            "age_s": now_ms.saturating_sub(at) / 1000,
+        })
+    };
+    let select = |filter: DeadLetterFilterArgs, all: bool| {
+        let filter = byclaw_client::DeadLetterFilter::from(filter);
+        if filter.is_empty() && !all {
+            anyhow::bail!(
+                "say which entries: ids, --reason/--stream/--older-than/--newer-than, or --all"
+            );
+        }
+        Ok(filter)
+    };
+    let mut out = std::io::stdout().lock();
+    match command {
+        DeadLettersCommand::List { filter, limit } => {
+            let filter = byclaw_client::DeadLetterFilter::from(filter);
+            for letter in client
+                .dead_letters(stream, &filter, limit)
+                .await
+                .map_err(failed)?
+            {
+                print_line(&mut out, &summary(&letter))?;
+            }
+        }
+        DeadLettersCommand::Show { id } => {
+            let letter = client
+                .dead_letter(stream, &id)
+                .await
+                .map_err(failed)?
+                .with_context(|| format!("no entry {id} in {stream}"))?;
+            let mut shown = summary(&letter);
+            let fields: serde_json::Map<String, serde_json::Value> = letter
+                .original
+                .iter()
+                .map(|(name, value)| {
+                    let value = serde_json::from_slice(value).unwrap_or_else(|_| {
+                        serde_json::Value::String(String::from_utf8_lossy(value).into_owned())
+                    });
+                    (name.clone(), value)
+                })
+                .collect();
+            shown["fields"] = fields.into();
+            print_line(&mut out, &shown)?;
+        }
+        DeadLettersCommand::Replay { ids, filter, all } => {
+            let letters = if ids.is_empty() {
+                let filter = select(filter, all)?;
+                client
+                    .dead_letters(stream, &filter, 0)
+                    .await
+                    .map_err(failed)?
+            } else {
+                let mut letters = Vec::new();
+                for id in &ids {
+                    letters.push(
+                        client
+                            .dead_letter(stream, id)
+                            .await
+                            .map_err(failed)?
+                            .with_context(|| format!("no entry {id} in {stream}"))?,
+                    );
+                }
+                letters
+            };
+            for letter in letters {
+                let new_id = client
+                    .replay_dead_letter(stream, &letter)
+                    .await
+                    .map_err(failed)?;
+                print_line(
+                    &mut out,
+                    &serde_json::json!({
+                        "id": letter.id,
+                        "replayed_to": letter.source_stream,
+                        "new_id": new_id,
+                    }),
+                )?;
+            }
+        }
+        DeadLettersCommand::Purge { filter, all } => {
+            let filter = select(filter, all)?;
+            let purged = client
+                .purge_dead_letters(stream, &filter)
+                .await
+                .map_err(failed)?;
+            print_line(&mut out, &serde_json::json!({ "purged": purged }))?;
+        }
+    }
+    Ok(())
+}
+
+/// One JSON value on its own line; a closed pipe ends quietly.
+fn print_line(out: &mut impl std::io::Write, value: &serde_json::Value) -> anyhow::Result<()> {
+    match writeln!(out, "{value}") {
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.context("cannot write to standard output"),
+    }
 }
 
 /// `gatewayd cancel MESSAGE_ID --session ID`.

@@ -64,6 +64,8 @@ pub enum RedisOperation {
     Claim,
     /// The worker's control stream.
     Control,
+    /// XINFO / XPENDING / XTRIM of capability streams.
+    Trim,
 }
 
 impl RedisOperation {
@@ -73,6 +75,7 @@ impl RedisOperation {
             RedisOperation::Write => "write",
             RedisOperation::Claim => "claim",
             RedisOperation::Control => "control",
+            RedisOperation::Trim => "trim",
         }
     }
 }
@@ -118,6 +121,10 @@ pub struct Metrics {
     redis_reconnects: Counter,
     /// Per host import (indexed like [`HostImport::ALL`]): calls, duration.
     host_calls: Vec<(Counter, Histogram)>,
+    /// Entries trimmed from capability streams, by stream and reason
+    /// (`consumed`: every group read and acked them; `maxlen`: past
+    /// `streams.control_maxlen`, read or not).
+    control_trimmed: Family<Labels, Counter>,
     stream_lag: Family<Labels, Gauge>,
     stream_pending: Family<Labels, Gauge>,
     stream_oldest_pending: Family<Labels, Gauge<f64, AtomicU64>>,
@@ -268,6 +275,12 @@ impl Metrics {
             "Entries of a capability stream read and not yet acknowledged (all consumers)",
             stream_pending.clone(),
         );
+        let control_trimmed = Family::<Labels, Counter>::default();
+        registry.register(
+            "control_entries_trimmed",
+            "Entries trimmed from capability streams, by stream and reason (consumed, maxlen)",
+            control_trimmed.clone(),
+        );
         let stream_oldest_pending = Family::<Labels, Gauge<f64, AtomicU64>>::default();
         registry.register(
             "stream_oldest_pending_seconds",
@@ -294,6 +307,7 @@ impl Metrics {
             redis_errors,
             redis_reconnects,
             host_calls,
+            control_trimmed,
             stream_lag,
             stream_pending,
             stream_oldest_pending,
@@ -348,6 +362,18 @@ impl Metrics {
     /// `count` abandoned entries were taken over.
     pub fn claimed(&self, count: u64) {
         self.claimed.inc_by(count);
+    }
+
+    /// Entries trimmed from `stream` for `reason` (`consumed`, `maxlen`).
+    pub fn control_trimmed(&self, stream: &str, reason: &'static str, count: u64) {
+        if count > 0 {
+            self.control_trimmed
+                .get_or_create(&vec![
+                    ("stream", stream.to_owned()),
+                    ("reason", reason.to_owned()),
+                ])
+                .inc_by(count);
+        }
     }
 
     /// Another worker took over an entry a task of ours was running.

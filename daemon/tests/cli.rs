@@ -120,6 +120,146 @@ fn workers_lists_the_registry() {
     assert_eq!(mine["last_seen"], 4102444800000u64);
 }
 
+#[test]
+fn dead_letters_are_listed_shown_replayed_and_purged() {
+    // A dead-letter stream and a source stream of this test's own in the
+    // machine's Redis, filled as workers fill them, deleted after.
+    let tag = format!("{:08x}", fastrand::u32(..));
+    let dead = format!("cli-test-dead-{tag}");
+    let source = format!("cli-test-source-{tag}");
+    let other = format!("cli-test-other-{tag}");
+    let redis = |args: &[&str]| -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", "6379"])
+            .args(args)
+            .output()
+            .expect("redis-cli runs");
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let command = |message_id: &str| {
+        serde_json::json!({
+            "action_type": "ASK_AGENT",
+            "header": {"message_id": message_id, "session_id": "s", "trace_id": "t", "metadata": {"k": 1}},
+            "body": {"content": "hi"},
+        })
+        .to_string()
+    };
+    let letters = [
+        (
+            "no plugin serves agent type \"ghost\"",
+            source.as_str(),
+            command("msg-a"),
+        ),
+        (
+            "malformed entry: not JSON",
+            other.as_str(),
+            "not json".to_owned(),
+        ),
+        (
+            "delivered 6 times (max_deliveries 5)",
+            source.as_str(),
+            command("msg-c"),
+        ),
+    ];
+    let mut ids = Vec::new();
+    for (reason, stream, data) in &letters {
+        ids.push(redis(&[
+            "XADD",
+            &dead,
+            "*",
+            "reason",
+            reason,
+            "source_stream",
+            stream,
+            "source_id",
+            "1-1",
+            "consumer_group",
+            "agent_engines",
+            "worker_id",
+            "w-1",
+            "delivery_count",
+            "6",
+            "dead_lettered_at",
+            "0",
+            "data",
+            data,
+        ]));
+    }
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_gatewayd"))
+            .env("GATEWAYD_WORKER__DEAD_LETTER_STREAM", &dead)
+            .args(["--redis-url", "redis://127.0.0.1:6379/0", "dead-letters"])
+            .args(args)
+            .output()
+            .expect("gatewayd runs");
+        let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("JSON lines"))
+            .collect();
+        (
+            out.status.code(),
+            lines,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    let (code, listed, _) = run(&["list"]);
+    assert_eq!(code, Some(0));
+    let listed_ids: Vec<&str> = listed.iter().map(|l| l["id"].as_str().unwrap()).collect();
+    assert_eq!(listed_ids, ids, "oldest first");
+    assert_eq!(listed[0]["delivery_count"], 6);
+    assert_eq!(listed[0]["source_stream"], source.as_str());
+    let count = |args: &[&str]| run(args).1.len();
+    assert_eq!(count(&["list", "--reason", "malformed"]), 1);
+    assert_eq!(count(&["list", "--stream", &source]), 2);
+    assert_eq!(
+        count(&["list", "--stream", &source, "--reason", "delivered"]),
+        1
+    );
+    assert_eq!(count(&["list", "--newer-than", "1h"]), 3);
+    assert_eq!(count(&["list", "--older-than", "1h"]), 0);
+    assert_eq!(count(&["list", "--limit", "2"]), 2);
+
+    let (code, shown, _) = run(&["show", &ids[0]]);
+    assert_eq!(code, Some(0));
+    assert_eq!(shown[0]["fields"]["data"]["header"]["message_id"], "msg-a");
+    assert_eq!(shown[0]["reason"], letters[0].0);
+    let (code, _, stderr) = run(&["show", "1-1"]);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("no entry 1-1"), "{stderr}");
+
+    // Replay and purge want to be told which entries.
+    let (code, _, stderr) = run(&["replay"]);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("say which entries"), "{stderr}");
+    let (code, replayed, _) = run(&["replay", "--stream", &source]);
+    assert_eq!(code, Some(0));
+    assert_eq!(replayed.len(), 2);
+    assert_eq!(redis(&["XLEN", &source]), "2");
+    assert_eq!(redis(&["XLEN", &dead]), "1");
+    let data = redis(&["XRANGE", &source, "-", "+", "COUNT", "1"]);
+    let json_start = data.find('{').expect("the replayed data field");
+    let command: serde_json::Value =
+        serde_json::from_str(data[json_start..].lines().next().unwrap()).unwrap();
+    assert_eq!(command["header"]["message_id"], "msg-a");
+    assert_eq!(command["header"]["metadata"]["k"], 1);
+    assert_eq!(
+        command["header"]["metadata"]["replayed_from"]["dead_letter_id"],
+        ids[0].as_str()
+    );
+
+    let (code, _, stderr) = run(&["purge"]);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("say which entries"), "{stderr}");
+    let (code, purged, _) = run(&["purge", "--older-than", "1h"]);
+    assert_eq!((code, purged[0]["purged"].as_u64()), (Some(0), Some(0)));
+    let (code, purged, _) = run(&["purge", "--all"]);
+    assert_eq!((code, purged[0]["purged"].as_u64()), (Some(0), Some(1)));
+    assert_eq!(redis(&["XLEN", &dead]), "0");
+    redis(&["DEL", &dead, &source, &other]);
+}
+
 // ---------------------------------------------------------------------------
 // `gatewayd send` and `gatewayd chat` against a daemon: each test starts a
 // redis-server of its own and runs this binary as the daemon too, serving

@@ -276,6 +276,133 @@ async fn entries_left_by_a_dead_consumer_are_claimed_or_dead_lettered() -> anyho
     );
     assert_eq!(reply.ids[0].get::<String>("delivery_count").unwrap(), "5");
     wait_all_acked(&conn, stream, WAIT).await?;
+
+    // Replayed (as `gatewayd dead-letters replay` does), the poison entry
+    // runs again, here, under its own message id, and leaves the stream.
+    let client = byclaw_client::Client::connect(&redis.url()).await?;
+    let letter = client
+        .dead_letter(&dead_letters, &reply.ids[0].id)
+        .await?
+        .expect("the dead letter");
+    assert_eq!(letter.source_stream, stream);
+    client.replay_dead_letter(&dead_letters, &letter).await?;
+    wait_for("the replayed task completes", WAIT, || {
+        let mut conn = conn.clone();
+        let poison = poison.clone();
+        async move {
+            let events = all_events(&mut conn, &poison.session_id).await?;
+            let mine: Vec<Value> = events
+                .into_iter()
+                .filter(|e| e["message_id"] == poison.message_id.as_str())
+                .collect();
+            Ok((states(&mine).last().map(String::as_str) == Some("COMPLETED")).then_some(mine))
+        }
+    })
+    .await?;
+    let left: u64 = redis::cmd("XLEN")
+        .arg(&dead_letters)
+        .query_async(&mut conn)
+        .await?;
+    assert_eq!(left, 0, "replayed entries leave the dead-letter stream");
+    wait_all_acked(&conn, stream, WAIT).await?;
+    daemon.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capability_streams_keep_only_what_some_group_still_needs() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let plugins = plugin_dir(&["echo"]);
+    let workspace = tempfile::tempdir()?;
+    let mut config = test_config(&redis, plugins.path(), workspace.path());
+    // Acked, not deleted: as the reference's workers leave their entries.
+    config.streams.delete_acked = false;
+    config.streams.trim_interval_ms = 100;
+    let mut conn = redis.connect().await?;
+    let stream = "byai_gateway:ctrl:capability:echo";
+    // Another application's workers, in a group of their own.
+    let others = "other-workers";
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(stream)
+        .arg(others)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(&mut conn)
+        .await?;
+    let mut daemon = Daemon::start(config, &redis, "echo").await?;
+    let mut sent = Vec::new();
+    for i in 0..5 {
+        sent.push(send_ask(&mut conn, "echo", &format!("task {i}")).await?);
+    }
+    for task in &sent {
+        let events = events_until_terminal(&mut conn, &task.session_id, WAIT).await?;
+        assert_eq!(final_state(&events), "COMPLETED");
+    }
+    wait_all_acked(&conn, stream, WAIT).await?;
+
+    let ids = |conn: &redis::aio::MultiplexedConnection| {
+        let mut conn = conn.clone();
+        async move {
+            let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+                .arg(stream)
+                .arg("-")
+                .arg("+")
+                .query_async(&mut conn)
+                .await?;
+            anyhow::Ok(reply.ids.into_iter().map(|e| e.id).collect::<Vec<_>>())
+        }
+    };
+    let watcher = conn.clone();
+    let wait_for_ids = |want: Vec<String>| {
+        let conn = watcher.clone();
+        async move {
+            wait_for(&format!("the stream to hold {want:?}"), WAIT, || {
+                let (conn, want) = (conn.clone(), want.clone());
+                async move { Ok((ids(&conn).await? == want).then_some(())) }
+            })
+            .await
+        }
+    };
+    let entry_ids: Vec<String> = sent.iter().map(|s| s.entry_id.clone()).collect();
+    // The others read three and ack the first and third: the second is
+    // pending with them, the last two unread, so only the first may go.
+    // (The stream never grows back: trimming past what is waited for here
+    // would end the test with a timeout.)
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(others)
+        .arg("other-1")
+        .arg("COUNT")
+        .arg(3)
+        .arg("STREAMS")
+        .arg(stream)
+        .arg(">")
+        .query_async(&mut conn)
+        .await?;
+    let _: u64 = redis::cmd("XACK")
+        .arg(stream)
+        .arg(others)
+        .arg(&entry_ids[0])
+        .arg(&entry_ids[2])
+        .query_async(&mut conn)
+        .await?;
+    wait_for_ids(entry_ids[1..].to_vec()).await?;
+    // The second acked too: what they read is consumed, the unread stay.
+    let _: u64 = redis::cmd("XACK")
+        .arg(stream)
+        .arg(others)
+        .arg(&entry_ids[1])
+        .query_async(&mut conn)
+        .await?;
+    wait_for_ids(entry_ids[3..].to_vec()).await?;
+    let metrics = daemon.stats.metrics.render();
+    assert!(
+        metrics.contains(&format!(
+            "gatewayd_control_entries_trimmed_total{{stream=\"{stream}\",reason=\"consumed\"}} 3"
+        )),
+        "{metrics}"
+    );
     daemon.stop().await?;
     Ok(())
 }

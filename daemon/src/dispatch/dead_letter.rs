@@ -51,6 +51,7 @@ impl Dispatcher {
         let mut writes = vec![Write::Fields {
             stream: self.settings.dead_letter_stream.clone(),
             fields,
+            maxlen: self.settings.dead_letter_maxlen,
         }];
         if let Some(session_id) = &session {
             let (trace_id, message_id) = delivery

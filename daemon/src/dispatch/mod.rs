@@ -52,6 +52,13 @@ pub struct Settings {
     pub max_deliveries: u64,
     /// Where rejected entries go.
     pub dead_letter_stream: String,
+    /// Approximate MAXLEN of the dead-letter stream (0: none).
+    pub dead_letter_maxlen: u64,
+    /// How often capability streams are trimmed of consumed entries
+    /// (`None`: never).
+    pub trim_interval: Option<Duration>,
+    /// Hard cap of each capability stream at a trim (0: none).
+    pub control_maxlen: u64,
     /// XDEL control entries after XACK.
     pub delete_acked: bool,
     /// Most entries one read may return (never more than free permits).

@@ -205,6 +205,54 @@ impl Dispatcher {
         }
     }
 
+    /// Every `trim_interval`: trims each capability stream served here of
+    /// what every consumer group has read and acknowledged, then to
+    /// `control_maxlen` when set ([`broker::trim`]).
+    pub async fn trim_streams(
+        self: Arc<Self>,
+        mut conn: ConnectionManager,
+        stop: CancellationToken,
+    ) {
+        let Some(interval) = self.settings.trim_interval else {
+            return;
+        };
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = stop.cancelled() => return,
+            }
+            let table = self.services.plugins.load_full();
+            for stream in table.streams() {
+                if stop.is_cancelled() {
+                    return;
+                }
+                match broker::trim(&mut conn, stream, self.settings.control_maxlen).await {
+                    Ok(trimmed) => {
+                        let metrics = &self.services.metrics;
+                        metrics.control_trimmed(stream, "consumed", trimmed.consumed);
+                        metrics.control_trimmed(stream, "maxlen", trimmed.over_cap);
+                        if trimmed.over_cap > 0 {
+                            tracing::warn!(
+                                %stream,
+                                trimmed = trimmed.over_cap,
+                                control_maxlen = self.settings.control_maxlen,
+                                "capability stream past streams.control_maxlen; its oldest entries were trimmed, read or not"
+                            );
+                        } else if trimmed.consumed > 0 {
+                            tracing::debug!(%stream, trimmed = trimmed.consumed, "consumed entries trimmed");
+                        }
+                    }
+                    Err(error) => {
+                        self.services.metrics.redis_error(RedisOperation::Trim);
+                        tracing::warn!(%error, "trimming a capability stream failed");
+                    }
+                }
+            }
+        }
+    }
+
     pub(super) async fn renew_leases(
         &self,
         conn: &mut ConnectionManager,

@@ -142,6 +142,7 @@ impl Dispatcher {
                     Write::Fields {
                         stream: keys::worker_stream(&worker),
                         fields,
+                        maxlen: 0,
                     },
                     self.ack(delivery),
                 ];

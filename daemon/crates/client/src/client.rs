@@ -19,6 +19,8 @@ pub enum ClientError {
     },
     #[error("no worker serves agent type {agent_type:?} (the registry set is empty)")]
     NoWorker { agent_type: String },
+    #[error("dead letter {id} cannot be replayed: {reason}")]
+    NotReplayable { id: String, reason: String },
     #[error("Redis {command} failed: {source}")]
     Redis {
         command: &'static str,
@@ -91,7 +93,8 @@ pub enum CancelMode {
 pub struct Client {
     /// The Redis, for the event readers' own connections.
     endpoint: crate::connection::Endpoint,
-    conn: ConnectionManager,
+    /// Multiplexed; every command of the client and its clones.
+    pub(crate) conn: ConnectionManager,
     registry: std::sync::Arc<Executions>,
     /// `header.tenant_id` of every command sent (empty: none).
     tenant_id: String,

@@ -5,8 +5,8 @@
 //! It needs Redis and nothing of the daemon: no WebAssembly engine, no
 //! database. [`Client`] sends ASK_AGENT and RESUME commands, answers
 //! `ask-user` prompts and cancels tasks; [`EventReader`] reads and follows
-//! what tasks emit on session data streams; [`connection`] opens the
-//! connections both use.
+//! what tasks emit on session data streams; [`DeadLetter`]s are listed,
+//! replayed and purged; [`connection`] opens the connections all use.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), byclaw_client::ClientError> {
@@ -28,7 +28,9 @@
 
 mod client;
 pub mod connection;
+mod dead_letters;
 mod events;
 
 pub use client::*;
+pub use dead_letters::*;
 pub use events::*;
