@@ -161,6 +161,7 @@ fn is_live(key: &str) -> bool {
         "plugins.allowed_outbound_hosts",
         "plugins.read_only_dirs",
         "plugins.hook_timeout_ms",
+        "plugins.max_events_per_s",
     ];
     LIVE.iter()
         .any(|live| key == *live || key.starts_with(&format!("{live}.")))
@@ -175,6 +176,7 @@ fn is_daemon_wide(key: &str) -> bool {
         "memory_limit_mb",
         "deadline_s",
         "max_event_bytes",
+        "max_events_per_s",
         "max_result_bytes",
         "guest_log_lines_per_s",
         "guest_log_bytes",

@@ -527,6 +527,43 @@ async fn nothing_lands_after_the_terminal_event_of_a_flooding_plugin() -> anyhow
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_plugin_is_paced_to_its_event_rate() -> anyhow::Result<()> {
+    // 200 events a second after a burst of 200, for a task stopped by its
+    // 2 s deadline: about 600 chunks, where unpaced it writes tens of
+    // thousands. Echo, with the default rate, is not slowed.
+    let mut bed = TestBed::start(&["faults", "echo"], "fault-flood", |c| {
+        c.plugins.deadline_s = 2;
+        c.plugins.policy.insert(
+            "faults".into(),
+            gatewayd::config::PluginPolicy {
+                max_events_per_s: Some(200),
+                ..Default::default()
+            },
+        );
+    })
+    .await?;
+    let mut conn = bed.conn.clone();
+    let flood = send_ask(&mut conn, "fault-flood", "x").await?;
+    let events = task_events(&mut conn, &flood.session_id, &flood.message_id, WAIT).await?;
+    let state = final_state(&events);
+    assert!(state.starts_with("FAILED: deadline of 2 s"), "{state}");
+    let chunks = events
+        .iter()
+        .filter(|e| e["data"]["contentType"] == "1002")
+        .count();
+    // Burst + rate × deadline, with room for the deadline's own slack.
+    assert!(
+        (400..=700).contains(&chunks),
+        "{chunks} chunks in 2 s at 200/s after a burst of 200"
+    );
+    let echo = send_ask(&mut conn, "echo", "still here").await?;
+    let events = events_until_terminal(&mut conn, &echo.session_id, WAIT).await?;
+    assert_eq!(final_state(&events), "COMPLETED");
+    bed.daemon.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_result_past_max_result_bytes_fails_the_task_with_the_sizes() -> anyhow::Result<()> {
     let mut bed = TestBed::start(&["faults"], "fault-big-result", |c| {
         c.plugins.max_result_bytes = 64 * 1024;

@@ -27,7 +27,7 @@
 //! does everything); `--gatewayd PATH` runs another build side by side.
 
 use anyhow::{Context as _, Result, bail};
-use integration_tests::{RedisServer, ask_agent_json, built_plugins, suffix};
+use integration_tests::{RedisServer, ask_agent_json, built_plugins, delta_content, suffix};
 use redis::aio::MultiplexedConnection;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -428,9 +428,7 @@ async fn hostile(
                     let Ok(event) = serde_json::from_str::<serde_json::Value>(&data) else {
                         continue;
                     };
-                    let state = event["data"]["delta"]["content"]
-                        .as_str()
-                        .unwrap_or_default();
+                    let state = delta_content(&event);
                     let terminal = event["message_id"] == waiting[i].2.as_str()
                         && event["data"]["contentType"] == "3003"
                         && ["COMPLETED", "FAILED", "CANCELLED"]

@@ -18,6 +18,10 @@ pub struct PluginsConfig {
     pub deadline_s: u64,
     /// Largest event one emit may produce, bytes of JSON.
     pub max_event_bytes: usize,
+    /// Events one task may emit per second, after a burst of as many: past
+    /// it the guest waits in its emit call (nothing is dropped), so a
+    /// plugin emitting in a loop cannot crowd Redis and its neighbours.
+    pub max_events_per_s: u32,
     /// Largest result a handler may return, bytes of JSON: it is copied into
     /// the terminal event and the caller's RESUME. Tool arguments and tool
     /// results are held to it too.
@@ -67,6 +71,8 @@ pub struct PluginPolicy {
     pub read_only_dirs: Option<std::collections::BTreeMap<String, PathBuf>>,
     /// Budget of one of its lifecycle hook calls, ms.
     pub hook_timeout_ms: Option<u64>,
+    /// Events one of its tasks may emit per second.
+    pub max_events_per_s: Option<u32>,
     /// Values the plugin reads with `get-config(key)` (API keys, endpoints).
     /// Never logged.
     pub config: std::collections::BTreeMap<String, String>,
@@ -174,6 +180,7 @@ impl Default for PluginsConfig {
             memory_limit_mb: 128,
             deadline_s: 300,
             max_event_bytes: 1 << 20,
+            max_events_per_s: 1000,
             max_result_bytes: 1 << 20,
             guest_log_lines_per_s: 100,
             guest_log_bytes: 1 << 20,
@@ -220,6 +227,11 @@ impl PluginsConfig {
             p.max_result_bytes >= 1024,
             "plugins.max_result_bytes",
             "must be at least 1024",
+        );
+        check(
+            (1..=1_000_000).contains(&p.max_events_per_s),
+            "plugins.max_events_per_s",
+            "must be between 1 and 1000000",
         );
         check(
             (1..=100_000).contains(&p.guest_log_lines_per_s),
@@ -274,6 +286,13 @@ impl PluginsConfig {
                 policy.deadline_s != Some(0),
                 &format!("plugins.{id}.deadline_s"),
                 "must be at least 1",
+            );
+            check(
+                policy
+                    .max_events_per_s
+                    .is_none_or(|n| (1..=1_000_000).contains(&n)),
+                &format!("plugins.{id}.max_events_per_s"),
+                "must be between 1 and 1000000",
             );
             check(
                 policy

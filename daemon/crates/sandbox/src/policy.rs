@@ -48,6 +48,8 @@ pub struct Policy {
     pub hook_timeout: Duration,
     /// Plugin ids whose code may call its tools; `None`: any.
     pub tool_callers: Option<Arc<[String]>>,
+    /// Events one of its tasks may emit per second.
+    pub events_per_s: u32,
 }
 
 impl Policy {
@@ -76,6 +78,8 @@ pub struct Policies {
     default_hook_timeout: Duration,
     /// `[plugins] deadline_s`; `None`: the sandbox's deadline.
     default_deadline: Option<Duration>,
+    /// `[plugins] max_events_per_s`.
+    default_events_per_s: u32,
     /// One semaphore per id with the limit it was made for, kept across
     /// versions of the plugin and across configuration reloads (a new
     /// limit gets a new semaphore; tasks holding the old one finish).
@@ -111,6 +115,7 @@ impl Policies {
             default_read_only: config.read_only_dirs.clone(),
             default_hook_timeout: Duration::from_millis(config.hook_timeout_ms),
             default_deadline: Some(config.deadline()),
+            default_events_per_s: config.max_events_per_s,
             by_id: config.policy.clone(),
             semaphores: Default::default(),
         }
@@ -187,6 +192,76 @@ impl Policies {
             concurrency,
             config: Arc::new(own.map(|p| p.config.clone()).unwrap_or_default()),
             tool_callers: own.and_then(|p| p.tool_callers.as_deref()).map(Arc::from),
+            events_per_s: own
+                .and_then(|p| p.max_events_per_s)
+                .unwrap_or(self.default_events_per_s),
         }
+    }
+}
+
+/// Paces one task's events to its plugin's `max_events_per_s`: a burst of
+/// one second's worth, then one event every `1 / rate`. A guest past it
+/// waits in its emit call — nothing is dropped and nothing fails — so a
+/// plugin emitting in a loop costs Redis and the daemon no more than its
+/// rate, however fast its guest runs.
+#[derive(Debug)]
+pub(crate) struct EmitPace {
+    per_s: f64,
+    /// Events that may go now; negative: owed, each waits its turn.
+    tokens: f64,
+    refilled: std::time::Instant,
+}
+
+impl EmitPace {
+    pub(crate) fn new(per_s: u32, now: std::time::Instant) -> Self {
+        let per_s = f64::from(per_s.max(1));
+        EmitPace {
+            per_s,
+            tokens: per_s,
+            refilled: now,
+        }
+    }
+
+    /// Takes the next event's turn: how long it must wait from `now`.
+    pub(crate) fn next(&mut self, now: std::time::Instant) -> Duration {
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.per_s).min(self.per_s);
+        self.refilled = now;
+        self.tokens -= 1.0;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.per_s)
+        }
+    }
+}
+
+#[cfg(test)]
+mod pace_tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn a_burst_goes_at_once_then_events_wait_their_turn() {
+        let start = Instant::now();
+        let mut pace = EmitPace::new(100, start);
+        for _ in 0..100 {
+            assert_eq!(pace.next(start), Duration::ZERO);
+        }
+        // The burst spent: the next ones are 10 ms apart.
+        let waits: Vec<u128> = (0..3).map(|_| pace.next(start).as_millis()).collect();
+        assert_eq!(waits, [10, 20, 30]);
+        // A second later the three owed are paid and 97 events are free.
+        let later = start + Duration::from_secs(1);
+        for _ in 0..97 {
+            assert_eq!(pace.next(later), Duration::ZERO);
+        }
+        assert!(pace.next(later) > Duration::ZERO);
+        // Idle never earns more than the burst.
+        let much_later = later + Duration::from_secs(3600);
+        for _ in 0..100 {
+            assert_eq!(pace.next(much_later), Duration::ZERO);
+        }
+        assert!(pace.next(much_later) > Duration::ZERO);
     }
 }

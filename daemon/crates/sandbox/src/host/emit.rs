@@ -44,6 +44,14 @@ impl TaskState {
             );
         }
         let port = host.task.port.clone();
+        if let Some(pace) = &mut self.emit_pace {
+            let wait = pace.next(std::time::Instant::now());
+            if !wait.is_zero() {
+                // Past its rate: the guest waits here (its deadline and a
+                // cancel still stop it), costing no CPU meanwhile.
+                tokio::time::sleep(wait).await;
+            }
+        }
         port.emit(data).await.map_err(wasmtime::Error::new)
     }
 }

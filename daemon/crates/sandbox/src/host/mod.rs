@@ -142,6 +142,8 @@ pub struct TaskState {
     hook: Option<HookScope>,
     /// Largest event the guest may emit.
     max_event_bytes: usize,
+    /// Paces its events (`max_events_per_s`); `None` outside tasks.
+    emit_pace: Option<crate::policy::EmitPace>,
     /// Largest tool arguments it may pass and tool result it may get.
     max_tool_bytes: usize,
     /// What the guest may still write to the daemon's log (stdout, stderr
@@ -179,6 +181,10 @@ impl TaskState {
             host: Some(host),
             hook: None,
             max_event_bytes: limits.max_event_bytes,
+            emit_pace: Some(crate::policy::EmitPace::new(
+                policy.events_per_s,
+                std::time::Instant::now(),
+            )),
             max_tool_bytes: limits.max_tool_bytes,
             output,
         })
@@ -210,6 +216,7 @@ impl TaskState {
             host: None,
             hook: None,
             max_event_bytes: limits.max_event_bytes,
+            emit_pace: None,
             max_tool_bytes: limits.max_tool_bytes,
             output,
         }
@@ -244,6 +251,7 @@ impl TaskState {
                 config: policy.config.clone(),
             }),
             max_event_bytes: limits.max_event_bytes,
+            emit_pace: None,
             max_tool_bytes: limits.max_tool_bytes,
             output,
         })
