@@ -70,17 +70,23 @@ fn plugins_check_and_list_report_files_that_would_not_load() {
     );
 }
 
+/// Runs `redis-cli` against the machine's Redis; its output, trimmed.
+fn redis_cli(args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-p", "6379"])
+        .args(args)
+        .output()
+        .expect("redis-cli runs");
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
 #[test]
 fn workers_lists_the_registry() {
     // A worker registered by hand in the machine's Redis, removed after.
     let id = format!("cli-worker-{:08x}", fastrand::u32(..));
     let redis = |args: &[&str]| {
-        let status = Command::new("redis-cli")
-            .args(["-p", "6379"])
-            .args(args)
-            .output()
-            .expect("redis-cli runs");
-        assert!(status.status.success());
+        redis_cli(args);
     };
     redis(&[
         "ZADD",
@@ -128,15 +134,7 @@ fn dead_letters_are_listed_shown_replayed_and_purged() {
     let dead = format!("cli-test-dead-{tag}");
     let source = format!("cli-test-source-{tag}");
     let other = format!("cli-test-other-{tag}");
-    let redis = |args: &[&str]| -> String {
-        let out = Command::new("redis-cli")
-            .args(["-p", "6379"])
-            .args(args)
-            .output()
-            .expect("redis-cli runs");
-        assert!(out.status.success());
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    };
+    let redis = redis_cli;
     let command = |message_id: &str| {
         serde_json::json!({
             "action_type": "ASK_AGENT",
