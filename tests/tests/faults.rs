@@ -408,6 +408,63 @@ async fn capability_streams_keep_only_what_some_group_still_needs() -> anyhow::R
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_maxlen_caps_a_stream_even_when_a_group_has_not_read_it() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let plugins = plugin_dir(&["echo"]);
+    let workspace = tempfile::tempdir()?;
+    let mut config = test_config(&redis, plugins.path(), workspace.path());
+    config.streams.delete_acked = false;
+    config.streams.trim_interval_ms = 100;
+    config.streams.control_maxlen = 2;
+    let mut conn = redis.connect().await?;
+    let stream = "byai_gateway:ctrl:capability:echo";
+    // A group that never reads: without the cap every entry would stay.
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(stream)
+        .arg("never-reads")
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(&mut conn)
+        .await?;
+    let mut daemon = Daemon::start(config, &redis, "echo").await?;
+    // One at a time: each is read before the next is added (the cap would
+    // trim entries nobody read yet — that is what it is for).
+    let mut sent = Vec::new();
+    for i in 0..5 {
+        let task = send_ask(&mut conn, "echo", &format!("task {i}")).await?;
+        let events = events_until_terminal(&mut conn, &task.session_id, WAIT).await?;
+        assert_eq!(final_state(&events), "COMPLETED");
+        sent.push(task);
+    }
+    let newest: Vec<String> = sent[3..].iter().map(|s| s.entry_id.clone()).collect();
+    wait_for("the stream capped to its 2 newest entries", WAIT, || {
+        let mut conn = conn.clone();
+        let newest = newest.clone();
+        async move {
+            let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+                .arg(stream)
+                .arg("-")
+                .arg("+")
+                .query_async(&mut conn)
+                .await?;
+            let ids: Vec<String> = reply.ids.into_iter().map(|e| e.id).collect();
+            Ok((ids == newest).then_some(()))
+        }
+    })
+    .await?;
+    let metrics = daemon.stats.metrics.render();
+    assert!(
+        metrics.contains(&format!(
+            "gatewayd_control_entries_trimmed_total{{stream=\"{stream}\",reason=\"maxlen\"}} 3"
+        )),
+        "{metrics}"
+    );
+    daemon.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_plugin_files_are_reported_and_skipped() -> anyhow::Result<()> {
     let plugins = plugin_dir(&["echo"]);
     std::fs::write(plugins.path().join("garbage.wasm"), b"not wasm at all")?;
