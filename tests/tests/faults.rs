@@ -299,76 +299,105 @@ async fn entries_left_by_a_dead_consumer_are_claimed_or_dead_lettered() -> anyho
         }
     })
     .await?;
-    let left: u64 = redis::cmd("XLEN")
-        .arg(&dead_letters)
-        .query_async(&mut conn)
-        .await?;
-    assert_eq!(left, 0, "replayed entries leave the dead-letter stream");
+    assert!(
+        xrange(&mut conn, &dead_letters).await?.is_empty(),
+        "replayed entries leave the dead-letter stream"
+    );
     wait_all_acked(&conn, stream, WAIT).await?;
     daemon.stop().await?;
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn capability_streams_keep_only_what_some_group_still_needs() -> anyhow::Result<()> {
+/// Echo's capability stream, which the trimming tests watch.
+const ECHO_STREAM: &str = "byai_gateway:ctrl:capability:echo";
+
+/// A daemon serving echo that acks without deleting, as the reference's
+/// workers leave their entries, and trims every 100 ms (capped at
+/// `control_maxlen`), beside a second consumer group `group` on echo's
+/// stream — another application's workers.
+struct TrimBed {
+    daemon: Daemon,
+    conn: redis::aio::MultiplexedConnection,
+    _redis: RedisServer,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+async fn trim_bed(group: &str, control_maxlen: u64) -> anyhow::Result<TrimBed> {
     let redis = RedisServer::start().await?;
     let plugins = plugin_dir(&["echo"]);
     let workspace = tempfile::tempdir()?;
     let mut config = test_config(&redis, plugins.path(), workspace.path());
-    // Acked, not deleted: as the reference's workers leave their entries.
     config.streams.delete_acked = false;
     config.streams.trim_interval_ms = 100;
+    config.streams.control_maxlen = control_maxlen;
     let mut conn = redis.connect().await?;
-    let stream = "byai_gateway:ctrl:capability:echo";
-    // Another application's workers, in a group of their own.
-    let others = "other-workers";
     let _: () = redis::cmd("XGROUP")
         .arg("CREATE")
-        .arg(stream)
-        .arg(others)
+        .arg(ECHO_STREAM)
+        .arg(group)
         .arg("0")
         .arg("MKSTREAM")
         .query_async(&mut conn)
         .await?;
-    let mut daemon = Daemon::start(config, &redis, "echo").await?;
-    let mut sent = Vec::new();
-    for i in 0..5 {
-        sent.push(send_ask(&mut conn, "echo", &format!("task {i}")).await?);
-    }
-    for task in &sent {
-        let events = events_until_terminal(&mut conn, &task.session_id, WAIT).await?;
-        assert_eq!(final_state(&events), "COMPLETED");
-    }
-    wait_all_acked(&conn, stream, WAIT).await?;
+    let daemon = Daemon::start(config, &redis, "echo").await?;
+    Ok(TrimBed {
+        daemon,
+        conn,
+        _redis: redis,
+        _dirs: (plugins, workspace),
+    })
+}
 
-    let ids = |conn: &redis::aio::MultiplexedConnection| {
-        let mut conn = conn.clone();
-        async move {
-            let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-                .arg(stream)
-                .arg("-")
-                .arg("+")
-                .query_async(&mut conn)
-                .await?;
-            anyhow::Ok(reply.ids.into_iter().map(|e| e.id).collect::<Vec<_>>())
+impl TrimBed {
+    /// Sends `n` echo tasks one at a time, each run before the next is
+    /// added; their entry ids.
+    async fn run_echo_tasks(&mut self, n: usize) -> anyhow::Result<Vec<String>> {
+        let mut ids = Vec::new();
+        for i in 0..n {
+            let task = send_ask(&mut self.conn, "echo", &format!("task {i}")).await?;
+            let events = events_until_terminal(&mut self.conn, &task.session_id, WAIT).await?;
+            assert_eq!(final_state(&events), "COMPLETED");
+            ids.push(task.entry_id);
         }
-    };
-    let watcher = conn.clone();
-    let wait_for_ids = |want: Vec<String>| {
-        let conn = watcher.clone();
-        async move {
-            wait_for(&format!("the stream to hold {want:?}"), WAIT, || {
-                let (conn, want) = (conn.clone(), want.clone());
-                async move { Ok((ids(&conn).await? == want).then_some(())) }
-            })
-            .await
-        }
-    };
-    let entry_ids: Vec<String> = sent.iter().map(|s| s.entry_id.clone()).collect();
+        Ok(ids)
+    }
+
+    /// Waits until echo's stream holds exactly `want`. The stream never
+    /// grows back, so trimming past it ends the test with a timeout.
+    async fn wait_for_ids(&self, want: &[String]) -> anyhow::Result<()> {
+        wait_for(&format!("the stream to hold {want:?}"), WAIT, || {
+            let mut conn = self.conn.clone();
+            async move {
+                let ids: Vec<String> = xrange(&mut conn, ECHO_STREAM)
+                    .await?
+                    .into_iter()
+                    .map(|e| e.id)
+                    .collect();
+                Ok((ids == want).then_some(()))
+            }
+        })
+        .await
+    }
+
+    fn assert_trimmed(&self, reason: &str, count: u64) {
+        let metrics = self.daemon.stats.metrics.render();
+        assert!(
+            metrics.contains(&format!(
+                "gatewayd_control_entries_trimmed_total{{stream=\"{ECHO_STREAM}\",reason=\"{reason}\"}} {count}"
+            )),
+            "{metrics}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capability_streams_keep_only_what_some_group_still_needs() -> anyhow::Result<()> {
+    let others = "other-workers";
+    let mut bed = trim_bed(others, 0).await?;
+    let entry_ids = bed.run_echo_tasks(5).await?;
+    wait_all_acked(&bed.conn, ECHO_STREAM, WAIT).await?;
     // The others read three and ack the first and third: the second is
     // pending with them, the last two unread, so only the first may go.
-    // (The stream never grows back: trimming past what is waited for here
-    // would end the test with a timeout.)
     let _: redis::Value = redis::cmd("XREADGROUP")
         .arg("GROUP")
         .arg(others)
@@ -376,91 +405,41 @@ async fn capability_streams_keep_only_what_some_group_still_needs() -> anyhow::R
         .arg("COUNT")
         .arg(3)
         .arg("STREAMS")
-        .arg(stream)
+        .arg(ECHO_STREAM)
         .arg(">")
-        .query_async(&mut conn)
+        .query_async(&mut bed.conn)
         .await?;
     let _: u64 = redis::cmd("XACK")
-        .arg(stream)
+        .arg(ECHO_STREAM)
         .arg(others)
         .arg(&entry_ids[0])
         .arg(&entry_ids[2])
-        .query_async(&mut conn)
+        .query_async(&mut bed.conn)
         .await?;
-    wait_for_ids(entry_ids[1..].to_vec()).await?;
+    bed.wait_for_ids(&entry_ids[1..]).await?;
     // The second acked too: what they read is consumed, the unread stay.
     let _: u64 = redis::cmd("XACK")
-        .arg(stream)
+        .arg(ECHO_STREAM)
         .arg(others)
         .arg(&entry_ids[1])
-        .query_async(&mut conn)
+        .query_async(&mut bed.conn)
         .await?;
-    wait_for_ids(entry_ids[3..].to_vec()).await?;
-    let metrics = daemon.stats.metrics.render();
-    assert!(
-        metrics.contains(&format!(
-            "gatewayd_control_entries_trimmed_total{{stream=\"{stream}\",reason=\"consumed\"}} 3"
-        )),
-        "{metrics}"
-    );
-    daemon.stop().await?;
+    bed.wait_for_ids(&entry_ids[3..]).await?;
+    bed.assert_trimmed("consumed", 3);
+    bed.daemon.stop().await?;
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_maxlen_caps_a_stream_even_when_a_group_has_not_read_it() -> anyhow::Result<()> {
-    let redis = RedisServer::start().await?;
-    let plugins = plugin_dir(&["echo"]);
-    let workspace = tempfile::tempdir()?;
-    let mut config = test_config(&redis, plugins.path(), workspace.path());
-    config.streams.delete_acked = false;
-    config.streams.trim_interval_ms = 100;
-    config.streams.control_maxlen = 2;
-    let mut conn = redis.connect().await?;
-    let stream = "byai_gateway:ctrl:capability:echo";
     // A group that never reads: without the cap every entry would stay.
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(stream)
-        .arg("never-reads")
-        .arg("0")
-        .arg("MKSTREAM")
-        .query_async(&mut conn)
-        .await?;
-    let mut daemon = Daemon::start(config, &redis, "echo").await?;
-    // One at a time: each is read before the next is added (the cap would
-    // trim entries nobody read yet — that is what it is for).
-    let mut sent = Vec::new();
-    for i in 0..5 {
-        let task = send_ask(&mut conn, "echo", &format!("task {i}")).await?;
-        let events = events_until_terminal(&mut conn, &task.session_id, WAIT).await?;
-        assert_eq!(final_state(&events), "COMPLETED");
-        sent.push(task);
-    }
-    let newest: Vec<String> = sent[3..].iter().map(|s| s.entry_id.clone()).collect();
-    wait_for("the stream capped to its 2 newest entries", WAIT, || {
-        let mut conn = conn.clone();
-        let newest = newest.clone();
-        async move {
-            let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-                .arg(stream)
-                .arg("-")
-                .arg("+")
-                .query_async(&mut conn)
-                .await?;
-            let ids: Vec<String> = reply.ids.into_iter().map(|e| e.id).collect();
-            Ok((ids == newest).then_some(()))
-        }
-    })
-    .await?;
-    let metrics = daemon.stats.metrics.render();
-    assert!(
-        metrics.contains(&format!(
-            "gatewayd_control_entries_trimmed_total{{stream=\"{stream}\",reason=\"maxlen\"}} 3"
-        )),
-        "{metrics}"
-    );
-    daemon.stop().await?;
+    // Tasks go one at a time, each read before the next is added (the cap
+    // would trim entries nobody read yet — that is what it is for).
+    let mut bed = trim_bed("never-reads", 2).await?;
+    let entry_ids = bed.run_echo_tasks(5).await?;
+    bed.wait_for_ids(&entry_ids[3..]).await?;
+    bed.assert_trimmed("maxlen", 3);
+    bed.daemon.stop().await?;
     Ok(())
 }
 
