@@ -4,6 +4,7 @@
 //! This module knows stream commands, not what the entries mean.
 
 use byclaw_client::connection::redact_password;
+use byclaw_protocol::EntryId;
 use redis::aio::ConnectionManager;
 use redis::streams::{StreamClaimReply, StreamId, StreamPendingCountReply, StreamReadReply};
 use redis::{RedisError, Value};
@@ -428,40 +429,6 @@ pub async fn trim(
     Ok(trimmed)
 }
 
-/// A stream entry id, ordered as Redis orders them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-struct EntryId {
-    ms: u64,
-    seq: u64,
-}
-
-impl EntryId {
-    fn parse(id: &str) -> Option<EntryId> {
-        let (ms, seq) = id.split_once('-')?;
-        Some(EntryId {
-            ms: ms.parse().ok()?,
-            seq: seq.parse().ok()?,
-        })
-    }
-
-    /// The smallest id after this one.
-    fn next(self) -> EntryId {
-        match self.seq.checked_add(1) {
-            Some(seq) => EntryId { ms: self.ms, seq },
-            None => EntryId {
-                ms: self.ms + 1,
-                seq: 0,
-            },
-        }
-    }
-}
-
-impl std::fmt::Display for EntryId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}-{}", self.ms, self.seq)
-    }
-}
-
 /// Whether Redis under `maxmemory-policy` may delete keys to make room:
 /// every policy but `noeviction` can drop a stream, a pending list or an
 /// execution record (the `volatile-*` ones the keys with a TTL, which
@@ -499,20 +466,6 @@ pub async fn warn_if_evicting(conn: &mut ConnectionManager) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn entry_ids_order_and_follow_as_redis_orders_them() {
-        fn id(text: &str) -> EntryId {
-            EntryId::parse(text).unwrap()
-        }
-        assert!(id("1700000000000-9") < id("1700000000000-10"));
-        assert!(id("1700000000000-10") < id("1700000000001-0"));
-        assert_eq!(id("5-1").next().to_string(), "5-2");
-        assert_eq!(id(&format!("5-{}", u64::MAX)).next().to_string(), "6-0");
-        assert_eq!(id("0-0").next().to_string(), "0-1");
-        assert_eq!(EntryId::parse("5"), None);
-        assert_eq!(EntryId::parse("x-1"), None);
-    }
 
     #[test]
     fn only_noeviction_keeps_every_key() {

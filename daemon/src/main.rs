@@ -9,7 +9,7 @@ use gatewayd::history::History;
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tracing_subscriber::EnvFilter;
 
 mod console;
@@ -431,9 +431,7 @@ async fn dead_letters(config: &Config, command: DeadLettersCommand) -> anyhow::R
     let client = client(config).await?;
     let stream = &config.worker.dead_letter_stream;
     let failed = |error: byclaw_client::ClientError| anyhow::anyhow!("{error}");
-    let now_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let now_ms = byclaw_protocol::now_ms();
     let summary = |letter: &byclaw_client::DeadLetter| {
         let at = letter.dead_lettered_at_ms();
         serde_json::json!({

@@ -5,8 +5,9 @@
 //! [`Client::purge_dead_letters`] deletes them (`gatewayd dead-letters`).
 
 use crate::{Client, ClientError, client::redis_error};
+use byclaw_protocol::{EntryId, now_ms};
 use redis::streams::{StreamId, StreamRangeReply};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 /// The fields a worker adds to a dead letter; every other field is the
 /// original entry's (an original field of one of these names is stored as
@@ -46,15 +47,7 @@ pub struct DeadLetter {
 
 impl DeadLetter {
     fn from_entry(entry: &StreamId) -> DeadLetter {
-        let text = |name: &str| -> String {
-            match entry.map.get(name) {
-                Some(redis::Value::BulkString(bytes)) => {
-                    String::from_utf8_lossy(bytes).into_owned()
-                }
-                Some(redis::Value::SimpleString(text)) => text.clone(),
-                _ => String::new(),
-            }
-        };
+        let text = |name: &str| entry.get::<String>(name).unwrap_or_default();
         let mut original: Vec<(String, Vec<u8>)> = entry
             .map
             .iter()
@@ -64,12 +57,11 @@ impl DeadLetter {
                     Some(own) if OWN_FIELDS.contains(&own) => own.to_owned(),
                     _ => name.clone(),
                 };
-                let value = match value {
-                    redis::Value::BulkString(bytes) => bytes.clone(),
-                    redis::Value::SimpleString(text) => text.clone().into_bytes(),
-                    _ => Vec::new(),
-                };
-                (name, value)
+                (
+                    name,
+                    <Vec<u8> as redis::FromRedisValue>::from_redis_value_ref(value)
+                        .unwrap_or_default(),
+                )
             })
             .collect();
         original.sort();
@@ -87,7 +79,7 @@ impl DeadLetter {
 
     /// When it was dead-lettered, ms since the epoch (from its id).
     pub fn dead_lettered_at_ms(&self) -> u64 {
-        id_ms(&self.id).unwrap_or(0)
+        EntryId::parse(&self.id).map_or(0, |id| id.ms)
     }
 
     /// An original field, if present.
@@ -141,16 +133,6 @@ impl DeadLetterFilter {
         });
         (start, end)
     }
-}
-
-fn id_ms(id: &str) -> Option<u64> {
-    id.split_once('-')?.0.parse().ok()
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The id after `id`, for the next page of an XRANGE.

@@ -45,3 +45,59 @@ pub(crate) fn new_event_id() -> String {
 pub fn new_token() -> String {
     format!("{:032x}", fastrand::u128(..))
 }
+
+/// A stream entry id, ordered as Redis orders them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct EntryId {
+    /// Milliseconds since the epoch when it was added.
+    pub ms: u64,
+    /// Its place among the entries of that millisecond.
+    pub seq: u64,
+}
+
+impl EntryId {
+    /// `<ms>-<seq>`; `None` for anything else.
+    pub fn parse(id: &str) -> Option<EntryId> {
+        let (ms, seq) = id.split_once('-')?;
+        Some(EntryId {
+            ms: ms.parse().ok()?,
+            seq: seq.parse().ok()?,
+        })
+    }
+
+    /// The smallest id after this one.
+    pub fn next(self) -> EntryId {
+        match self.seq.checked_add(1) {
+            Some(seq) => EntryId { ms: self.ms, seq },
+            None => EntryId {
+                ms: self.ms + 1,
+                seq: 0,
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for EntryId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.ms, self.seq)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_ids_order_and_follow_as_redis_orders_them() {
+        fn id(text: &str) -> EntryId {
+            EntryId::parse(text).unwrap()
+        }
+        assert!(id("1700000000000-9") < id("1700000000000-10"));
+        assert!(id("1700000000000-10") < id("1700000000001-0"));
+        assert_eq!(id("5-1").next().to_string(), "5-2");
+        assert_eq!(id(&format!("5-{}", u64::MAX)).next().to_string(), "6-0");
+        assert_eq!(id("0-0").next().to_string(), "0-1");
+        assert_eq!(EntryId::parse("5"), None);
+        assert_eq!(EntryId::parse("x-1"), None);
+    }
+}
