@@ -162,6 +162,7 @@ fn is_live(key: &str) -> bool {
         "plugins.read_only_dirs",
         "plugins.hook_timeout_ms",
         "plugins.max_events_per_s",
+        "plugins.cpu_ms",
     ];
     LIVE.iter()
         .any(|live| key == *live || key.starts_with(&format!("{live}.")))
@@ -175,6 +176,7 @@ fn is_daemon_wide(key: &str) -> bool {
         "dir",
         "memory_limit_mb",
         "deadline_s",
+        "cpu_ms",
         "max_event_bytes",
         "max_events_per_s",
         "max_result_bytes",

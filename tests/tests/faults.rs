@@ -600,6 +600,51 @@ async fn a_flooding_plugin_is_paced_to_its_event_rate() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_past_its_cpu_budget_fails_and_waiting_costs_none() -> anyhow::Result<()> {
+    // An endless loop under a 300 ms CPU budget and a 60 s deadline ends on
+    // its budget, long before the deadline (the wait below is 30 s); a task
+    // that sleeps for a second in 50 ms steps uses almost no CPU and
+    // completes; echo, without a budget of its own, is not touched.
+    let mut bed = TestBed::start(&["faults", "echo"], "fault-loop", |c| {
+        c.plugins.deadline_s = 60;
+        c.plugins.policy.insert(
+            "faults".into(),
+            gatewayd::config::PluginPolicy {
+                cpu_ms: Some(300),
+                ..Default::default()
+            },
+        );
+    })
+    .await?;
+    let mut conn = bed.conn.clone();
+    let endless = send_ask(&mut conn, "fault-loop", "x").await?;
+    let sleeper = send_ask(&mut conn, "slow", "1000").await?;
+    let echo = send_ask(&mut conn, "echo", "still here").await?;
+
+    let events = events_until_terminal(&mut conn, &endless.session_id, WAIT).await?;
+    let state = final_state(&events);
+    assert!(
+        state.starts_with("FAILED: CPU budget of 300 ms exceeded (plugins.cpu_ms; used "),
+        "{state}"
+    );
+    let exec = execution(&mut conn, &endless.session_id, &endless.message_id)
+        .await?
+        .expect("the loop's execution is recorded");
+    assert_eq!(exec["status"], "FAILED");
+
+    let events = events_until_terminal(&mut conn, &sleeper.session_id, WAIT).await?;
+    assert_eq!(final_state(&events), "COMPLETED");
+    assert!(
+        events.iter().filter(|e| delta_content(e) == "tick").count() >= 20,
+        "the sleeper ran its whole second"
+    );
+    let events = events_until_terminal(&mut conn, &echo.session_id, WAIT).await?;
+    assert_eq!(final_state(&events), "COMPLETED");
+    bed.daemon.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_result_past_max_result_bytes_fails_the_task_with_the_sizes() -> anyhow::Result<()> {
     let mut bed = TestBed::start(&["faults"], "fault-big-result", |c| {
         c.plugins.max_result_bytes = 64 * 1024;

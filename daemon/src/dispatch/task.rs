@@ -348,6 +348,7 @@ impl Dispatcher {
             message_id: Arc::from(origin.message_id.as_str()),
             dirs,
             deadline_at: tokio::time::Instant::now() + policy.deadline,
+            cpu: byclaw_sandbox::CpuMeter::new(policy.cpu_budget),
             plugins: self.services.plugins.clone(),
             port: link.clone(),
         });

@@ -16,6 +16,11 @@ pub struct PluginsConfig {
     pub memory_limit_mb: u64,
     /// Wall-clock deadline of one task, host calls included, seconds.
     pub deadline_s: u64,
+    /// CPU time one task's code may use (its handler's, its host calls'
+    /// and the tools it calls), ms; waiting for agents, the user or the
+    /// network costs none. Past it the task fails. 0: no limit but the
+    /// deadline.
+    pub cpu_ms: u64,
     /// Largest event one emit may produce, bytes of JSON.
     pub max_event_bytes: usize,
     /// Events one task may emit per second, after a burst of as many: past
@@ -62,6 +67,8 @@ pub struct PluginPolicy {
     pub memory_limit_mb: Option<u64>,
     /// Deadline of one of its tasks, seconds.
     pub deadline_s: Option<u64>,
+    /// CPU time one of its tasks may use, ms (0: no limit).
+    pub cpu_ms: Option<u64>,
     /// Most of its tasks at once.
     pub max_concurrency: Option<usize>,
     /// Where it may send HTTP requests, instead of `[plugins]`'s list.
@@ -179,6 +186,7 @@ impl Default for PluginsConfig {
             dir: PathBuf::from("plugins"),
             memory_limit_mb: 128,
             deadline_s: 300,
+            cpu_ms: 0,
             max_event_bytes: 1 << 20,
             max_events_per_s: 1000,
             max_result_bytes: 1 << 20,

@@ -355,7 +355,14 @@ impl Sandbox {
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limiter);
         store.set_epoch_deadline(1);
-        store.epoch_deadline_async_yield_and_update(1);
+        // Every tick of guest execution: yield to the other tasks, after
+        // checking the task's CPU budget (on the thread that runs it).
+        store.epoch_deadline_callback(|store| {
+            if let Some(host) = &store.data().host {
+                host.task.cpu.check()?;
+            }
+            Ok(wasmtime::UpdateDeadline::Yield(1))
+        });
         store
     }
 }

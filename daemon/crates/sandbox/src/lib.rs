@@ -20,6 +20,7 @@
 mod bindings;
 mod cache;
 pub mod config;
+pub mod cpu;
 mod engine;
 pub mod hooks;
 pub mod host;
@@ -33,6 +34,7 @@ mod wasi;
 
 pub use bindings::GuestError;
 pub use config::{PluginPolicy, PluginsConfig};
+pub use cpu::CpuMeter;
 pub use engine::{EPOCH_TICK, PluginError, Sandbox};
 pub use hooks::{Hook, HookCall, HookCounts, HookOutcome, HookSet, HookStats};
 pub use host::{CancelSignal, GuestMemory, MAX_TOOL_DEPTH, TaskContext, TaskHost};

@@ -186,6 +186,9 @@ pub(crate) fn describe_trap(error: &wasmtime::Error, limits: &Limits) -> String 
     if let Some(limit) = error.downcast_ref::<crate::host::MemoryCapExceeded>() {
         return limit.to_string();
     }
+    if let Some(limit) = error.downcast_ref::<crate::cpu::CpuBudgetExceeded>() {
+        return limit.to_string();
+    }
     if let Some(trap) = error.downcast_ref::<wasmtime::Trap>() {
         if *trap == wasmtime::Trap::Interrupt {
             return format!("deadline of {} s exceeded", limits.deadline.as_secs_f64());
@@ -273,7 +276,10 @@ impl Plugin {
     ) -> Result<String, CallError> {
         let command = to_wit_command(command, agent_type, host.task.dirs.is_some());
         let plugin = self.clone();
-        let mut task = self.on_guest_runtime(async move { plugin.run_handle(host, command).await });
+        let mut task = self.on_guest_runtime(async move {
+            let task = host.task.clone();
+            task.cpu.measure(plugin.run_handle(host, command)).await
+        });
         match (&mut task.0).await {
             Ok(result) => result,
             Err(error) => Err(CallError::Trap(format!(

@@ -36,6 +36,8 @@ pub struct Policy {
     pub memory_bytes: usize,
     /// Wall-clock budget of one of its tasks.
     pub deadline: Duration,
+    /// CPU time one of its tasks may use (`cpu_ms`); `None`: no limit.
+    pub cpu_budget: Option<Duration>,
     /// Bounds its tasks in progress; shared by every version of the plugin.
     pub concurrency: Option<Arc<tokio::sync::Semaphore>>,
     /// What `get-config(key)` answers.
@@ -80,6 +82,8 @@ pub struct Policies {
     default_deadline: Option<Duration>,
     /// `[plugins] max_events_per_s`.
     default_events_per_s: u32,
+    /// `[plugins] cpu_ms` (0: no limit).
+    default_cpu_ms: u64,
     /// One semaphore per id with the limit it was made for, kept across
     /// versions of the plugin and across configuration reloads (a new
     /// limit gets a new semaphore; tasks holding the old one finish).
@@ -116,6 +120,7 @@ impl Policies {
             default_hook_timeout: Duration::from_millis(config.hook_timeout_ms),
             default_deadline: Some(config.deadline()),
             default_events_per_s: config.max_events_per_s,
+            default_cpu_ms: config.cpu_ms,
             by_id: config.policy.clone(),
             semaphores: Default::default(),
         }
@@ -195,6 +200,9 @@ impl Policies {
             events_per_s: own
                 .and_then(|p| p.max_events_per_s)
                 .unwrap_or(self.default_events_per_s),
+            cpu_budget: Some(own.and_then(|p| p.cpu_ms).unwrap_or(self.default_cpu_ms))
+                .filter(|ms| *ms > 0)
+                .map(Duration::from_millis),
         }
     }
 }

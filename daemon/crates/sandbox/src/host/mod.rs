@@ -60,6 +60,9 @@ pub struct TaskContext {
     pub dirs: Option<TaskDirs>,
     /// When the task's deadline passes; waits default to it.
     pub deadline_at: tokio::time::Instant,
+    /// The CPU time its code has used, against its plugin's `cpu_ms`
+    /// (tools it calls count for it).
+    pub cpu: crate::cpu::CpuMeter,
     /// The plugins loaded now (swapped as a whole on reload), for the tools
     /// and prompts of other plugins.
     pub plugins: Arc<ArcSwap<PluginTable>>,
@@ -137,7 +140,7 @@ pub struct TaskState {
     pub(crate) limiter: MemoryCap,
     /// `None` while reading a manifest or running a hook, when no host
     /// call but `log` (and in a hook `get-config`) is allowed.
-    host: Option<TaskHost>,
+    pub(crate) host: Option<TaskHost>,
     /// Set while a lifecycle hook runs: who logs, what `get-config` answers.
     hook: Option<HookScope>,
     /// Largest event the guest may emit.
