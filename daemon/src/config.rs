@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::fmt::{self, Write as _};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Every setting of the daemon.
@@ -439,6 +440,11 @@ pub struct HttpConfig {
     pub enabled: bool,
     /// Address and port; loopback by default (port 0 picks a free one).
     pub listen: String,
+    /// PEM file of the certificate chain to serve HTTPS with; unset: plain
+    /// HTTP. Needs `tls_key_file`.
+    pub tls_cert_file: Option<std::path::PathBuf>,
+    /// PEM file of that certificate's private key.
+    pub tls_key_file: Option<std::path::PathBuf>,
 }
 
 impl Default for HttpConfig {
@@ -446,6 +452,8 @@ impl Default for HttpConfig {
         HttpConfig {
             enabled: true,
             listen: "127.0.0.1:9464".into(),
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
@@ -454,6 +462,12 @@ impl HttpConfig {
     /// `listen` as an address (checked by validation).
     pub fn listen_addr(&self) -> Option<std::net::SocketAddr> {
         self.listen.parse().ok()
+    }
+
+    /// The TLS setup of `tls_cert_file` and `tls_key_file` (files read and
+    /// checked now); `None` for plain HTTP. The error is (key, message).
+    pub fn tls(&self) -> Result<Option<Arc<rustls::ServerConfig>>, (String, String)> {
+        byclaw_bridge::listener_tls("http", &self.tls_cert_file, &self.tls_key_file)
     }
 }
 
@@ -810,6 +824,9 @@ impl Config {
             "http.listen",
             "must be an address and port, e.g. 127.0.0.1:9464 or [::1]:9464",
         );
+        if let Err((key, message)) = self.http.tls() {
+            check(false, &key, &message);
+        }
         check(
             !self.workspace.dir.as_os_str().is_empty(),
             "workspace.dir",

@@ -24,10 +24,14 @@ const PING_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Why the listener could not start.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot listen on {addr} (http.listen): {source}")]
-pub struct ListenError {
-    pub addr: SocketAddr,
-    pub source: std::io::Error,
+pub enum ListenError {
+    #[error("cannot listen on {addr} (http.listen): {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{key}: {message}")]
+    Tls { key: String, message: String },
 }
 
 /// What the endpoints read.
@@ -50,21 +54,22 @@ pub struct Ops {
 /// one).
 pub async fn bind(
     addr: SocketAddr,
+    tls: Option<Arc<rustls::ServerConfig>>,
     ops: Ops,
     stop: CancellationToken,
 ) -> Result<(SocketAddr, impl std::future::Future<Output = ()>), ListenError> {
+    let bind_error = |source| ListenError::Bind { addr, source };
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|source| ListenError { addr, source })?;
-    let local = listener
-        .local_addr()
-        .map_err(|source| ListenError { addr, source })?;
+        .map_err(bind_error)?;
+    let local = listener.local_addr().map_err(bind_error)?;
+    let listener = byclaw_bridge::tls::ServeListener::new(listener, tls).map_err(bind_error)?;
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(ops);
-    tracing::info!(addr = %local, "serving /healthz, /readyz and /metrics");
+    tracing::info!(addr = %local, tls = listener.is_tls(), "serving /healthz, /readyz and /metrics");
     let server = async move {
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(stop.cancelled_owned())

@@ -291,7 +291,11 @@ pub async fn run_with(
                 draining: stop_reading.clone(),
                 metrics: options.stats.metrics.clone(),
             };
-            let (bound, server) = http::bind(addr, ops, stop_http.clone()).await?;
+            let tls = config
+                .http
+                .tls()
+                .map_err(|(key, message)| http::ListenError::Tls { key, message })?;
+            let (bound, server) = http::bind(addr, tls, ops, stop_http.clone()).await?;
             let _ = options.stats.http_addr.set(bound);
             Some(tokio::spawn(server))
         }

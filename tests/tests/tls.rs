@@ -1,12 +1,20 @@
 //! TLS to Redis: a redis-server that speaks TLS (a throwaway CA, client
 //! certificates required) on the port the daemon, the client library and
 //! the bridge are given; and the refusals when a certificate is missing or
-//! the server's is signed by a CA that is not trusted.
+//! the server's is signed by a CA that is not trusted. TLS to PostgreSQL.
+//! TLS on the daemon's own listeners (the bridge and `/healthz`,
+//! `/readyz`, `/metrics`).
 
 use byclaw_client::Client;
 use integration_tests::*;
-use serde_json::json;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, ServerName};
+use serde_json::{Value, json};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 const LONG: Duration = Duration::from_secs(30);
 
@@ -185,4 +193,178 @@ async fn history_rows(
         )
         .await?
         .get(0))
+}
+
+/// One HTTP/1.1 request over TLS to `addr`, trusting only `ca` and checking
+/// the name `localhost`: the whole response as text.
+async fn https(addr: SocketAddr, ca: &Path, request: &str) -> anyhow::Result<String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca)? {
+        roots.add(cert?)?;
+    }
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let mut tls = connector
+        .connect(ServerName::try_from("localhost")?, tcp)
+        .await?;
+    tls.write_all(request.as_bytes()).await?;
+    let mut response = Vec::new();
+    match tls.read_to_end(&mut response).await {
+        Ok(_) => {}
+        // A server that closes without close_notify after the response.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !response.is_empty() => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(String::from_utf8_lossy(&response).into_owned())
+}
+
+/// The same request in plain text: what a TLS port answers it (nothing
+/// that looks like HTTP).
+async fn plain_http(addr: SocketAddr, request: &str) -> anyhow::Result<String> {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await?;
+    tcp.write_all(request.as_bytes()).await?;
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(LONG, tcp.read_to_end(&mut response)).await?;
+    Ok(String::from_utf8_lossy(&response).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bridge_and_the_operator_listener_serve_https() -> anyhow::Result<()> {
+    let tls = integration_tests::tls::TlsMaterial::generate()?;
+    let bridge_port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
+        probe.local_addr()?.port()
+    };
+    let bridge_addr = SocketAddr::from(([127, 0, 0, 1], bridge_port));
+    let mut bed = TestBed::start(&["echo"], "echo", |config| {
+        config.bridge.enabled = true;
+        config.bridge.listen = bridge_addr;
+        config.bridge.tls_cert_file = Some(tls.server_cert.clone());
+        config.bridge.tls_key_file = Some(tls.server_key.clone());
+        config.http.enabled = true;
+        config.http.tls_cert_file = Some(tls.server_cert.clone());
+        config.http.tls_key_file = Some(tls.server_key.clone());
+    })
+    .await?;
+    let ops_addr = *bed
+        .daemon
+        .stats
+        .http_addr
+        .get()
+        .expect("http listener bound");
+
+    // The operator's endpoints answer over TLS.
+    let healthz = https(
+        ops_addr,
+        &tls.ca_cert,
+        "GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .await?;
+    assert!(healthz.starts_with("HTTP/1.1 200"), "{healthz}");
+    assert!(healthz.ends_with("ok\n"), "{healthz}");
+
+    // A message posted to the bridge over TLS runs and completes.
+    let session = format!("sess-https-{}", suffix());
+    let body = json!({"agent_type": "echo", "content": "over https"}).to_string();
+    let posted = https(
+        bridge_addr,
+        &tls.ca_cert,
+        &format!(
+            "POST /v1/sessions/{session}/messages HTTP/1.1\r\nHost: localhost:{bridge_port}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+    .await?;
+    assert!(posted.starts_with("HTTP/1.1 202"), "{posted}");
+    let sent: Value = serde_json::from_str(posted.split("\r\n\r\n").nth(1).unwrap_or(""))?;
+    let message_id = sent["message_id"].as_str().expect("a message id");
+    let mut conn = bed.conn.clone();
+    let events = task_events(&mut conn, &session, message_id, LONG).await?;
+    assert_eq!(delta_content(events.last().unwrap()), "COMPLETED");
+
+    // Plain HTTP on a TLS port gets no HTTP answer; a client that trusts
+    // another CA refuses the server.
+    for addr in [bridge_addr, ops_addr] {
+        let answer = plain_http(
+            addr,
+            "GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        )
+        .await?;
+        assert!(!answer.starts_with("HTTP/"), "{addr}: {answer}");
+        let refused = https(
+            addr,
+            &tls.other_ca_cert,
+            "GET / HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        )
+        .await;
+        assert!(
+            refused.is_err(),
+            "{addr}: trusted a server another CA did not sign"
+        );
+    }
+    // A client that never completes its handshake holds up nobody.
+    let _silent = tokio::net::TcpStream::connect(bridge_addr).await?;
+    let again = https(
+        ops_addr,
+        &tls.ca_cert,
+        "GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .await?;
+    assert!(again.starts_with("HTTP/1.1 200"), "{again}");
+    let page = https(
+        bridge_addr,
+        &tls.ca_cert,
+        &format!("GET / HTTP/1.1\r\nHost: localhost:{bridge_port}\r\nConnection: close\r\n\r\n"),
+    )
+    .await?;
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    bed.daemon.stop().await?;
+    Ok(())
+}
+
+#[test]
+fn listener_tls_files_that_cannot_work_name_their_key() {
+    let tls = integration_tests::tls::TlsMaterial::generate().unwrap();
+    let mut config = gatewayd::config::Config::default();
+    config.bridge.tls_cert_file = Some(tls.server_cert.clone());
+    config.http.tls_key_file = Some(tls.server_key.clone());
+    let errors = config.validate().unwrap_err().to_string();
+    assert!(
+        errors.contains("bridge.tls_key_file: must be set with bridge.tls_cert_file"),
+        "{errors}"
+    );
+    assert!(
+        errors.contains("http.tls_cert_file: must be set with http.tls_key_file"),
+        "{errors}"
+    );
+
+    // A key of another certificate; a file that is not PEM.
+    config.bridge.tls_key_file = Some(tls.client_key.clone());
+    let not_pem = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(not_pem.path(), b"not a certificate").unwrap();
+    config.http.tls_cert_file = Some(not_pem.path().to_owned());
+    let errors = config.validate().unwrap_err().to_string();
+    assert!(
+        errors.contains(&format!(
+            "bridge.tls_key_file: {}: does not fit the certificate in",
+            tls.client_key.display()
+        )),
+        "{errors}"
+    );
+    assert!(
+        errors.contains(&format!(
+            "http.tls_cert_file: {}:",
+            not_pem.path().display()
+        )),
+        "{errors}"
+    );
+
+    config.bridge.tls_key_file = Some(tls.server_key.clone());
+    config.http.tls_cert_file = Some(tls.server_cert.clone());
+    assert_eq!(config.validate().map_err(|e| e.to_string()), Ok(()));
 }

@@ -2,6 +2,8 @@
 //! may call it, and the limits of its event streams.
 
 use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// `[bridge]`: the HTTP API, event streams and chat page for front ends
@@ -46,6 +48,11 @@ pub struct BridgeConfig {
     /// bursts of as many (a token's `messages_per_s` overrides it); past
     /// it, 429 with a Retry-After.
     pub tenant_messages_per_s: u32,
+    /// PEM file of the certificate chain to serve HTTPS (and `wss://`)
+    /// with; unset: plain HTTP. Needs `tls_key_file`.
+    pub tls_cert_file: Option<std::path::PathBuf>,
+    /// PEM file of that certificate's private key.
+    pub tls_key_file: Option<std::path::PathBuf>,
 }
 
 /// One `[[bridge.tokens]]` entry: a bearer token and the sessions it reaches.
@@ -81,6 +88,36 @@ impl BridgeConfig {
     pub fn stall_timeout(&self) -> Duration {
         Duration::from_millis(self.stall_timeout_ms)
     }
+
+    /// The TLS setup of `tls_cert_file` and `tls_key_file` (files read and
+    /// checked now); `None` for plain HTTP. The error names the key.
+    pub fn tls(&self) -> Result<Option<Arc<rustls::ServerConfig>>, (String, String)> {
+        listener_tls("bridge", &self.tls_cert_file, &self.tls_key_file)
+    }
+}
+
+/// The TLS setup of a listener's `<table>.tls_cert_file` and
+/// `<table>.tls_key_file`: both or neither; `None` for plain HTTP. The error
+/// is (key, message).
+pub fn listener_tls(
+    table: &str,
+    cert_file: &Option<PathBuf>,
+    key_file: &Option<PathBuf>,
+) -> Result<Option<Arc<rustls::ServerConfig>>, (String, String)> {
+    match (cert_file, key_file) {
+        (None, None) => Ok(None),
+        (Some(cert), Some(key)) => crate::tls::server_config(table, cert, key)
+            .map(Some)
+            .map_err(|e| (e.key.clone(), format!("{}: {}", e.path.display(), e.reason))),
+        (Some(_), None) => Err((
+            format!("{table}.tls_key_file"),
+            format!("must be set with {table}.tls_cert_file"),
+        )),
+        (None, Some(_)) => Err((
+            format!("{table}.tls_cert_file"),
+            format!("must be set with {table}.tls_key_file"),
+        )),
+    }
 }
 
 impl Default for BridgeConfig {
@@ -97,6 +134,8 @@ impl Default for BridgeConfig {
             allowed_origins: Vec::new(),
             tenant_max_streams: 100,
             tenant_messages_per_s: 20,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
@@ -142,6 +181,9 @@ impl BridgeConfig {
             "bridge.tenant_messages_per_s",
             "must be between 1 and 1000000",
         );
+        if let Err((key, message)) = b.tls() {
+            check(false, &key, &message);
+        }
         for (i, host) in b.allowed_hosts.iter().enumerate() {
             check(
                 !host.is_empty()

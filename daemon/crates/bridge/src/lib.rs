@@ -21,12 +21,13 @@ pub mod guard;
 pub mod limits;
 pub mod sse;
 pub mod stream;
+pub mod tls;
 pub mod ws;
 
 use axum::Router;
 use axum::routing::{get, post};
 use byclaw_client::{Client, ClientError};
-pub use config::{BridgeConfig, BridgeToken};
+pub use config::{BridgeConfig, BridgeToken, listener_tls};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,6 +53,8 @@ pub enum BridgeError {
     Redis(#[from] ClientError),
     #[error("bridge: the HTTP server failed: {0}")]
     Serve(std::io::Error),
+    #[error("bridge: {key}: {message}")]
+    Tls { key: String, message: String },
 }
 
 /// What every handler shares.
@@ -89,8 +92,8 @@ struct Routes {
 /// A bound listener, ready to serve.
 pub struct Bridge {
     /// The socket, bound before serving so that a port in use is an error
-    /// at start and tests can listen on port 0.
-    listener: tokio::net::TcpListener,
+    /// at start and tests can listen on port 0; TLS when configured.
+    listener: tls::ServeListener,
     /// Handlers' state; its shutdown token is replaced by `serve`'s.
     state: AppState,
     /// What wraps the handlers.
@@ -104,13 +107,18 @@ impl Bridge {
         config: &BridgeConfig,
         redis: impl Into<byclaw_client::connection::Endpoint>,
     ) -> Result<Self, BridgeError> {
+        let tls = config
+            .tls()
+            .map_err(|(key, message)| BridgeError::Tls { key, message })?;
         let client = Client::connect(redis).await?;
+        let bind_error = |source| BridgeError::Bind {
+            addr: config.listen,
+            source,
+        };
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
-            .map_err(|source| BridgeError::Bind {
-                addr: config.listen,
-                source,
-            })?;
+            .map_err(bind_error)?;
+        let listener = tls::ServeListener::new(listener, tls).map_err(bind_error)?;
         Ok(Bridge {
             listener,
             state: AppState {
@@ -132,7 +140,7 @@ impl Bridge {
 
     /// The address it listens on (the port chosen when `listen` had port 0).
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
+        axum::serve::Listener::local_addr(&self.listener)
     }
 
     /// Serves until `shutdown` is cancelled; then every event stream and
@@ -143,10 +151,10 @@ impl Bridge {
             mut state,
             routes,
         } = self;
-        let addr = listener.local_addr().map_err(BridgeError::Serve)?;
+        let addr = axum::serve::Listener::local_addr(&listener).map_err(BridgeError::Serve)?;
         state.shutdown = shutdown.clone();
         let app = router(state, routes);
-        tracing::info!(%addr, "bridge listening");
+        tracing::info!(%addr, tls = listener.is_tls(), "bridge listening");
         let stopped = shutdown.clone();
         let server = axum::serve(listener, app)
             .with_graceful_shutdown(async move { stopped.cancelled().await })
