@@ -85,6 +85,7 @@ async def main():
     parser.add_argument("--agent-type", required=True)
     parser.add_argument("--text", required=True)
     parser.add_argument("--timeout", type=float, default=30)
+    parser.add_argument("--tenant", default="")
     args = parser.parse_args()
 
     url = urlparse(args.redis_url)
@@ -99,7 +100,7 @@ async def main():
     if args.mode == "resume":
         sent = await client.send_message(
             args.agent_type, args.session, args.text, action_type="RESUME",
-            parent_message_id=args.parent,
+            parent_message_id=args.parent, tenant_id=args.tenant,
             payload={"status": "USER_REPLIED", "reply_data": {"user_input": args.text}})
         print(json.dumps({"success": sent.success, "message_id": sent.message_id}))
         await redis.aclose()

@@ -137,7 +137,11 @@ async fn our_agent_calls_a_python_agent_and_a_python_client_answers_it() -> anyh
     )
     .await?;
 
-    let client = byclaw_client::Client::connect(&bed.redis.url()).await?;
+    // A tenant's task: the Python worker must copy `tenant_id` into its
+    // reply, and the user's answer must carry it, or the daemon refuses them.
+    let client = byclaw_client::Client::connect(&bed.redis.url())
+        .await?
+        .for_tenant("acme");
     let session = format!("sess-{}", suffix());
     let payload = serde_json::json!({ "ask_timeout_ms": 30000 });
     let sent = client
@@ -158,22 +162,48 @@ async fn our_agent_calls_a_python_agent_and_a_python_client_answers_it() -> anyh
         }
     })
     .await?;
-    let answered = interop(
-        &python,
-        &bed.redis,
-        &[
-            "resume",
-            "--agent-type",
-            "planner",
-            "--text",
-            "applications",
-            "--session",
-            &session,
-            "--parent",
-            &sent.message_id,
-        ],
+    // An answer from a Python client of no tenant is refused; the task
+    // waits on and takes the tenant's own answer.
+    let answer = |tenant: &'static str| {
+        let (python, redis) = (python.clone(), &bed.redis);
+        let (session, parent) = (session.clone(), sent.message_id.clone());
+        async move {
+            interop(
+                &python,
+                redis,
+                &[
+                    "resume",
+                    "--agent-type",
+                    "planner",
+                    "--text",
+                    if tenant.is_empty() {
+                        "not yours"
+                    } else {
+                        "applications"
+                    },
+                    "--session",
+                    &session,
+                    "--parent",
+                    &parent,
+                    "--tenant",
+                    tenant,
+                ],
+            )
+            .await
+        }
+    };
+    let refused = answer("").await?;
+    assert_eq!(refused["success"], true, "{refused:#}");
+    wait_for(
+        "the tenantless answer refused",
+        Duration::from_secs(30),
+        || {
+            let refused = bed.daemon.stats.metrics.foreign_replies_total();
+            async move { Ok((refused == 1).then_some(())) }
+        },
     )
     .await?;
+    let answered = answer("acme").await?;
     assert_eq!(answered["success"], true, "{answered:#}");
 
     let events = task_events(
@@ -186,6 +216,7 @@ async fn our_agent_calls_a_python_agent_and_a_python_client_answers_it() -> anyh
     let result = task_result(&events).expect("the planner completed");
     assert_eq!(result["title"], "HELLO FROM RUST", "{result:#}");
     assert_eq!(result["focus"], "applications");
+    assert_eq!(bed.daemon.stats.metrics.foreign_replies_total(), 1);
     // The Python worker ran the child and answered like any reference worker.
     let child = events
         .iter()
