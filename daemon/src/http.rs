@@ -16,7 +16,7 @@ use redis::aio::ConnectionManager;
 use serde_json::json;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// How long `/readyz` waits for Redis to answer PING.
@@ -152,9 +152,7 @@ async fn stream_states(
         pipe.cmd("XPENDING").arg(&**stream).arg(group);
     }
     let replies: Vec<redis::Value> = pipe.query_async(conn).await?;
-    let now_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let now_ms = byclaw_protocol::now_ms();
     Ok(streams
         .iter()
         .zip(replies.chunks(2))
@@ -202,7 +200,7 @@ fn oldest_pending_ms(reply: &redis::Value) -> Option<u64> {
         return None;
     };
     let smallest = text(parts.get(1)?)?;
-    smallest.split('-').next()?.parse().ok()
+    byclaw_protocol::EntryId::parse(&smallest).map(|id| id.ms)
 }
 
 fn text(value: &redis::Value) -> Option<String> {
