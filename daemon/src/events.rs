@@ -489,7 +489,8 @@ impl Lane {
     /// it. Returns how each owned group went, or `None` when a forced stop
     /// ended the retries.
     async fn apply(&mut self, pipeline: &redis::Pipeline, writes: usize) -> Option<Vec<Committed>> {
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff =
+            crate::retry::Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
         let mut attempt = 0u32;
         loop {
             let error = match pipeline
@@ -534,10 +535,9 @@ impl Lane {
                 "event pipeline not applied; retrying"
             );
             tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(backoff.next_wait()) => {}
                 _ = self.force_stop.cancelled() => return None,
             }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
 }

@@ -22,6 +22,7 @@ pub mod http;
 pub mod metrics;
 pub mod registry;
 pub mod reload;
+mod retry;
 pub mod routing;
 pub mod task_link;
 pub mod workspace;

@@ -21,7 +21,8 @@ impl Dispatcher {
         stop: CancellationToken,
     ) {
         let mut rotation = 0usize;
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff =
+            crate::retry::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         let mut held: Vec<OwnedSemaphorePermit> = Vec::with_capacity(self.settings.fetch_count);
         loop {
             // What an earlier read returned beyond its permits goes first.
@@ -103,11 +104,10 @@ impl Dispatcher {
             .await;
             match read {
                 Ok(deliveries) => {
-                    if backoff > Duration::from_millis(100) {
+                    if backoff.succeeded() {
                         self.services.metrics.redis_reconnected();
                         tracing::info!("reading capability streams works again");
                     }
-                    backoff = Duration::from_millis(100);
                     for delivery in interleave_streams(deliveries) {
                         match held.pop() {
                             Some(permit) => self.spawn(delivery, permit),
@@ -122,10 +122,9 @@ impl Dispatcher {
                         self.recreate_groups(&mut conn, table.streams()).await;
                     }
                     tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(backoff.next_wait()) => {}
                         _ = stop.cancelled() => break,
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
             held.clear();
@@ -420,7 +419,8 @@ impl Dispatcher {
         stop: CancellationToken,
     ) {
         let streams = [stream.clone()];
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff =
+            crate::retry::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         // First what this worker id left unacknowledged when it last stopped
         // (forwarded replies in particular), then new entries.
         let mut own_pending = true;
@@ -447,7 +447,7 @@ impl Dispatcher {
             }
             let deliveries = match read {
                 Ok(deliveries) => {
-                    backoff = Duration::from_millis(100);
+                    backoff.succeeded();
                     deliveries
                 }
                 Err(error) => {
@@ -457,10 +457,9 @@ impl Dispatcher {
                         self.recreate_groups(&mut conn, &streams).await;
                     }
                     tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(backoff.next_wait()) => {}
                         _ = stop.cancelled() => return,
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                     continue;
                 }
             };
