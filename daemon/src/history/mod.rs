@@ -1,0 +1,681 @@
+//! Session history: the messages of a session (the user's requests, the
+//! agents' replies), stored so that later tasks of the session can be given
+//! the recent ones.
+//!
+//! This module owns the storage: the entry format, the two stores (a capped
+//! list per session in Redis, or the reference SDK's PostgreSQL table
+//! `gateway_session_messages`), the background writer and its counters —
+//! the handle and the entry format here, the rest one file each
+//! (`writer`, `redis_store`, `postgres_store`).
+//! Deciding what to record and injecting history into a task are left to
+//! the dispatcher; exporting the counters as metrics is left to whoever
+//! serves metrics.
+//!
+//! History is an aid, never a reason for a task to fail or wait:
+//! [`History::record`] only queues (a full queue drops the entry), one
+//! background task writes what has queued up in batches and retries a
+//! failed batch a bounded number of times, and [`History::recent`] gives up
+//! after `history.read_timeout_ms` with no history. Every loss is counted
+//! ([`History::stats`]) and logged. Writes are at least once: a batch whose
+//! outcome was lost in transit is written again.
+
+mod postgres_store;
+mod redis_store;
+mod writer;
+
+use crate::config::{HistoryBackend, HistoryConfig};
+use byclaw_protocol::PREFIX;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use postgres_store::PostgresStore;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis_store::RedisStore;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_postgres::NoTls;
+use tokio_postgres::types::Json;
+use tokio_util::sync::CancellationToken;
+use writer::{Refusal, Writer};
+
+/// The Redis list of one session's history, oldest entry first.
+pub fn history_key(session_id: &str) -> String {
+    format!("{PREFIX}:session:{session_id}:history")
+}
+
+/// Who said it; the reference's table accepts exactly these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// The person using the session.
+    User,
+    /// An agent's reply.
+    Assistant,
+    /// Instructions set by the application.
+    System,
+    /// The output of a tool call.
+    Tool,
+}
+
+impl Role {
+    /// The stored spelling: `user`, `assistant`, `system` or `tool`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::User => "user",
+            Role::Assistant => "assistant",
+            Role::System => "system",
+            Role::Tool => "tool",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = UnknownRole;
+
+    fn from_str(text: &str) -> Result<Role, UnknownRole> {
+        match text {
+            "user" => Ok(Role::User),
+            "assistant" => Ok(Role::Assistant),
+            "system" => Ok(Role::System),
+            "tool" => Ok(Role::Tool),
+            other => Err(UnknownRole(other.to_owned())),
+        }
+    }
+}
+
+/// A role other than `user`, `assistant`, `system` or `tool`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown history role {0:?}; expected user, assistant, system or tool")]
+pub struct UnknownRole(pub String);
+
+/// One message of a session, as the reference SDK stores and injects it:
+/// `{"role": ..., "content": ..., "metadata": {...}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// Who said it.
+    pub role: Role,
+    /// What was said; an empty one is never stored.
+    pub content: String,
+    /// Free-form context (the reference puts `message_id`, `trace_id`,
+    /// `agent_id` here); an object, `{}` when there is none.
+    #[serde(default = "empty_object")]
+    pub metadata: Value,
+}
+
+fn empty_object() -> Value {
+    Value::Object(serde_json::Map::new())
+}
+
+impl HistoryEntry {
+    /// An entry without metadata.
+    pub fn new(role: Role, content: impl Into<String>) -> HistoryEntry {
+        HistoryEntry {
+            role,
+            content: content.into(),
+            metadata: empty_object(),
+        }
+    }
+
+    /// The same entry with `metadata`.
+    pub fn with_metadata(mut self, metadata: Value) -> HistoryEntry {
+        self.metadata = metadata;
+        self
+    }
+
+    /// Missing metadata as `{}`, as the reference writes and reads it.
+    fn normalized(mut self) -> HistoryEntry {
+        if self.metadata.is_null() {
+            self.metadata = empty_object();
+        }
+        self
+    }
+}
+
+/// Counters since the store was started; each only grows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HistoryStats {
+    /// Entries accepted by [`History::record`] into the write queue.
+    pub recorded: u64,
+    /// Entries the store confirmed.
+    pub written: u64,
+    /// Write attempts that failed, in whole or in part (each retry counts).
+    pub write_failures: u64,
+    /// Entries lost: refused by a full queue or a stopped writer, refused by
+    /// the store, or still failing after `history.write_attempts`.
+    pub dropped: u64,
+    /// Reads that failed or timed out.
+    pub read_failures: u64,
+}
+
+/// A history failure, with what we were doing.
+#[derive(Debug, thiserror::Error)]
+pub enum HistoryError {
+    /// The postgres backend needs a connection string.
+    #[error("history.backend is postgres but history.postgres_dsn is not set")]
+    MissingDsn,
+    /// The connection string does not parse.
+    #[error("history.postgres_dsn is not a usable PostgreSQL connection string: {}", pg_text(.0))]
+    InvalidDsn(#[source] tokio_postgres::Error),
+    /// The CA file for TLS to PostgreSQL cannot be used.
+    #[error("history.postgres_ca_file {path}: {reason}")]
+    PostgresCa {
+        path: std::path::PathBuf,
+        reason: String,
+    },
+    /// The pool could not be built (a configuration problem, not an outage).
+    #[error("cannot build the PostgreSQL pool for history: {0}")]
+    Pool(#[source] deadpool_postgres::BuildError),
+    /// Redis refused the connection settings or was unreachable at start.
+    #[error("cannot connect to Redis for history: {0}")]
+    RedisConnect(#[source] redis::RedisError),
+    /// A Redis command failed.
+    #[error("redis {operation} on {key}: {source}")]
+    Redis {
+        /// The command, e.g. `LRANGE`.
+        operation: &'static str,
+        /// The key, or a summary of the keys of a pipeline.
+        key: String,
+        #[source]
+        source: redis::RedisError,
+    },
+    /// A PostgreSQL statement failed.
+    #[error("postgres {operation} ({context}): {}", pg_text(.source))]
+    Postgres {
+        /// What the statement was for, e.g. `insert`.
+        operation: &'static str,
+        /// The session, or the size of the batch.
+        context: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// No PostgreSQL connection could be had from the pool.
+    #[error("postgres {operation} ({context}): {}", pool_text(.source))]
+    PostgresPool {
+        /// What the connection was for.
+        operation: &'static str,
+        /// The session, or the size of the batch.
+        context: String,
+        #[source]
+        source: PoolError,
+    },
+    /// An entry could not be encoded as JSON.
+    #[error("cannot encode a history entry of session {session_id}: {source}")]
+    Encode {
+        /// The session of the entry.
+        session_id: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The store did not answer in time.
+    #[error("history {operation} ({context}) took longer than {after:?}")]
+    Timeout {
+        /// `read`, `write` or `flush`.
+        operation: &'static str,
+        /// The session, or the size of the batch.
+        context: String,
+        /// The deadline that passed.
+        after: Duration,
+    },
+    /// `history.backend` is `off`: nothing is stored, nothing can be read.
+    #[error("history is off (history.backend = \"off\")")]
+    Off,
+    /// The writer was stopped by [`History::close`].
+    #[error("the history writer has stopped")]
+    Closed,
+}
+
+impl HistoryError {
+    /// The SQLSTATE of a PostgreSQL error, when the server sent one.
+    fn sql_state(&self) -> Option<&str> {
+        match self {
+            HistoryError::Postgres { source, .. } => source.code().map(|code| code.code()),
+            _ => None,
+        }
+    }
+
+    /// The server refused the data itself (class 22, data exception, e.g. a
+    /// NUL byte or a session id over 128 characters; class 23, integrity,
+    /// e.g. the role check): the same rows will never be accepted.
+    fn is_refused_data(&self) -> bool {
+        self.sql_state()
+            .is_some_and(|code| code.starts_with("22") || code.starts_with("23"))
+    }
+}
+
+/// tokio-postgres displays only the kind of an error ("db error"); add the
+/// server's message or the I/O error under it.
+fn pg_text(error: &tokio_postgres::Error) -> String {
+    match std::error::Error::source(error) {
+        Some(cause) => format!("{error}: {cause}"),
+        None => error.to_string(),
+    }
+}
+
+fn pool_text(error: &PoolError) -> String {
+    match error {
+        PoolError::Backend(error) => format!("cannot connect: {}", pg_text(error)),
+        other => other.to_string(),
+    }
+}
+
+/// The handle to the history store; cheap to clone. The background writer
+/// runs until every clone is dropped (then it writes what is queued and
+/// ends) or [`History::close`] is called.
+#[derive(Clone)]
+pub struct History {
+    /// `None` when `history.backend` is `off`.
+    inner: Option<Arc<Handle>>,
+}
+
+impl fmt::Debug for History {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("History")
+            .field("backend", &self.backend())
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+/// What the clones of one [`History`] share.
+struct Handle {
+    /// Feeds the writer; dropping the last one lets it drain and end.
+    queue: mpsc::Sender<Job>,
+    /// The store and counters, also held by the writer.
+    shared: Arc<Shared>,
+    /// Cancelled by [`History::close`]: the writer stops retrying and drops
+    /// what is left, so a shutdown is never held up by a dead store.
+    stop: CancellationToken,
+    /// The writer task, awaited by [`History::close`]; taken by the first
+    /// close.
+    writer: Mutex<Option<JoinHandle<()>>>,
+    /// `read_timeout_ms`.
+    read_timeout: Duration,
+    /// Start of the clock of `last_drop_warning_ms`.
+    epoch: Instant,
+    /// When a lost entry was last logged, ms since `epoch` plus one (0:
+    /// never); limits those warnings to one a second under a flood.
+    last_drop_warning_ms: AtomicU64,
+}
+
+/// The store and counters, shared by the handles and the writer.
+struct Shared {
+    /// Where entries go.
+    store: Store,
+    /// Read through [`History::stats`].
+    counters: Counters,
+}
+
+/// The live counters behind [`HistoryStats`]; each field is the one of the
+/// same name there. Relaxed: they are statistics, not synchronization.
+#[derive(Default)]
+struct Counters {
+    /// Bumped by [`History::record`].
+    recorded: AtomicU64,
+    /// Bumped by the writer.
+    written: AtomicU64,
+    /// Bumped by the writer, once per failed attempt.
+    write_failures: AtomicU64,
+    /// Bumped by [`History::record`] (queue full) and the writer.
+    dropped: AtomicU64,
+    /// Bumped by [`History::read`].
+    read_failures: AtomicU64,
+}
+
+impl Counters {
+    fn add(counter: &AtomicU64, n: usize) {
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+/// What the writer is asked to do, in queue order.
+enum Job {
+    /// Store an entry.
+    Entry(Record),
+    /// Confirm once everything queued before is written (or dropped).
+    Flush(oneshot::Sender<()>),
+}
+
+/// An entry waiting to be written.
+struct Record {
+    /// Its session.
+    session_id: Box<str>,
+    /// The entry, metadata normalized.
+    entry: HistoryEntry,
+}
+
+impl History {
+    /// Opens the configured store and starts the writer. The Redis store
+    /// connects to `redis` (the daemon's Redis). The PostgreSQL store
+    /// builds a pool and creates the reference's table if it is missing;
+    /// when the database cannot be reached the store starts anyway (writes
+    /// then fail and are retried, then dropped, and reads give nothing,
+    /// every time counted) and the table is created once it can be.
+    pub async fn start(
+        config: &HistoryConfig,
+        redis: impl Into<byclaw_client::connection::Endpoint>,
+    ) -> Result<History, HistoryError> {
+        let redis = redis.into();
+        let store = match config.backend {
+            HistoryBackend::Off => {
+                tracing::info!("history is off: nothing is stored, tasks get no history");
+                return Ok(History { inner: None });
+            }
+            HistoryBackend::Redis => {
+                if config
+                    .postgres_dsn
+                    .as_deref()
+                    .is_some_and(|d| !d.is_empty())
+                {
+                    tracing::warn!(
+                        "history.postgres_dsn is set but history.backend is redis; the DSN is unused"
+                    );
+                }
+                Store::Redis(RedisStore::connect(&redis, config).await?)
+            }
+            HistoryBackend::Postgres => Store::Postgres(PostgresStore::connect(config).await?),
+        };
+        let shared = Arc::new(Shared {
+            store,
+            counters: Counters::default(),
+        });
+        let (queue, receiver) = mpsc::channel(config.queue.max(1));
+        let stop = CancellationToken::new();
+        let writer = Writer {
+            shared: shared.clone(),
+            queue: receiver,
+            stop: stop.clone(),
+            max_batch: config.write_batch.max(1),
+            timeout: config.write_timeout(),
+            attempts: config.write_attempts.max(1),
+            backoff: config.write_backoff(),
+        };
+        let writer = tokio::spawn(writer.run());
+        tracing::info!(
+            backend = ?config.backend,
+            max_entries = config.max_entries,
+            queue = config.queue,
+            "history store ready"
+        );
+        Ok(History {
+            inner: Some(Arc::new(Handle {
+                queue,
+                shared,
+                stop,
+                writer: Mutex::new(Some(writer)),
+                read_timeout: config.read_timeout(),
+                epoch: Instant::now(),
+                last_drop_warning_ms: AtomicU64::new(0),
+            })),
+        })
+    }
+
+    /// The configured store.
+    pub fn backend(&self) -> HistoryBackend {
+        match self.inner.as_deref().map(|h| &h.shared.store) {
+            None => HistoryBackend::Off,
+            Some(Store::Redis(_)) => HistoryBackend::Redis,
+            Some(Store::Postgres(_)) => HistoryBackend::Postgres,
+        }
+    }
+
+    /// Queues an entry for writing and returns at once; never blocks, never
+    /// fails. An entry with empty content is not stored (as in the
+    /// reference). When the queue is full the entry is dropped, counted and
+    /// logged (at most one warning a second).
+    pub fn record(&self, session_id: &str, entry: HistoryEntry) {
+        let Some(handle) = &self.inner else {
+            return;
+        };
+        if entry.content.is_empty() {
+            tracing::trace!(session_id, role = %entry.role, "empty history entry not stored");
+            return;
+        }
+        let record = Record {
+            session_id: session_id.into(),
+            entry: entry.normalized(),
+        };
+        match handle.queue.try_send(Job::Entry(record)) {
+            Ok(()) => Counters::add(&handle.shared.counters.recorded, 1),
+            Err(mpsc::error::TrySendError::Full(_)) => handle.lost(session_id, "the queue is full"),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                handle.lost(session_id, "the writer has stopped")
+            }
+        }
+    }
+
+    /// The newest `limit` entries of a session, oldest first. Never fails:
+    /// when the store fails or does not answer within
+    /// `history.read_timeout_ms`, this logs a warning, counts a read
+    /// failure and returns no entries. Always empty when history is off.
+    pub async fn recent(&self, session_id: &str, limit: usize) -> Vec<HistoryEntry> {
+        match self.read(session_id, limit).await {
+            Ok(entries) => entries,
+            Err(HistoryError::Off) => Vec::new(),
+            Err(error) => {
+                tracing::warn!(session_id, limit, %error, "history read failed; going on without history");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Like [`History::recent`], but says why nothing could be read (for
+    /// the command line). Failures are counted all the same.
+    pub async fn read(
+        &self,
+        session_id: &str,
+        limit: usize,
+    ) -> Result<Vec<HistoryEntry>, HistoryError> {
+        let Some(handle) = &self.inner else {
+            return Err(HistoryError::Off);
+        };
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let read = handle.shared.store.read(session_id, limit);
+        let result = match tokio::time::timeout(handle.read_timeout, read).await {
+            Ok(result) => result,
+            Err(_) => Err(HistoryError::Timeout {
+                operation: "read",
+                context: format!("session {session_id}"),
+                after: handle.read_timeout,
+            }),
+        };
+        if result.is_err() {
+            Counters::add(&handle.shared.counters.read_failures, 1);
+        }
+        result
+    }
+
+    /// The counters so far; all zero when history is off.
+    pub fn stats(&self) -> HistoryStats {
+        let Some(handle) = &self.inner else {
+            return HistoryStats::default();
+        };
+        let c = &handle.shared.counters;
+        HistoryStats {
+            recorded: c.recorded.load(Ordering::Relaxed),
+            written: c.written.load(Ordering::Relaxed),
+            write_failures: c.write_failures.load(Ordering::Relaxed),
+            dropped: c.dropped.load(Ordering::Relaxed),
+            read_failures: c.read_failures.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Waits until every entry recorded before this call has been written
+    /// (or given up on and dropped), for at most `deadline`.
+    pub async fn flush(&self, deadline: Duration) -> Result<(), HistoryError> {
+        let Some(handle) = &self.inner else {
+            return Ok(());
+        };
+        let (done, confirmed) = oneshot::channel();
+        let flushed = async {
+            handle
+                .queue
+                .send(Job::Flush(done))
+                .await
+                .map_err(|_| HistoryError::Closed)?;
+            confirmed.await.map_err(|_| HistoryError::Closed)
+        };
+        tokio::time::timeout(deadline, flushed)
+            .await
+            .unwrap_or_else(|_| {
+                Err(HistoryError::Timeout {
+                    operation: "flush",
+                    context: "queued entries".into(),
+                    after: deadline,
+                })
+            })
+    }
+
+    /// The shutdown path: writes what is queued within `deadline`, then
+    /// stops the writer for every clone (entries still queued, and any
+    /// recorded later, are dropped and counted) and waits for it to end.
+    pub async fn close(self, deadline: Duration) -> Result<(), HistoryError> {
+        let Some(handle) = &self.inner else {
+            return Ok(());
+        };
+        let started = Instant::now();
+        let flushed = self.flush(deadline).await;
+        handle.stop.cancel();
+        let writer = handle
+            .writer
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        if let Some(writer) = writer {
+            // The writer ends at its next wait; an attempt in flight is
+            // bounded by history.write_timeout_ms. At least a second even
+            // when the flush used up the deadline, so it can notice.
+            let left = deadline.saturating_sub(started.elapsed());
+            let grace = left.max(Duration::from_secs(1));
+            if tokio::time::timeout(grace, writer).await.is_err() {
+                tracing::warn!(
+                    grace_ms = grace.as_millis() as u64,
+                    "history writer still busy; leaving it behind"
+                );
+            }
+        }
+        flushed
+    }
+}
+
+impl Handle {
+    /// Counts an entry refused by [`History::record`] and warns, at most
+    /// once a second.
+    fn lost(&self, session_id: &str, why: &str) {
+        let dropped = self.shared.counters.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        let now = self.epoch.elapsed().as_millis() as u64 + 1;
+        let last = self.last_drop_warning_ms.load(Ordering::Relaxed);
+        let due = last == 0 || now.saturating_sub(last) >= 1000;
+        if due
+            && self
+                .last_drop_warning_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                session_id,
+                dropped_total = dropped,
+                "history entry dropped: {why} (further drops within a second are counted, not logged)"
+            );
+        }
+    }
+}
+
+/// One of the backends.
+enum Store {
+    /// `history.backend = "redis"`.
+    Redis(RedisStore),
+    /// `history.backend = "postgres"`.
+    Postgres(PostgresStore),
+}
+
+impl Store {
+    /// Writes a batch in order. `Err`: the whole batch failed (nothing, or
+    /// an unknown part, was written); `Ok`: everything was written but the
+    /// refusals.
+    async fn write(&self, records: &[Record]) -> Result<Vec<Refusal>, HistoryError> {
+        match self {
+            Store::Redis(store) => store.write(records).await,
+            Store::Postgres(store) => store.write(records).await,
+        }
+    }
+
+    /// The newest `limit` entries, oldest first; `limit` is at least 1.
+    async fn read(
+        &self,
+        session_id: &str,
+        limit: usize,
+    ) -> Result<Vec<HistoryEntry>, HistoryError> {
+        match self {
+            Store::Redis(store) => store.read(session_id, limit).await,
+            Store::Postgres(store) => store.read(session_id, limit).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_serialize_as_the_reference_stores_them() {
+        let entry = HistoryEntry::new(Role::Assistant, "hi")
+            .with_metadata(serde_json::json!({"trace_id": "t"}));
+        assert_eq!(
+            serde_json::to_string(&entry).unwrap(),
+            r#"{"role":"assistant","content":"hi","metadata":{"trace_id":"t"}}"#
+        );
+        let read: HistoryEntry = serde_json::from_str(r#"{"role":"tool","content":"x"}"#).unwrap();
+        assert_eq!(read, HistoryEntry::new(Role::Tool, "x"));
+        let null: HistoryEntry =
+            serde_json::from_str(r#"{"role":"user","content":"x","metadata":null}"#).unwrap();
+        assert_eq!(null.normalized().metadata, serde_json::json!({}));
+        assert!(serde_json::from_str::<HistoryEntry>(r#"{"role":"bot","content":"x"}"#).is_err());
+    }
+
+    #[test]
+    fn roles_round_trip() {
+        for role in [Role::User, Role::Assistant, Role::System, Role::Tool] {
+            assert_eq!(role.as_str().parse::<Role>(), Ok(role));
+            assert_eq!(
+                serde_json::to_value(role).unwrap(),
+                Value::String(role.to_string())
+            );
+        }
+        assert_eq!("User".parse::<Role>(), Err(UnknownRole("User".into())));
+    }
+
+    #[test]
+    fn the_key_is_in_the_session_namespace() {
+        assert_eq!(history_key("s-1"), "byai_gateway:session:s-1:history");
+    }
+
+    #[tokio::test]
+    async fn off_stores_nothing_and_reads_nothing() {
+        let config = HistoryConfig {
+            backend: HistoryBackend::Off,
+            ..HistoryConfig::default()
+        };
+        let history = History::start(&config, "redis://unused").await.unwrap();
+        history.record("s", HistoryEntry::new(Role::User, "hello"));
+        assert!(history.recent("s", 10).await.is_empty());
+        assert!(matches!(
+            history.read("s", 10).await,
+            Err(HistoryError::Off)
+        ));
+        assert_eq!(history.stats(), HistoryStats::default());
+        history.close(Duration::from_secs(1)).await.unwrap();
+    }
+}
