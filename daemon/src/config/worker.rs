@@ -1,0 +1,105 @@
+//! `[worker]`: this worker's identity, consumer group, concurrency and recovery.
+
+use super::*;
+
+/// `[worker]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// Consumer name in the group and identity in the registry; one live process per id.
+    pub id: String,
+    /// Consumer group on every stream; shared with Python workers.
+    pub consumer_group: String,
+    /// Most tasks in flight; a permit is taken before more entries are read.
+    pub max_concurrency: usize,
+    /// Most tasks that may wait for a reply (call-agent, dispatch-group,
+    /// ask-user) without holding a permit; they keep their instance.
+    pub max_waiting: usize,
+    /// Longest chain of agents calling agents: a task at this depth gets
+    /// `error.denied` from call-agent and dispatch-group.
+    pub max_call_depth: u32,
+    /// Budget of the plugins' memory, all tasks together, MiB; past it new
+    /// tasks wait to start until running ones give memory back (nothing
+    /// fails). 0: none.
+    pub memory_budget_mb: u64,
+    /// Most entries one XREADGROUP returns.
+    pub fetch_count: usize,
+    /// XREADGROUP BLOCK, milliseconds; also bounds how long a shutdown waits for a read.
+    pub block_ms: u64,
+    /// An entry pending this long with another consumer is taken over, milliseconds.
+    pub claim_idle_ms: u64,
+    /// How often pending entries are checked (and our long tasks' entries renewed), milliseconds.
+    pub claim_interval_ms: u64,
+    /// An entry delivered more often than this is dead-lettered.
+    pub max_deliveries: u64,
+    /// Where rejected entries go, with the reason and their original fields.
+    pub dead_letter_stream: String,
+    /// On SIGTERM, how long in-flight tasks may finish, seconds.
+    pub shutdown_grace_s: u64,
+    /// Registry heartbeat and lock refresh interval, seconds.
+    pub heartbeat_interval_s: u64,
+    /// TTL of the worker-id lock, seconds; must exceed the heartbeat interval.
+    pub lock_ttl_s: u64,
+    /// After a graceful CANCEL_TASK, how long the plugin may take to return, milliseconds.
+    pub cancel_grace_ms: u64,
+}
+
+impl WorkerConfig {
+    /// `block_ms`.
+    pub fn block(&self) -> Duration {
+        Duration::from_millis(self.block_ms)
+    }
+
+    /// `claim_idle_ms`.
+    pub fn claim_idle(&self) -> Duration {
+        Duration::from_millis(self.claim_idle_ms)
+    }
+
+    /// `claim_interval_ms`.
+    pub fn claim_interval(&self) -> Duration {
+        Duration::from_millis(self.claim_interval_ms)
+    }
+
+    /// `shutdown_grace_s`.
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_s)
+    }
+
+    /// `heartbeat_interval_s`.
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_secs(self.heartbeat_interval_s)
+    }
+
+    /// `lock_ttl_s`.
+    pub fn lock_ttl(&self) -> Duration {
+        Duration::from_secs(self.lock_ttl_s)
+    }
+
+    /// `cancel_grace_ms`.
+    pub fn cancel_grace(&self) -> Duration {
+        Duration::from_millis(self.cancel_grace_ms)
+    }
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            id: "worker-1".into(),
+            consumer_group: "agent_engines".into(),
+            max_concurrency: 50,
+            max_waiting: 1000,
+            max_call_depth: 8,
+            memory_budget_mb: 2048,
+            fetch_count: 10,
+            block_ms: 2000,
+            claim_idle_ms: 60_000,
+            claim_interval_ms: 5000,
+            max_deliveries: 5,
+            dead_letter_stream: "byai_gateway:dead_letter".into(),
+            shutdown_grace_s: 30,
+            heartbeat_interval_s: 30,
+            lock_ttl_s: 60,
+            cancel_grace_ms: 5000,
+        }
+    }
+}
