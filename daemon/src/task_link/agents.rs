@@ -1,0 +1,305 @@
+//! Calls to other agents: one call or a task group sent as the reference
+//! sends them, waited for in process (the waiter and its route registered
+//! before anything is sent, the permit lent out meanwhile), and the
+//! reference's fire-and-forget call.
+
+use super::*;
+
+impl TaskLink {
+    /// Sends `calls` (as one task group when `group`) and waits for their
+    /// replies; one result per call, in order.
+    pub(super) async fn call_and_wait(
+        &self,
+        calls: Vec<Result<AgentCall, GuestError>>,
+        group: bool,
+        timeout: Duration,
+    ) -> Result<Vec<Result<AgentReply, GuestError>>, Stopping> {
+        let mut results: Vec<Option<Result<AgentReply, GuestError>>> = Vec::new();
+        results.resize_with(calls.len(), || None);
+        if self.cancel.is_requested() {
+            return Ok(calls
+                .into_iter()
+                .map(|_| Err(GuestError::Cancelled("the task is being cancelled".into())))
+                .collect());
+        }
+        let depth = match self.child_depth() {
+            Ok(depth) => depth,
+            Err(denied) => return Ok(calls.into_iter().map(|_| Err(denied.clone())).collect()),
+        };
+
+        // Fail fast on agent types nobody serves: a wait for them could only
+        // time out.
+        let mut targets: Vec<&str> = calls
+            .iter()
+            .filter_map(|c| c.as_ref().ok().map(|c| c.target.as_str()))
+            .collect();
+        targets.sort_unstable();
+        targets.dedup();
+        let served: BTreeMap<String, Result<bool, GuestError>> = match self.served(&targets).await {
+            Ok(flags) => targets
+                .iter()
+                .zip(flags)
+                .map(|(t, f)| (t.to_string(), Ok(f)))
+                .collect(),
+            Err(error) => targets
+                .iter()
+                .map(|t| (t.to_string(), Err(error.clone())))
+                .collect(),
+        };
+        let mut to_send: Vec<(usize, AgentCall)> = Vec::new();
+        for (index, call) in calls.into_iter().enumerate() {
+            let call = match call {
+                Ok(call) => call,
+                Err(error) => {
+                    results[index] = Some(Err(error));
+                    continue;
+                }
+            };
+            match &served[&call.target] {
+                Ok(true) => to_send.push((index, call)),
+                Ok(false) => {
+                    results[index] = Some(Err(GuestError::NotFound(format!(
+                        "no worker serves agent type {:?}",
+                        call.target
+                    ))))
+                }
+                Err(error) => results[index] = Some(Err(error.clone())),
+            }
+        }
+        if to_send.is_empty() {
+            return Ok(results
+                .into_iter()
+                .map(|r| r.expect("every call has a result"))
+                .collect());
+        }
+
+        let services = &self.services;
+        let origin = &self.origin;
+        let task_group_id = group.then(wire::new_task_group_id).unwrap_or_default();
+        let route_ttl = timeout + ROUTE_SLACK;
+        let mut writes = Vec::with_capacity(4 + 2 * to_send.len());
+        let mut waits: Vec<(usize, String, String, Waiting)> = Vec::with_capacity(to_send.len());
+        let mut awaited = Vec::with_capacity(to_send.len());
+        let calling = if group {
+            json!({
+                "task_group_id": task_group_id,
+                "target_agent_types": to_send.iter().map(|(_, c)| c.target.as_str()).collect::<Vec<_>>(),
+            })
+        } else {
+            json!({ "target_agent_type": to_send[0].1.target })
+        };
+        writes.push(self.state_write(state::CALLING_AGENT, Some(&calling)));
+        if group {
+            let key = keys::task_group(&task_group_id);
+            let mut hset = redis::cmd("HSET");
+            hset.arg(&key)
+                .arg("total")
+                .arg(to_send.len().to_string())
+                .arg("completed")
+                .arg("0")
+                .arg("source_agent_id")
+                .arg(&origin.agent_id);
+            let mut expire = redis::cmd("EXPIRE");
+            expire.arg(&key).arg(TASK_GROUP_TTL_S);
+            writes.push(Write::Command(hset));
+            writes.push(Write::Command(expire));
+        }
+        let mut children = Vec::with_capacity(to_send.len());
+        let mut sent_ids: Vec<String> = Vec::with_capacity(to_send.len());
+        for (index, call) in to_send {
+            let child = wire::new_message_id();
+            let key = WaitKey {
+                capability: origin.agent_id.clone(),
+                kind: ReplyKind::Agent,
+                message_id: child.clone(),
+            };
+            writes.push(key.route(&services.worker_id, route_ttl));
+            let header = wire::Header {
+                message_id: child.clone(),
+                session_id: origin.session_id.clone(),
+                trace_id: origin.trace_id.clone(),
+                source_agent_id: origin.agent_id.clone(),
+                target_agent_type: call.target.clone(),
+                parent_message_id: origin.message_id.clone(),
+                task_group_id: task_group_id.clone(),
+                tenant_id: self.tenant_id.clone(),
+                metadata: with_call_depth(call.metadata, depth),
+            };
+            let body = json!({
+                "content": call.content,
+                "wait_for_reply": true,
+                "extra_payload": call.payload,
+            });
+            writes.push(Write::Control {
+                stream: keys::capability_stream(&call.target),
+                data: wire::control_json("ASK_AGENT", &header, &body),
+            });
+            awaited.push(AwaitedChild {
+                key: key.clone(),
+                child_message_id: Some(child.clone()),
+            });
+            children.push(json!({ "target_agent_type": call.target, "message_id": child }));
+            sent_ids.push(child.clone());
+            let expect = Expect {
+                session_id: origin.session_id.clone(),
+                tenant_id: self.tenant_id.clone(),
+                ..Expect::default()
+            };
+            let waiting = services.waiters.register_expecting(key, expect);
+            waits.push((index, child, call.target, waiting));
+        }
+        let waiting = if group {
+            json!({ "task_group_id": task_group_id, "children": children })
+        } else {
+            children.pop().expect("one call was sent")
+        };
+        writes.push(self.state_write(state::WAITING_AGENT, Some(&waiting)));
+        self.awaiting
+            .lock()
+            .expect("awaiting lock is never poisoned")
+            .extend(awaited);
+        self.commit(writes).await?;
+
+        let slot = self.lend_permit();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut pending: FuturesUnordered<_> = waits
+            .into_iter()
+            .map(|(index, child, target, mut waiting)| async move {
+                let reply = waiting.recv().await;
+                (index, child, target, reply)
+            })
+            .collect();
+        let mut answered: Vec<(usize, String, String, Option<Reply>)> = Vec::new();
+        let mut cancelled = false;
+        loop {
+            tokio::select! {
+                next = pending.next() => match next {
+                    Some(done) => answered.push(done),
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(deadline) => break,
+                _ = self.cancel.requested_token.cancelled() => {
+                    cancelled = true;
+                    break;
+                }
+            }
+        }
+        // Replies that raced the timeout or the cancel.
+        while let Some(Some(done)) = pending.next().now_or_never() {
+            answered.push(done);
+        }
+        // Dropping the rest unregisters them: a later reply is an orphan.
+        drop(pending);
+        self.resume_permit(slot).await;
+
+        {
+            // Forget this wait's children, except unanswered ones of a
+            // cancelled task: the dispatcher cancels those with the task.
+            let answered_ids: Vec<&str> = answered
+                .iter()
+                .map(|(_, child, _, _)| child.as_str())
+                .collect();
+            let mut awaiting = self
+                .awaiting
+                .lock()
+                .expect("awaiting lock is never poisoned");
+            awaiting.retain(|a| match a.child_message_id.as_deref() {
+                Some(child) if sent_ids.iter().any(|id| id == child) => {
+                    cancelled && !answered_ids.contains(&child)
+                }
+                _ => true,
+            });
+        }
+        let any_answered = answered.iter().any(|(_, _, _, reply)| reply.is_some());
+        for (index, child, _target, reply) in answered {
+            results[index] = Some(match reply {
+                Some(reply) => Ok(agent_reply(&child, reply)),
+                None => Err(GuestError::Failed(format!(
+                    "the wait for {child} was replaced by another"
+                ))),
+            });
+        }
+        let timeout_ms = timeout.as_millis();
+        let unanswered = |result: &mut Option<Result<AgentReply, GuestError>>| {
+            if result.is_none() {
+                *result = Some(Err(if cancelled {
+                    GuestError::Cancelled(
+                        "the task was cancelled while waiting; the called agent is cancelled too"
+                            .into(),
+                    )
+                } else {
+                    GuestError::Timeout(format!(
+                        "no reply within {timeout_ms} ms; a later reply reaches the handler as a RESUME command"
+                    ))
+                }));
+            }
+        };
+        results.iter_mut().for_each(unanswered);
+        if any_answered {
+            let resumed = self.state_write(state::RESUMED, None);
+            self.send(vec![resumed]).await?;
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| r.expect("every call has a result"))
+            .collect())
+    }
+}
+
+impl TaskLink {
+    /// The reference's fire-and-forget call: no `source_agent_id`, so the
+    /// callee sends no reply.
+    pub(super) async fn send_without_reply(
+        &self,
+        call: AgentCall,
+    ) -> Result<Result<AgentReply, GuestError>, Stopping> {
+        match self.served(&[call.target.as_str()]).await {
+            Ok(flags) if flags.first() == Some(&true) => {}
+            Ok(_) => {
+                return Ok(Err(GuestError::NotFound(format!(
+                    "no worker serves agent type {:?}",
+                    call.target
+                ))));
+            }
+            Err(error) => return Ok(Err(error)),
+        }
+        let depth = match self.child_depth() {
+            Ok(depth) => depth,
+            Err(denied) => return Ok(Err(denied)),
+        };
+        let origin = &self.origin;
+        let child = wire::new_message_id();
+        let header = wire::Header {
+            message_id: child.clone(),
+            session_id: origin.session_id.clone(),
+            trace_id: origin.trace_id.clone(),
+            source_agent_id: String::new(),
+            target_agent_type: call.target.clone(),
+            parent_message_id: origin.message_id.clone(),
+            task_group_id: String::new(),
+            tenant_id: self.tenant_id.clone(),
+            metadata: with_call_depth(call.metadata, depth),
+        };
+        let body = json!({
+            "content": call.content,
+            "wait_for_reply": false,
+            "extra_payload": call.payload,
+        });
+        let calling = json!({ "target_agent_type": call.target, "message_id": child });
+        let writes = vec![
+            self.state_write(state::CALLING_AGENT, Some(&calling)),
+            Write::Control {
+                stream: keys::capability_stream(&call.target),
+                data: wire::control_json("ASK_AGENT", &header, &body),
+            },
+        ];
+        self.commit(writes).await?;
+        Ok(Ok(AgentReply {
+            status: "QUEUED".into(),
+            message_id: child,
+            agent_type: call.target,
+            reply_data: "null".into(),
+            content: "\"\"".into(),
+        }))
+    }
+}

@@ -1,0 +1,438 @@
+//! The daemon's side of a task's host calls: [`TaskLink`] implements the
+//! sandbox's [`TaskPort`] over Redis.
+//!
+//! Events go to the event writer, on the task's lane. A call to another
+//! agent sends what the reference SDK sends (ASK_AGENT with
+//! `source_agent_id` and `parent_message_id`, the task-group hash, the 3013
+//! form event) and then waits for the RESUME in process: the waiter and its
+//! Redis route are registered before anything is sent (see
+//! [`crate::routing`]), the task's concurrency permit is lent out while it
+//! waits, and a cancel of the task ends the wait at once. The streamed
+//! reply is kept for the session history.
+
+mod agents;
+mod user;
+
+use crate::events::{Write, Writer};
+use crate::routing::{Expect, Reply, ReplyKind, WaitKey, Waiters, Waiting};
+use arc_swap::ArcSwap;
+use byclaw_protocol::{
+    self as wire, Delta, EventOrigin, EventSpec, content_type, event_type, keys, state,
+};
+use byclaw_sandbox::port::{AgentReply, GuestError, HistoryEntry, UserReply, WorkerInfo};
+use byclaw_sandbox::{
+    AgentCall, CancelSignal, HostImport, PluginTable, PortFuture, Stopping, TaskPort,
+};
+use futures::{FutureExt, StreamExt, stream::FuturesUnordered};
+use redis::aio::ConnectionManager;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Lifetime of a task-group hash (the reference's `TASK_GROUP_TTL_SECONDS`).
+const TASK_GROUP_TTL_S: u64 = 86_400;
+
+/// How long a route outlives the wait it serves, so a reply arriving just
+/// after the timeout still finds the worker that ran the caller.
+const ROUTE_SLACK: Duration = Duration::from_secs(30);
+
+/// What every task of this daemon shares, for the host calls that reach
+/// past the task (other agents, the registry, history).
+pub struct Services {
+    /// This worker: the route of every reply awaited here names it.
+    pub worker_id: Arc<str>,
+    /// Registry lookups and reads (`active-workers`, target checks).
+    pub redis: ConnectionManager,
+    /// The plugins loaded now (swapped as a whole on reload), for routing
+    /// and for tools of other plugins.
+    pub plugins: Arc<ArcSwap<PluginTable>>,
+    /// Woken when `plugins` was swapped.
+    pub plugins_changed: Arc<tokio::sync::Notify>,
+    /// Woken when a task under a plugin's own concurrency limit ends.
+    pub plugin_slot_freed: Arc<tokio::sync::Notify>,
+    /// Replies awaited by tasks running here.
+    pub waiters: Arc<Waiters>,
+    /// The daemon's concurrency permits; a task waiting for a reply gives
+    /// its permit back and takes one again when the reply is in.
+    pub permits: Arc<Semaphore>,
+    /// Bounds how many tasks may wait without holding a permit
+    /// (`worker.max_waiting`); past it a waiting task keeps its permit.
+    pub waiting_slots: Arc<Semaphore>,
+    /// `worker.max_call_depth`.
+    pub max_call_depth: u32,
+    /// `history.max_entry_bytes`: most of a streamed reply kept for the
+    /// session history.
+    pub max_reply_bytes: usize,
+    /// The session history store (`history.recent`, replies saved).
+    pub history: crate::history::History,
+    /// Counts host calls (and, in dispatch, tasks).
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+/// The reply a task streams, kept for the session history up to a bound:
+/// what a guest streams past it is not held in the daemon's memory.
+#[derive(Debug, Default)]
+pub struct ReplyBuffer {
+    /// The text so far, at most the bound.
+    text: String,
+    /// Some text was left out.
+    truncated: bool,
+}
+
+impl ReplyBuffer {
+    /// Appends what fits under `max_bytes` (cut at a character boundary).
+    fn push(&mut self, text: &str, max_bytes: usize) {
+        let room = max_bytes.saturating_sub(self.text.len());
+        if text.len() <= room {
+            self.text.push_str(text);
+            return;
+        }
+        let mut cut = room;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        self.text.push_str(&text[..cut]);
+        self.truncated = true;
+    }
+}
+
+/// A reply this task still waits for; when the task is cancelled the
+/// route is tombstoned and the child task cancelled too.
+#[derive(Debug, Clone)]
+pub struct AwaitedChild {
+    /// The route of the reply.
+    pub key: WaitKey,
+    /// The child task's message id (for its CANCEL_TASK); `None` when the
+    /// user is awaited.
+    pub child_message_id: Option<String>,
+}
+
+/// One task's link to the daemon: what its host calls need beyond the
+/// sandbox, and what the dispatcher reads back when the task ends.
+pub struct TaskLink {
+    /// Trace, session, agent and message ids stamped on every event.
+    pub origin: EventOrigin,
+    /// `byai_gateway:session:{id}:data_stream`, shared by every event.
+    pub stream: Arc<str>,
+    /// Where events go.
+    pub writer: Writer,
+    /// Cancel requests for this task; waits end when one arrives.
+    pub cancel: Arc<CancelSignal>,
+    /// `header.tenant_id`, passed on to the agents this task calls.
+    pub tenant_id: String,
+    /// The task's concurrency permit while it holds one.
+    pub permit: Mutex<Option<OwnedSemaphorePermit>>,
+    /// Calls awaiting a reply; the dispatcher cancels them when the task is
+    /// cancelled.
+    pub awaiting: Arc<Mutex<Vec<AwaitedChild>>>,
+    /// The streamed reply so far, for the session history; `None` once saved
+    /// or when history is off. Bounded by `history.max_entry_bytes`.
+    pub reply: Mutex<Option<ReplyBuffer>>,
+    /// The user's answers this task took (RESUME message ids, in order):
+    /// numbers its prompts, and none is taken twice.
+    pub answers: Mutex<Vec<String>>,
+    /// Set when the task's outcome is decided (returned, deadline, cancel,
+    /// lease lost), before its final writes are queued: whatever its guest
+    /// or its host calls still try to write is dropped, so nothing lands
+    /// after the terminal event.
+    pub closed: std::sync::atomic::AtomicBool,
+    /// How many calls led to this task (`header.metadata.call_depth`; 0
+    /// for a task a client sent).
+    pub call_depth: u32,
+    pub services: Arc<Services>,
+}
+
+/// A called task's header metadata: the caller's, with `call_depth`.
+fn with_call_depth(metadata: Value, depth: u32) -> Value {
+    match metadata {
+        Value::Object(mut fields) => {
+            fields.insert("call_depth".into(), depth.into());
+            Value::Object(fields)
+        }
+        Value::Null => json!({ "call_depth": depth }),
+        other => json!({ "call_depth": depth, "metadata": other }),
+    }
+}
+
+/// How many calls led to a task, from its header's metadata.
+pub fn call_depth(metadata: &Value) -> u32 {
+    metadata
+        .get("call_depth")
+        .and_then(Value::as_u64)
+        .map_or(0, |d| u32::try_from(d).unwrap_or(u32::MAX))
+}
+
+fn raw(value: &Value) -> Box<serde_json::value::RawValue> {
+    serde_json::value::to_raw_value(value).expect("a JSON value serializes")
+}
+
+fn agent_reply(child_message_id: &str, reply: Reply) -> AgentReply {
+    AgentReply {
+        status: reply.status,
+        message_id: child_message_id.to_owned(),
+        agent_type: reply.source_agent_id,
+        reply_data: reply.reply_data.to_string(),
+        content: reply.content.to_string(),
+    }
+}
+
+impl TaskLink {
+    /// The depth of the tasks this one calls, or `error.denied` when that
+    /// passes `worker.max_call_depth`.
+    fn child_depth(&self) -> Result<u32, GuestError> {
+        let depth = self.call_depth.saturating_add(1);
+        if depth > self.services.max_call_depth {
+            return Err(GuestError::Denied(format!(
+                "call depth {depth} exceeds worker.max_call_depth ({}): agents calling agents this deep are refused",
+                self.services.max_call_depth
+            )));
+        }
+        Ok(depth)
+    }
+
+    /// No write of this task's guest or host calls goes out from now on.
+    pub fn close(&self) {
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Queues writes of the running task; refused once it is closed.
+    async fn send(&self, writes: Vec<Write>) -> Result<(), Stopping> {
+        if self.is_closed() {
+            return Err(Stopping);
+        }
+        self.writer
+            .send(&self.origin.session_id, writes)
+            .await
+            .map_err(|_| Stopping)
+    }
+
+    /// Queues writes of the running task and waits until they are applied;
+    /// refused once it is closed.
+    async fn commit(&self, writes: Vec<Write>) -> Result<(), Stopping> {
+        if self.is_closed() {
+            return Err(Stopping);
+        }
+        self.writer
+            .commit(&self.origin.session_id, writes)
+            .await
+            .map(|_| ())
+            .map_err(|_| Stopping)
+    }
+
+    /// Saves the reply streamed so far, unless it was saved already (the
+    /// task completed without an end marker).
+    pub fn finish_reply(&self) {
+        let taken = self
+            .reply
+            .lock()
+            .expect("reply lock is never poisoned")
+            .take();
+        if let Some(reply) = taken {
+            self.save_reply(reply);
+        }
+    }
+
+    fn save_reply(&self, reply: ReplyBuffer) {
+        let mut metadata = serde_json::json!({
+            "trace_id": self.origin.trace_id,
+            "agent_id": self.origin.agent_id,
+            "message_id": self.origin.message_id,
+        });
+        if reply.truncated {
+            metadata["truncated"] = serde_json::Value::Bool(true);
+        }
+        let entry = crate::history::HistoryEntry::new(crate::history::Role::Assistant, reply.text)
+            .with_metadata(metadata);
+        self.services.history.record(&self.origin.session_id, entry);
+    }
+
+    /// Gives the task's permit back while it waits, if a waiting slot is
+    /// free. Returns the slot; hand it to [`TaskLink::resume_permit`].
+    fn lend_permit(&self) -> Option<OwnedSemaphorePermit> {
+        let slot = self
+            .services
+            .waiting_slots
+            .clone()
+            .try_acquire_owned()
+            .ok()?;
+        let permit = self
+            .permit
+            .lock()
+            .expect("permit lock is never poisoned")
+            .take();
+        match permit {
+            Some(permit) => {
+                drop(permit);
+                Some(slot)
+            }
+            None => None,
+        }
+    }
+
+    /// Takes a permit again after a wait that lent it (waits in line with
+    /// new work: the semaphore is fair).
+    async fn resume_permit(&self, slot: Option<OwnedSemaphorePermit>) {
+        let Some(slot) = slot else { return };
+        if let Ok(permit) = self.services.permits.clone().acquire_owned().await {
+            *self.permit.lock().expect("permit lock is never poisoned") = Some(permit);
+        }
+        drop(slot);
+    }
+}
+
+impl TaskPort for TaskLink {
+    fn emit(&self, data: String) -> PortFuture<'_, Result<(), Stopping>> {
+        Box::pin(async move {
+            let write = Write::Event {
+                stream: self.stream.clone(),
+                data,
+            };
+            self.send(vec![write]).await
+        })
+    }
+
+    fn add_to_reply(&self, text: &str, end: bool) {
+        let mut reply = self.reply.lock().expect("reply lock is never poisoned");
+        let Some(buffer) = reply.as_mut() else { return };
+        buffer.push(text, self.services.max_reply_bytes);
+        if end {
+            let done = std::mem::take(buffer);
+            *reply = None;
+            drop(reply);
+            self.save_reply(done);
+        }
+    }
+
+    fn call_agents(
+        &self,
+        calls: Vec<Result<AgentCall, GuestError>>,
+        group: bool,
+        timeout: Duration,
+    ) -> PortFuture<'_, Result<Vec<Result<AgentReply, GuestError>>, Stopping>> {
+        Box::pin(self.call_and_wait(calls, group, timeout))
+    }
+
+    fn send_agent(
+        &self,
+        call: AgentCall,
+    ) -> PortFuture<'_, Result<Result<AgentReply, GuestError>, Stopping>> {
+        Box::pin(self.send_without_reply(call))
+    }
+
+    fn ask_user(
+        &self,
+        prompt: String,
+        metadata: Value,
+        timeout: Duration,
+    ) -> PortFuture<'_, Result<Result<UserReply, GuestError>, Stopping>> {
+        Box::pin(self.wait_for_user(prompt, metadata, timeout))
+    }
+
+    fn active_workers(&self) -> PortFuture<'_, Result<Vec<WorkerInfo>, GuestError>> {
+        Box::pin(async move {
+            let workers =
+                byclaw_protocol::workers::active_workers(&mut self.services.redis.clone()).await;
+            workers
+                .map(|workers| {
+                    workers
+                        .into_iter()
+                        .map(|w| WorkerInfo {
+                            worker_id: w.worker_id,
+                            capabilities: w.capabilities,
+                            last_seen_ms: w.last_seen,
+                        })
+                        .collect()
+                })
+                .map_err(|e| {
+                    GuestError::Unavailable(format!("cannot read the worker registry: {e}"))
+                })
+        })
+    }
+
+    fn history_recent(
+        &self,
+        limit: usize,
+    ) -> PortFuture<'_, Result<Vec<HistoryEntry>, GuestError>> {
+        Box::pin(async move {
+            let read = self
+                .services
+                .history
+                .read(&self.origin.session_id, limit)
+                .await;
+            match read {
+                Ok(entries) => Ok(entries
+                    .into_iter()
+                    .map(|entry| HistoryEntry {
+                        role: entry.role.as_str().to_owned(),
+                        content: entry.content,
+                        metadata: entry.metadata.to_string(),
+                    })
+                    .collect()),
+                Err(crate::history::HistoryError::Off) => Ok(Vec::new()),
+                Err(error) => Err(GuestError::Unavailable(format!(
+                    "the session history cannot be read: {error}"
+                ))),
+            }
+        })
+    }
+
+    fn host_call(&self, import: HostImport, took: Duration) {
+        self.services.metrics.host_call(import, took);
+    }
+
+    fn guest_output_dropped(&self, lines: u64) {
+        self.services.metrics.guest_log_dropped(lines);
+    }
+
+    fn tool_call(&self, caller: &str, owner: &str, allowed: bool) {
+        self.services.metrics.tool_call(caller, owner, allowed);
+    }
+}
+
+impl TaskLink {
+    fn state_write(&self, state: &str, metadata: Option<&Value>) -> Write {
+        let metadata = metadata.map(raw);
+        Write::Event {
+            stream: self.stream.clone(),
+            data: wire::state_event(&self.origin, state, metadata.as_deref()),
+        }
+    }
+
+    /// Which of `targets` some worker serves, in one round trip.
+    async fn served(&self, targets: &[&str]) -> Result<Vec<bool>, GuestError> {
+        let mut pipe = redis::pipe();
+        for target in targets {
+            pipe.cmd("SCARD").arg(keys::capability_workers(target));
+        }
+        let counts: Vec<u64> = pipe
+            .query_async(&mut self.services.redis.clone())
+            .await
+            .map_err(|e| {
+                GuestError::Unavailable(format!("cannot read the worker registry: {e}"))
+            })?;
+        Ok(counts.into_iter().map(|n| n > 0).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ReplyBuffer;
+
+    #[test]
+    fn a_reply_is_kept_up_to_its_bound_and_cut_on_a_character() {
+        let mut reply = ReplyBuffer::default();
+        reply.push("héllo ", 10);
+        assert_eq!((reply.text.as_str(), reply.truncated), ("héllo ", false));
+        // 7 bytes used; of "wörld" only "w" and "ö" (3 bytes) fit.
+        reply.push("wörld", 10);
+        assert_eq!((reply.text.as_str(), reply.truncated), ("héllo wö", true));
+        reply.push("more", 10);
+        assert_eq!(reply.text, "héllo wö");
+    }
+}
