@@ -315,6 +315,15 @@ pub fn plugin_dir(names: &[&str]) -> tempfile::TempDir {
     dir
 }
 
+/// A loopback port nothing listens on now, for a listener the test
+/// configures by address.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
 /// A random suffix for ids.
 pub fn suffix() -> String {
     format!("{:08x}", fastrand::u32(..))

@@ -17,13 +17,6 @@ const WAIT: Duration = Duration::from_secs(30);
 const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 /// chromedriver on a free port, killed on drop.
 async fn chromedriver() -> Result<(tokio::process::Child, u16)> {
     for path in [CHROMIUM, CHROMEDRIVER] {
