@@ -640,6 +640,16 @@ async fn a_task_past_its_cpu_budget_fails_and_waiting_costs_none() -> anyhow::Re
     );
     let events = events_until_terminal(&mut conn, &echo.session_id, WAIT).await?;
     assert_eq!(final_state(&events), "COMPLETED");
+
+    // The tools a task calls spend its budget: a tool computing forever is
+    // stopped on it, and so is the task that called it.
+    let spinner = send_ask(&mut conn, "use-tool", "spin {}").await?;
+    let events = task_events(&mut conn, &spinner.session_id, &spinner.message_id, WAIT).await?;
+    let state = final_state(&events);
+    assert!(
+        state.starts_with("FAILED: CPU budget of 300 ms exceeded"),
+        "{state}"
+    );
     bed.daemon.stop().await?;
     Ok(())
 }
