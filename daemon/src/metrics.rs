@@ -104,6 +104,12 @@ pub struct Metrics {
     leases_lost: Counter,
     /// RESUMEs for a call already answered, acknowledged and dropped.
     duplicate_replies: Counter,
+    /// Replies kept in their task's journal for its next run, nobody
+    /// waiting for them now (their task's daemon died).
+    journaled_replies: Counter,
+    /// Tasks run again after another run of them stopped (a daemon died,
+    /// an entry taken over).
+    reruns: Counter,
     /// RESUMEs refused because they came from another session or tenant
     /// than the task they name.
     foreign_replies: Counter,
@@ -190,6 +196,18 @@ impl Metrics {
             "duplicate_replies",
             "Replies to a call or prompt already answered, acknowledged and dropped",
             duplicate_replies.clone(),
+        );
+        let journaled_replies = Counter::default();
+        registry.register(
+            "journaled_replies",
+            "Replies to an unfinished task that is not waiting for them now, kept in its journal for its next run",
+            journaled_replies.clone(),
+        );
+        let reruns = Counter::default();
+        registry.register(
+            "task_reruns",
+            "Tasks run again from their journal after another run of them stopped",
+            reruns.clone(),
         );
         let foreign_replies = Counter::default();
         registry.register(
@@ -298,6 +316,8 @@ impl Metrics {
             claimed,
             leases_lost,
             duplicate_replies,
+            journaled_replies,
+            reruns,
             foreign_replies,
             guest_log_dropped,
             plugin_loads,
@@ -386,6 +406,16 @@ impl Metrics {
         self.duplicate_replies.inc();
     }
 
+    /// A reply was kept in its task's journal, nobody waiting for it now.
+    pub fn journaled_reply(&self) {
+        self.journaled_replies.inc();
+    }
+
+    /// A task runs again from its journal.
+    pub fn rerun(&self) {
+        self.reruns.inc();
+    }
+
     /// A task waited for the memory budget before it started.
     pub fn memory_budget_wait(&self) {
         self.memory_budget_waits.inc();
@@ -443,6 +473,11 @@ impl Metrics {
     /// How many leases were lost so far.
     pub fn leases_lost_total(&self) -> u64 {
         self.leases_lost.get()
+    }
+
+    /// How many tasks ran again from their journal so far.
+    pub fn reruns_total(&self) -> u64 {
+        self.reruns.get()
     }
 
     /// How many duplicate replies were dropped so far.

@@ -29,6 +29,17 @@
 //! The kind (`agent` when the RESUME has a `source_agent_id`, `user` when a
 //! client sent it) keeps a child's reply and the answer to the child's own
 //! `ask-user` apart: both carry the child's message id.
+//!
+//! Every reply or answer to a task that is still unfinished is also kept in
+//! the task's journal (`byai_gateway:journal:{<message id>}`, see
+//! [`keys::task_journal`]) under the id of the call it answers — a child's
+//! message id (`<message id>:c<n>`, `:g<n>.<k>`) or a prompt id — in the
+//! same step that reads the route ([`route_reply`]), or with the XACK when a
+//! local waiter took it. A run of the task after its daemon died (by any
+//! worker, under any worker id) sends the same call ids and finds there
+//! what the first run was told; a reply whose route names a dead worker is
+//! therefore acknowledged, not run as an orphan, while its task is
+//! unfinished. A second, different reply to one call is dropped.
 
 use crate::events::Write;
 use byclaw_protocol::{self as wire, Header, keys};
@@ -43,6 +54,8 @@ use tokio::sync::oneshot;
 pub const TOMBSTONE: &str = "!cancelled";
 /// Route value of an answered wait: further replies are dropped.
 pub const ANSWERED: &str = "!answered";
+/// Lifetime of a task's journal, seconds: as long as a task group's.
+pub const JOURNAL_TTL_S: u64 = 86_400;
 
 /// Who sends the awaited RESUME.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -100,12 +113,44 @@ impl WaitKey {
 
     /// The write that points the route at `worker_id` for `ttl`.
     pub fn route(&self, worker_id: &str, ttl: Duration) -> Write {
+        Write::Command(self.route_cmd(worker_id, None, ttl))
+    }
+
+    /// The SET of the route: the worker and, for an `ask-user` wait, the
+    /// prompt waited for (`<worker> <prompt id>`), so that whoever reads an
+    /// answer that names no prompt journals it under the right one.
+    pub fn route_cmd(&self, worker_id: &str, prompt_id: Option<&str>, ttl: Duration) -> redis::Cmd {
         let mut cmd = redis::cmd("SET");
-        cmd.arg(self.redis_key())
-            .arg(worker_id)
-            .arg("PX")
-            .arg(ttl.as_millis().max(1) as u64);
-        Write::Command(cmd)
+        cmd.arg(self.redis_key());
+        match prompt_id {
+            Some(prompt) => cmd.arg(format!("{worker_id} {prompt}")),
+            None => cmd.arg(worker_id),
+        };
+        cmd.arg("PX").arg(ttl.as_millis().max(1) as u64);
+        cmd
+    }
+
+    /// The task whose journal keeps a reply to this key, and the field:
+    /// for a user's answer the task itself under the prompt `prompt_id`;
+    /// for an agent's reply the caller whose deterministic call id the
+    /// child's message id is (`<caller>:c<n>`, `<caller>:g<n>.<k>`) under
+    /// that id. `None` for a child of a caller that names its calls
+    /// otherwise (a reference worker's random ids) or an unknown prompt.
+    pub fn journal_entry(&self, prompt_id: Option<&str>) -> Option<(String, String)> {
+        match self.kind {
+            ReplyKind::User => prompt_id.map(|prompt| (self.message_id.clone(), prompt.to_owned())),
+            ReplyKind::Agent => {
+                let (caller, call) = self.message_id.rsplit_once(':')?;
+                let numbered = |rest: &str| {
+                    !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+                };
+                let ours = call
+                    .strip_prefix('c')
+                    .or_else(|| call.strip_prefix('g'))
+                    .is_some_and(numbered);
+                (ours && !caller.is_empty()).then(|| (caller.to_owned(), self.message_id.clone()))
+            }
+        }
     }
 
     /// The write that marks the route cancelled (if it still exists), so a
@@ -146,6 +191,12 @@ pub struct Expect {
 }
 
 impl Expect {
+    /// Whether the waiter would take `reply` (a journaled one, on a run
+    /// after a crash: the same checks as a live reply's).
+    pub fn accepts(&self, reply: &Reply) -> bool {
+        self.judge(reply) == Delivered::Taken
+    }
+
     /// What the waiter makes of `reply`.
     fn judge(&self, reply: &Reply) -> Delivered {
         if reply.session_id != self.session_id || reply.tenant_id != self.tenant_id {
@@ -176,8 +227,8 @@ pub enum Delivered {
     NoWaiter,
 }
 
-/// A RESUME as the waiter receives it.
-#[derive(Debug, Clone)]
+/// A RESUME as the waiter receives it (and as the task's journal keeps it).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Reply {
     /// The RESUME's own message id.
     pub message_id: String,
@@ -235,20 +286,26 @@ impl Waiters {
 
     /// Hands a reply to its waiter.
     pub fn deliver(&self, key: &WaitKey, reply: Reply) -> Delivered {
+        self.deliver_to_prompt(key, reply).0
+    }
+
+    /// Hands a reply to its waiter; when taken, also the prompt the waiter
+    /// waited for (an `ask-user` wait's).
+    pub fn deliver_to_prompt(&self, key: &WaitKey, reply: Reply) -> (Delivered, Option<String>) {
         let mut slots = self.lock();
         let Some((_, expect, _)) = slots.get(key) else {
-            return Delivered::NoWaiter;
+            return (Delivered::NoWaiter, None);
         };
         let judged = expect.judge(&reply);
         if judged != Delivered::Taken {
-            return judged;
+            return (judged, None);
         }
-        let (_, _, tx) = slots.remove(key).expect("looked up above");
+        let (_, expect, tx) = slots.remove(key).expect("looked up above");
         drop(slots);
         if tx.send(reply).is_ok() {
-            Delivered::Taken
+            (Delivered::Taken, expect.prompt_id)
         } else {
-            Delivered::NoWaiter
+            (Delivered::NoWaiter, None)
         }
     }
 
@@ -317,42 +374,159 @@ impl Drop for Waiting {
 pub enum Route {
     /// Another live worker waits for it: forward to its control stream.
     Forward(String),
-    /// Its wait was cancelled or answered already: acknowledge and drop.
+    /// Its wait was cancelled or answered already, or its call has another
+    /// reply in the journal: acknowledge and drop.
     Dropped,
-    /// Nobody waits (no route, a route to us, or to a dead worker): run it
-    /// through the handler.
+    /// Nobody waits (no route, a route to us, or to a dead worker).
     Orphan,
 }
 
-/// Looks the route of `key` up: one GET, plus an EXISTS of the worker lock
-/// when it names another worker.
-pub async fn lookup(
+/// What [`route_reply`] found.
+#[derive(Debug, PartialEq)]
+pub struct Routed {
+    pub route: Route,
+    /// The reply is in its task's journal: the task is unfinished, so a
+    /// reply nobody waits for now is for its next run, not an orphan.
+    pub journaled: bool,
+}
+
+/// Reads a reply's route and, while its task is unfinished, keeps the reply
+/// in the task's journal — one step, so a task that registers its route and
+/// then reads its journal finds every reply: read before, it is in the
+/// journal; after, it is routed to the task.
+///
+/// KEYS[1] the route, KEYS[2] the task's journal, KEYS[3] its session
+/// registry. ARGV: journal field ('' for an answer naming no prompt: the
+/// route's prompt), the reply JSON, the task's message id, the journal TTL.
+/// Returns {'dropped'} or {'route', worker ('' if none), 1 if journaled}.
+const ROUTE_REPLY: &str = r#"
+local route = redis.call('GET', KEYS[1])
+if route == '!cancelled' or route == '!answered' then return {'dropped'} end
+local worker, prompt = '', ''
+if route then
+  local space = string.find(route, ' ', 1, true)
+  if space then
+    worker = string.sub(route, 1, space - 1)
+    prompt = string.sub(route, space + 1)
+  else
+    worker = route
+  end
+end
+local field = ARGV[1]
+if field == '' then field = prompt end
+if field == '' or KEYS[2] == '' then return {'route', worker, 0} end
+local exec_id = redis.call('HGET', KEYS[3], 'msg_map:' .. ARGV[3])
+if not exec_id then return {'route', worker, 0} end
+local raw = redis.call('HGET', KEYS[3], 'exec:' .. exec_id)
+if not raw then return {'route', worker, 0} end
+local ok, ex = pcall(cjson.decode, raw)
+if not ok or type(ex) ~= 'table' then return {'route', worker, 0} end
+local status = ex['status']
+if status == 'COMPLETED' or status == 'FAILED' or status == 'CANCELLED' then
+  return {'route', worker, 0}
+end
+local before = redis.call('HGET', KEYS[2], field)
+if before and before ~= ARGV[2] then return {'dropped'} end
+redis.call('HSET', KEYS[2], field, ARGV[2])
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
+return {'route', worker, 1}
+"#;
+
+/// Routes a reply no local waiter took (see [`ROUTE_REPLY`]): one script,
+/// plus an EXISTS of the worker lock when the route names another worker.
+pub async fn route_reply(
     conn: &mut ConnectionManager,
     key: &WaitKey,
+    reply: &Reply,
     own_worker_id: &str,
-) -> Result<Route, redis::RedisError> {
-    let worker: Option<String> = redis::cmd("GET")
-        .arg(key.redis_key())
-        .query_async(conn)
-        .await?;
-    let Some(worker) = worker else {
-        return Ok(Route::Orphan);
+) -> Result<Routed, redis::RedisError> {
+    let named = reply.prompt_id();
+    let (task, field) = match key.kind {
+        // The prompt the route names is filled in by the script.
+        ReplyKind::User => (Some(key.message_id.clone()), named.unwrap_or("").to_owned()),
+        ReplyKind::Agent => match key.journal_entry(None) {
+            Some((caller, field)) => (Some(caller), field),
+            None => (None, String::new()),
+        },
     };
-    if worker == TOMBSTONE || worker == ANSWERED {
-        return Ok(Route::Dropped);
-    }
-    if worker == own_worker_id {
-        return Ok(Route::Orphan);
-    }
-    let alive: bool = redis::cmd("EXISTS")
-        .arg(keys::worker_lock(&worker))
-        .query_async(conn)
+    let journal = task.as_deref().map(keys::task_journal).unwrap_or_default();
+    let json = serde_json::to_string(reply).expect("a reply serializes");
+    static SCRIPT: std::sync::LazyLock<redis::Script> =
+        std::sync::LazyLock::new(|| redis::Script::new(ROUTE_REPLY));
+    let found: Vec<redis::Value> = SCRIPT
+        .key(key.redis_key())
+        .key(journal)
+        .key(keys::session_registry(&reply.session_id))
+        .arg(field)
+        .arg(json)
+        .arg(task.unwrap_or_default())
+        .arg(JOURNAL_TTL_S)
+        .invoke_async(conn)
         .await?;
-    Ok(if alive {
-        Route::Forward(worker)
-    } else {
+    let text = |value: Option<&redis::Value>| -> String {
+        match value {
+            Some(redis::Value::BulkString(bytes)) => String::from_utf8_lossy(bytes).into_owned(),
+            Some(redis::Value::SimpleString(text)) => text.clone(),
+            _ => String::new(),
+        }
+    };
+    if text(found.first()) != "route" {
+        return Ok(Routed {
+            route: Route::Dropped,
+            journaled: false,
+        });
+    }
+    let worker = text(found.get(1));
+    let journaled = matches!(found.get(2), Some(redis::Value::Int(1)));
+    let route = if worker.is_empty() || worker == own_worker_id {
         Route::Orphan
-    })
+    } else {
+        let alive: bool = redis::cmd("EXISTS")
+            .arg(keys::worker_lock(&worker))
+            .query_async(conn)
+            .await?;
+        if alive {
+            Route::Forward(worker)
+        } else {
+            Route::Orphan
+        }
+    };
+    Ok(Routed { route, journaled })
+}
+
+/// On a run after a crash: points the routes of the calls about to be
+/// waited for at this worker, then reads what the task's journal holds for
+/// them — one transaction, so a reply is either in what is read or routed
+/// here (see [`ROUTE_REPLY`]).
+pub async fn route_then_read_journal(
+    conn: &mut ConnectionManager,
+    routes: Vec<redis::Cmd>,
+    message_id: &str,
+    fields: &[String],
+) -> Result<Vec<Option<Reply>>, redis::RedisError> {
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    for route in routes {
+        pipe.add_command(route).ignore();
+    }
+    pipe.cmd("HMGET")
+        .arg(keys::task_journal(message_id))
+        .arg(fields);
+    let (raw,): (Vec<Option<String>>,) = pipe.query_async(conn).await?;
+    Ok(raw
+        .into_iter()
+        .map(|entry| entry.and_then(|json| serde_json::from_str(&json).ok()))
+        .collect())
+}
+
+/// The write that keeps `reply` in the task's journal under `field`.
+pub fn journal_write(task_message_id: &str, field: &str, reply: &Reply) -> Write {
+    Write::HashSet {
+        key: keys::task_journal(task_message_id),
+        field: field.to_owned(),
+        value: serde_json::to_string(reply).expect("a reply serializes"),
+        ttl_s: JOURNAL_TTL_S,
+    }
 }
 
 #[cfg(test)]
@@ -483,6 +657,31 @@ mod tests {
         answer.extra_payload = serde_json::json!({ "prompt_id": "msg-a:u2" });
         assert_eq!(waiters.deliver(&key("msg-a"), answer), Delivered::Taken);
         assert_eq!(second.recv().await.unwrap().message_id, "answer-2");
+    }
+
+    #[test]
+    fn a_reply_is_journaled_for_the_caller_whose_call_id_it_answers() {
+        assert_eq!(
+            key("msg-1:c2").journal_entry(None),
+            Some(("msg-1".into(), "msg-1:c2".into()))
+        );
+        assert_eq!(
+            key("msg-1:c1:g3.2").journal_entry(None),
+            Some(("msg-1:c1".into(), "msg-1:c1:g3.2".into()))
+        );
+        // A reference caller's random child ids have no caller to journal for.
+        assert_eq!(key("msg-0badf00d").journal_entry(None), None);
+        assert_eq!(key("msg-1:x2").journal_entry(None), None);
+        assert_eq!(key(":c2").journal_entry(None), None);
+        let user = WaitKey {
+            kind: ReplyKind::User,
+            ..key("msg-1")
+        };
+        assert_eq!(
+            user.journal_entry(Some("msg-1:u2")),
+            Some(("msg-1".into(), "msg-1:u2".into()))
+        );
+        assert_eq!(user.journal_entry(None), None);
     }
 
     #[test]

@@ -67,9 +67,15 @@ impl Dispatcher {
             reply_data: reply_data.clone(),
             extra_payload: extra_payload.clone(),
         };
-        match self.services.waiters.deliver(&key, reply) {
+        let (delivered, prompt_id) = self.services.waiters.deliver_to_prompt(&key, reply.clone());
+        match delivered {
             Delivered::Taken => {
-                let mut writes = Vec::with_capacity(3);
+                let mut writes = Vec::with_capacity(4);
+                // Kept for a run of the task after this daemon dies, with
+                // the XACK: acknowledged, it is in the journal.
+                if let Some((task, field)) = key.journal_entry(prompt_id.as_deref()) {
+                    writes.push(routing::journal_write(&task, &field, &reply));
+                }
                 // A second reply to this call finds the route answered. (A
                 // user's answer is marked by the task itself, in order with
                 // the route of its next prompt, which reuses the key.)
@@ -115,26 +121,30 @@ impl Dispatcher {
             }
             Delivered::NoWaiter => {}
         }
-        match routing::lookup(
+        let routed = routing::route_reply(
             &mut self.services.redis.clone(),
             &key,
+            &reply,
             &self.settings.worker_id,
         )
-        .await
-        {
-            Ok(Route::Dropped) => {
+        .await;
+        match routed {
+            Ok(Routed {
+                route: Route::Dropped,
+                ..
+            }) => {
                 self.drop_duplicate(
                     delivery,
                     header,
-                    "its call was answered or cancelled before",
+                    "its call was answered or cancelled before, or has another answer",
                 )
                 .await;
                 true
             }
-            // Forwarded here, but the waiter went meanwhile: run it here.
-            _ if source == Source::Forwarded => false,
-            Ok(Route::Orphan) => false,
-            Ok(Route::Forward(worker)) => {
+            Ok(Routed {
+                route: Route::Forward(worker),
+                ..
+            }) if source != Source::Forwarded => {
                 let mut fields: Vec<(String, Vec<u8>)> = delivery.fields.clone();
                 fields.retain(|(name, _)| name != "capability");
                 fields.push(("capability".into(), agent_type.as_bytes().to_vec()));
@@ -154,6 +164,34 @@ impl Dispatcher {
                 let _ = self.writer.commit(&header.session_id, writes).await;
                 true
             }
+            Ok(Routed {
+                journaled: true, ..
+            }) => {
+                // Its task is unfinished and the reply is in its journal.
+                // A waiter registered here since the first try takes it;
+                // else the task is not waiting for it now (its daemon died:
+                // its next run reads it from the journal).
+                if let Delivered::Taken = self.services.waiters.deliver(&key, reply) {
+                    tracing::debug!(
+                        parent_message_id = %header.parent_message_id,
+                        "reply handed to the task awaiting it"
+                    );
+                } else {
+                    self.services.metrics.journaled_reply();
+                    tracing::info!(
+                        parent_message_id = %header.parent_message_id,
+                        resume_id = %header.message_id,
+                        "reply kept in its task's journal; the task is not waiting here"
+                    );
+                }
+                let _ = self
+                    .writer
+                    .commit(&header.session_id, vec![self.ack(delivery)])
+                    .await;
+                true
+            }
+            // Forwarded here, but the waiter went meanwhile: run it here.
+            Ok(_) => false,
             Err(error) => {
                 tracing::warn!(%error, "cannot look up the reply route; entry left pending");
                 true

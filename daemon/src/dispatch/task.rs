@@ -73,8 +73,22 @@ impl Dispatcher {
                 }
             }
         );
-        let mut execution = match begin {
-            Ok(Begin::Run(execution)) => execution,
+        let (mut execution, rerun) = match begin {
+            Ok(Begin::Run { execution, rerun }) => (execution, rerun),
+            Ok(Begin::Elsewhere {
+                execution_id,
+                entry,
+            }) => {
+                // The message sent again (by a caller run again after its
+                // daemon died): it runs from the entry that started it.
+                tracing::info!(%execution_id, runs_from = %entry, "already running from another entry; this copy acknowledged and skipped");
+                let _ = self
+                    .writer
+                    .commit(&header.session_id, vec![self.ack(&delivery)])
+                    .await;
+                unregister();
+                return;
+            }
             Ok(Begin::Terminal {
                 execution_id,
                 status,
@@ -96,6 +110,39 @@ impl Dispatcher {
             }
         };
 
+        // A run after another stopped: the events that run emitted are not
+        // emitted again (it was given the same replies, from the journal).
+        let replayed = if rerun {
+            match self
+                .events_emitted(&header.session_id, &header.message_id)
+                .await
+            {
+                Ok(emitted) => {
+                    self.services.metrics.rerun();
+                    tracing::info!(
+                        events_emitted = emitted,
+                        "run again after another run stopped; replies from its journal, emitted events not repeated"
+                    );
+                    Some(emitted)
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot read the events of the run before; entry left pending");
+                    unregister();
+                    return;
+                }
+            }
+        } else {
+            None
+        };
+        let mut recent = recent;
+        if rerun {
+            // The first run saved this message already.
+            recent.retain(|entry| {
+                entry.metadata.get("message_id")
+                    != Some(&serde_json::Value::String(header.message_id.clone()))
+            });
+        }
+
         if let Action::AskAgent {
             content,
             extra_payload,
@@ -116,13 +163,15 @@ impl Dispatcher {
                 other => other.to_string(),
             };
             let header = &command.header;
-            history.record(
-                &header.session_id,
-                HistoryEntry::new(Role::User, text).with_metadata(serde_json::json!({
-                    "message_id": header.message_id,
-                    "trace_id": header.trace_id,
-                })),
-            );
+            if !rerun {
+                history.record(
+                    &header.session_id,
+                    HistoryEntry::new(Role::User, text).with_metadata(serde_json::json!({
+                        "message_id": header.message_id,
+                        "trace_id": header.trace_id,
+                    })),
+                );
+            }
         }
         let header = &command.header;
         if execution.cancel_requested {
@@ -153,6 +202,7 @@ impl Dispatcher {
                 &mut leftovers,
                 permit,
                 awaiting.clone(),
+                replayed,
             )
             .await;
         if lease_lost.is_cancelled() {
@@ -269,6 +319,7 @@ impl Dispatcher {
         leftovers: &mut Leftovers,
         permit: OwnedSemaphorePermit,
         awaiting: Arc<Mutex<Vec<AwaitedChild>>>,
+        replayed: Option<usize>,
     ) -> Outcome {
         if cancel.is_requested() {
             return Outcome::Cancelled(cancel.reason());
@@ -324,6 +375,9 @@ impl Dispatcher {
             answers: Mutex::new(Vec::new()),
             closed: Default::default(),
             call_depth: crate::task_link::call_depth(&command.header.metadata),
+            rerun: replayed.is_some(),
+            replayed_events: replayed.unwrap_or(0).into(),
+            calls: Default::default(),
             services: self.services.clone(),
         });
         // However this returns, the task's own writes end here: the final
@@ -352,7 +406,9 @@ impl Dispatcher {
             plugins: self.services.plugins.clone(),
             port: link.clone(),
         });
-        if let Action::Resume { .. } = command.action {
+        if let Action::Resume { .. } = command.action
+            && !link.replayed()
+        {
             let resumed = wire::state_event(origin, state::RESUMED, None);
             let write = Write::Event {
                 stream,
@@ -541,6 +597,45 @@ impl Dispatcher {
         writes.push(self.executions.finish(execution, status).into());
         writes.push(self.ack(delivery));
         writes
+    }
+}
+
+impl Dispatcher {
+    /// How many events of `message_id` its session's stream holds: what a
+    /// run before this one emitted (read only on a run after another).
+    async fn events_emitted(
+        &self,
+        session_id: &str,
+        message_id: &str,
+    ) -> Result<usize, redis::RedisError> {
+        const PAGE: usize = 500;
+        let stream = keys::session_data_stream(session_id);
+        let mut conn = self.services.redis.clone();
+        let mut start = "-".to_owned();
+        let mut emitted = 0;
+        loop {
+            let page: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+                .arg(&stream)
+                .arg(&start)
+                .arg("+")
+                .arg("COUNT")
+                .arg(PAGE)
+                .query_async(&mut conn)
+                .await?;
+            for entry in &page.ids {
+                let data: Option<String> = entry.get("data");
+                let mine = data
+                    .and_then(|data| serde_json::from_str::<serde_json::Value>(&data).ok())
+                    .is_some_and(|event| event["message_id"] == message_id);
+                if mine {
+                    emitted += 1;
+                }
+            }
+            match page.ids.last() {
+                Some(last) if page.ids.len() == PAGE => start = format!("({}", last.id),
+                _ => return Ok(emitted),
+            }
+        }
     }
 }
 

@@ -14,6 +14,9 @@ impl TaskLink {
         group: bool,
         timeout: Duration,
     ) -> Result<Vec<Result<AgentReply, GuestError>>, Stopping> {
+        // Numbered whatever becomes of the call, so every run of the task
+        // gives each call the same ids.
+        let call_number = self.next_call();
         let mut results: Vec<Option<Result<AgentReply, GuestError>>> = Vec::new();
         results.resize_with(calls.len(), || None);
         if self.cancel.is_requested() {
@@ -75,8 +78,74 @@ impl TaskLink {
 
         let services = &self.services;
         let origin = &self.origin;
-        let task_group_id = group.then(wire::new_task_group_id).unwrap_or_default();
+        let task_group_id = if group {
+            wire::call_task_group_id(&origin.message_id, call_number)
+        } else {
+            String::new()
+        };
         let route_ttl = timeout + ROUTE_SLACK;
+        let expect = Expect {
+            session_id: origin.session_id.clone(),
+            tenant_id: self.tenant_id.clone(),
+            ..Expect::default()
+        };
+        // Each child's id and wait, registered before any route names
+        // this worker.
+        let children_ids: Vec<String> = to_send
+            .iter()
+            .map(|(index, _)| {
+                if group {
+                    wire::group_child_message_id(&task_group_id, index + 1)
+                } else {
+                    wire::call_message_id(&origin.message_id, call_number)
+                }
+            })
+            .collect();
+        let wait_keys: Vec<WaitKey> = children_ids
+            .iter()
+            .map(|child| WaitKey {
+                capability: origin.agent_id.clone(),
+                kind: ReplyKind::Agent,
+                message_id: child.clone(),
+            })
+            .collect();
+        let registered: Vec<Waiting> = wait_keys
+            .iter()
+            .map(|key| {
+                services
+                    .waiters
+                    .register_expecting(key.clone(), expect.clone())
+            })
+            .collect();
+        // A run after a crash: what the first run's children replied.
+        let journaled: Vec<Option<Reply>> = if self.rerun {
+            let routes = wait_keys
+                .iter()
+                .map(|key| key.route_cmd(&services.worker_id, None, route_ttl))
+                .collect();
+            let read = routing::route_then_read_journal(
+                &mut services.redis.clone(),
+                routes,
+                &origin.message_id,
+                &children_ids,
+            )
+            .await;
+            match read {
+                Ok(found) => found
+                    .into_iter()
+                    .map(|reply| reply.filter(|reply| expect.accepts(reply)))
+                    .collect(),
+                Err(error) => {
+                    // Not knowing what the first run was told, nothing is
+                    // sent: the entry stays pending and is run again.
+                    tracing::warn!(%error, "cannot read the task's journal; run stopped, entry left pending");
+                    return Err(Stopping);
+                }
+            }
+        } else {
+            vec![None; to_send.len()]
+        };
+
         let mut writes = Vec::with_capacity(4 + 2 * to_send.len());
         let mut waits: Vec<(usize, String, String, Waiting)> = Vec::with_capacity(to_send.len());
         let mut awaited = Vec::with_capacity(to_send.len());
@@ -91,28 +160,58 @@ impl TaskLink {
         writes.push(self.state_write(state::CALLING_AGENT, Some(&calling)));
         if group {
             let key = keys::task_group(&task_group_id);
-            let mut hset = redis::cmd("HSET");
-            hset.arg(&key)
-                .arg("total")
-                .arg(to_send.len().to_string())
-                .arg("completed")
-                .arg("0")
-                .arg("source_agent_id")
-                .arg(&origin.agent_id);
+            let fields = [
+                ("total", to_send.len().to_string()),
+                ("completed", "0".to_owned()),
+                ("source_agent_id", origin.agent_id.clone()),
+            ];
+            if self.rerun {
+                // The group may exist already, its replies counted: kept.
+                for (field, value) in fields {
+                    let mut hsetnx = redis::cmd("HSETNX");
+                    hsetnx.arg(&key).arg(field).arg(value);
+                    writes.push(Write::Command(hsetnx));
+                }
+            } else {
+                let mut hset = redis::cmd("HSET");
+                hset.arg(&key);
+                for (field, value) in fields {
+                    hset.arg(field).arg(value);
+                }
+                writes.push(Write::Command(hset));
+            }
             let mut expire = redis::cmd("EXPIRE");
             expire.arg(&key).arg(TASK_GROUP_TTL_S);
-            writes.push(Write::Command(hset));
             writes.push(Write::Command(expire));
         }
         let mut children = Vec::with_capacity(to_send.len());
         let mut sent_ids: Vec<String> = Vec::with_capacity(to_send.len());
-        for (index, call) in to_send {
-            let child = wire::new_message_id();
-            let key = WaitKey {
-                capability: origin.agent_id.clone(),
-                kind: ReplyKind::Agent,
-                message_id: child.clone(),
-            };
+        let mut any_journaled = false;
+        let sends = to_send
+            .into_iter()
+            .zip(children_ids)
+            .zip(wait_keys)
+            .zip(registered)
+            .zip(journaled);
+        for (((((index, call), child), key), waiting), journaled) in sends {
+            children.push(json!({ "target_agent_type": call.target, "message_id": child }));
+            if let Some(reply) = journaled {
+                // Answered before this run: not sent again.
+                drop(waiting);
+                writes.push(key.answered());
+                results[index] = Some(if reply.source_agent_id == call.target {
+                    Ok(agent_reply(&child, reply))
+                } else {
+                    // Another plugin version, or a guest that depends on
+                    // what is not journaled yet, took another path.
+                    Err(GuestError::Failed(format!(
+                        "nondeterminism: call {child} went to {:?} on the run before this one, to {:?} now",
+                        reply.source_agent_id, call.target
+                    )))
+                });
+                any_journaled = true;
+                continue;
+            }
             writes.push(key.route(&services.worker_id, route_ttl));
             let header = wire::Header {
                 message_id: child.clone(),
@@ -135,17 +234,10 @@ impl TaskLink {
                 data: wire::control_json("ASK_AGENT", &header, &body),
             });
             awaited.push(AwaitedChild {
-                key: key.clone(),
+                key,
                 child_message_id: Some(child.clone()),
             });
-            children.push(json!({ "target_agent_type": call.target, "message_id": child }));
             sent_ids.push(child.clone());
-            let expect = Expect {
-                session_id: origin.session_id.clone(),
-                tenant_id: self.tenant_id.clone(),
-                ..Expect::default()
-            };
-            let waiting = services.waiters.register_expecting(key, expect);
             waits.push((index, child, call.target, waiting));
         }
         let waiting = if group {
@@ -160,7 +252,11 @@ impl TaskLink {
             .extend(awaited);
         self.commit(writes).await?;
 
-        let slot = self.lend_permit();
+        let slot = if waits.is_empty() {
+            None
+        } else {
+            self.lend_permit()
+        };
         let deadline = tokio::time::Instant::now() + timeout;
         let mut pending: FuturesUnordered<_> = waits
             .into_iter()
@@ -210,7 +306,7 @@ impl TaskLink {
                 _ => true,
             });
         }
-        let any_answered = answered.iter().any(|(_, _, _, reply)| reply.is_some());
+        let any_answered = any_journaled || answered.iter().any(|(_, _, _, reply)| reply.is_some());
         for (index, child, _target, reply) in answered {
             results[index] = Some(match reply {
                 Some(reply) => Ok(agent_reply(&child, reply)),
@@ -253,6 +349,7 @@ impl TaskLink {
         &self,
         call: AgentCall,
     ) -> Result<Result<AgentReply, GuestError>, Stopping> {
+        let call_number = self.next_call();
         match self.served(&[call.target.as_str()]).await {
             Ok(flags) if flags.first() == Some(&true) => {}
             Ok(_) => {
@@ -268,7 +365,7 @@ impl TaskLink {
             Err(denied) => return Ok(Err(denied)),
         };
         let origin = &self.origin;
-        let child = wire::new_message_id();
+        let child = wire::call_message_id(&origin.message_id, call_number);
         let header = wire::Header {
             message_id: child.clone(),
             session_id: origin.session_id.clone(),

@@ -14,7 +14,7 @@ mod agents;
 mod user;
 
 use crate::events::{Write, Writer};
-use crate::routing::{Expect, Reply, ReplyKind, WaitKey, Waiters, Waiting};
+use crate::routing::{self, Expect, Reply, ReplyKind, WaitKey, Waiters, Waiting};
 use arc_swap::ArcSwap;
 use byclaw_protocol::{
     self as wire, Delta, EventOrigin, EventSpec, content_type, event_type, keys, state,
@@ -141,6 +141,16 @@ pub struct TaskLink {
     /// How many calls led to this task (`header.metadata.call_depth`; 0
     /// for a task a client sent).
     pub call_depth: u32,
+    /// This run follows another that stopped (its daemon died): each wait
+    /// reads the task's journal for the replies the first run was sent.
+    pub rerun: bool,
+    /// Events the run before this one emitted already: this run's first
+    /// that many are not written again (a guest given the same replies
+    /// emits the same events).
+    pub replayed_events: std::sync::atomic::AtomicUsize,
+    /// Calls to agents made so far: the `n` of the next call's id
+    /// (`<message id>:c<n>`), the same on every run.
+    pub calls: std::sync::atomic::AtomicU32,
     pub services: Arc<Services>,
 }
 
@@ -201,10 +211,44 @@ impl TaskLink {
         self.closed.load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// The number of the task's next call to agents (from 1).
+    fn next_call(&self) -> u32 {
+        self.calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .saturating_add(1)
+    }
+
+    /// Whether the next event is one the run before emitted already (then
+    /// it is counted off and not written again).
+    pub fn replayed(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.replayed_events.load(Relaxed) > 0
+            && self
+                .replayed_events
+                .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
+                .is_ok()
+    }
+
+    /// Leaves out the events a run before this one emitted already.
+    fn without_replayed(&self, mut writes: Vec<Write>) -> Vec<Write> {
+        if self
+            .replayed_events
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+        {
+            writes.retain(|write| !(matches!(write, Write::Event { .. }) && self.replayed()));
+        }
+        writes
+    }
+
     /// Queues writes of the running task; refused once it is closed.
     async fn send(&self, writes: Vec<Write>) -> Result<(), Stopping> {
         if self.is_closed() {
             return Err(Stopping);
+        }
+        let writes = self.without_replayed(writes);
+        if writes.is_empty() {
+            return Ok(());
         }
         self.writer
             .send(&self.origin.session_id, writes)
@@ -217,6 +261,10 @@ impl TaskLink {
     async fn commit(&self, writes: Vec<Write>) -> Result<(), Stopping> {
         if self.is_closed() {
             return Err(Stopping);
+        }
+        let writes = self.without_replayed(writes);
+        if writes.is_empty() {
+            return Ok(());
         }
         self.writer
             .commit(&self.origin.session_id, writes)

@@ -69,12 +69,40 @@ impl TaskLink {
             prompt_id: Some(prompt_id.clone()),
             taken,
         };
+        let route = key.route_cmd(
+            &self.services.worker_id,
+            Some(&prompt_id),
+            timeout + ROUTE_SLACK,
+        );
         let mut waiting = self
             .services
             .waiters
-            .register_expecting(key.clone(), expect);
+            .register_expecting(key.clone(), expect.clone());
+        // A run after a crash: the answer the first run was given, if any.
+        let journaled = if self.rerun {
+            let read = routing::route_then_read_journal(
+                &mut self.services.redis.clone(),
+                vec![route.clone()],
+                &origin.message_id,
+                std::slice::from_ref(&prompt_id),
+            )
+            .await;
+            match read {
+                Ok(found) => found
+                    .into_iter()
+                    .next()
+                    .flatten()
+                    .filter(|reply| expect.accepts(reply)),
+                Err(error) => {
+                    tracing::warn!(%error, "cannot read the task's journal; run stopped, entry left pending");
+                    return Err(Stopping);
+                }
+            }
+        } else {
+            None
+        };
         let writes = vec![
-            key.route(&self.services.worker_id, timeout + ROUTE_SLACK),
+            Write::Command(route),
             Write::Event {
                 stream: self.stream.clone(),
                 data: form_event,
@@ -95,18 +123,27 @@ impl TaskLink {
             .push(awaited);
         self.commit(writes).await?;
 
-        let slot = self.lend_permit();
         let mut cancelled = false;
-        let received = tokio::select! {
-            reply = waiting.recv() => reply,
-            _ = tokio::time::sleep(timeout) => None,
-            _ = self.cancel.requested_token.cancelled() => {
-                cancelled = true;
-                None
+        let reply = match journaled {
+            Some(reply) => {
+                drop(waiting);
+                Some(reply)
+            }
+            None => {
+                let slot = self.lend_permit();
+                let received = tokio::select! {
+                    reply = waiting.recv() => reply,
+                    _ = tokio::time::sleep(timeout) => None,
+                    _ = self.cancel.requested_token.cancelled() => {
+                        cancelled = true;
+                        None
+                    }
+                };
+                let reply = received.or_else(|| waiting.close());
+                self.resume_permit(slot).await;
+                reply
             }
         };
-        let reply = received.or_else(|| waiting.close());
-        self.resume_permit(slot).await;
         if !cancelled || reply.is_some() {
             let key = waiting_key;
             self.awaiting

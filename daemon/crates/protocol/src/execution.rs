@@ -29,12 +29,20 @@ pub struct Execution {
     pub updated_at: u64,
 }
 
-/// Looks up the execution of a message and, unless it is terminal, records
-/// this worker as running it — in one round trip.
+/// Looks up the execution of a message and, unless it is terminal or runs
+/// from another stream entry, records this worker as running it — in one
+/// round trip.
+///
+/// An execution that is not finished and was started from another entry
+/// (another stream, or another entry id) is left alone: the same message
+/// sent twice — a caller run again after its daemon died sends its calls
+/// again under the same ids — runs once, from the entry that started it
+/// (taken over from a dead worker, that entry keeps its id).
 ///
 /// KEYS[1] registry hash. ARGV: message id, new execution id, new execution
 /// JSON, worker id, stream, entry id, now (ms), ttl (s).
-/// Returns {"terminal", exec_id, status} | {"taken", exec_id, json} | {"new", exec_id}.
+/// Returns {"terminal", exec_id, status} | {"elsewhere", exec_id, entry} |
+/// {"taken", exec_id, json} | {"new", exec_id}.
 const BEGIN_SCRIPT: &str = r#"
 local exec_id = redis.call('HGET', KEYS[1], 'msg_map:' .. ARGV[1])
 if exec_id then
@@ -45,6 +53,12 @@ if exec_id then
       local status = ex['status']
       if status == 'COMPLETED' or status == 'FAILED' or status == 'CANCELLED' then
         return {'terminal', exec_id, status}
+      end
+      local entry = ex['redis_message_id']
+      local stream = ex['stream_name']
+      if (type(entry) == 'string' and entry ~= '' and entry ~= ARGV[6])
+        or (type(stream) == 'string' and stream ~= '' and stream ~= ARGV[5]) then
+        return {'elsewhere', exec_id, tostring(stream) .. ' ' .. tostring(entry)}
       end
       ex['worker_id'] = ARGV[4]
       ex['stream_name'] = ARGV[5]
@@ -158,8 +172,21 @@ pub enum Begin {
         execution_id: String,
         status: String,
     },
+    /// The message runs (or ran until its worker died) from another stream
+    /// entry: this entry is a copy (the message sent again); ack and skip.
+    Elsewhere {
+        execution_id: String,
+        /// The stream and entry id it runs from.
+        entry: String,
+    },
     /// Run it; the record now names this worker.
-    Run(Box<Execution>),
+    Run {
+        execution: Box<Execution>,
+        /// The execution existed, unfinished: this is a run after another
+        /// (a worker died or lost the entry). The task's journal and the
+        /// events it emitted before count.
+        rerun: bool,
+    },
 }
 
 /// The session registry's operations. Scripts are loaded once; `Script`
@@ -237,6 +264,10 @@ impl Executions {
                 execution_id,
                 status: extra.unwrap_or_default(),
             },
+            "elsewhere" => Begin::Elsewhere {
+                execution_id,
+                entry: extra.unwrap_or_default(),
+            },
             "taken" => {
                 // Keep what the record says (cancel requests in particular);
                 // fall back to ours where it is not our shape.
@@ -259,9 +290,15 @@ impl Executions {
                     .and_then(|v| v.as_str())
                     .unwrap_or_default()
                     .to_owned();
-                Begin::Run(Box::new(execution))
+                Begin::Run {
+                    execution: Box::new(execution),
+                    rerun: true,
+                }
             }
-            _ => Begin::Run(Box::new(execution)),
+            _ => Begin::Run {
+                execution: Box::new(execution),
+                rerun: false,
+            },
         })
     }
 

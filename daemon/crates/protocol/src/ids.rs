@@ -16,6 +16,23 @@ pub fn new_message_id() -> String {
     format!("msg-{:08x}", fastrand::u32(..))
 }
 
+/// The id of a task's `n`th call to one agent (`<message id>:c<n>`, from
+/// 1): the same on every run of the task, so a run after a crash finds the
+/// child the first run started and the reply it sent.
+pub fn call_message_id(parent_message_id: &str, n: u32) -> String {
+    format!("{parent_message_id}:c{n}")
+}
+
+/// The id of the task group a task's `n`th call sends (`<message id>:g<n>`).
+pub fn call_task_group_id(parent_message_id: &str, n: u32) -> String {
+    format!("{parent_message_id}:g{n}")
+}
+
+/// The id of the `k`th child (from 1) of task group `task_group_id`.
+pub fn group_child_message_id(task_group_id: &str, k: usize) -> String {
+    format!("{task_group_id}.{k}")
+}
+
 /// `tg-` + 8 lowercase hex.
 pub fn new_task_group_id() -> String {
     format!("tg-{:08x}", fastrand::u32(..))

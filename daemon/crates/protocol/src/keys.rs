@@ -38,6 +38,14 @@ pub fn task_group(task_group_id: &str) -> String {
 pub fn task_group_replied(task_group_id: &str) -> String {
     format!("{PREFIX}:task_group:{task_group_id}:replied")
 }
+/// The journal of one task (a hash, ours, not the reference's): each
+/// reply or answer the task received, under the id of the call or prompt it
+/// answers (`<message id>:c<n>`, `:g<n>.<k>`, `:u<n>`), so that a run of the
+/// task after its daemon died finds what the first run was told. The
+/// message id is the key's hash tag: a cluster keeps it on one node.
+pub fn task_journal(message_id: &str) -> String {
+    format!("{PREFIX}:journal:{{{message_id}}}")
+}
 /// One live process per worker id.
 pub fn worker_lock(worker_id: &str) -> String {
     format!("{PREFIX}:registry:worker:lock:{worker_id}")

@@ -1,0 +1,317 @@
+//! A task outlives its daemon: the planner's daemon is killed with SIGKILL
+//! mid-workflow and another daemon, under another worker id, finishes the
+//! task from its journal — each agent it called ran once, and the session
+//! saw each event once.
+//!
+//! The killed daemon is a process of its own: this test binary started
+//! again with `--ignored --exact daemon_process`, which runs a daemon in
+//! that process (the same code as the tests link, never a stale binary).
+
+use byclaw_client::Client;
+use integration_tests::*;
+use redis::aio::MultiplexedConnection;
+use serde_json::{Value, json};
+use std::path::Path;
+use std::process::{Child, Command};
+use std::time::Duration;
+
+const LONG: Duration = Duration::from_secs(60);
+
+/// The environment variable that carries a daemon process' settings.
+const DAEMON_SETTINGS: &str = "BYCLAW_TEST_DAEMON_SETTINGS";
+
+/// The daemon process the tests below start and kill; run alone it finds no
+/// settings and returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the body of the daemon process the SIGKILL tests start themselves"]
+async fn daemon_process() -> anyhow::Result<()> {
+    let Ok(settings) = std::env::var(DAEMON_SETTINGS) else {
+        return Ok(());
+    };
+    let settings: Value = serde_json::from_str(&settings)?;
+    let text = |key: &str| settings[key].as_str().unwrap_or_default().to_owned();
+    let mut config = gatewayd::config::Config::default();
+    config.redis.url = Some(text("redis_url"));
+    config.worker.id = text("worker_id");
+    config.worker.block_ms = 200;
+    config.worker.claim_interval_ms = 200;
+    config.worker.heartbeat_interval_s = 1;
+    config.plugins.dir = text("plugins").into();
+    config.plugins.deadline_s = 60;
+    config.workspace.dir = text("workspace").into();
+    config.http.listen = "127.0.0.1:0".into();
+    gatewayd::run(config, std::future::pending()).await?;
+    Ok(())
+}
+
+/// A daemon in a process of its own; killed with SIGKILL when dropped.
+struct DaemonProcess {
+    child: Child,
+    worker_id: String,
+}
+
+impl DaemonProcess {
+    /// Starts it and waits until it serves `capability`.
+    async fn start(
+        redis: &RedisServer,
+        plugins: &Path,
+        workspace: &Path,
+        capability: &str,
+    ) -> anyhow::Result<Self> {
+        let worker_id = format!("durable-{}", suffix());
+        let settings = json!({
+            "redis_url": redis.url(),
+            "worker_id": worker_id,
+            "plugins": plugins,
+            "workspace": workspace,
+        });
+        let child = Command::new(std::env::current_exe()?)
+            .args(["--ignored", "--exact", "daemon_process", "--nocapture"])
+            .env(DAEMON_SETTINGS, settings.to_string())
+            .stdout(std::process::Stdio::null())
+            .spawn()?;
+        let mut process = DaemonProcess { child, worker_id };
+        let conn = redis.connect().await?;
+        let key = format!("byai_gateway:registry:capability:workers:{capability}");
+        let worker = process.worker_id.clone();
+        wait_for("the daemon process to register", LONG, || {
+            let mut conn = conn.clone();
+            let (key, worker) = (key.clone(), worker.clone());
+            async move {
+                let member: bool = redis::cmd("SISMEMBER")
+                    .arg(&key)
+                    .arg(&worker)
+                    .query_async(&mut conn)
+                    .await?;
+                Ok(member.then_some(()))
+            }
+        })
+        .await?;
+        anyhow::ensure!(
+            process.child.try_wait()?.is_none(),
+            "the daemon process exited"
+        );
+        Ok(process)
+    }
+
+    /// SIGKILL: no shutdown, no last write.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Waits until some event of `message_id` matches.
+async fn wait_event(
+    conn: &MultiplexedConnection,
+    session_id: &str,
+    message_id: &str,
+    what: &str,
+    matches: impl Fn(&Value) -> bool,
+) -> anyhow::Result<Value> {
+    wait_for(what, LONG, || {
+        let mut conn = conn.clone();
+        let matches = &matches;
+        async move {
+            Ok(all_events(&mut conn, session_id)
+                .await?
+                .into_iter()
+                .find(|e| e["message_id"] == message_id && matches(e)))
+        }
+    })
+    .await
+}
+
+/// One event as the session shows it, without what differs between two
+/// runs of one workflow (ids, times): its type, text and metadata.
+fn shown(event: &Value, message_id: &str) -> String {
+    format!(
+        "{} {} {} {}",
+        event["data"]["contentType"],
+        delta_content(event),
+        event["data"]["choices"][0]["delta"]["reasoning_content"],
+        event["metadata"]
+    )
+    .replace(message_id, "<task>")
+}
+
+/// What one workflow left in its session: the planner's events (as
+/// [`shown`]) and, per agent it called, how many times that child ended.
+async fn workflow(
+    conn: &mut MultiplexedConnection,
+    session_id: &str,
+    message_id: &str,
+) -> anyhow::Result<(Vec<String>, Vec<(String, usize)>)> {
+    let events = all_events(conn, session_id).await?;
+    let planner = events
+        .iter()
+        .filter(|e| e["message_id"] == message_id)
+        .map(|e| shown(e, message_id))
+        .collect();
+    let mut children: Vec<(String, usize)> = Vec::new();
+    for event in &events {
+        let id = event["message_id"].as_str().unwrap_or_default();
+        if id == message_id || !is_terminal_state(event) {
+            continue;
+        }
+        let child = id.replace(message_id, "<task>");
+        match children.iter_mut().find(|(c, _)| *c == child) {
+            Some((_, ended)) => *ended += 1,
+            None => children.push((child, 1)),
+        }
+    }
+    children.sort();
+    Ok((planner, children))
+}
+
+/// Where the planner's first daemon is killed.
+#[derive(Clone, Copy, PartialEq)]
+enum KillWhile {
+    /// Waiting for its three researchers; they reply while no daemon
+    /// serves the planner.
+    WaitingForResearchers,
+    /// Waiting for the user, who answers while no daemon serves it.
+    WaitingForTheUser,
+}
+
+/// The planner workflow with its daemon killed at `kill_while`, finished by
+/// a daemon under another worker id; compared with the same workflow run
+/// without a crash.
+async fn planner_survives_its_daemon(kill_while: KillWhile) -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let mut conn = redis.connect().await?;
+    let workspace = tempfile::tempdir()?;
+    // The called agents run on a daemon that stays up.
+    let helpers_dir = plugin_dir(&["translator", "researcher", "tools"]);
+    let mut helpers = Daemon::start(
+        test_config(&redis, helpers_dir.path(), workspace.path()),
+        &redis,
+        "researcher",
+    )
+    .await?;
+    let planner_dir = plugin_dir(&["planner", "tools"]);
+    let mut first =
+        DaemonProcess::start(&redis, planner_dir.path(), workspace.path(), "planner").await?;
+
+    let client = Client::connect(&redis.url()).await?;
+    let session = format!("sess-{}", suffix());
+    let payload = json!({ "research_delay_ms": 1500 });
+    let sent = client
+        .send("planner", &session, "durable tasks", payload.clone())
+        .await?;
+    let task = &sent.message_id;
+    match kill_while {
+        KillWhile::WaitingForResearchers => {
+            wait_event(&conn, &session, task, "the group wait", |e| {
+                delta_content(e) == "WAITING_AGENT" && e["metadata"]["task_group_id"].is_string()
+            })
+            .await?;
+            first.kill();
+            // All three reply while nobody serves the planner.
+            wait_for("the researchers' replies", LONG, || {
+                let mut conn = conn.clone();
+                let prefix = format!("{task}:g2.");
+                let session = session.clone();
+                async move {
+                    let ended = all_events(&mut conn, &session)
+                        .await?
+                        .into_iter()
+                        .filter(|e| {
+                            e["message_id"]
+                                .as_str()
+                                .is_some_and(|id| id.starts_with(&prefix))
+                                && is_terminal_state(e)
+                        })
+                        .count();
+                    Ok((ended == 3).then_some(()))
+                }
+            })
+            .await?;
+        }
+        KillWhile::WaitingForTheUser => {
+            prompt_event(&conn, &session, task, 1, LONG).await?;
+            wait_event(&conn, &session, task, "WAITING_USER", |e| {
+                delta_content(e) == "WAITING_USER"
+            })
+            .await?;
+            first.kill();
+            client
+                .answer_user("planner", &session, task, "risks")
+                .await?;
+        }
+    }
+
+    // Another daemon, another worker id: it reads what arrived meanwhile
+    // and takes the task over once its lease has lapsed.
+    let mut config = test_config(&redis, planner_dir.path(), workspace.path());
+    config.worker.claim_idle_ms = 1000;
+    let second_worker = config.worker.id.clone();
+    assert_ne!(second_worker, first.worker_id);
+    let mut second = Daemon::start(config, &redis, "planner").await?;
+    if kill_while == KillWhile::WaitingForResearchers {
+        prompt_event(&conn, &session, task, 1, LONG).await?;
+        client
+            .answer_user("planner", &session, task, "risks")
+            .await?;
+    }
+    let events = task_events(&mut conn, &session, task, LONG).await?;
+    let result = task_result(&events).expect("a result");
+    assert_eq!(result["focus"], "risks", "{events:#?}");
+    assert_eq!(result["findings"].as_array().map(Vec::len), Some(3));
+    let record = execution(&mut conn, &session, task).await?.unwrap();
+    assert_eq!(record["worker_id"], second_worker.as_str());
+    assert_eq!(record["status"], "COMPLETED");
+    wait_all_acked(&conn, "byai_gateway:ctrl:capability:planner", LONG).await?;
+    let (crashed_events, crashed_children) = workflow(&mut conn, &session, task).await?;
+
+    // The same workflow without a crash, for comparison.
+    let calm_session = format!("sess-{}", suffix());
+    let calm = client
+        .send("planner", &calm_session, "durable tasks", payload)
+        .await?;
+    prompt_event(&conn, &calm_session, &calm.message_id, 1, LONG).await?;
+    client
+        .answer_user("planner", &calm_session, &calm.message_id, "risks")
+        .await?;
+    task_events(&mut conn, &calm_session, &calm.message_id, LONG).await?;
+    let (calm_events, calm_children) = workflow(&mut conn, &calm_session, &calm.message_id).await?;
+
+    // Each agent ran once, under the id its call has on every run.
+    assert_eq!(
+        crashed_children,
+        [
+            ("<task>:c1".to_owned(), 1),
+            ("<task>:g2.1".to_owned(), 1),
+            ("<task>:g2.2".to_owned(), 1),
+            ("<task>:g2.3".to_owned(), 1),
+        ]
+    );
+    assert_eq!(crashed_children, calm_children);
+    // The session saw what a run without a crash shows: nothing twice,
+    // nothing missing, no late answer run as a RESUME of its own.
+    assert_eq!(crashed_events, calm_events);
+    // It ran again from its journal, once.
+    assert_eq!(second.stats.metrics.reruns_total(), 1);
+
+    second.stop().await?;
+    helpers.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workflow_whose_daemon_is_killed_waiting_for_agents_completes_on_another()
+-> anyhow::Result<()> {
+    planner_survives_its_daemon(KillWhile::WaitingForResearchers).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workflow_whose_daemon_is_killed_waiting_for_the_user_completes_on_another()
+-> anyhow::Result<()> {
+    planner_survives_its_daemon(KillWhile::WaitingForTheUser).await
+}
