@@ -110,6 +110,9 @@ pub struct Metrics {
     /// Tasks run again after another run of them stopped (a daemon died,
     /// an entry taken over).
     reruns: Counter,
+    /// Entries skipped because their message runs from another entry (the
+    /// message sent again by a caller run again after a crash).
+    copies_skipped: Counter,
     /// RESUMEs refused because they came from another session or tenant
     /// than the task they name.
     foreign_replies: Counter,
@@ -208,6 +211,12 @@ impl Metrics {
             "task_reruns",
             "Tasks run again from their journal after another run of them stopped",
             reruns.clone(),
+        );
+        let copies_skipped = Counter::default();
+        registry.register(
+            "message_copies_skipped",
+            "Entries acknowledged and skipped because their message runs, or ran, from another entry (sent again by a caller run again after a crash)",
+            copies_skipped.clone(),
         );
         let foreign_replies = Counter::default();
         registry.register(
@@ -318,6 +327,7 @@ impl Metrics {
             duplicate_replies,
             journaled_replies,
             reruns,
+            copies_skipped,
             foreign_replies,
             guest_log_dropped,
             plugin_loads,
@@ -416,6 +426,11 @@ impl Metrics {
         self.reruns.inc();
     }
 
+    /// An entry was skipped: its message runs from another entry.
+    pub fn copy_skipped(&self) {
+        self.copies_skipped.inc();
+    }
+
     /// A task waited for the memory budget before it started.
     pub fn memory_budget_wait(&self) {
         self.memory_budget_waits.inc();
@@ -478,6 +493,12 @@ impl Metrics {
     /// How many tasks ran again from their journal so far.
     pub fn reruns_total(&self) -> u64 {
         self.reruns.get()
+    }
+
+    /// How many entries were skipped as copies of a message that runs
+    /// from another entry.
+    pub fn copies_skipped_total(&self) -> u64 {
+        self.copies_skipped.get()
     }
 
     /// How many duplicate replies were dropped so far.

@@ -656,6 +656,28 @@ pub async fn all_events(conn: &mut MultiplexedConnection, session_id: &str) -> R
         .collect()
 }
 
+/// The first event of `message_id` in its session that `matches`, once it
+/// is there (within 60 s).
+pub async fn wait_event(
+    conn: &MultiplexedConnection,
+    session_id: &str,
+    message_id: &str,
+    what: &str,
+    matches: impl Fn(&Value) -> bool,
+) -> Result<Value> {
+    wait_for(what, Duration::from_secs(60), || {
+        let mut conn = conn.clone();
+        let matches = &matches;
+        async move {
+            Ok(all_events(&mut conn, session_id)
+                .await?
+                .into_iter()
+                .find(|e| e["message_id"] == message_id && matches(e)))
+        }
+    })
+    .await
+}
+
 /// Waits up to `timeout` for the `n`th (from 1) `ask-user` prompt (content
 /// type 3013) of a task in its session stream, and returns it.
 pub async fn prompt_event(

@@ -9,27 +9,6 @@ use std::time::Duration;
 
 const LONG: Duration = Duration::from_secs(30);
 
-/// The first event of `message_id` with this content type, once it exists.
-async fn wait_event(
-    conn: &redis::aio::MultiplexedConnection,
-    session_id: &str,
-    message_id: &str,
-    what: &str,
-    matches: impl Fn(&Value) -> bool,
-) -> anyhow::Result<Value> {
-    wait_for(what, LONG, || {
-        let mut conn = conn.clone();
-        let matches = &matches;
-        async move {
-            Ok(all_events(&mut conn, session_id)
-                .await?
-                .into_iter()
-                .find(|e| e["message_id"] == message_id && matches(e)))
-        }
-    })
-    .await
-}
-
 /// Waits until a task's execution record says it runs.
 async fn wait_running(
     conn: &redis::aio::MultiplexedConnection,

@@ -107,27 +107,6 @@ impl Drop for DaemonProcess {
     }
 }
 
-/// Waits until some event of `message_id` matches.
-async fn wait_event(
-    conn: &MultiplexedConnection,
-    session_id: &str,
-    message_id: &str,
-    what: &str,
-    matches: impl Fn(&Value) -> bool,
-) -> anyhow::Result<Value> {
-    wait_for(what, LONG, || {
-        let mut conn = conn.clone();
-        let matches = &matches;
-        async move {
-            Ok(all_events(&mut conn, session_id)
-                .await?
-                .into_iter()
-                .find(|e| e["message_id"] == message_id && matches(e)))
-        }
-    })
-    .await
-}
-
 /// One event as the session shows it, without what differs between two
 /// runs of one workflow (ids, times): its type, text and metadata.
 fn shown(event: &Value, message_id: &str) -> String {
@@ -176,6 +155,9 @@ enum KillWhile {
     /// Waiting for its three researchers; they reply while no daemon
     /// serves the planner.
     WaitingForResearchers,
+    /// Waiting for its three researchers, which still run when the task is
+    /// run again: it sends them again, under the same ids.
+    ResearchersStillRunning,
     /// Waiting for the user, who answers while no daemon serves it.
     WaitingForTheUser,
 }
@@ -201,7 +183,11 @@ async fn planner_survives_its_daemon(kill_while: KillWhile) -> anyhow::Result<()
 
     let client = Client::connect(&redis.url()).await?;
     let session = format!("sess-{}", suffix());
-    let payload = json!({ "research_delay_ms": 1500 });
+    let research_delay_ms = match kill_while {
+        KillWhile::ResearchersStillRunning => 6000,
+        _ => 1500,
+    };
+    let payload = json!({ "research_delay_ms": research_delay_ms });
     let sent = client
         .send("planner", &session, "durable tasks", payload.clone())
         .await?;
@@ -234,6 +220,13 @@ async fn planner_survives_its_daemon(kill_while: KillWhile) -> anyhow::Result<()
             })
             .await?;
         }
+        KillWhile::ResearchersStillRunning => {
+            wait_event(&conn, &session, task, "the group wait", |e| {
+                delta_content(e) == "WAITING_AGENT" && e["metadata"]["task_group_id"].is_string()
+            })
+            .await?;
+            first.kill();
+        }
         KillWhile::WaitingForTheUser => {
             prompt_event(&conn, &session, task, 1, LONG).await?;
             wait_event(&conn, &session, task, "WAITING_USER", |e| {
@@ -254,7 +247,7 @@ async fn planner_survives_its_daemon(kill_while: KillWhile) -> anyhow::Result<()
     let second_worker = config.worker.id.clone();
     assert_ne!(second_worker, first.worker_id);
     let mut second = Daemon::start(config, &redis, "planner").await?;
-    if kill_while == KillWhile::WaitingForResearchers {
+    if kill_while != KillWhile::WaitingForTheUser {
         prompt_event(&conn, &session, task, 1, LONG).await?;
         client
             .answer_user("planner", &session, task, "risks")
@@ -296,8 +289,23 @@ async fn planner_survives_its_daemon(kill_while: KillWhile) -> anyhow::Result<()
     // The session saw what a run without a crash shows: nothing twice,
     // nothing missing, no late answer run as a RESUME of its own.
     assert_eq!(crashed_events, calm_events);
+    // The reference's group counter saw each researcher once (where a
+    // reply was forwarded to the killed daemon, whose lock had not expired
+    // yet, nobody counted it: that counter is for observers only).
+    let completed: String = redis::cmd("HGET")
+        .arg(format!("byai_gateway:task_group:{task}:g2"))
+        .arg("completed")
+        .query_async(&mut conn)
+        .await?;
+    if kill_while != KillWhile::WaitingForResearchers {
+        assert_eq!(completed, "3");
+    }
     // It ran again from its journal, once.
     assert_eq!(second.stats.metrics.reruns_total(), 1);
+    if kill_while == KillWhile::ResearchersStillRunning {
+        // Sent again while they ran: each copy acked and skipped.
+        assert_eq!(helpers.stats.metrics.copies_skipped_total(), 3);
+    }
 
     second.stop().await?;
     helpers.stop().await?;
@@ -311,7 +319,104 @@ async fn a_workflow_whose_daemon_is_killed_waiting_for_agents_completes_on_anoth
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workflow_whose_daemon_is_killed_while_its_agents_run_completes_on_another()
+-> anyhow::Result<()> {
+    planner_survives_its_daemon(KillWhile::ResearchersStillRunning).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_workflow_whose_daemon_is_killed_waiting_for_the_user_completes_on_another()
 -> anyhow::Result<()> {
     planner_survives_its_daemon(KillWhile::WaitingForTheUser).await
+}
+
+/// A `dice` task (faults fixture) on a daemon process, killed with SIGKILL
+/// while it waits for the user, who answers while no daemon serves it;
+/// then a daemon under another worker id, serving the plugins in
+/// `second_plugins`, takes it over. Returns the task's events, its first
+/// chunk (what the killed run drew) and the second daemon.
+async fn dice_after_a_crash(
+    redis: &RedisServer,
+    second_plugins: &Path,
+) -> anyhow::Result<(Vec<Value>, String, Daemon)> {
+    let mut conn = redis.connect().await?;
+    let workspace = tempfile::tempdir()?;
+    let first_plugins = plugin_dir(&["faults"]);
+    let mut first =
+        DaemonProcess::start(redis, first_plugins.path(), workspace.path(), "dice").await?;
+    let client = Client::connect(&redis.url()).await?;
+    let session = format!("sess-{}", suffix());
+    let sent = client.send("dice", &session, "roll", json!({})).await?;
+    let task = &sent.message_id;
+    wait_event(&conn, &session, task, "WAITING_USER", |e| {
+        delta_content(e) == "WAITING_USER"
+    })
+    .await?;
+    first.kill();
+    let drawn = wait_event(&conn, &session, task, "the first chunk", |e| {
+        e["data"]["contentType"] != "3003" && e["data"]["contentType"] != "3013"
+    })
+    .await?;
+    client.answer_user("dice", &session, task, "yes").await?;
+
+    let mut config = test_config(redis, second_plugins, workspace.path());
+    config.worker.claim_idle_ms = 1000;
+    let second = Daemon::start(config, redis, "dice").await?;
+    let events = task_events(&mut conn, &session, task, LONG).await?;
+    Ok((events, delta_content(&drawn).to_owned(), second))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_run_again_after_a_crash_draws_the_same_random_numbers() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let plugins = plugin_dir(&["faults"]);
+    let (events, drawn, mut second) = dice_after_a_crash(&redis, plugins.path()).await?;
+    let result = task_result(&events).expect("a result");
+    // The run after the crash drew what the killed run drew (and streamed).
+    assert_eq!(
+        format!(
+            "{} {}",
+            result["secure"].as_str().unwrap(),
+            result["insecure"].as_str().unwrap()
+        ),
+        drawn,
+        "{events:#?}"
+    );
+    assert_eq!(result["answer"], "yes");
+    // Streamed once: the killed run's chunk, then the second run's new one.
+    let chunks: Vec<&str> = events
+        .iter()
+        .filter(|e| e["data"]["contentType"] != "3003" && e["data"]["contentType"] != "3013")
+        .map(delta_content)
+        .collect();
+    assert_eq!(chunks, [drawn.as_str(), result["after"].as_str().unwrap()]);
+    assert_eq!(second.stats.metrics.reruns_total(), 1);
+    second.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_whose_plugin_changed_while_its_daemon_was_down_fails_and_says_why()
+-> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    // The same plugin with one more custom section: other bytes, another
+    // SHA-256, the same behaviour.
+    let plugins = plugin_dir(&[]);
+    let mut bytes = std::fs::read(built_plugins().join("faults.wasm"))?;
+    let (name, payload) = (b"byclaw-test", b"v2");
+    bytes.push(0); // custom section
+    bytes.push((1 + name.len() + payload.len()) as u8);
+    bytes.push(name.len() as u8);
+    bytes.extend_from_slice(name);
+    bytes.extend_from_slice(payload);
+    std::fs::write(plugins.path().join("faults.wasm"), bytes)?;
+
+    let (events, _, mut second) = dice_after_a_crash(&redis, plugins.path()).await?;
+    let ended = states(&events).pop().unwrap();
+    assert!(
+        ended.starts_with("FAILED: the plugin changed since this task started"),
+        "{ended}"
+    );
+    second.stop().await?;
+    Ok(())
 }

@@ -184,10 +184,13 @@ impl Dispatcher {
                         "reply kept in its task's journal; the task is not waiting here"
                     );
                 }
-                let _ = self
-                    .writer
-                    .commit(&header.session_id, vec![self.ack(delivery)])
-                    .await;
+                let mut writes = Vec::with_capacity(2);
+                if !header.task_group_id.is_empty() {
+                    // The reference's group counter, true for observers.
+                    writes.push(Write::Command(count_group_reply(header)));
+                }
+                writes.push(self.ack(delivery));
+                let _ = self.writer.commit(&header.session_id, writes).await;
                 true
             }
             // Forwarded here, but the waiter went meanwhile: run it here.

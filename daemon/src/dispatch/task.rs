@@ -48,6 +48,13 @@ impl Dispatcher {
                     .remove(&command.header.message_id);
             }
         };
+        // The version this task runs on, whatever is swapped in meanwhile.
+        let plugin = self.services.plugins.load().get(&agent_type).cloned();
+        let plugin_sha256 = plugin
+            .as_ref()
+            .map(|plugin| hex(&plugin.digest))
+            .unwrap_or_default();
+        let random_seed = byclaw_sandbox::random::new_seed();
         // The session's history is read alongside the replay check: no
         // round trip of its own on the way to the plugin.
         let mut conn = self.services.redis.clone();
@@ -61,6 +68,8 @@ impl Dispatcher {
                     target_agent_type: &header.target_agent_type,
                     stream_name: &delivery.stream,
                     redis_message_id: &delivery.id,
+                    plugin_sha256: &plugin_sha256,
+                    random_seed: &random_seed,
                 },
             ),
             async {
@@ -75,25 +84,26 @@ impl Dispatcher {
         );
         let (mut execution, rerun) = match begin {
             Ok(Begin::Run { execution, rerun }) => (execution, rerun),
-            Ok(Begin::Elsewhere {
-                execution_id,
-                entry,
-            }) => {
-                // The message sent again (by a caller run again after its
-                // daemon died): it runs from the entry that started it.
-                tracing::info!(%execution_id, runs_from = %entry, "already running from another entry; this copy acknowledged and skipped");
-                let _ = self
-                    .writer
-                    .commit(&header.session_id, vec![self.ack(&delivery)])
-                    .await;
-                unregister();
-                return;
-            }
-            Ok(Begin::Terminal {
-                execution_id,
-                status,
-            }) => {
-                tracing::info!(%execution_id, %status, "already finished; redelivery acknowledged and skipped");
+            Ok(skipped) => {
+                match skipped {
+                    Begin::Elsewhere {
+                        execution_id,
+                        entry,
+                    } => {
+                        // The message sent again (by a caller run again
+                        // after its daemon died): it runs from the entry
+                        // that started it.
+                        self.services.metrics.copy_skipped();
+                        tracing::info!(%execution_id, runs_from = %entry, "already running from another entry; this copy acknowledged and skipped");
+                    }
+                    Begin::Terminal {
+                        execution_id,
+                        status,
+                    } => {
+                        tracing::info!(%execution_id, %status, "already finished; redelivery acknowledged and skipped");
+                    }
+                    Begin::Run { .. } => unreachable!("matched above"),
+                }
                 let _ = self
                     .writer
                     .commit(&header.session_id, vec![self.ack(&delivery)])
@@ -178,8 +188,6 @@ impl Dispatcher {
             cancel.request(&execution.cancel_reason);
         }
 
-        // The version this task runs on, whatever is swapped in meanwhile.
-        let plugin = self.services.plugins.load().get(&agent_type).cloned();
         let origin = EventOrigin {
             trace_id: header.trace_id.clone(),
             session_id: header.session_id.clone(),
@@ -202,7 +210,11 @@ impl Dispatcher {
                 &mut leftovers,
                 permit,
                 awaiting.clone(),
-                replayed,
+                replayed.map(|events| Rerun {
+                    events,
+                    plugin_sha256: &execution.plugin_sha256,
+                }),
+                &execution.random_seed,
             )
             .await;
         if lease_lost.is_cancelled() {
@@ -319,7 +331,8 @@ impl Dispatcher {
         leftovers: &mut Leftovers,
         permit: OwnedSemaphorePermit,
         awaiting: Arc<Mutex<Vec<AwaitedChild>>>,
-        replayed: Option<usize>,
+        rerun: Option<Rerun<'_>>,
+        random_seed: &str,
     ) -> Outcome {
         if cancel.is_requested() {
             return Outcome::Cancelled(cancel.reason());
@@ -327,6 +340,18 @@ impl Dispatcher {
         let Some(plugin) = plugin else {
             return Outcome::Unserved;
         };
+        if let Some(first) = rerun.as_ref().map(|rerun| rerun.plugin_sha256)
+            && !first.is_empty()
+            && first != hex(&plugin.digest)
+        {
+            // Its journal answers the calls of the code it ran on.
+            return Outcome::Failed(format!(
+                "the plugin changed since this task started (sha256 {} then, {} now): a task is never run again on other code",
+                &first[..first.len().min(12)],
+                &hex(&plugin.digest)[..12]
+            ));
+        }
+        let replayed = rerun.map(|rerun| rerun.events);
         let label = plugin.label();
         tracing::Span::current().record("plugin", &label);
         leftovers.timer = Some((
@@ -404,6 +429,7 @@ impl Dispatcher {
             deadline_at: tokio::time::Instant::now() + policy.deadline,
             cpu: byclaw_sandbox::CpuMeter::new(policy.cpu_budget),
             plugins: self.services.plugins.clone(),
+            random: byclaw_sandbox::TaskRandom::from_seed(random_seed),
             port: link.clone(),
         });
         if let Action::Resume { .. } = command.action
@@ -637,6 +663,19 @@ impl Dispatcher {
             }
         }
     }
+}
+
+/// What a run after another knows of the run before.
+pub(super) struct Rerun<'a> {
+    /// Events the run before emitted: not emitted again.
+    events: usize,
+    /// SHA-256 (hex) of the plugin it ran on ('' if unknown).
+    plugin_sha256: &'a str,
+}
+
+/// Lowercase hex of a digest.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Closes a task's link when dropped.

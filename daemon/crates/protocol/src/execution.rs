@@ -27,6 +27,15 @@ pub struct Execution {
     pub started_at: u64,
     pub finished_at: u64,
     pub updated_at: u64,
+    /// SHA-256 (hex) of the plugin file the task first ran on: a run after
+    /// a crash on other code fails instead of mixing code and journal.
+    /// Ours; the reference keeps a record's unknown fields.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub plugin_sha256: String,
+    /// The seed of the random numbers its guests get, the same on every
+    /// run of the task. Ours, as `plugin_sha256`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub random_seed: String,
 }
 
 /// Looks up the execution of a message and, unless it is terminal or runs
@@ -206,6 +215,10 @@ pub struct NewExecution<'a> {
     pub target_agent_type: &'a str,
     pub stream_name: &'a str,
     pub redis_message_id: &'a str,
+    /// SHA-256 (hex) of the plugin that will run it ('' when none serves it).
+    pub plugin_sha256: &'a str,
+    /// A new seed, kept when the task is new (see `Execution::random_seed`).
+    pub random_seed: &'a str,
 }
 
 impl Executions {
@@ -240,6 +253,8 @@ impl Executions {
             started_at: now,
             finished_at: 0,
             updated_at: now,
+            plugin_sha256: new.plugin_sha256.to_owned(),
+            random_seed: new.random_seed.to_owned(),
         };
         let json = serde_json::to_string(&execution).expect("execution serializes");
         let reply: Vec<String> = self
@@ -290,6 +305,17 @@ impl Executions {
                     .and_then(|v| v.as_str())
                     .unwrap_or_default()
                     .to_owned();
+                // What the first run ran on and drew from; a record without
+                // them (written before, or by a reference worker) checks
+                // nothing and seeds anew.
+                execution.plugin_sha256 = taken
+                    .get("plugin_sha256")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or_default()
+                    .to_owned();
+                if let Some(seed) = taken.get("random_seed").and_then(|v| v.as_str()) {
+                    execution.random_seed = seed.to_owned();
+                }
                 Begin::Run {
                     execution: Box::new(execution),
                     rerun: true,
@@ -349,6 +375,8 @@ impl Executions {
                 started_at: 0,
                 finished_at: now,
                 updated_at: now,
+                plugin_sha256: String::new(),
+                random_seed: String::new(),
             };
             let json = serde_json::to_string(&execution).expect("execution serializes");
             (execution.execution_id, json)

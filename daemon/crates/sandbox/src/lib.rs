@@ -30,6 +30,7 @@ pub mod output;
 mod plugin;
 pub mod policy;
 pub mod port;
+pub mod random;
 mod wasi;
 
 pub use bindings::GuestError;
@@ -44,4 +45,5 @@ pub use output::{OutputBudget, OutputLimits};
 pub use plugin::{CallError, FileDigest, Manifest, Plugin, PromptSpec, ToolSpec, file_digest};
 pub use policy::{Limits, Policies, Policy};
 pub use port::{AgentCall, HostImport, PortFuture, Stopping, TaskPort};
+pub use random::TaskRandom;
 pub use wasi::{GUEST_PRIVATE_DIR, GUEST_PUBLIC_DIR, TaskDirs};

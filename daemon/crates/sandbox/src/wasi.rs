@@ -68,8 +68,15 @@ pub fn wasi_context(
     plugin: Arc<str>,
     message_id: Arc<str>,
     output: Arc<OutputBudget>,
+    random: Option<crate::random::StoreRandom>,
 ) -> io::Result<WasiCtx> {
     let mut builder = WasiCtxBuilder::new();
+    if let Some(random) = random {
+        builder
+            .secure_random(random.secure)
+            .insecure_random(random.insecure)
+            .insecure_random_seed(random.insecure_seed);
+    }
     builder
         .stdout(GuestLog {
             plugin: plugin.clone(),

@@ -66,6 +66,9 @@ pub struct TaskContext {
     /// The plugins loaded now (swapped as a whole on reload), for the tools
     /// and prompts of other plugins.
     pub plugins: Arc<ArcSwap<PluginTable>>,
+    /// Seeds the random numbers of its stores, the same on every run of
+    /// the task; `None`: each store seeded by the OS.
+    pub random: Option<crate::random::TaskRandom>,
     /// Everything past the sandbox: events, other agents, the user, the
     /// registry, history.
     pub port: Arc<dyn TaskPort>,
@@ -169,6 +172,7 @@ impl TaskState {
             host.task.plugin_label.clone(),
             host.task.message_id.clone(),
             output.clone(),
+            host.task.random.as_ref().map(|random| random.next_store()),
         )?;
         let http_policy = crate::outbound::OutboundPolicy {
             allowed: policy.outbound.clone(),
@@ -207,6 +211,7 @@ impl TaskState {
                 Arc::from("loader"),
                 Arc::from("-"),
                 output.clone(),
+                None,
             )
             .expect("a WASI context without directories cannot fail"),
             table: ResourceTable::new(),
@@ -240,6 +245,7 @@ impl TaskState {
                 label.clone(),
                 Arc::from("-"),
                 output.clone(),
+                None,
             )?,
             table: ResourceTable::new(),
             http: wasmtime_wasi_http::WasiHttpCtx::new(),
