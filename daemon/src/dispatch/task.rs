@@ -52,8 +52,8 @@ impl Dispatcher {
         let plugin = self.services.plugins.load().get(&agent_type).cloned();
         let plugin_sha256 = plugin
             .as_ref()
-            .map(|plugin| hex(&plugin.digest))
-            .unwrap_or_default();
+            .map(|plugin| plugin.sha256.clone())
+            .unwrap_or_else(|| Arc::from(""));
         let random_seed = byclaw_sandbox::random::new_seed();
         // The session's history is read alongside the replay check: no
         // round trip of its own on the way to the plugin.
@@ -84,30 +84,24 @@ impl Dispatcher {
         );
         let (mut execution, rerun) = match begin {
             Ok(Begin::Run { execution, rerun }) => (execution, rerun),
-            Ok(skipped) => {
-                match skipped {
-                    Begin::Elsewhere {
-                        execution_id,
-                        entry,
-                    } => {
-                        // The message sent again (by a caller run again
-                        // after its daemon died): it runs from the entry
-                        // that started it.
-                        self.services.metrics.copy_skipped();
-                        tracing::info!(%execution_id, runs_from = %entry, "already running from another entry; this copy acknowledged and skipped");
-                    }
-                    Begin::Terminal {
-                        execution_id,
-                        status,
-                    } => {
-                        tracing::info!(%execution_id, %status, "already finished; redelivery acknowledged and skipped");
-                    }
-                    Begin::Run { .. } => unreachable!("matched above"),
-                }
-                let _ = self
-                    .writer
-                    .commit(&header.session_id, vec![self.ack(&delivery)])
-                    .await;
+            Ok(Begin::Elsewhere {
+                execution_id,
+                entry,
+            }) => {
+                // The message sent again (by a caller run again after its
+                // daemon died): it runs from the entry that started it.
+                self.services.metrics.copy_skipped();
+                tracing::info!(%execution_id, runs_from = %entry, "already running from another entry; this copy acknowledged and skipped");
+                self.ack_skipped(&delivery, &header.session_id).await;
+                unregister();
+                return;
+            }
+            Ok(Begin::Terminal {
+                execution_id,
+                status,
+            }) => {
+                tracing::info!(%execution_id, %status, "already finished; redelivery acknowledged and skipped");
+                self.ack_skipped(&delivery, &header.session_id).await;
                 unregister();
                 return;
             }
@@ -342,13 +336,13 @@ impl Dispatcher {
         };
         if let Some(first) = rerun.as_ref().map(|rerun| rerun.plugin_sha256)
             && !first.is_empty()
-            && first != hex(&plugin.digest)
+            && first != &*plugin.sha256
         {
             // Its journal answers the calls of the code it ran on.
             return Outcome::Failed(format!(
                 "the plugin changed since this task started (sha256 {} then, {} now): a task is never run again on other code",
                 &first[..first.len().min(12)],
-                &hex(&plugin.digest)[..12]
+                &plugin.sha256[..12]
             ));
         }
         let replayed = rerun.map(|rerun| rerun.events);
@@ -627,6 +621,15 @@ impl Dispatcher {
 }
 
 impl Dispatcher {
+    /// Acknowledges an entry that is not run (its message finished, or runs
+    /// from another entry).
+    async fn ack_skipped(&self, delivery: &Delivery, session_id: &str) {
+        let _ = self
+            .writer
+            .commit(session_id, vec![self.ack(delivery)])
+            .await;
+    }
+
     /// How many events of `message_id` its session's stream holds: what a
     /// run before this one emitted (read only on a run after another).
     async fn events_emitted(
@@ -671,11 +674,6 @@ pub(super) struct Rerun<'a> {
     events: usize,
     /// SHA-256 (hex) of the plugin it ran on ('' if unknown).
     plugin_sha256: &'a str,
-}
-
-/// Lowercase hex of a digest.
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Closes a task's link when dropped.

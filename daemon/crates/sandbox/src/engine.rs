@@ -279,17 +279,17 @@ impl Sandbox {
                 reason,
             })?;
         let digest = file_digest(bytes);
+        let sha256 = crate::cache::hex(&digest);
         let policies = self.policies.load_full();
-        if let Some(pinned) = policies.pinned_sha256(&manifest.id) {
-            let actual = crate::cache::hex(&digest);
-            if !pinned.eq_ignore_ascii_case(&actual) {
-                return Err(PluginError::Pinned {
-                    path,
-                    id: manifest.id.clone(),
-                    pinned: pinned.to_ascii_lowercase(),
-                    actual,
-                });
-            }
+        if let Some(pinned) = policies.pinned_sha256(&manifest.id)
+            && !pinned.eq_ignore_ascii_case(&sha256)
+        {
+            return Err(PluginError::Pinned {
+                path,
+                id: manifest.id.clone(),
+                pinned: pinned.to_ascii_lowercase(),
+                actual: sha256,
+            });
         }
         let mut validators = std::collections::HashMap::with_capacity(manifest.tools.len());
         for tool in &manifest.tools {
@@ -310,6 +310,7 @@ impl Sandbox {
             manifest,
             path,
             digest,
+            sha256: Arc::from(sha256),
             from_cache: cached,
             hooks,
             pre,

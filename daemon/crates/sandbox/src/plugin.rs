@@ -113,6 +113,9 @@ pub struct Plugin {
     pub path: PathBuf,
     /// SHA-256 of the file's bytes: an unchanged file is not compiled again.
     pub digest: FileDigest,
+    /// `digest` in lower-case hex, made once: what a pin names and what a
+    /// task's execution record keeps.
+    pub sha256: Arc<str>,
     /// Whether the compiled code came from the compile cache.
     pub from_cache: bool,
     /// Its limits and settings; swapped when the configuration is reloaded

@@ -12,7 +12,7 @@ use std::sync::Mutex;
 /// A new seed for a task: 32 random bytes from the OS, as 64 hex digits.
 pub fn new_seed() -> String {
     let seed: [u8; 32] = rand::random();
-    hex(&seed)
+    crate::cache::hex(&seed)
 }
 
 /// Where the stores of one task draw their generators from.
@@ -59,10 +59,6 @@ impl TaskRandom {
             insecure_seed,
         }
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn unhex(text: &str) -> Option<[u8; 32]> {
