@@ -182,7 +182,7 @@ async fn a_long_reply_is_kept_up_to_max_entry_bytes_and_marked_truncated() -> an
     let streamed: String = events
         .iter()
         .filter(|e| e["data"]["contentType"] == "1002")
-        .map(|e| delta_content(e))
+        .map(delta_content)
         .collect();
     assert_eq!(streamed, long);
     let store = History::start(&Default::default(), &bed.redis.url()).await?;

@@ -557,7 +557,7 @@ fn report_cost(before: &Usage, after: &Usage, tasks: usize, generator_commands: 
         })
         .filter(|(command, n)| *n > 0 && command != "info")
         .collect();
-    calls.sort_by(|a, b| b.1.cmp(&a.1));
+    calls.sort_by_key(|call| std::cmp::Reverse(call.1));
     let total: u64 = calls.iter().map(|(_, n)| n).sum();
     let daemon_commands = total.saturating_sub(generator_commands);
     println!(
