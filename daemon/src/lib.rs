@@ -221,6 +221,8 @@ pub async fn run_with(
         waiters: Arc::new(routing::Waiters::default()),
         permits: permits.clone(),
         waiting_slots: Arc::new(Semaphore::new(worker.max_waiting)),
+        evict_after: Duration::from_millis(worker.evict_after_ms),
+        suspended_slots: Arc::new(Semaphore::new(worker.max_suspended)),
         max_call_depth: worker.max_call_depth,
         max_reply_bytes: config.history.max_entry_bytes,
         history: history.clone(),

@@ -113,6 +113,10 @@ pub struct Metrics {
     /// Entries skipped because their message runs from another entry (the
     /// message sent again by a caller run again after a crash).
     copies_skipped: Counter,
+    /// Waiting tasks whose instance was dropped (`worker.evict_after_ms`).
+    evictions: Counter,
+    /// Tasks waiting now without an instance.
+    tasks_suspended: Gauge,
     /// RESUMEs refused because they came from another session or tenant
     /// than the task they name.
     foreign_replies: Counter,
@@ -217,6 +221,18 @@ impl Metrics {
             "message_copies_skipped",
             "Entries acknowledged and skipped because their message runs, or ran, from another entry (sent again by a caller run again after a crash)",
             copies_skipped.clone(),
+        );
+        let evictions = Counter::default();
+        registry.register(
+            "task_evictions",
+            "Waiting tasks whose instance was dropped after worker.evict_after_ms; each is run again from its journal when its reply comes",
+            evictions.clone(),
+        );
+        let tasks_suspended = Gauge::default();
+        registry.register(
+            "tasks_suspended",
+            "Tasks waiting now without an instance (under worker.max_suspended)",
+            tasks_suspended.clone(),
         );
         let foreign_replies = Counter::default();
         registry.register(
@@ -328,6 +344,8 @@ impl Metrics {
             journaled_replies,
             reruns,
             copies_skipped,
+            evictions,
+            tasks_suspended,
             foreign_replies,
             guest_log_dropped,
             plugin_loads,
@@ -429,6 +447,24 @@ impl Metrics {
     /// An entry was skipped: its message runs from another entry.
     pub fn copy_skipped(&self) {
         self.copies_skipped.inc();
+    }
+
+    /// A waiting task's instance was dropped; it waits without one until
+    /// the returned guard is dropped.
+    pub fn evicted(&self) -> SuspendedGuard {
+        self.evictions.inc();
+        self.tasks_suspended.inc();
+        SuspendedGuard(self.tasks_suspended.clone())
+    }
+
+    /// How many waiting tasks had their instance dropped so far.
+    pub fn evictions_total(&self) -> u64 {
+        self.evictions.get()
+    }
+
+    /// How many tasks wait without an instance now.
+    pub fn tasks_suspended(&self) -> i64 {
+        self.tasks_suspended.get()
     }
 
     /// A task waited for the memory budget before it started.
@@ -625,6 +661,15 @@ impl Collector for HookCollector {
                 .encode(family.encode_family(&labels)?)?;
         }
         Ok(())
+    }
+}
+
+/// Counts one task in `gatewayd_tasks_suspended` while it lives.
+pub struct SuspendedGuard(Gauge);
+
+impl Drop for SuspendedGuard {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

@@ -520,6 +520,10 @@ pub async fn route_then_read_journal(
 }
 
 /// The write that keeps `reply` in the task's journal under `field`.
+/// The field of a task's journal that keeps its clock readings (call and
+/// prompt ids, the other fields, all contain `:`).
+pub const JOURNAL_CLOCKS_FIELD: &str = "clocks";
+
 pub fn journal_write(task_message_id: &str, field: &str, reply: &Reply) -> Write {
     Write::HashSet {
         key: keys::task_journal(task_message_id),

@@ -891,3 +891,45 @@ pub async fn echo_agent_built_by_its_script_serves_tasks(name: &str, language: &
     daemon.stop().await?;
     Ok(())
 }
+
+/// One event as the session shows it, without what differs between two
+/// runs of one workflow (ids, times): its type, text and metadata.
+pub fn shown(event: &Value, message_id: &str) -> String {
+    format!(
+        "{} {} {} {}",
+        event["data"]["contentType"],
+        delta_content(event),
+        event["data"]["choices"][0]["delta"]["reasoning_content"],
+        event["metadata"]
+    )
+    .replace(message_id, "<task>")
+}
+
+/// What one workflow left in its session: the planner's events (as
+/// [`shown`]) and, per agent it called, how many times that child ended.
+pub async fn workflow(
+    conn: &mut MultiplexedConnection,
+    session_id: &str,
+    message_id: &str,
+) -> anyhow::Result<(Vec<String>, Vec<(String, usize)>)> {
+    let events = all_events(conn, session_id).await?;
+    let planner = events
+        .iter()
+        .filter(|e| e["message_id"] == message_id)
+        .map(|e| shown(e, message_id))
+        .collect();
+    let mut children: Vec<(String, usize)> = Vec::new();
+    for event in &events {
+        let id = event["message_id"].as_str().unwrap_or_default();
+        if id == message_id || !is_terminal_state(event) {
+            continue;
+        }
+        let child = id.replace(message_id, "<task>");
+        match children.iter_mut().find(|(c, _)| *c == child) {
+            Some((_, ended)) => *ended += 1,
+            None => children.push((child, 1)),
+        }
+    }
+    children.sort();
+    Ok((planner, children))
+}

@@ -44,6 +44,16 @@ impl Config {
             "must be at most 100000",
         );
         check(
+            w.evict_after_ms <= 3_600_000,
+            "worker.evict_after_ms",
+            "must be at most 3600000 (one hour)",
+        );
+        check(
+            w.max_suspended <= 1_000_000,
+            "worker.max_suspended",
+            "must be at most 1000000",
+        );
+        check(
             (1..=100).contains(&w.max_call_depth),
             "worker.max_call_depth",
             "must be between 1 and 100",

@@ -15,6 +15,12 @@ pub struct WorkerConfig {
     /// Most tasks that may wait for a reply (call-agent, dispatch-group,
     /// ask-user) without holding a permit; they keep their instance.
     pub max_waiting: usize,
+    /// How long a waiting task keeps its sandbox, milliseconds; then it is
+    /// dropped and the task run again from its journal when the reply
+    /// comes (0: at once).
+    pub evict_after_ms: u64,
+    /// Most tasks waiting without a sandbox at once.
+    pub max_suspended: usize,
     /// Longest chain of agents calling agents: a task at this depth gets
     /// `error.denied` from call-agent and dispatch-group.
     pub max_call_depth: u32,
@@ -88,6 +94,8 @@ impl Default for WorkerConfig {
             consumer_group: "agent_engines".into(),
             max_concurrency: 50,
             max_waiting: 1000,
+            evict_after_ms: 1000,
+            max_suspended: 100_000,
             max_call_depth: 8,
             memory_budget_mb: 2048,
             fetch_count: 10,

@@ -117,14 +117,15 @@ impl Dispatcher {
         // A run after another stopped: the events that run emitted are not
         // emitted again (it was given the same replies, from the journal).
         let replayed = if rerun {
-            match self
-                .events_emitted(&header.session_id, &header.message_id)
-                .await
-            {
+            let (emitted, clocks) = tokio::join!(
+                self.events_emitted(&header.session_id, &header.message_id),
+                self.journaled_clocks(&header.message_id)
+            );
+            match emitted.and_then(|emitted| Ok((emitted, clocks?))) {
                 Ok(emitted) => {
                     self.services.metrics.rerun();
                     tracing::info!(
-                        events_emitted = emitted,
+                        events_emitted = emitted.0,
                         "run again after another run stopped; replies from its journal, emitted events not repeated"
                     );
                     Some(emitted)
@@ -204,9 +205,10 @@ impl Dispatcher {
                 &mut leftovers,
                 permit,
                 awaiting.clone(),
-                replayed.map(|events| Rerun {
+                replayed.map(|(events, clocks)| Rerun {
                     events,
                     plugin_sha256: &execution.plugin_sha256,
+                    clocks,
                 }),
                 &execution.random_seed,
             )
@@ -345,7 +347,10 @@ impl Dispatcher {
                 &plugin.sha256[..12]
             ));
         }
-        let replayed = rerun.map(|rerun| rerun.events);
+        let (replayed, journaled_clocks) = match rerun {
+            Some(rerun) => (Some(rerun.events), rerun.clocks),
+            None => (None, None),
+        };
         let label = plugin.label();
         tracing::Span::current().record("plugin", &label);
         leftovers.timer = Some((
@@ -379,132 +384,225 @@ impl Dispatcher {
             None
         };
         let stream: Arc<str> = Arc::from(keys::session_data_stream(&origin.session_id));
-        let link = Arc::new(TaskLink {
-            origin: origin.clone(),
-            stream: stream.clone(),
-            writer: self.writer.clone(),
-            cancel: cancel.clone(),
-            tenant_id: command.header.tenant_id.clone(),
-            permit: Mutex::new(Some(permit)),
-            awaiting,
-            reply: Mutex::new(
-                (self.services.history.backend() != HistoryBackend::Off)
-                    .then(crate::task_link::ReplyBuffer::default),
-            ),
-            answers: Mutex::new(Vec::new()),
-            closed: Default::default(),
-            call_depth: crate::task_link::call_depth(&command.header.metadata),
-            rerun: replayed.is_some(),
-            replayed_events: replayed.unwrap_or(0).into(),
-            calls: Default::default(),
-            services: self.services.clone(),
-        });
-        // However this returns, the task's own writes end here: the final
-        // writes queued after this cannot be followed by a late chunk.
-        let _close = CloseOnReturn(link.clone());
-        // Past worker.memory_budget_mb new work waits, before its deadline
-        // starts, until running tasks give memory back.
-        tokio::select! {
-            waited = plugin.guest_memory().admit() => {
-                if waited {
-                    self.services.metrics.memory_budget_wait();
+        // What outlives one run of the task: a run ends early when its
+        // instance is dropped in a wait, and the next run, once the reply
+        // is in, is given what the runs before learned.
+        let clocks = match journaled_clocks {
+            Some(journal) => byclaw_sandbox::TaskClocks::from_journal(&journal),
+            None => byclaw_sandbox::TaskClocks::new(),
+        };
+        let mut permit = Some(permit);
+        let mut rerun = replayed.is_some();
+        let mut replayed_events = replayed.unwrap_or(0);
+        let mut learned = Learned::default();
+        let mut deadline_at = None;
+        let mut first_run = true;
+        loop {
+            let link = Arc::new(TaskLink {
+                origin: origin.clone(),
+                stream: stream.clone(),
+                writer: self.writer.clone(),
+                cancel: cancel.clone(),
+                tenant_id: command.header.tenant_id.clone(),
+                permit: Mutex::new(permit.take()),
+                awaiting: awaiting.clone(),
+                reply: Mutex::new(
+                    (self.services.history.backend() != HistoryBackend::Off)
+                        .then(crate::task_link::ReplyBuffer::default),
+                ),
+                answers: Mutex::new(Vec::new()),
+                closed: Default::default(),
+                call_depth: crate::task_link::call_depth(&command.header.metadata),
+                rerun,
+                replayed_events: replayed_events.into(),
+                calls: Default::default(),
+                learned: Mutex::new(std::mem::take(&mut learned)),
+                produced: Default::default(),
+                clocks: clocks.clone(),
+                unjournaled_by: Default::default(),
+                suspension: Mutex::new(None),
+                services: self.services.clone(),
+            });
+            // However this run ends, its writes end here: the final writes
+            // queued after this cannot be followed by a late chunk.
+            let close = CloseOnReturn(link.clone());
+            // Past worker.memory_budget_mb new work waits, before its
+            // deadline starts, until running tasks give memory back.
+            tokio::select! {
+                waited = plugin.guest_memory().admit() => {
+                    if waited {
+                        self.services.metrics.memory_budget_wait();
+                    }
+                }
+                _ = cancel.requested_token.cancelled() => return Outcome::Cancelled(cancel.reason()),
+                _ = self.force_stop.cancelled() => return Outcome::CutOff,
+                _ = lease_lost.cancelled() => return Outcome::CutOff,
+            }
+            let deadline_at =
+                *deadline_at.get_or_insert_with(|| tokio::time::Instant::now() + policy.deadline);
+            let context = Arc::new(TaskContext {
+                origin: origin.clone(),
+                cancel: cancel.clone(),
+                plugin_label: Arc::from(plugin.label()),
+                message_id: Arc::from(origin.message_id.as_str()),
+                dirs: dirs.clone(),
+                deadline_at,
+                cpu: byclaw_sandbox::CpuMeter::new(policy.cpu_budget),
+                plugins: self.services.plugins.clone(),
+                random: byclaw_sandbox::TaskRandom::from_seed(random_seed),
+                clocks: Some(clocks.clone()),
+                port: link.clone(),
+            });
+            if let Action::Resume { .. } = command.action {
+                link.produced
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if !link.replayed() {
+                    let resumed = wire::state_event(origin, state::RESUMED, None);
+                    let write = Write::Event {
+                        stream: stream.clone(),
+                        data: resumed,
+                    };
+                    if self
+                        .writer
+                        .send(&origin.session_id, vec![write])
+                        .await
+                        .is_err()
+                    {
+                        return Outcome::CutOff;
+                    }
                 }
             }
-            _ = cancel.requested_token.cancelled() => return Outcome::Cancelled(cancel.reason()),
-            _ = self.force_stop.cancelled() => return Outcome::CutOff,
-            _ = lease_lost.cancelled() => return Outcome::CutOff,
-        }
-        let context = Arc::new(TaskContext {
-            origin: origin.clone(),
-            cancel: cancel.clone(),
-            plugin_label: Arc::from(plugin.label()),
-            message_id: Arc::from(origin.message_id.as_str()),
-            dirs,
-            deadline_at: tokio::time::Instant::now() + policy.deadline,
-            cpu: byclaw_sandbox::CpuMeter::new(policy.cpu_budget),
-            plugins: self.services.plugins.clone(),
-            random: byclaw_sandbox::TaskRandom::from_seed(random_seed),
-            port: link.clone(),
-        });
-        if let Action::Resume { .. } = command.action
-            && !link.replayed()
-        {
-            let resumed = wire::state_event(origin, state::RESUMED, None);
-            let write = Write::Event {
-                stream,
-                data: resumed,
-            };
-            if self
-                .writer
-                .send(&origin.session_id, vec![write])
-                .await
-                .is_err()
+            if first_run && plugin.has_hook(Hook::TaskStart) {
+                let task = byclaw_sandbox::hooks::task_info(command, agent_type);
+                tokio::select! {
+                    _ = plugin.run_hook(HookCall::TaskStart(task)) => {}
+                    _ = self.force_stop.cancelled() => return Outcome::CutOff,
+                }
+            }
+            if [Hook::TaskComplete, Hook::TaskError, Hook::TaskCancel]
+                .into_iter()
+                .any(|hook| plugin.has_hook(hook))
             {
-                return Outcome::CutOff;
+                leftovers.hooks_of = Some(plugin.clone());
             }
-        }
-        if plugin.has_hook(Hook::TaskStart) {
-            let task = byclaw_sandbox::hooks::task_info(command, agent_type);
-            tokio::select! {
-                _ = plugin.run_hook(HookCall::TaskStart(task)) => {}
+            let host = TaskHost {
+                task: context,
+                plugin: plugin.clone(),
+                depth: 0,
+            };
+            let call =
+                tokio::time::timeout_at(deadline_at, plugin.handle(host, command, agent_type));
+            let result = tokio::select! {
+                result = call => result,
+                _ = cancel.force.cancelled() => {
+                    return Outcome::Cancelled(cancel.reason());
+                }
                 _ = self.force_stop.cancelled() => return Outcome::CutOff,
+                // Another worker owns the entry now: stop the guest, write nothing.
+                _ = lease_lost.cancelled() => return Outcome::CutOff,
+            };
+            if let Some(suspension) = link.take_suspension() {
+                // The run stopped in a wait and its instance is gone: the
+                // task waits here without one, its entry pending under its
+                // lease, and runs again once the reply is in.
+                drop(result);
+                drop(close);
+                let _suspended = self.services.metrics.evicted();
+                tracing::debug!(
+                    waits = suspension.waits.len(),
+                    "instance dropped while waiting; the task runs again when the reply comes"
+                );
+                let got = tokio::select! {
+                    got = suspension.wait() => got,
+                    _ = cancel.requested_token.cancelled() => return Outcome::Cancelled(cancel.reason()),
+                    _ = self.force_stop.cancelled() => return Outcome::CutOff,
+                    _ = lease_lost.cancelled() => return Outcome::CutOff,
+                    _ = tokio::time::sleep_until(deadline_at) => {
+                        return Outcome::Failed(format!(
+                            "deadline of {} s exceeded",
+                            policy.deadline.as_secs_f64()
+                        ));
+                    }
+                };
+                learned = std::mem::take(
+                    &mut *link.learned.lock().expect("learned lock is never poisoned"),
+                );
+                for (id, reply) in got {
+                    match reply {
+                        Some(reply) => {
+                            learned.replies.insert(id, reply);
+                        }
+                        None => {
+                            learned.timed_out.insert(id);
+                        }
+                    }
+                }
+                // Calls answered while it waited are no longer awaited.
+                awaiting
+                    .lock()
+                    .expect("awaiting lock is never poisoned")
+                    .retain(|a| {
+                        a.child_message_id.as_ref().is_none_or(|child| {
+                            !learned.replies.contains_key(child)
+                                && !learned.timed_out.contains(child)
+                        })
+                    });
+                replayed_events = link.produced.load(std::sync::atomic::Ordering::Relaxed);
+                rerun = true;
+                first_run = false;
+                clocks.rewind();
+                // A permit again, in line with new work (the semaphore is fair).
+                permit = tokio::select! {
+                    permit = self.services.permits.clone().acquire_owned() => match permit {
+                        Ok(permit) => Some(permit),
+                        Err(_) => return Outcome::CutOff,
+                    },
+                    _ = self.force_stop.cancelled() => return Outcome::CutOff,
+                    _ = lease_lost.cancelled() => return Outcome::CutOff,
+                };
+                if let Some(dirs) = &dirs {
+                    // The run starts from a clean private directory, as the first did.
+                    if let Err(error) = self.workspaces.create(dirs).await {
+                        return Outcome::Failed(format!("cannot create the workspace: {error}"));
+                    }
+                }
+                continue;
             }
-        }
-        if [Hook::TaskComplete, Hook::TaskError, Hook::TaskCancel]
-            .into_iter()
-            .any(|hook| plugin.has_hook(hook))
-        {
-            leftovers.hooks_of = Some(plugin.clone());
-        }
-        let host = TaskHost {
-            task: context,
-            plugin: plugin.clone(),
-            depth: 0,
-        };
-        let call = tokio::time::timeout(policy.deadline, plugin.handle(host, command, agent_type));
-        let result = tokio::select! {
-            result = call => result,
-            _ = cancel.force.cancelled() => {
+            if leftovers.hooks_of.is_some() {
+                leftovers.permit = link
+                    .permit
+                    .lock()
+                    .expect("permit lock is never poisoned")
+                    .take();
+            }
+            if cancel.is_requested() {
                 return Outcome::Cancelled(cancel.reason());
             }
-            _ = self.force_stop.cancelled() => return Outcome::CutOff,
-            // Another worker owns the entry now: stop the guest, write nothing.
-            _ = lease_lost.cancelled() => return Outcome::CutOff,
-        };
-        if leftovers.hooks_of.is_some() {
-            leftovers.permit = link
-                .permit
-                .lock()
-                .expect("permit lock is never poisoned")
-                .take();
-        }
-        if cancel.is_requested() {
-            return Outcome::Cancelled(cancel.reason());
-        }
-        match result {
-            Ok(Ok(json)) if json.len() > self.settings.max_result_bytes => {
-                Outcome::Failed(format!(
-                    "result of {} bytes exceeds the limit of {} bytes (plugins.max_result_bytes)",
-                    json.len(),
-                    self.settings.max_result_bytes
-                ))
-            }
-            Ok(Ok(json)) => {
-                link.finish_reply();
-                Outcome::Completed(json)
-            }
-            Ok(Err(error @ CallError::Guest(_))) => Outcome::Failed(error.to_string()),
-            Ok(Err(CallError::Trap(reason))) => {
-                if reason.contains("the daemon is stopping") {
-                    Outcome::CutOff
-                } else {
-                    Outcome::Failed(reason)
+            return match result {
+                Ok(Ok(json)) if json.len() > self.settings.max_result_bytes => {
+                    Outcome::Failed(format!(
+                        "result of {} bytes exceeds the limit of {} bytes (plugins.max_result_bytes)",
+                        json.len(),
+                        self.settings.max_result_bytes
+                    ))
                 }
-            }
-            Err(_) => Outcome::Failed(format!(
-                "deadline of {} s exceeded",
-                policy.deadline.as_secs_f64()
-            )),
+                Ok(Ok(json)) => {
+                    link.finish_reply();
+                    Outcome::Completed(json)
+                }
+                Ok(Err(error @ CallError::Guest(_))) => Outcome::Failed(error.to_string()),
+                Ok(Err(CallError::Trap(reason))) => {
+                    if reason.contains("the daemon is stopping") {
+                        Outcome::CutOff
+                    } else {
+                        Outcome::Failed(reason)
+                    }
+                }
+                Err(_) => Outcome::Failed(format!(
+                    "deadline of {} s exceeded",
+                    policy.deadline.as_secs_f64()
+                )),
+            };
         }
     }
 
@@ -630,6 +728,18 @@ impl Dispatcher {
             .await;
     }
 
+    /// The clock readings a run before this one kept in the journal.
+    async fn journaled_clocks(
+        &self,
+        message_id: &str,
+    ) -> Result<Option<String>, redis::RedisError> {
+        redis::cmd("HGET")
+            .arg(keys::task_journal(message_id))
+            .arg(routing::JOURNAL_CLOCKS_FIELD)
+            .query_async(&mut self.services.redis.clone())
+            .await
+    }
+
     /// How many events of `message_id` its session's stream holds: what a
     /// run before this one emitted (read only on a run after another).
     async fn events_emitted(
@@ -674,6 +784,8 @@ pub(super) struct Rerun<'a> {
     events: usize,
     /// SHA-256 (hex) of the plugin it ran on ('' if unknown).
     plugin_sha256: &'a str,
+    /// The clock readings it journaled, if it read the clocks.
+    clocks: Option<String>,
 }
 
 /// Closes a task's link when dropped.

@@ -17,6 +17,9 @@ impl TaskLink {
         // Numbered whatever becomes of the call, so every run of the task
         // gives each call the same ids.
         let call_number = self.next_call();
+        if self.is_closed() {
+            return Err(Stopping);
+        }
         let mut results: Vec<Option<Result<AgentReply, GuestError>>> = Vec::new();
         results.resize_with(calls.len(), || None);
         if self.cancel.is_requested() {
@@ -38,7 +41,14 @@ impl TaskLink {
             .collect();
         targets.sort_unstable();
         targets.dedup();
-        let served: BTreeMap<String, Result<bool, GuestError>> = match self.served(&targets).await {
+        // A run after another does not ask: a call the run before made was
+        // served then, and must be made (or found answered) the same way.
+        let served = if self.rerun {
+            Ok(vec![true; targets.len()])
+        } else {
+            self.served(&targets).await
+        };
+        let served: BTreeMap<String, Result<bool, GuestError>> = match served {
             Ok(flags) => targets
                 .iter()
                 .zip(flags)
@@ -117,8 +127,12 @@ impl TaskLink {
                     .register_expecting(key.clone(), expect.clone())
             })
             .collect();
-        // A run after a crash: what the first run's children replied.
-        let journaled: Vec<Option<Reply>> = if self.rerun {
+        // A run after another: what the runs before learned (in memory when
+        // this daemon ran them, else from the journal).
+        let mut journaled: Vec<Option<Known>> =
+            children_ids.iter().map(|child| self.known(child)).collect();
+        let from_memory = journaled.iter().all(Option::is_some);
+        if self.rerun && !from_memory {
             let routes = wait_keys
                 .iter()
                 .map(|key| key.route_cmd(&services.worker_id, None, route_ttl))
@@ -131,10 +145,15 @@ impl TaskLink {
             )
             .await;
             match read {
-                Ok(found) => found
-                    .into_iter()
-                    .map(|reply| reply.filter(|reply| expect.accepts(reply)))
-                    .collect(),
+                Ok(found) => {
+                    for (known, reply) in journaled.iter_mut().zip(found) {
+                        if known.is_none() {
+                            *known = reply
+                                .filter(|reply| expect.accepts(reply))
+                                .map(|reply| Known::Reply(Box::new(reply)));
+                        }
+                    }
+                }
                 Err(error) => {
                     // Not knowing what the first run was told, nothing is
                     // sent: the entry stays pending and is run again.
@@ -142,9 +161,7 @@ impl TaskLink {
                     return Err(Stopping);
                 }
             }
-        } else {
-            vec![None; to_send.len()]
-        };
+        }
 
         let mut writes = Vec::with_capacity(4 + 2 * to_send.len());
         let mut waits: Vec<(usize, String, String, Waiting)> = Vec::with_capacity(to_send.len());
@@ -158,7 +175,7 @@ impl TaskLink {
             json!({ "target_agent_type": to_send[0].1.target })
         };
         writes.push(self.state_write(state::CALLING_AGENT, Some(&calling)));
-        if group {
+        if group && !from_memory {
             let key = keys::task_group(&task_group_id);
             let fields = [
                 ("total", to_send.len().to_string()),
@@ -195,12 +212,24 @@ impl TaskLink {
             .zip(journaled);
         for (((((index, call), child), key), waiting), journaled) in sends {
             children.push(json!({ "target_agent_type": call.target, "message_id": child }));
-            if let Some(reply) = journaled {
+            if let Some(Known::TimedOut) = journaled {
+                // Timed out on a run before this one: not sent again.
+                drop(waiting);
+                results[index] = Some(Err(GuestError::Timeout(format!(
+                    "no reply within {} ms; a later reply reaches the handler as a RESUME command",
+                    timeout.as_millis()
+                ))));
+                continue;
+            }
+            if let Some(Known::Reply(reply)) = journaled {
                 // Answered before this run: not sent again.
                 drop(waiting);
-                writes.push(key.answered());
+                if !from_memory {
+                    writes.push(key.answered());
+                }
+                self.learn(&child, Some(&reply));
                 results[index] = Some(if reply.source_agent_id == call.target {
-                    Ok(agent_reply(&child, reply))
+                    Ok(agent_reply(&child, *reply))
                 } else {
                     // Another plugin version, or a guest that depends on
                     // what is not journaled yet, took another path.
@@ -246,6 +275,9 @@ impl TaskLink {
             children.pop().expect("one call was sent")
         };
         writes.push(self.state_write(state::WAITING_AGENT, Some(&waiting)));
+        if !waits.is_empty() {
+            writes.extend(self.clocks_write());
+        }
         self.awaiting
             .lock()
             .expect("awaiting lock is never poisoned")
@@ -258,34 +290,71 @@ impl TaskLink {
             self.lend_permit()
         };
         let deadline = tokio::time::Instant::now() + timeout;
-        let mut pending: FuturesUnordered<_> = waits
-            .into_iter()
-            .map(|(index, child, target, mut waiting)| async move {
-                let reply = waiting.recv().await;
-                (index, child, target, reply)
-            })
-            .collect();
-        let mut answered: Vec<(usize, String, String, Option<Reply>)> = Vec::new();
+        let mut evict_at = if waits.is_empty() {
+            None
+        } else {
+            self.evict_at()
+        };
+        let mut got: Vec<(usize, Option<Reply>)> = Vec::new();
         let mut cancelled = false;
-        loop {
-            tokio::select! {
-                next = pending.next() => match next {
-                    Some(done) => answered.push(done),
-                    None => break,
-                },
-                _ = tokio::time::sleep_until(deadline) => break,
-                _ = self.cancel.requested_token.cancelled() => {
-                    cancelled = true;
-                    break;
+        let mut evicted = None;
+        {
+            let mut pending: FuturesUnordered<_> = waits
+                .iter_mut()
+                .enumerate()
+                .map(|(at, (_, _, _, waiting))| async move { (at, waiting.recv().await) })
+                .collect();
+            loop {
+                tokio::select! {
+                    next = pending.next() => match next {
+                        Some(done) => got.push(done),
+                        None => break,
+                    },
+                    _ = tokio::time::sleep_until(deadline) => break,
+                    _ = self.cancel.requested_token.cancelled() => {
+                        cancelled = true;
+                        break;
+                    }
+                    _ = tokio::time::sleep_until(evict_at.unwrap_or(deadline)), if evict_at.is_some() => {
+                        match self.suspended_slot() {
+                            Some(slot) => {
+                                evicted = Some(slot);
+                                break;
+                            }
+                            // No room: the task keeps its instance.
+                            None => evict_at = None,
+                        }
+                    }
                 }
             }
+            // Replies that raced the timeout or the cancel.
+            while let Some(Some(done)) = pending.next().now_or_never() {
+                got.push(done);
+            }
         }
-        // Replies that raced the timeout or the cancel.
-        while let Some(Some(done)) = pending.next().now_or_never() {
-            answered.push(done);
+        if let Some(suspended_slot) = evicted {
+            // The instance goes; the waits stay registered for the next run,
+            // which is given what came in already.
+            let mut still = Vec::with_capacity(waits.len());
+            for (at, (_, child, _, waiting)) in waits.into_iter().enumerate() {
+                match got.iter_mut().find(|(done, _)| *done == at) {
+                    Some((_, Some(reply))) => self.learn(&child, Some(reply)),
+                    Some((_, None)) => self.learn(&child, None),
+                    None => still.push((child, waiting)),
+                }
+            }
+            drop(slot);
+            return Err(self.suspend(still, deadline, suspended_slot));
         }
         // Dropping the rest unregisters them: a later reply is an orphan.
-        drop(pending);
+        let answered: Vec<(usize, String, String, Option<Reply>)> = got
+            .into_iter()
+            .map(|(at, reply)| {
+                let (index, child, target, _) = &waits[at];
+                (*index, child.clone(), target.clone(), reply)
+            })
+            .collect();
+        drop(waits);
         self.resume_permit(slot).await;
 
         {
@@ -309,13 +378,23 @@ impl TaskLink {
         let any_answered = any_journaled || answered.iter().any(|(_, _, _, reply)| reply.is_some());
         for (index, child, _target, reply) in answered {
             results[index] = Some(match reply {
-                Some(reply) => Ok(agent_reply(&child, reply)),
+                Some(reply) => {
+                    self.learn(&child, Some(&reply));
+                    Ok(agent_reply(&child, reply))
+                }
                 None => Err(GuestError::Failed(format!(
                     "the wait for {child} was replaced by another"
                 ))),
             });
         }
         let timeout_ms = timeout.as_millis();
+        if !cancelled {
+            for child in &sent_ids {
+                if self.known(child).is_none() {
+                    self.learn(child, None);
+                }
+            }
+        }
         let unanswered = |result: &mut Option<Result<AgentReply, GuestError>>| {
             if result.is_none() {
                 *result = Some(Err(if cancelled {
@@ -350,7 +429,12 @@ impl TaskLink {
         call: AgentCall,
     ) -> Result<Result<AgentReply, GuestError>, Stopping> {
         let call_number = self.next_call();
-        match self.served(&[call.target.as_str()]).await {
+        let served = if self.rerun {
+            Ok(vec![true])
+        } else {
+            self.served(&[call.target.as_str()]).await
+        };
+        match served {
             Ok(flags) if flags.first() == Some(&true) => {}
             Ok(_) => {
                 return Ok(Err(GuestError::NotFound(format!(

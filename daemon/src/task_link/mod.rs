@@ -60,6 +60,11 @@ pub struct Services {
     /// Bounds how many tasks may wait without holding a permit
     /// (`worker.max_waiting`); past it a waiting task keeps its permit.
     pub waiting_slots: Arc<Semaphore>,
+    /// `worker.evict_after_ms`: how long a waiting task keeps its instance.
+    pub evict_after: Duration,
+    /// Bounds how many tasks wait with their instance dropped
+    /// (`worker.max_suspended`); past it a waiting task keeps it.
+    pub suspended_slots: Arc<Semaphore>,
     /// `worker.max_call_depth`.
     pub max_call_depth: u32,
     /// `history.max_entry_bytes`: most of a streamed reply kept for the
@@ -151,7 +156,97 @@ pub struct TaskLink {
     /// Calls to agents made so far: the `n` of the next call's id
     /// (`<message id>:c<n>`), the same on every run.
     pub calls: std::sync::atomic::AtomicU32,
+    /// What the task's runs learned from outside so far, handed to the
+    /// next run when this one is evicted.
+    pub learned: Mutex<Learned>,
+    /// Events of the task written (or, on a run after another, counted
+    /// off as written before) so far: the next run's `replayed_events`.
+    pub produced: std::sync::atomic::AtomicUsize,
+    /// The task's clock readings, replayed by a next run.
+    pub clocks: Arc<byclaw_sandbox::TaskClocks>,
+    /// Why the task can no longer be run again from its journal (it
+    /// learned something the journal does not keep), if it cannot.
+    pub unjournaled_by: std::sync::OnceLock<&'static str>,
+    /// Set when a wait dropped the instance: what the task waits for. The
+    /// dispatcher waits for it and runs the task again.
+    pub suspension: Mutex<Option<Suspension>>,
     pub services: Arc<Services>,
+}
+
+/// What a task learned from outside, by call or prompt id: a run after
+/// this one is given it without asking Redis (the journal holds the same).
+#[derive(Debug, Default)]
+pub struct Learned {
+    /// Replies of agents and answers of the user.
+    pub replies: std::collections::HashMap<String, Reply>,
+    /// Calls and prompts whose wait timed out.
+    pub timed_out: std::collections::HashSet<String>,
+}
+
+/// What one learned fact says of a call.
+enum Known {
+    Reply(Box<Reply>),
+    TimedOut,
+}
+
+impl Learned {
+    fn known(&self, id: &str) -> Option<Known> {
+        if let Some(reply) = self.replies.get(id) {
+            return Some(Known::Reply(Box::new(reply.clone())));
+        }
+        self.timed_out.contains(id).then_some(Known::TimedOut)
+    }
+}
+
+/// A task whose instance was dropped while it waited: the waits it was in,
+/// still registered, so a reply arriving now is taken (and journaled) here.
+pub struct Suspension {
+    /// The call or prompt id of each wait, and its waiter.
+    pub waits: Vec<(String, Waiting)>,
+    /// When the call stops waiting (its timeout).
+    pub until: tokio::time::Instant,
+    /// Its place under `worker.max_suspended`.
+    pub slot: OwnedSemaphorePermit,
+}
+
+impl Suspension {
+    /// Waits until every reply is in or the call's timeout passes: what
+    /// came in and what timed out, by id, for [`Learned`].
+    pub async fn wait(self) -> Vec<(String, Option<Reply>)> {
+        let Suspension {
+            mut waits, until, ..
+        } = self;
+        let mut got: Vec<(usize, Option<Reply>)> = Vec::with_capacity(waits.len());
+        {
+            let mut pending: FuturesUnordered<_> = waits
+                .iter_mut()
+                .enumerate()
+                .map(|(index, (_, waiting))| async move { (index, waiting.recv().await) })
+                .collect();
+            loop {
+                tokio::select! {
+                    next = pending.next() => match next {
+                        Some(done) => got.push(done),
+                        None => break,
+                    },
+                    _ = tokio::time::sleep_until(until) => break,
+                }
+            }
+            // Replies that raced the timeout.
+            while let Some(Some(done)) = pending.next().now_or_never() {
+                got.push(done);
+            }
+        }
+        let mut results: Vec<(String, Option<Reply>)> = Vec::with_capacity(waits.len());
+        for (index, (id, waiting)) in waits.into_iter().enumerate() {
+            let reply = match got.iter_mut().find(|(done, _)| *done == index) {
+                Some((_, reply)) => reply.take(),
+                None => waiting.close(),
+            };
+            results.push((id, reply));
+        }
+        results
+    }
 }
 
 /// A called task's header metadata: the caller's, with `call_depth`.
@@ -241,11 +336,108 @@ impl TaskLink {
         writes
     }
 
+    /// Counts the events among `writes` as produced by the task.
+    fn count_produced(&self, writes: &[Write]) {
+        let events = writes
+            .iter()
+            .filter(|write| matches!(write, Write::Event { .. }))
+            .count();
+        self.produced
+            .fetch_add(events, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the task may drop its instance while it waits: everything it
+    /// learned so far is in its journal, and its clock readings are kept.
+    fn evictable(&self) -> bool {
+        self.unjournaled_by.get().is_none() && self.clocks.replayable() && !self.is_closed()
+    }
+
+    /// A place under `worker.max_suspended`, if the task may drop its
+    /// instance now.
+    fn suspended_slot(&self) -> Option<OwnedSemaphorePermit> {
+        if !self.evictable() {
+            return None;
+        }
+        self.services
+            .suspended_slots
+            .clone()
+            .try_acquire_owned()
+            .ok()
+    }
+
+    /// When a wait starting now drops the instance, if it may.
+    fn evict_at(&self) -> Option<tokio::time::Instant> {
+        self.evictable()
+            .then(|| tokio::time::Instant::now() + self.services.evict_after)
+    }
+
+    /// Ends the run in a wait: its waiters stay registered in `suspension`,
+    /// its permit goes back, nothing more of the run is written; the guest
+    /// is stopped by the `Stopping` this returns.
+    fn suspend(
+        &self,
+        waits: Vec<(String, Waiting)>,
+        until: tokio::time::Instant,
+        slot: OwnedSemaphorePermit,
+    ) -> Stopping {
+        self.close();
+        drop(
+            self.permit
+                .lock()
+                .expect("permit lock is never poisoned")
+                .take(),
+        );
+        *self
+            .suspension
+            .lock()
+            .expect("suspension lock is never poisoned") = Some(Suspension { waits, until, slot });
+        Stopping
+    }
+
+    /// The task's clock readings so far, for its journal: written with the
+    /// events that start a wait, so a run after a crash reads the same.
+    fn clocks_write(&self) -> Option<Write> {
+        Some(Write::HashSet {
+            key: keys::task_journal(&self.origin.message_id),
+            field: routing::JOURNAL_CLOCKS_FIELD.to_owned(),
+            value: self.clocks.journal()?,
+            ttl_s: routing::JOURNAL_TTL_S,
+        })
+    }
+
+    /// Takes what a wait that dropped the instance left.
+    pub fn take_suspension(&self) -> Option<Suspension> {
+        self.suspension
+            .lock()
+            .expect("suspension lock is never poisoned")
+            .take()
+    }
+
+    fn learn(&self, id: &str, reply: Option<&Reply>) {
+        let mut learned = self.learned.lock().expect("learned lock is never poisoned");
+        match reply {
+            Some(reply) => {
+                learned.replies.insert(id.to_owned(), reply.clone());
+            }
+            None => {
+                learned.timed_out.insert(id.to_owned());
+            }
+        }
+    }
+
+    fn known(&self, id: &str) -> Option<Known> {
+        self.learned
+            .lock()
+            .expect("learned lock is never poisoned")
+            .known(id)
+    }
+
     /// Queues writes of the running task; refused once it is closed.
     async fn send(&self, writes: Vec<Write>) -> Result<(), Stopping> {
         if self.is_closed() {
             return Err(Stopping);
         }
+        self.count_produced(&writes);
         let writes = self.without_replayed(writes);
         if writes.is_empty() {
             return Ok(());
@@ -262,6 +454,7 @@ impl TaskLink {
         if self.is_closed() {
             return Err(Stopping);
         }
+        self.count_produced(&writes);
         let writes = self.without_replayed(writes);
         if writes.is_empty() {
             return Ok(());
@@ -383,6 +576,7 @@ impl TaskPort for TaskLink {
     }
 
     fn active_workers(&self) -> PortFuture<'_, Result<Vec<WorkerInfo>, GuestError>> {
+        self.unjournaled("the worker registry");
         Box::pin(async move {
             let workers =
                 byclaw_protocol::workers::active_workers(&mut self.services.redis.clone()).await;
@@ -407,6 +601,7 @@ impl TaskPort for TaskLink {
         &self,
         limit: usize,
     ) -> PortFuture<'_, Result<Vec<HistoryEntry>, GuestError>> {
+        self.unjournaled("the session history");
         Box::pin(async move {
             let read = self
                 .services
@@ -428,6 +623,10 @@ impl TaskPort for TaskLink {
                 ))),
             }
         })
+    }
+
+    fn unjournaled(&self, what: &'static str) {
+        let _ = self.unjournaled_by.set(what);
     }
 
     fn host_call(&self, import: HostImport, took: Duration) {

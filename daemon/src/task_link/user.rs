@@ -11,6 +11,9 @@ impl TaskLink {
         metadata: Value,
         timeout: Duration,
     ) -> Result<Result<UserReply, GuestError>, Stopping> {
+        if self.is_closed() {
+            return Err(Stopping);
+        }
         if self.cancel.is_requested() {
             return Ok(Err(GuestError::Cancelled(
                 "the task is being cancelled".into(),
@@ -78,8 +81,12 @@ impl TaskLink {
             .services
             .waiters
             .register_expecting(key.clone(), expect.clone());
-        // A run after a crash: the answer the first run was given, if any.
-        let journaled = if self.rerun {
+        // A run after another: the answer a run before was given, if any
+        // (in memory when this daemon ran it, else from the journal).
+        let known = self.known(&prompt_id);
+        let journaled = if known.is_some() {
+            known
+        } else if self.rerun {
             let read = routing::route_then_read_journal(
                 &mut self.services.redis.clone(),
                 vec![route.clone()],
@@ -92,7 +99,8 @@ impl TaskLink {
                     .into_iter()
                     .next()
                     .flatten()
-                    .filter(|reply| expect.accepts(reply)),
+                    .filter(|reply| expect.accepts(reply))
+                    .map(|reply| Known::Reply(Box::new(reply))),
                 Err(error) => {
                     tracing::warn!(%error, "cannot read the task's journal; run stopped, entry left pending");
                     return Err(Stopping);
@@ -101,7 +109,7 @@ impl TaskLink {
         } else {
             None
         };
-        let writes = vec![
+        let mut writes = vec![
             Write::Command(route),
             Write::Event {
                 stream: self.stream.clone(),
@@ -121,26 +129,56 @@ impl TaskLink {
             .lock()
             .expect("awaiting lock is never poisoned")
             .push(awaited);
+        if journaled.is_some() {
+            // Its route was answered on the run that learned it.
+            writes.remove(0);
+        } else {
+            writes.extend(self.clocks_write());
+        }
         self.commit(writes).await?;
 
         let mut cancelled = false;
         let reply = match journaled {
-            Some(reply) => {
+            Some(Known::Reply(reply)) => {
                 drop(waiting);
-                Some(reply)
+                self.learn(&prompt_id, Some(&reply));
+                Some(*reply)
+            }
+            Some(Known::TimedOut) => {
+                drop(waiting);
+                None
             }
             None => {
                 let slot = self.lend_permit();
-                let received = tokio::select! {
-                    reply = waiting.recv() => reply,
-                    _ = tokio::time::sleep(timeout) => None,
-                    _ = self.cancel.requested_token.cancelled() => {
-                        cancelled = true;
-                        None
+                let until = tokio::time::Instant::now() + timeout;
+                let mut evict_at = self.evict_at();
+                let received = loop {
+                    tokio::select! {
+                        reply = waiting.recv() => break reply,
+                        _ = tokio::time::sleep_until(until) => break None,
+                        _ = self.cancel.requested_token.cancelled() => {
+                            cancelled = true;
+                            break None;
+                        }
+                        _ = tokio::time::sleep_until(evict_at.unwrap_or(until)), if evict_at.is_some() => {
+                            match self.suspended_slot() {
+                                Some(suspended_slot) => {
+                                    // The instance goes; the wait stays
+                                    // registered for the next run.
+                                    drop(slot);
+                                    let waits = vec![(prompt_id, waiting)];
+                                    return Err(self.suspend(waits, until, suspended_slot));
+                                }
+                                None => evict_at = None,
+                            }
+                        }
                     }
                 };
                 let reply = received.or_else(|| waiting.close());
                 self.resume_permit(slot).await;
+                if !cancelled {
+                    self.learn(&prompt_id, reply.as_ref());
+                }
                 reply
             }
         };

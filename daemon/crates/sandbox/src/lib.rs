@@ -19,6 +19,7 @@
 
 mod bindings;
 mod cache;
+pub mod clock;
 pub mod config;
 pub mod cpu;
 mod engine;
@@ -34,6 +35,7 @@ pub mod random;
 mod wasi;
 
 pub use bindings::GuestError;
+pub use clock::TaskClocks;
 pub use config::{PluginPolicy, PluginsConfig};
 pub use cpu::CpuMeter;
 pub use engine::{EPOCH_TICK, PluginError, Sandbox};

@@ -187,6 +187,9 @@ pub struct OutboundPolicy {
     pub allowed: Arc<OutboundHosts>,
     /// For the log line of a denied request.
     pub plugin: Arc<str>,
+    /// Told of each request that goes out: its response is not journaled,
+    /// so the task cannot be run again from its journal.
+    pub port: Option<Arc<dyn crate::port::TaskPort>>,
 }
 
 impl WasiHttpHooks for OutboundPolicy {
@@ -217,6 +220,9 @@ impl WasiHttpHooks for OutboundPolicy {
             tracing::warn!(plugin = %self.plugin, %scheme, %host, port, "outbound HTTP request denied (not in allowed_outbound_hosts)");
             return Box::new(async { Err(HttpError::HttpRequestDenied) });
         };
+        if let Some(port) = &self.port {
+            port.unjournaled("outbound HTTP");
+        }
         let plugin = self.plugin.clone();
         Box::new(async move {
             let addr = checked_address(&host, port, reach).await.inspect_err(|error| {

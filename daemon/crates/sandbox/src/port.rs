@@ -88,6 +88,13 @@ pub trait TaskPort: Send + Sync + 'static {
         let _ = (caller, owner, allowed);
     }
 
+    /// The task learned something from outside that its journal does not
+    /// keep (`what`: an outbound HTTP response): from now on it cannot be
+    /// run again from the journal, so it keeps its instance while it waits.
+    fn unjournaled(&self, what: &'static str) {
+        let _ = what;
+    }
+
     /// The task's guest wrote `lines` lines to its log past its budget;
     /// they were dropped (for metrics).
     fn guest_output_dropped(&self, lines: u64) {

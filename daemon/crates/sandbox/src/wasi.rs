@@ -69,8 +69,13 @@ pub fn wasi_context(
     message_id: Arc<str>,
     output: Arc<OutputBudget>,
     random: Option<crate::random::StoreRandom>,
+    clocks: Option<&Arc<crate::clock::TaskClocks>>,
 ) -> io::Result<WasiCtx> {
     let mut builder = WasiCtxBuilder::new();
+    if let Some(clocks) = clocks {
+        let (wall, monotonic) = clocks.for_store();
+        builder.wall_clock(wall).monotonic_clock(monotonic);
+    }
     if let Some(random) = random {
         builder
             .secure_random(random.secure)

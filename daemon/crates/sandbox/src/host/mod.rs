@@ -69,6 +69,9 @@ pub struct TaskContext {
     /// Seeds the random numbers of its stores, the same on every run of
     /// the task; `None`: each store seeded by the OS.
     pub random: Option<crate::random::TaskRandom>,
+    /// Keeps the times its stores read, so a run after its instance was
+    /// dropped reads the same; `None`: the host's clocks as they are.
+    pub clocks: Option<Arc<crate::clock::TaskClocks>>,
     /// Everything past the sandbox: events, other agents, the user, the
     /// registry, history.
     pub port: Arc<dyn TaskPort>,
@@ -173,10 +176,12 @@ impl TaskState {
             host.task.message_id.clone(),
             output.clone(),
             host.task.random.as_ref().map(|random| random.next_store()),
+            host.task.clocks.as_ref(),
         )?;
         let http_policy = crate::outbound::OutboundPolicy {
             allowed: policy.outbound.clone(),
             plugin: host.task.plugin_label.clone(),
+            port: Some(host.task.port.clone()),
         };
         let memory_bytes = policy.memory_bytes;
         Ok(TaskState {
@@ -212,6 +217,7 @@ impl TaskState {
                 Arc::from("-"),
                 output.clone(),
                 None,
+                None,
             )
             .expect("a WASI context without directories cannot fail"),
             table: ResourceTable::new(),
@@ -219,6 +225,7 @@ impl TaskState {
             http_policy: crate::outbound::OutboundPolicy {
                 allowed: Arc::default(),
                 plugin: Arc::from("loader"),
+                port: None,
             },
             limiter: MemoryCap::new(limits.memory_bytes, budget),
             host: None,
@@ -246,12 +253,14 @@ impl TaskState {
                 Arc::from("-"),
                 output.clone(),
                 None,
+                None,
             )?,
             table: ResourceTable::new(),
             http: wasmtime_wasi_http::WasiHttpCtx::new(),
             http_policy: crate::outbound::OutboundPolicy {
                 allowed: policy.outbound.clone(),
                 plugin: label.clone(),
+                port: None,
             },
             limiter: MemoryCap::new(policy.memory_bytes, plugin.sandbox.guest_memory.clone()),
             host: None,

@@ -1,0 +1,300 @@
+//! Waits that cost no sandbox: a task waiting in call-agent,
+//! dispatch-group or ask-user longer than `worker.evict_after_ms` drops its
+//! instance, and runs again from what it learned when the reply comes —
+//! repeating no event and no call, drawing the same random numbers and
+//! reading the same times. Ten thousand of them park at once and all end,
+//! each once.
+
+use byclaw_client::Client;
+use integration_tests::*;
+use serde_json::{Value, json};
+use std::time::{Duration, Instant};
+
+const LONG: Duration = Duration::from_secs(60);
+
+/// The planner workflow (translator, three researchers, a tool, the user)
+/// on a planner daemon configured by `evict_after_ms`: what its session
+/// shows, what each called agent did, and how many times the planner's
+/// instance was dropped.
+async fn planner_workflow(
+    redis: &RedisServer,
+    evict_after_ms: u64,
+) -> anyhow::Result<(Vec<String>, Vec<(String, usize)>, u64)> {
+    let mut conn = redis.connect().await?;
+    let workspace = tempfile::tempdir()?;
+    let planner_dir = plugin_dir(&["planner", "tools"]);
+    let mut config = test_config(redis, planner_dir.path(), workspace.path());
+    config.worker.evict_after_ms = evict_after_ms;
+    let mut planner = Daemon::start(config, redis, "planner").await?;
+    let client = Client::connect(&redis.url()).await?;
+    let session = format!("sess-{}", suffix());
+    let payload = json!({ "research_delay_ms": 100, "translate_delay_ms": 100 });
+    let sent = client
+        .send("planner", &session, "evicted tasks", payload)
+        .await?;
+    let task = &sent.message_id;
+    prompt_event(&conn, &session, task, 1, LONG).await?;
+    if evict_after_ms == 0 {
+        // Parked without an instance before the answer comes.
+        wait_for("the planner to drop its instance", LONG, || {
+            let suspended = planner.stats.metrics.tasks_suspended();
+            async move { Ok((suspended == 1).then_some(())) }
+        })
+        .await?;
+    }
+    client
+        .answer_user("planner", &session, task, "risks")
+        .await?;
+    let events = task_events(&mut conn, &session, task, LONG).await?;
+    let result = task_result(&events).expect("a result");
+    assert_eq!(result["focus"], "risks", "{events:#?}");
+    assert_eq!(result["findings"].as_array().map(Vec::len), Some(3));
+    wait_all_acked(&conn, "byai_gateway:ctrl:capability:planner", LONG).await?;
+    let (shown, children) = workflow(&mut conn, &session, task).await?;
+    let evictions = planner.stats.metrics.evictions_total();
+    assert_eq!(planner.stats.metrics.tasks_suspended(), 0);
+    // Runs after an eviction are not runs after a crash.
+    assert_eq!(planner.stats.metrics.reruns_total(), 0);
+    planner.stop().await?;
+    Ok((shown, children, evictions))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workflow_evicted_in_every_wait_shows_what_one_that_kept_its_instance_shows()
+-> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let workspace = tempfile::tempdir()?;
+    let helpers_dir = plugin_dir(&["translator", "researcher", "tools"]);
+    let mut helpers = Daemon::start(
+        test_config(&redis, helpers_dir.path(), workspace.path()),
+        &redis,
+        "researcher",
+    )
+    .await?;
+
+    // Dropped at once in each of its three waits (the translator, the
+    // group of researchers, the user), run again after each reply.
+    let (evicted, evicted_children, evictions) = planner_workflow(&redis, 0).await?;
+    assert_eq!(evictions, 3);
+    // The same workflow with the instance kept throughout.
+    let (kept, kept_children, no_evictions) = planner_workflow(&redis, 3_600_000).await?;
+    assert_eq!(no_evictions, 0);
+
+    // Each agent ran once, and the session saw what it sees without
+    // eviction: nothing twice, nothing missing.
+    assert_eq!(
+        evicted_children,
+        [
+            ("<task>:c1".to_owned(), 1),
+            ("<task>:g2.1".to_owned(), 1),
+            ("<task>:g2.2".to_owned(), 1),
+            ("<task>:g2.3".to_owned(), 1),
+        ]
+    );
+    assert_eq!(evicted_children, kept_children);
+    assert_eq!(evicted, kept);
+    helpers.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evicted_task_draws_the_same_random_numbers_and_reads_the_same_times()
+-> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let mut conn = redis.connect().await?;
+    let workspace = tempfile::tempdir()?;
+    let plugins = plugin_dir(&["faults"]);
+    let mut config = test_config(&redis, plugins.path(), workspace.path());
+    config.worker.evict_after_ms = 0;
+    let mut daemon = Daemon::start(config, &redis, "dice").await?;
+    let client = Client::connect(&redis.url()).await?;
+    let session = format!("sess-{}", suffix());
+    let sent = client.send("dice", &session, "roll", json!({})).await?;
+    let task = &sent.message_id;
+    wait_for("the dice task to drop its instance", LONG, || {
+        let suspended = daemon.stats.metrics.tasks_suspended();
+        async move { Ok((suspended == 1).then_some(())) }
+    })
+    .await?;
+    client.answer_user("dice", &session, task, "yes").await?;
+    let events = task_events(&mut conn, &session, task, LONG).await?;
+    let result = task_result(&events).expect("a result");
+    let chunks: Vec<&str> = events
+        .iter()
+        .filter(|e| e["data"]["contentType"] != "3003" && e["data"]["contentType"] != "3013")
+        .map(delta_content)
+        .collect();
+    // What the first run streamed before its instance went is what the
+    // second run computed; each chunk once.
+    let drawn = format!(
+        "{} {}",
+        result["secure"].as_str().unwrap(),
+        result["insecure"].as_str().unwrap()
+    );
+    assert_eq!(
+        chunks,
+        [
+            drawn.as_str(),
+            result["clocks"].as_str().unwrap(),
+            result["after"].as_str().unwrap()
+        ],
+        "{events:#?}"
+    );
+    assert_eq!(result["answer"], "yes");
+    assert_eq!(daemon.stats.metrics.evictions_total(), 1);
+    daemon.stop().await?;
+    Ok(())
+}
+
+/// The resident set of this process, KiB.
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// How many of `tasks` (session, message id) show `state` as their last
+/// event, in one pipeline.
+async fn last_state_is(
+    conn: &mut redis::aio::MultiplexedConnection,
+    tasks: &[(String, String)],
+    state: &str,
+) -> anyhow::Result<usize> {
+    let mut count = 0;
+    for batch in tasks.chunks(2000) {
+        let mut pipe = redis::pipe();
+        for (session, _) in batch {
+            pipe.cmd("XREVRANGE")
+                .arg(format!("byai_gateway:session:{session}:data_stream"))
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(1);
+        }
+        let lasts: Vec<redis::streams::StreamRangeReply> = pipe.query_async(conn).await?;
+        for ((_, task), last) in batch.iter().zip(lasts) {
+            let event: Option<Value> = last
+                .ids
+                .first()
+                .and_then(|entry| entry.get::<String>("data"))
+                .and_then(|data| serde_json::from_str(&data).ok());
+            if event.is_some_and(|e| e["message_id"] == task.as_str() && delta_content(&e) == state)
+            {
+                count += 1;
+            }
+        }
+    }
+    Ok(count)
+}
+
+/// Ten thousand planner workflows park in ask-user on one daemon, which
+/// keeps no sandbox for any of them; then every user answers, in random
+/// order, one in ten twice: all complete, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_planners_park_in_ask_user_and_all_complete_once() -> anyhow::Result<()> {
+    // BYCLAW_PARKED_TASKS measures more (the figures in the book).
+    let count: usize = std::env::var("BYCLAW_PARKED_TASKS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(10_000);
+    const VERY_LONG: Duration = Duration::from_secs(600);
+    let redis = RedisServer::start().await?;
+    let mut conn = redis.connect().await?;
+    let workspace = tempfile::tempdir()?;
+    let helpers_dir = plugin_dir(&["translator", "researcher", "tools"]);
+    let mut helpers_config = test_config(&redis, helpers_dir.path(), workspace.path());
+    helpers_config.worker.max_concurrency = 256;
+    helpers_config.worker.fetch_count = 64;
+    helpers_config.plugins.deadline_s = 600;
+    helpers_config.history.backend = gatewayd::config::HistoryBackend::Off;
+    let mut helpers = Daemon::start(helpers_config, &redis, "researcher").await?;
+    let planner_dir = plugin_dir(&["planner", "tools"]);
+    let mut config = test_config(&redis, planner_dir.path(), workspace.path());
+    config.worker.max_concurrency = 256;
+    config.worker.fetch_count = 64;
+    config.plugins.deadline_s = 600;
+    config.history.backend = gatewayd::config::HistoryBackend::Off;
+    let mut planner = Daemon::start(config, &redis, "planner").await?;
+    let client = Client::connect(&redis.url()).await?;
+
+    let rss_before = rss_kib();
+    let started = Instant::now();
+    let mut tasks: Vec<(String, String)> = Vec::with_capacity(count);
+    for n in 0..count {
+        let session = format!("sess-{}-{n}", suffix());
+        let sent = client
+            .send("planner", &session, "parked tasks", json!({}))
+            .await?;
+        tasks.push((session, sent.message_id));
+    }
+    wait_for("every planner to park in ask-user", VERY_LONG, || {
+        let mut conn = conn.clone();
+        let tasks = &tasks;
+        let suspended = planner.stats.metrics.tasks_suspended();
+        async move {
+            if suspended < count as i64 {
+                return Ok(None);
+            }
+            let waiting = last_state_is(&mut conn, tasks, "WAITING_USER").await?;
+            Ok((waiting == count).then_some(()))
+        }
+    })
+    .await?;
+    let parked_after = started.elapsed();
+    let rss_parked = rss_kib();
+    let evictions = planner.stats.metrics.evictions_total();
+
+    // Every user answers, in random order; one in ten answers twice.
+    let mut answers: Vec<usize> = (0..count).chain((0..count).step_by(10)).collect();
+    fastrand::shuffle(&mut answers);
+    let answering = Instant::now();
+    for n in answers {
+        let (session, task) = &tasks[n];
+        client
+            .answer_user("planner", session, task, "risks")
+            .await?;
+    }
+    wait_for("every planner to complete", VERY_LONG, || {
+        let mut conn = conn.clone();
+        let tasks = &tasks;
+        async move {
+            let done = last_state_is(&mut conn, tasks, "COMPLETED").await?;
+            Ok((done == count).then_some(()))
+        }
+    })
+    .await?;
+    let completed_after = answering.elapsed();
+    wait_all_acked(&conn, "byai_gateway:ctrl:capability:planner", VERY_LONG).await?;
+
+    // Each completed once, with the user's answer; the second answers were
+    // dropped as duplicates, never run as RESUMEs of their own.
+    for (session, task) in &tasks {
+        let events = all_events(&mut conn, session).await?;
+        let ended: Vec<&Value> = events.iter().filter(|e| is_terminal_state(e)).collect();
+        let own: Vec<&&Value> = ended
+            .iter()
+            .filter(|e| e["message_id"] == task.as_str())
+            .collect();
+        assert_eq!(own.len(), 1, "{events:#?}");
+        assert_eq!(delta_content(own[0]), "COMPLETED", "{events:#?}");
+        assert_eq!(own[0]["metadata"]["result"]["focus"], "risks");
+        // The translator and three researchers, once each; nothing else.
+        assert_eq!(ended.len(), 5, "{events:#?}");
+    }
+    assert_eq!(planner.stats.metrics.tasks_suspended(), 0);
+    eprintln!(
+        "{count} planners parked in {:.1} s (RSS {} MiB before, {} MiB parked: {} KiB per parked task; {evictions} evictions); all answered and completed in {:.1} s; {} duplicate answers dropped",
+        parked_after.as_secs_f64(),
+        rss_before / 1024,
+        rss_parked / 1024,
+        rss_parked.saturating_sub(rss_before) / count as u64,
+        completed_after.as_secs_f64(),
+        planner.stats.metrics.duplicate_replies_total(),
+    );
+    planner.stop().await?;
+    helpers.stop().await?;
+    Ok(())
+}
