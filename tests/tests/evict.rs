@@ -298,3 +298,50 @@ async fn ten_thousand_planners_park_in_ask_user_and_all_complete_once() -> anyho
     helpers.stop().await?;
     Ok(())
 }
+
+/// A task waiting without its sandbox keeps its entry: renewed under its
+/// lease, it is not taken over by another daemon however long it waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_waiting_without_its_sandbox_keeps_its_entry_past_claim_idle() -> anyhow::Result<()>
+{
+    let redis = RedisServer::start().await?;
+    let mut conn = redis.connect().await?;
+    let workspace = tempfile::tempdir()?;
+    let plugins = plugin_dir(&["faults"]);
+    let mut daemons = Vec::new();
+    for _ in 0..2 {
+        let mut config = test_config(&redis, plugins.path(), workspace.path());
+        config.worker.evict_after_ms = 0;
+        config.worker.claim_idle_ms = 1000;
+        daemons.push(Daemon::start(config, &redis, "dice").await?);
+    }
+    let client = Client::connect(&redis.url()).await?;
+    let session = format!("sess-{}", suffix());
+    let sent = client.send("dice", &session, "roll", json!({})).await?;
+    let task = &sent.message_id;
+    let owner = wait_for("the dice task to drop its instance", LONG, || {
+        let suspended: Vec<i64> = daemons
+            .iter()
+            .map(|d| d.stats.metrics.tasks_suspended())
+            .collect();
+        async move { Ok(suspended.iter().position(|n| *n == 1)) }
+    })
+    .await?;
+    // Three times the lease passes while the task waits without a sandbox.
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    client.answer_user("dice", &session, task, "yes").await?;
+    let events = task_events(&mut conn, &session, task, LONG).await?;
+    assert_eq!(task_result(&events).expect("a result")["answer"], "yes");
+    let ended = events.iter().filter(|e| is_terminal_state(e)).count();
+    assert_eq!(ended, 1, "{events:#?}");
+    let record = execution(&mut conn, &session, task).await?.unwrap();
+    assert_eq!(record["worker_id"], daemons[owner].worker_id.as_str());
+    for daemon in &daemons {
+        assert_eq!(daemon.stats.metrics.reruns_total(), 0);
+        assert_eq!(daemon.stats.metrics.leases_lost_total(), 0);
+    }
+    for mut daemon in daemons {
+        daemon.stop().await?;
+    }
+    Ok(())
+}

@@ -88,6 +88,10 @@ struct Running {
     /// For the list of tasks still running at shutdown.
     agent_type: String,
     started: Instant,
+    /// When its entry's idle time was last reset (read, or renewed): it is
+    /// renewed a third of `claim_idle` later, so a task that waits long
+    /// costs Redis one renewal per third of `claim_idle`, not one per pass.
+    renewed: Instant,
 }
 
 /// Shared by every task and loop.

@@ -256,21 +256,28 @@ impl Dispatcher {
         &self,
         conn: &mut ConnectionManager,
     ) -> Result<(), broker::BrokerError> {
-        let half_idle = self.settings.claim_idle / 2;
+        // Each entry is renewed a third of claim_idle after it was read or
+        // last renewed: twice more before anyone may take it over, and
+        // not at every pass (thousands of waiting tasks would cost Redis
+        // a renewal each per pass).
+        let period = self.settings.claim_idle / 3;
+        let now = Instant::now();
         let mut by_stream: HashMap<Arc<str>, Vec<String>> = HashMap::new();
         {
-            let running = self.running.lock().expect("running lock is never poisoned");
-            for task in running.values() {
-                if task.started.elapsed() >= half_idle {
+            let mut running = self.running.lock().expect("running lock is never poisoned");
+            for task in running.values_mut() {
+                if now.duration_since(task.renewed) >= period {
+                    task.renewed = now;
                     by_stream
                         .entry(task.stream.clone())
                         .or_default()
                         .push(task.entry_id.clone());
                 }
             }
-            let backlog = self.backlog.lock().expect("backlog lock is never poisoned");
-            for (delivery, read_at) in backlog.iter() {
-                if read_at.elapsed() >= half_idle {
+            let mut backlog = self.backlog.lock().expect("backlog lock is never poisoned");
+            for (delivery, renewed) in backlog.iter_mut() {
+                if now.duration_since(*renewed) >= period {
+                    *renewed = now;
                     by_stream
                         .entry(delivery.stream.clone())
                         .or_default()

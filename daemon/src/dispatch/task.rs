@@ -35,6 +35,7 @@ impl Dispatcher {
                         entry_id: delivery.id.clone(),
                         agent_type: agent_type.clone(),
                         started: Instant::now(),
+                        renewed: Instant::now(),
                     },
                 );
                 true
