@@ -933,3 +933,12 @@ pub async fn workflow(
     children.sort();
     Ok((planner, children))
 }
+
+/// What [`workflow`] shows of the planner's children when each agent it
+/// calls (the translator, then three researchers in a group) ended once.
+pub fn planner_children_once() -> Vec<(String, usize)> {
+    ["<task>:c1", "<task>:g2.1", "<task>:g2.2", "<task>:g2.3"]
+        .into_iter()
+        .map(|child| (child.to_owned(), 1))
+        .collect()
+}
