@@ -942,3 +942,18 @@ pub fn planner_children_once() -> Vec<(String, usize)> {
         .map(|child| (child.to_owned(), 1))
         .collect()
 }
+
+/// Starts the daemon that serves the planner's helpers (translator,
+/// researchers, tools) with `tune` applied to its test configuration; the
+/// plugin directory it loads from is returned with it, to keep while it runs.
+pub async fn start_planner_helpers(
+    redis: &RedisServer,
+    workspace: &Path,
+    tune: impl FnOnce(&mut Config),
+) -> Result<(tempfile::TempDir, Daemon)> {
+    let dir = plugin_dir(&["translator", "researcher", "tools"]);
+    let mut config = test_config(redis, dir.path(), workspace);
+    tune(&mut config);
+    let daemon = Daemon::start(config, redis, "researcher").await?;
+    Ok((dir, daemon))
+}

@@ -128,13 +128,8 @@ async fn planner_survives_its_daemon(kill_while: KillWhile) -> anyhow::Result<()
     let mut conn = redis.connect().await?;
     let workspace = tempfile::tempdir()?;
     // The called agents run on a daemon that stays up.
-    let helpers_dir = plugin_dir(&["translator", "researcher", "tools"]);
-    let mut helpers = Daemon::start(
-        test_config(&redis, helpers_dir.path(), workspace.path()),
-        &redis,
-        "researcher",
-    )
-    .await?;
+    let (_helpers_dir, mut helpers) =
+        start_planner_helpers(&redis, workspace.path(), |_| {}).await?;
     let planner_dir = plugin_dir(&["planner", "tools"]);
     let mut first =
         DaemonProcess::start(&redis, planner_dir.path(), workspace.path(), "planner").await?;

@@ -64,13 +64,8 @@ async fn a_workflow_evicted_in_every_wait_shows_what_one_that_kept_its_instance_
 -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
     let workspace = tempfile::tempdir()?;
-    let helpers_dir = plugin_dir(&["translator", "researcher", "tools"]);
-    let mut helpers = Daemon::start(
-        test_config(&redis, helpers_dir.path(), workspace.path()),
-        &redis,
-        "researcher",
-    )
-    .await?;
+    let (_helpers_dir, mut helpers) =
+        start_planner_helpers(&redis, workspace.path(), |_| {}).await?;
 
     // Dropped at once in each of its three waits (the translator, the
     // group of researchers, the user), run again after each reply.
@@ -196,19 +191,19 @@ async fn ten_thousand_planners_park_in_ask_user_and_all_complete_once() -> anyho
     let redis = RedisServer::start().await?;
     let mut conn = redis.connect().await?;
     let workspace = tempfile::tempdir()?;
-    let helpers_dir = plugin_dir(&["translator", "researcher", "tools"]);
-    let mut helpers_config = test_config(&redis, helpers_dir.path(), workspace.path());
-    helpers_config.worker.max_concurrency = 256;
-    helpers_config.worker.fetch_count = 64;
-    helpers_config.plugins.deadline_s = 600;
-    helpers_config.history.backend = gatewayd::config::HistoryBackend::Off;
-    let mut helpers = Daemon::start(helpers_config, &redis, "researcher").await?;
+    // Both daemons tuned for a load: more in flight, longer reads, a
+    // deadline past the whole run, no history.
+    let for_load = |config: &mut gatewayd::config::Config| {
+        config.worker.max_concurrency = 256;
+        config.worker.fetch_count = 64;
+        config.plugins.deadline_s = 600;
+        config.history.backend = gatewayd::config::HistoryBackend::Off;
+    };
+    let (_helpers_dir, mut helpers) =
+        start_planner_helpers(&redis, workspace.path(), for_load).await?;
     let planner_dir = plugin_dir(&["planner", "tools"]);
     let mut config = test_config(&redis, planner_dir.path(), workspace.path());
-    config.worker.max_concurrency = 256;
-    config.worker.fetch_count = 64;
-    config.plugins.deadline_s = 600;
-    config.history.backend = gatewayd::config::HistoryBackend::Off;
+    for_load(&mut config);
     let mut planner = Daemon::start(config, &redis, "planner").await?;
     let client = Client::connect(&redis.url()).await?;
 
