@@ -39,7 +39,11 @@
 //! worker, under any worker id) sends the same call ids and finds there
 //! what the first run was told; a reply whose route names a dead worker is
 //! therefore acknowledged, not run as an orphan, while its task is
-//! unfinished. A second, different reply to one call is dropped.
+//! unfinished. A second, different reply to one call is dropped. A wait
+//! that times out writes [`JOURNAL_TIMED_OUT`] into its field (unless a
+//! reply is there first: then that reply answers the call after all), so a
+//! reply that comes after the timeout is dropped while the task is
+//! unfinished, and a run after a crash times the call out at once.
 
 use crate::events::Write;
 use byclaw_protocol::{self as wire, Header, keys};
@@ -494,6 +498,29 @@ pub async fn route_reply(
     Ok(Routed { route, journaled })
 }
 
+/// The journal's value for a call or prompt whose wait timed out: a reply
+/// arriving later finds the field taken and is dropped, and a run after a
+/// crash times the call out at once instead of waiting for it again.
+pub const JOURNAL_TIMED_OUT: &str = "!timed-out";
+
+/// What a task's journal says of one call or prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Journaled {
+    /// Its reply or answer.
+    Reply(Reply),
+    /// Its wait timed out.
+    TimedOut,
+}
+
+impl Journaled {
+    fn parse(raw: &str) -> Option<Journaled> {
+        if raw == JOURNAL_TIMED_OUT {
+            return Some(Journaled::TimedOut);
+        }
+        serde_json::from_str(raw).ok().map(Journaled::Reply)
+    }
+}
+
 /// On a run after a crash: points the routes of the calls about to be
 /// waited for at this worker, then reads what the task's journal holds for
 /// them — one transaction, so a reply is either in what is read or routed
@@ -503,7 +530,7 @@ pub async fn route_then_read_journal(
     routes: Vec<redis::Cmd>,
     message_id: &str,
     fields: &[String],
-) -> Result<Vec<Option<Reply>>, redis::RedisError> {
+) -> Result<Vec<Option<Journaled>>, redis::RedisError> {
     let mut pipe = redis::pipe();
     pipe.atomic();
     for route in routes {
@@ -515,22 +542,59 @@ pub async fn route_then_read_journal(
     let (raw,): (Vec<Option<String>>,) = pipe.query_async(conn).await?;
     Ok(raw
         .into_iter()
-        .map(|entry| entry.and_then(|json| serde_json::from_str(&json).ok()))
+        .map(|entry| entry.as_deref().and_then(Journaled::parse))
         .collect())
 }
 
-/// The write that keeps `reply` in the task's journal under `field`.
+/// Journals that the waits for `fields` timed out, unless a reply got into
+/// the journal first: one transaction, whose answer is what the journal
+/// holds now — the reply that won, or `None` for a timeout. A run after a
+/// crash then reads the same (see [`JOURNAL_TIMED_OUT`]).
+pub async fn journal_timeouts(
+    conn: &mut ConnectionManager,
+    message_id: &str,
+    fields: &[String],
+) -> Result<Vec<Option<Reply>>, redis::RedisError> {
+    let journal = keys::task_journal(message_id);
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    for field in fields {
+        pipe.cmd("HSETNX")
+            .arg(&journal)
+            .arg(field)
+            .arg(JOURNAL_TIMED_OUT)
+            .ignore();
+    }
+    pipe.cmd("EXPIRE").arg(&journal).arg(JOURNAL_TTL_S).ignore();
+    pipe.cmd("HMGET").arg(&journal).arg(fields);
+    let (raw,): (Vec<Option<String>>,) = pipe.query_async(conn).await?;
+    Ok(raw
+        .into_iter()
+        .map(|entry| match entry.as_deref().and_then(Journaled::parse) {
+            Some(Journaled::Reply(reply)) => Some(reply),
+            _ => None,
+        })
+        .collect())
+}
+
 /// The field of a task's journal that keeps its clock readings (call and
 /// prompt ids, the other fields, all contain `:`).
 pub const JOURNAL_CLOCKS_FIELD: &str = "clocks";
 
-pub fn journal_write(task_message_id: &str, field: &str, reply: &Reply) -> Write {
-    Write::HashSet {
-        key: keys::task_journal(task_message_id),
-        field: field.to_owned(),
-        value: serde_json::to_string(reply).expect("a reply serializes"),
-        ttl_s: JOURNAL_TTL_S,
-    }
+/// The writes that keep `reply` in the task's journal under `field`,
+/// unless the field holds something already: a timeout journaled by the
+/// task a moment before stands, as the task took it (see
+/// [`journal_timeouts`]).
+pub fn journal_write(task_message_id: &str, field: &str, reply: &Reply) -> [Write; 2] {
+    let journal = keys::task_journal(task_message_id);
+    let mut hsetnx = redis::cmd("HSETNX");
+    hsetnx
+        .arg(&journal)
+        .arg(field)
+        .arg(serde_json::to_string(reply).expect("a reply serializes"));
+    let mut expire = redis::cmd("EXPIRE");
+    expire.arg(&journal).arg(JOURNAL_TTL_S);
+    [Write::Command(hsetnx), Write::Command(expire)]
 }
 
 #[cfg(test)]

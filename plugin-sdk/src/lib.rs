@@ -1044,7 +1044,7 @@ pub mod user {
         ask_with(prompt, None)
     }
 
-    /// [`ask`] with a timeout; a later answer reaches the handler as a RESUME.
+    /// [`ask`] with a timeout; an answer after the task ended reaches the handler as a RESUME.
     pub fn ask_with(prompt: &str, timeout: Option<Duration>) -> Result<UserReply, Error> {
         let options = wit::AskOptions {
             timeout_ms: timeout.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
@@ -542,6 +542,143 @@ pub fn delta_content(event: &Value) -> &str {
     event["data"]["choices"][0]["delta"]["content"]
         .as_str()
         .unwrap_or_default()
+}
+
+/// The streamed chunks among a task's events (neither states, content
+/// type 3003, nor `ask-user` forms, 3013), in order.
+pub fn chunks(events: &[Value]) -> Vec<&str> {
+    events
+        .iter()
+        .filter(|e| e["data"]["contentType"] != "3003" && e["data"]["contentType"] != "3013")
+        .map(delta_content)
+        .collect()
+}
+
+/// An HTTP server on loopback that answers the `n`th request (from 1)
+/// with `body(n)`; the port, and how many requests it answered.
+pub async fn loopback_http_server(
+    body: impl Fn(usize) -> String + Send + Sync + 'static,
+) -> Result<(u16, Arc<std::sync::atomic::AtomicUsize>)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = served.clone();
+    let body = Arc::new(body);
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let (counter, body) = (counter.clone(), body.clone());
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                let body = body(n);
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = socket.write_all(response.as_bytes()).await;
+            });
+        }
+    });
+    Ok((port, served))
+}
+
+/// A [`loopback_http_server`] that answers `response <n>`.
+pub async fn counting_http_server() -> Result<(u16, Arc<std::sync::atomic::AtomicUsize>)> {
+    loopback_http_server(|n| format!("response {n}")).await
+}
+
+/// Sends a `survey` task (faults fixture) in a new session and waits until
+/// it asks the user, the reply to its timed-out call come late (its `slow`
+/// child ended): the session, the task's message id, and its call's id.
+pub async fn survey_asking(
+    conn: &MultiplexedConnection,
+    client: &byclaw_client::Client,
+) -> Result<(String, String, String)> {
+    let session = format!("sess-{}", suffix());
+    let sent = client.send("survey", &session, "look", json!({})).await?;
+    let task = sent.message_id;
+    prompt_event(conn, &session, &task, 1, Duration::from_secs(60)).await?;
+    let child = format!("{task}:c1");
+    wait_event(
+        conn,
+        &session,
+        &child,
+        "the slow child's end",
+        is_terminal_state,
+    )
+    .await?;
+    Ok((session, task, child))
+}
+
+/// The result of a `survey` task (faults fixture), checked against what it
+/// streamed: its call timed out, and its chunks are its read, its call's
+/// outcome and its clock reading after its last wait, each once — what a
+/// run after an eviction or a crash returns only if it was given what the
+/// first run read and was told.
+pub fn survey_result(events: &[Value]) -> &Value {
+    let result = task_result(events).expect("a result");
+    let call = result["call"].as_str().expect("the call's outcome");
+    assert!(call.starts_with("error timeout:"), "{call}");
+    assert_eq!(
+        chunks(events),
+        [
+            result["read"].as_str().unwrap(),
+            format!("call {call}").as_str(),
+            result["after"].as_str().unwrap()
+        ],
+        "{events:#?}"
+    );
+    result
+}
+
+/// Lets the faults fixture's requests reach `pattern` (an
+/// `allowed_outbound_hosts` entry).
+pub fn allow_faults_to_reach(config: &mut Config, pattern: &str) {
+    config.plugins.policy.insert(
+        "faults".into(),
+        gatewayd::config::PluginPolicy {
+            allowed_outbound_hosts: Some(vec![pattern.to_owned()]),
+            ..Default::default()
+        },
+    );
+}
+
+/// Checks that a `fetch-ask` task (faults fixture) returned and streamed
+/// the first response of a [`counting_http_server`], and that the server
+/// was asked once.
+pub fn fetched_once(events: &[Value], served: &std::sync::atomic::AtomicUsize) {
+    let result = task_result(events).expect("a result");
+    assert_eq!(
+        result["fetched"],
+        json!({ "status": 200, "body": "response 1" }),
+        "{events:#?}"
+    );
+    assert_eq!(chunks(events), ["response 1"]);
+    assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+/// Adds a user message to a session's history (the Redis store's list), as
+/// a client's earlier turn would have.
+pub async fn add_history(
+    conn: &mut MultiplexedConnection,
+    session_id: &str,
+    text: &str,
+) -> Result<()> {
+    let entry = json!({ "role": "user", "content": text, "metadata": {} });
+    redis::cmd("RPUSH")
+        .arg(format!("byai_gateway:session:{session_id}:history"))
+        .arg(entry.to_string())
+        .query_async::<()>(conn)
+        .await?;
+    Ok(())
 }
 
 /// True for a state event whose content is terminal for the caller.

@@ -40,6 +40,9 @@ async fn daemon_process() -> anyhow::Result<()> {
     config.plugins.deadline_s = 60;
     config.workspace.dir = text("workspace").into();
     config.http.listen = "127.0.0.1:0".into();
+    if let Some(pattern) = settings["outbound"].as_str() {
+        allow_faults_to_reach(&mut config, pattern);
+    }
     gatewayd::run(config, std::future::pending()).await?;
     Ok(())
 }
@@ -58,12 +61,25 @@ impl DaemonProcess {
         workspace: &Path,
         capability: &str,
     ) -> anyhow::Result<Self> {
+        Self::start_reaching(redis, plugins, workspace, capability, None).await
+    }
+
+    /// [`DaemonProcess::start`], the faults plugin allowed to reach
+    /// `outbound` (an `allowed_outbound_hosts` pattern).
+    async fn start_reaching(
+        redis: &RedisServer,
+        plugins: &Path,
+        workspace: &Path,
+        capability: &str,
+        outbound: Option<&str>,
+    ) -> anyhow::Result<Self> {
         let worker_id = format!("durable-{}", suffix());
         let settings = json!({
             "redis_url": redis.url(),
             "worker_id": worker_id,
             "plugins": plugins,
             "workspace": workspace,
+            "outbound": outbound,
         });
         let child = Command::new(std::env::current_exe()?)
             .args(["--ignored", "--exact", "daemon_process", "--nocapture"])
@@ -331,19 +347,104 @@ async fn a_task_run_again_after_a_crash_draws_the_same_random_numbers() -> anyho
     // Streamed once: the killed run's chunks, then the second run's new
     // one; the second run read the times the first read (from the journal
     // written when it began to wait).
-    let chunks: Vec<&str> = events
-        .iter()
-        .filter(|e| e["data"]["contentType"] != "3003" && e["data"]["contentType"] != "3013")
-        .map(delta_content)
-        .collect();
     assert_eq!(
-        chunks,
+        chunks(&events),
         [
             drawn.as_str(),
             result["clocks"].as_str().unwrap(),
             result["after"].as_str().unwrap()
         ]
     );
+    assert_eq!(second.stats.metrics.reruns_total(), 1);
+    second.stop().await?;
+    Ok(())
+}
+
+/// A `survey` task (faults fixture) reads the session history and the
+/// worker registry, lets a call time out, is answered, reads the clock and
+/// streams it; then its daemon is killed with SIGKILL. The run after the
+/// crash, on a daemon under another worker id — the history grown
+/// meanwhile, the registry changed, the late reply to the timed-out call
+/// in — reads and is told what the first run was: its result is what the
+/// first run streamed, clock reading after the last wait included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_run_again_after_a_crash_reads_and_is_told_what_the_first_run_was()
+-> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let mut conn = redis.connect().await?;
+    let workspace = tempfile::tempdir()?;
+    let plugins = plugin_dir(&["faults"]);
+    let mut first =
+        DaemonProcess::start(&redis, plugins.path(), workspace.path(), "survey").await?;
+    let client = Client::connect(&redis.url()).await?;
+    let (session, task, child) = survey_asking(&conn, &client).await?;
+    let task = &task;
+    // Busy for 5 s once it streamed the clock: killed there.
+    client.answer_user("survey", &session, task, "5000").await?;
+    wait_event(&conn, &session, task, "the clock's chunk", |e| {
+        delta_content(e).starts_with("after ")
+    })
+    .await?;
+    first.kill();
+    add_history(&mut conn, &session, "said while no daemon ran the survey").await?;
+
+    let mut config = test_config(&redis, plugins.path(), workspace.path());
+    config.worker.claim_idle_ms = 1000;
+    let mut second = Daemon::start(config, &redis, "survey").await?;
+    let events = task_events(&mut conn, &session, task, LONG).await?;
+    let result = survey_result(&events);
+    let read = result["read"].as_str().unwrap();
+    assert!(read.ends_with(&format!(" {}", first.worker_id)), "{read}");
+    // The journal says the call timed out: the late reply was dropped, not
+    // taken as the call's answer by the second run.
+    let journaled: Option<String> = redis::cmd("HGET")
+        .arg(format!("byai_gateway:journal:{{{task}}}"))
+        .arg(&child)
+        .query_async(&mut conn)
+        .await?;
+    assert_eq!(journaled.as_deref(), Some("!timed-out"));
+    assert_eq!(second.stats.metrics.reruns_total(), 1);
+    second.stop().await?;
+    Ok(())
+}
+
+/// A task that fetched a URL and waits for the user is killed with its
+/// daemon (SIGKILL); the run on a daemon under another worker id is given
+/// the response the first run read — the server is asked once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_run_again_after_a_crash_is_given_its_http_response_not_fetched_again()
+-> anyhow::Result<()> {
+    let (port, served) = counting_http_server().await?;
+    let allowed = format!("http://127.0.0.1:{port}");
+    let redis = RedisServer::start().await?;
+    let mut conn = redis.connect().await?;
+    let workspace = tempfile::tempdir()?;
+    let plugins = plugin_dir(&["faults"]);
+    let mut first = DaemonProcess::start_reaching(
+        &redis,
+        plugins.path(),
+        workspace.path(),
+        "fetch-ask",
+        Some(&allowed),
+    )
+    .await?;
+    let client = Client::connect(&redis.url()).await?;
+    let session = format!("sess-{}", suffix());
+    let url = format!("{allowed}/once");
+    let sent = client.send("fetch-ask", &session, &url, json!({})).await?;
+    let task = &sent.message_id;
+    prompt_event(&conn, &session, task, 1, LONG).await?;
+    first.kill();
+    client
+        .answer_user("fetch-ask", &session, task, "done")
+        .await?;
+
+    let mut config = test_config(&redis, plugins.path(), workspace.path());
+    config.worker.claim_idle_ms = 1000;
+    allow_faults_to_reach(&mut config, &allowed);
+    let mut second = Daemon::start(config, &redis, "fetch-ask").await?;
+    let events = task_events(&mut conn, &session, task, LONG).await?;
+    fetched_once(&events, &served);
     assert_eq!(second.stats.metrics.reruns_total(), 1);
     second.stop().await?;
     Ok(())

@@ -23,7 +23,7 @@ use crate::events::{Committed, Lease, Write, Writer};
 use crate::history::{HistoryEntry, Role};
 use crate::metrics::{RedisOperation, TaskOutcome, TaskTimer};
 use crate::routing::{self, Delivered, Reply, ReplyKind, Route, Routed, WaitKey};
-use crate::task_link::{AwaitedChild, Learned, Services, TaskLink};
+use crate::task_link::{AwaitedChild, Learned, Services, Suspension, TaskLink};
 use crate::workspace::Workspaces;
 use byclaw_protocol::{self as wire, Action, ControlCommand, EventOrigin, keys, state};
 use byclaw_protocol::{Begin, CancelLookup, Executions, NewExecution};

@@ -74,7 +74,7 @@ impl Dispatcher {
                 // Kept for a run of the task after this daemon dies, with
                 // the XACK: acknowledged, it is in the journal.
                 if let Some((task, field)) = key.journal_entry(prompt_id.as_deref()) {
-                    writes.push(routing::journal_write(&task, &field, &reply));
+                    writes.extend(routing::journal_write(&task, &field, &reply));
                 }
                 // A second reply to this call finds the route answered. (A
                 // user's answer is marked by the task itself, in order with

@@ -118,11 +118,11 @@ impl Dispatcher {
         // A run after another stopped: the events that run emitted are not
         // emitted again (it was given the same replies, from the journal).
         let replayed = if rerun {
-            let (emitted, clocks) = tokio::join!(
+            let (emitted, journal) = tokio::join!(
                 self.events_emitted(&header.session_id, &header.message_id),
-                self.journaled_clocks(&header.message_id)
+                self.journaled_reads(&header.message_id)
             );
-            match emitted.and_then(|emitted| Ok((emitted, clocks?))) {
+            match emitted.and_then(|emitted| Ok((emitted, journal?))) {
                 Ok(emitted) => {
                     self.services.metrics.rerun();
                     tracing::info!(
@@ -206,10 +206,11 @@ impl Dispatcher {
                 &mut leftovers,
                 permit,
                 awaiting.clone(),
-                replayed.map(|(events, clocks)| Rerun {
+                replayed.map(|(events, (clocks, reads))| Rerun {
                     events,
                     plugin_sha256: &execution.plugin_sha256,
                     clocks,
+                    reads,
                 }),
                 &execution.random_seed,
             )
@@ -348,9 +349,13 @@ impl Dispatcher {
                 &plugin.sha256[..12]
             ));
         }
-        let (replayed, journaled_clocks) = match rerun {
-            Some(rerun) => (Some(rerun.events), rerun.clocks),
-            None => (None, None),
+        let (replayed, journaled_clocks, mut learned) = match rerun {
+            Some(rerun) => (
+                Some(rerun.events),
+                rerun.clocks,
+                Learned::from_journal(rerun.reads),
+            ),
+            None => (None, None, Learned::default()),
         };
         let label = plugin.label();
         tracing::Span::current().record("plugin", &label);
@@ -395,7 +400,6 @@ impl Dispatcher {
         let mut permit = Some(permit);
         let mut rerun = replayed.is_some();
         let mut replayed_events = replayed.unwrap_or(0);
-        let mut learned = Learned::default();
         let mut deadline_at = None;
         let mut first_run = true;
         loop {
@@ -417,6 +421,7 @@ impl Dispatcher {
                 rerun,
                 replayed_events: replayed_events.into(),
                 calls: Default::default(),
+                reads: Default::default(),
                 learned: Mutex::new(std::mem::take(&mut learned)),
                 produced: Default::default(),
                 clocks: clocks.clone(),
@@ -508,59 +513,25 @@ impl Dispatcher {
                 // lease, and runs again once the reply is in.
                 drop(result);
                 drop(close);
-                let _suspended = self.services.metrics.evicted();
-                tracing::debug!(
-                    waits = suspension.waits.len(),
-                    "instance dropped while waiting; the task runs again when the reply comes"
-                );
-                let got = tokio::select! {
-                    got = suspension.wait() => got,
-                    _ = cancel.requested_token.cancelled() => return Outcome::Cancelled(cancel.reason()),
-                    _ = self.force_stop.cancelled() => return Outcome::CutOff,
-                    _ = lease_lost.cancelled() => return Outcome::CutOff,
-                    _ = tokio::time::sleep_until(deadline_at) => {
-                        return Outcome::Failed(format!(
-                            "deadline of {} s exceeded",
-                            policy.deadline.as_secs_f64()
-                        ));
-                    }
+                let waited = self
+                    .wait_suspended(
+                        suspension,
+                        &link,
+                        &awaiting,
+                        cancel,
+                        lease_lost,
+                        deadline_at,
+                        policy.deadline,
+                    )
+                    .await;
+                (learned, permit) = match waited {
+                    Ok((learned, permit)) => (learned, Some(permit)),
+                    Err(outcome) => return outcome,
                 };
-                learned = std::mem::take(
-                    &mut *link.learned.lock().expect("learned lock is never poisoned"),
-                );
-                for (id, reply) in got {
-                    match reply {
-                        Some(reply) => {
-                            learned.replies.insert(id, reply);
-                        }
-                        None => {
-                            learned.timed_out.insert(id);
-                        }
-                    }
-                }
-                // Calls answered while it waited are no longer awaited.
-                awaiting
-                    .lock()
-                    .expect("awaiting lock is never poisoned")
-                    .retain(|a| {
-                        a.child_message_id.as_ref().is_none_or(|child| {
-                            !learned.replies.contains_key(child)
-                                && !learned.timed_out.contains(child)
-                        })
-                    });
                 replayed_events = link.produced.load(std::sync::atomic::Ordering::Relaxed);
                 rerun = true;
                 first_run = false;
                 clocks.rewind();
-                // A permit again, in line with new work (the semaphore is fair).
-                permit = tokio::select! {
-                    permit = self.services.permits.clone().acquire_owned() => match permit {
-                        Ok(permit) => Some(permit),
-                        Err(_) => return Outcome::CutOff,
-                    },
-                    _ = self.force_stop.cancelled() => return Outcome::CutOff,
-                    _ = lease_lost.cancelled() => return Outcome::CutOff,
-                };
                 if let Some(dirs) = &dirs {
                     // The run starts from a clean private directory, as the first did.
                     if let Err(error) = self.workspaces.create(dirs).await {
@@ -605,6 +576,64 @@ impl Dispatcher {
                 )),
             };
         }
+    }
+
+    /// Waits, without an instance, until what a run stopped in a wait for
+    /// is in (or timed out), then takes a permit again: what the task has
+    /// learned by then, for its next run. Ends with the task's outcome when
+    /// it is cancelled, cut off, or past its deadline meanwhile.
+    #[allow(clippy::too_many_arguments)]
+    async fn wait_suspended(
+        &self,
+        suspension: Suspension,
+        link: &TaskLink,
+        awaiting: &Mutex<Vec<AwaitedChild>>,
+        cancel: &CancelSignal,
+        lease_lost: &CancellationToken,
+        deadline_at: tokio::time::Instant,
+        deadline: Duration,
+    ) -> Result<(Learned, OwnedSemaphorePermit), Outcome> {
+        let _suspended = self.services.metrics.evicted();
+        tracing::debug!(
+            waits = suspension.waits.len(),
+            "instance dropped while waiting; the task runs again when the reply comes"
+        );
+        let mut conn = self.services.redis.clone();
+        let got = tokio::select! {
+            got = suspension.wait(&mut conn, &link.origin.message_id) => got,
+            _ = cancel.requested_token.cancelled() => return Err(Outcome::Cancelled(cancel.reason())),
+            _ = self.force_stop.cancelled() => return Err(Outcome::CutOff),
+            _ = lease_lost.cancelled() => return Err(Outcome::CutOff),
+            _ = tokio::time::sleep_until(deadline_at) => {
+                return Err(Outcome::Failed(format!(
+                    "deadline of {} s exceeded",
+                    deadline.as_secs_f64()
+                )));
+            }
+        };
+        let got = got.map_err(|error| {
+            tracing::warn!(%error, "cannot journal a timed-out wait; entry left pending");
+            Outcome::CutOff
+        })?;
+        let mut learned =
+            std::mem::take(&mut *link.learned.lock().expect("learned lock is never poisoned"));
+        learned.merge(got);
+        // Calls answered while it waited are no longer awaited.
+        awaiting
+            .lock()
+            .expect("awaiting lock is never poisoned")
+            .retain(|a| {
+                a.child_message_id
+                    .as_ref()
+                    .is_none_or(|child| !learned.settled(child))
+            });
+        // A permit again, in line with new work (the semaphore is fair).
+        let permit = tokio::select! {
+            permit = self.services.permits.clone().acquire_owned() => permit.map_err(|_| Outcome::CutOff)?,
+            _ = self.force_stop.cancelled() => return Err(Outcome::CutOff),
+            _ = lease_lost.cancelled() => return Err(Outcome::CutOff),
+        };
+        Ok((learned, permit))
     }
 
     /// The writes that end a task, in order: events, the reply to a calling
@@ -729,14 +758,20 @@ impl Dispatcher {
             .await;
     }
 
-    /// The clock readings a run before this one kept in the journal.
-    async fn journaled_clocks(
+    /// The clock readings and the reads past the task that a run before
+    /// this one kept in the journal, in one round trip.
+    async fn journaled_reads(
         &self,
         message_id: &str,
-    ) -> Result<Option<String>, redis::RedisError> {
-        redis::cmd("HGET")
+    ) -> Result<(Option<String>, Vec<String>), redis::RedisError> {
+        redis::pipe()
+            .cmd("HGET")
             .arg(keys::task_journal(message_id))
             .arg(routing::JOURNAL_CLOCKS_FIELD)
+            .cmd("LRANGE")
+            .arg(keys::task_journal_reads(message_id))
+            .arg(0)
+            .arg(-1)
             .query_async(&mut self.services.redis.clone())
             .await
     }
@@ -787,6 +822,8 @@ pub(super) struct Rerun<'a> {
     plugin_sha256: &'a str,
     /// The clock readings it journaled, if it read the clocks.
     clocks: Option<String>,
+    /// The reads past the task it journaled, in order.
+    reads: Vec<String>,
 }
 
 /// Closes a task's link when dropped.

@@ -146,11 +146,9 @@ impl TaskLink {
             .await;
             match read {
                 Ok(found) => {
-                    for (known, reply) in journaled.iter_mut().zip(found) {
+                    for (known, entry) in journaled.iter_mut().zip(found) {
                         if known.is_none() {
-                            *known = reply
-                                .filter(|reply| expect.accepts(reply))
-                                .map(|reply| Known::Reply(Box::new(reply)));
+                            *known = Known::from_journal(entry, &expect);
                         }
                     }
                 }
@@ -202,7 +200,8 @@ impl TaskLink {
             writes.push(Write::Command(expire));
         }
         let mut children = Vec::with_capacity(to_send.len());
-        let mut sent_ids: Vec<String> = Vec::with_capacity(to_send.len());
+        // Each call sent (its index among `calls`, its id).
+        let mut sent_ids: Vec<(usize, String)> = Vec::with_capacity(to_send.len());
         let mut any_journaled = false;
         let sends = to_send
             .into_iter()
@@ -216,7 +215,7 @@ impl TaskLink {
                 // Timed out on a run before this one: not sent again.
                 drop(waiting);
                 results[index] = Some(Err(GuestError::Timeout(format!(
-                    "no reply within {} ms; a later reply reaches the handler as a RESUME command",
+                    "no reply within {} ms; a reply after the task ended reaches the handler as a RESUME command",
                     timeout.as_millis()
                 ))));
                 continue;
@@ -266,7 +265,7 @@ impl TaskLink {
                 key,
                 child_message_id: Some(child.clone()),
             });
-            sent_ids.push(child.clone());
+            sent_ids.push((index, child.clone()));
             waits.push((index, child, call.target, waiting));
         }
         let waiting = if group {
@@ -275,9 +274,6 @@ impl TaskLink {
             children.pop().expect("one call was sent")
         };
         writes.push(self.state_write(state::WAITING_AGENT, Some(&waiting)));
-        if !waits.is_empty() {
-            writes.extend(self.clocks_write());
-        }
         self.awaiting
             .lock()
             .expect("awaiting lock is never poisoned")
@@ -306,6 +302,8 @@ impl TaskLink {
                 .collect();
             loop {
                 tokio::select! {
+                    // A reply already in is taken before the instance is dropped.
+                    biased;
                     next = pending.next() => match next {
                         Some(done) => got.push(done),
                         None => break,
@@ -344,7 +342,7 @@ impl TaskLink {
                 }
             }
             drop(slot);
-            return Err(self.suspend(still, deadline, suspended_slot));
+            return Err(self.suspend(still, expect, deadline, suspended_slot));
         }
         // Dropping the rest unregisters them: a later reply is an orphan.
         let answered: Vec<(usize, String, String, Option<Reply>)> = got
@@ -369,13 +367,14 @@ impl TaskLink {
                 .lock()
                 .expect("awaiting lock is never poisoned");
             awaiting.retain(|a| match a.child_message_id.as_deref() {
-                Some(child) if sent_ids.iter().any(|id| id == child) => {
+                Some(child) if sent_ids.iter().any(|(_, id)| id == child) => {
                     cancelled && !answered_ids.contains(&child)
                 }
                 _ => true,
             });
         }
-        let any_answered = any_journaled || answered.iter().any(|(_, _, _, reply)| reply.is_some());
+        let mut any_answered =
+            any_journaled || answered.iter().any(|(_, _, _, reply)| reply.is_some());
         for (index, child, _target, reply) in answered {
             results[index] = Some(match reply {
                 Some(reply) => {
@@ -389,9 +388,21 @@ impl TaskLink {
         }
         let timeout_ms = timeout.as_millis();
         if !cancelled {
-            for child in &sent_ids {
-                if self.known(child).is_none() {
-                    self.learn(child, None);
+            // Timed out: so says the journal from now on, unless a reply
+            // got there first (then it is this call's reply after all).
+            let unanswered: Vec<(usize, String)> = sent_ids
+                .into_iter()
+                .filter(|(_, child)| self.known(child).is_none())
+                .collect();
+            if !unanswered.is_empty() {
+                let ids: Vec<String> = unanswered.iter().map(|(_, id)| id.clone()).collect();
+                let won = self.journal_timeouts(&ids, &expect).await?;
+                for ((index, child), reply) in unanswered.into_iter().zip(won) {
+                    self.learn(&child, reply.as_ref());
+                    if let Some(reply) = reply {
+                        any_answered = true;
+                        results[index] = Some(Ok(agent_reply(&child, reply)));
+                    }
                 }
             }
         }
@@ -404,7 +415,7 @@ impl TaskLink {
                     )
                 } else {
                     GuestError::Timeout(format!(
-                        "no reply within {timeout_ms} ms; a later reply reaches the handler as a RESUME command"
+                        "no reply within {timeout_ms} ms; a reply after the task ended reaches the handler as a RESUME command"
                     ))
                 }));
             }

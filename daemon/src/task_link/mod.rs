@@ -11,10 +11,11 @@
 //! reply is kept for the session history.
 
 mod agents;
+mod reads;
 mod user;
 
 use crate::events::{Write, Writer};
-use crate::routing::{self, Expect, Reply, ReplyKind, WaitKey, Waiters, Waiting};
+use crate::routing::{self, Expect, Journaled, Reply, ReplyKind, WaitKey, Waiters, Waiting};
 use arc_swap::ArcSwap;
 use byclaw_protocol::{
     self as wire, Delta, EventOrigin, EventSpec, content_type, event_type, keys, state,
@@ -156,6 +157,10 @@ pub struct TaskLink {
     /// Calls to agents made so far: the `n` of the next call's id
     /// (`<message id>:c<n>`), the same on every run.
     pub calls: std::sync::atomic::AtomicU32,
+    /// Reads past the task (`history-recent`, `active-workers`, outbound
+    /// HTTP) made so far by this run: the index of the next in
+    /// `learned.reads`.
+    pub reads: std::sync::atomic::AtomicUsize,
     /// What the task's runs learned from outside so far, handed to the
     /// next run when this one is evicted.
     pub learned: Mutex<Learned>,
@@ -181,6 +186,13 @@ pub struct Learned {
     pub replies: std::collections::HashMap<String, Reply>,
     /// Calls and prompts whose wait timed out.
     pub timed_out: std::collections::HashSet<String>,
+    /// Each read past the task, in the order they started, as its journal
+    /// keeps it; `None` while a read is in progress, or for one not kept.
+    pub reads: Vec<Option<String>>,
+    /// Bytes of `reads`, bounded.
+    pub reads_bytes: usize,
+    /// How many of `reads` the journal holds.
+    pub reads_journaled: usize,
 }
 
 /// What one learned fact says of a call.
@@ -189,7 +201,54 @@ enum Known {
     TimedOut,
 }
 
+impl Known {
+    /// What a journal entry tells a wait that expects `expect`: a reply
+    /// it would not take (another session's) tells it nothing.
+    fn from_journal(entry: Option<Journaled>, expect: &Expect) -> Option<Known> {
+        match entry? {
+            Journaled::Reply(reply) => expect
+                .accepts(&reply)
+                .then(|| Known::Reply(Box::new(reply))),
+            Journaled::TimedOut => Some(Known::TimedOut),
+        }
+    }
+}
+
 impl Learned {
+    /// What a run after a crash starts from: the reads its journal holds.
+    pub fn from_journal(reads: Vec<String>) -> Learned {
+        Learned {
+            reads_bytes: reads.iter().map(String::len).sum(),
+            reads_journaled: reads.len(),
+            reads: reads.into_iter().map(Some).collect(),
+            ..Learned::default()
+        }
+    }
+
+    /// Takes in what a wait without an instance ended with: each call's
+    /// reply, or `None` when it timed out.
+    pub fn merge(&mut self, got: Vec<(String, Option<Reply>)>) {
+        for (id, reply) in got {
+            self.learn(id, reply);
+        }
+    }
+
+    fn learn(&mut self, id: String, reply: Option<Reply>) {
+        match reply {
+            Some(reply) => {
+                self.replies.insert(id, reply);
+            }
+            None => {
+                self.timed_out.insert(id);
+            }
+        }
+    }
+
+    /// Whether the call or prompt `id` was answered or timed out.
+    pub fn settled(&self, id: &str) -> bool {
+        self.replies.contains_key(id) || self.timed_out.contains(id)
+    }
+
     fn known(&self, id: &str) -> Option<Known> {
         if let Some(reply) = self.replies.get(id) {
             return Some(Known::Reply(Box::new(reply.clone())));
@@ -203,6 +262,9 @@ impl Learned {
 pub struct Suspension {
     /// The call or prompt id of each wait, and its waiter.
     pub waits: Vec<(String, Waiting)>,
+    /// What the waits take: a reply the journal holds for a wait that timed
+    /// out is taken only if the waiter would have taken it.
+    pub expect: Expect,
     /// When the call stops waiting (its timeout).
     pub until: tokio::time::Instant,
     /// Its place under `worker.max_suspended`.
@@ -211,10 +273,19 @@ pub struct Suspension {
 
 impl Suspension {
     /// Waits until every reply is in or the call's timeout passes: what
-    /// came in and what timed out, by id, for [`Learned`].
-    pub async fn wait(self) -> Vec<(String, Option<Reply>)> {
+    /// came in and what timed out, by id, for [`Learned`]. Timeouts are
+    /// journaled first (see [`routing::journal_timeouts`]), for the task
+    /// `message_id`.
+    pub async fn wait(
+        self,
+        conn: &mut ConnectionManager,
+        message_id: &str,
+    ) -> Result<Vec<(String, Option<Reply>)>, redis::RedisError> {
         let Suspension {
-            mut waits, until, ..
+            mut waits,
+            until,
+            expect,
+            ..
         } = self;
         let mut got: Vec<(usize, Option<Reply>)> = Vec::with_capacity(waits.len());
         {
@@ -225,6 +296,8 @@ impl Suspension {
                 .collect();
             loop {
                 tokio::select! {
+                    // A reply already in is taken before the timeout.
+                    biased;
                     next = pending.next() => match next {
                         Some(done) => got.push(done),
                         None => break,
@@ -245,7 +318,22 @@ impl Suspension {
             };
             results.push((id, reply));
         }
-        results
+        let timed_out: Vec<String> = results
+            .iter()
+            .filter(|(_, reply)| reply.is_none())
+            .map(|(id, _)| id.clone())
+            .collect();
+        if !timed_out.is_empty() {
+            let won = routing::journal_timeouts(conn, message_id, &timed_out).await?;
+            for (id, reply) in timed_out.into_iter().zip(won) {
+                if let Some(reply) = reply.filter(|reply| expect.accepts(reply))
+                    && let Some(slot) = results.iter_mut().find(|(at, _)| *at == id)
+                {
+                    slot.1 = Some(reply);
+                }
+            }
+        }
+        Ok(results)
     }
 }
 
@@ -347,9 +435,19 @@ impl TaskLink {
     }
 
     /// Whether the task may drop its instance while it waits: everything it
-    /// learned so far is in its journal, and its clock readings are kept.
+    /// learned so far is in its journal, and its clock readings are kept
+    /// (no read is still in progress).
     fn evictable(&self) -> bool {
-        self.unjournaled_by.get().is_none() && self.clocks.replayable() && !self.is_closed()
+        self.unjournaled_by.get().is_none()
+            && self.clocks.replayable()
+            && !self.is_closed()
+            && self
+                .learned
+                .lock()
+                .expect("learned lock is never poisoned")
+                .reads
+                .iter()
+                .all(Option::is_some)
     }
 
     /// A place under `worker.max_suspended`, if the task may drop its
@@ -377,6 +475,7 @@ impl TaskLink {
     fn suspend(
         &self,
         waits: Vec<(String, Waiting)>,
+        expect: Expect,
         until: tokio::time::Instant,
         slot: OwnedSemaphorePermit,
     ) -> Stopping {
@@ -390,19 +489,70 @@ impl TaskLink {
         *self
             .suspension
             .lock()
-            .expect("suspension lock is never poisoned") = Some(Suspension { waits, until, slot });
+            .expect("suspension lock is never poisoned") = Some(Suspension {
+            waits,
+            expect,
+            until,
+            slot,
+        });
         Stopping
     }
 
-    /// The task's clock readings so far, for its journal: written with the
-    /// events that start a wait, so a run after a crash reads the same.
-    fn clocks_write(&self) -> Option<Write> {
-        Some(Write::HashSet {
-            key: keys::task_journal(&self.origin.message_id),
-            field: routing::JOURNAL_CLOCKS_FIELD.to_owned(),
-            value: self.clocks.journal()?,
-            ttl_s: routing::JOURNAL_TTL_S,
-        })
+    /// Journals that the waits for `ids` timed out (see
+    /// [`routing::journal_timeouts`]); for each, the reply `expect` takes
+    /// that got into the journal first, if one did. Stops the run when the
+    /// journal cannot be written: the entry stays pending and runs again.
+    async fn journal_timeouts(
+        &self,
+        ids: &[String],
+        expect: &Expect,
+    ) -> Result<Vec<Option<Reply>>, Stopping> {
+        let won = routing::journal_timeouts(
+            &mut self.services.redis.clone(),
+            &self.origin.message_id,
+            ids,
+        )
+        .await;
+        match won {
+            Ok(won) => Ok(won
+                .into_iter()
+                .map(|reply| reply.filter(|reply| expect.accepts(reply)))
+                .collect()),
+            Err(error) => {
+                tracing::warn!(%error, "cannot journal a timed-out wait; run stopped, entry left pending");
+                Err(Stopping)
+            }
+        }
+    }
+
+    /// What the task read from outside since its journal last took it —
+    /// reads past the task and clock readings — for the journal. Written
+    /// ahead of every batch of the task's writes, so a run after a crash
+    /// reads what the first run read before each event it emitted.
+    fn journal_writes(&self) -> Vec<Write> {
+        let mut writes = Vec::new();
+        if let Some(reads) = self.reads_write() {
+            writes.extend(reads);
+        }
+        if let Some(clocks) = self.clocks.journal_if_new() {
+            writes.push(Write::HashSet {
+                key: keys::task_journal(&self.origin.message_id),
+                field: routing::JOURNAL_CLOCKS_FIELD.to_owned(),
+                value: clocks,
+                ttl_s: routing::JOURNAL_TTL_S,
+            });
+        }
+        writes
+    }
+
+    /// `writes`, after what the journal must hold before them.
+    fn with_journal(&self, writes: Vec<Write>) -> Vec<Write> {
+        let mut journal = self.journal_writes();
+        if journal.is_empty() {
+            return writes;
+        }
+        journal.extend(writes);
+        journal
     }
 
     /// Takes what a wait that dropped the instance left.
@@ -414,15 +564,10 @@ impl TaskLink {
     }
 
     fn learn(&self, id: &str, reply: Option<&Reply>) {
-        let mut learned = self.learned.lock().expect("learned lock is never poisoned");
-        match reply {
-            Some(reply) => {
-                learned.replies.insert(id.to_owned(), reply.clone());
-            }
-            None => {
-                learned.timed_out.insert(id.to_owned());
-            }
-        }
+        self.learned
+            .lock()
+            .expect("learned lock is never poisoned")
+            .learn(id.to_owned(), reply.cloned());
     }
 
     fn known(&self, id: &str) -> Option<Known> {
@@ -438,7 +583,7 @@ impl TaskLink {
             return Err(Stopping);
         }
         self.count_produced(&writes);
-        let writes = self.without_replayed(writes);
+        let writes = self.with_journal(self.without_replayed(writes));
         if writes.is_empty() {
             return Ok(());
         }
@@ -455,7 +600,7 @@ impl TaskLink {
             return Err(Stopping);
         }
         self.count_produced(&writes);
-        let writes = self.without_replayed(writes);
+        let writes = self.with_journal(self.without_replayed(writes));
         if writes.is_empty() {
             return Ok(());
         }
@@ -576,57 +721,26 @@ impl TaskPort for TaskLink {
     }
 
     fn active_workers(&self) -> PortFuture<'_, Result<Vec<WorkerInfo>, GuestError>> {
-        self.unjournaled("the worker registry");
-        Box::pin(async move {
-            let workers =
-                byclaw_protocol::workers::active_workers(&mut self.services.redis.clone()).await;
-            workers
-                .map(|workers| {
-                    workers
-                        .into_iter()
-                        .map(|w| WorkerInfo {
-                            worker_id: w.worker_id,
-                            capabilities: w.capabilities,
-                            last_seen_ms: w.last_seen,
-                        })
-                        .collect()
-                })
-                .map_err(|e| {
-                    GuestError::Unavailable(format!("cannot read the worker registry: {e}"))
-                })
-        })
+        Box::pin(self.workers_read())
     }
 
     fn history_recent(
         &self,
         limit: usize,
     ) -> PortFuture<'_, Result<Vec<HistoryEntry>, GuestError>> {
-        self.unjournaled("the session history");
-        Box::pin(async move {
-            let read = self
-                .services
-                .history
-                .read(&self.origin.session_id, limit)
-                .await;
-            match read {
-                Ok(entries) => Ok(entries
-                    .into_iter()
-                    .map(|entry| HistoryEntry {
-                        role: entry.role.as_str().to_owned(),
-                        content: entry.content,
-                        metadata: entry.metadata.to_string(),
-                    })
-                    .collect()),
-                Err(crate::history::HistoryError::Off) => Ok(Vec::new()),
-                Err(error) => Err(GuestError::Unavailable(format!(
-                    "the session history cannot be read: {error}"
-                ))),
-            }
-        })
+        Box::pin(self.history_read(limit))
     }
 
     fn unjournaled(&self, what: &'static str) {
         let _ = self.unjournaled_by.set(what);
+    }
+
+    fn outbound_request(&self, method: &str, uri: &str) -> byclaw_sandbox::port::Outbound {
+        self.http_request(method, uri)
+    }
+
+    fn outbound_response(&self, n: usize, response: Option<byclaw_sandbox::port::KeptResponse>) {
+        self.http_response(n, response);
     }
 
     fn host_call(&self, import: HostImport, took: Duration) {

@@ -95,12 +95,7 @@ impl TaskLink {
             )
             .await;
             match read {
-                Ok(found) => found
-                    .into_iter()
-                    .next()
-                    .flatten()
-                    .filter(|reply| expect.accepts(reply))
-                    .map(|reply| Known::Reply(Box::new(reply))),
+                Ok(found) => Known::from_journal(found.into_iter().next().flatten(), &expect),
                 Err(error) => {
                     tracing::warn!(%error, "cannot read the task's journal; run stopped, entry left pending");
                     return Err(Stopping);
@@ -132,8 +127,6 @@ impl TaskLink {
         if journaled.is_some() {
             // Its route was answered on the run that learned it.
             writes.remove(0);
-        } else {
-            writes.extend(self.clocks_write());
         }
         self.commit(writes).await?;
 
@@ -154,6 +147,8 @@ impl TaskLink {
                 let mut evict_at = self.evict_at();
                 let received = loop {
                     tokio::select! {
+                        // A reply already in is taken before the instance is dropped.
+                        biased;
                         reply = waiting.recv() => break reply,
                         _ = tokio::time::sleep_until(until) => break None,
                         _ = self.cancel.requested_token.cancelled() => {
@@ -167,16 +162,22 @@ impl TaskLink {
                                     // registered for the next run.
                                     drop(slot);
                                     let waits = vec![(prompt_id, waiting)];
-                                    return Err(self.suspend(waits, until, suspended_slot));
+                                    return Err(self.suspend(waits, expect, until, suspended_slot));
                                 }
                                 None => evict_at = None,
                             }
                         }
                     }
                 };
-                let reply = received.or_else(|| waiting.close());
+                let mut reply = received.or_else(|| waiting.close());
                 self.resume_permit(slot).await;
                 if !cancelled {
+                    if reply.is_none() {
+                        // Timed out: so says the journal from now on, unless
+                        // an answer got there first.
+                        let ids = std::slice::from_ref(&prompt_id);
+                        reply = self.journal_timeouts(ids, &expect).await?.pop().flatten();
+                    }
                     self.learn(&prompt_id, reply.as_ref());
                 }
                 reply
@@ -194,7 +195,7 @@ impl TaskLink {
                 GuestError::Cancelled("the task was cancelled while waiting for the user".into())
             } else {
                 GuestError::Timeout(format!(
-                    "the user did not answer within {} ms; a later answer reaches the handler as a RESUME command",
+                    "the user did not answer within {} ms; an answer after the task ended reaches the handler as a RESUME command",
                     timeout.as_millis()
                 ))
             }));

@@ -46,6 +46,13 @@ pub fn task_group_replied(task_group_id: &str) -> String {
 pub fn task_journal(message_id: &str) -> String {
     format!("{PREFIX}:journal:{{{message_id}}}")
 }
+/// What one task read from outside besides replies (a list, ours, not the
+/// reference's): each `history-recent` or `active-workers` result, in the
+/// order the task read them, so that a run of the task after its daemon
+/// died reads the same. Beside [`task_journal`], in its hash slot.
+pub fn task_journal_reads(message_id: &str) -> String {
+    format!("{PREFIX}:journal:{{{message_id}}}:reads")
+}
 /// One live process per worker id.
 pub fn worker_lock(worker_id: &str) -> String {
     format!("{PREFIX}:registry:worker:lock:{worker_id}")

@@ -5,10 +5,10 @@
 //! the same times in the same order, then live ones: a guest that branches
 //! on the time takes the path it took before.
 //!
-//! A task that waits also keeps the readings in its journal in Redis
-//! ([`TaskClocks::journal`], [`TaskClocks::from_journal`]), so a run of it
-//! on another daemon after a crash reads the times the first run read up to
-//! its last wait.
+//! The readings also go to the task's journal in Redis with the next events
+//! the task writes ([`TaskClocks::journal_if_new`],
+//! [`TaskClocks::from_journal`]), so a run of it on another daemon after a
+//! crash reads the times the first run read before any event it emitted.
 //!
 //! The log is bounded: a guest that reads the clock more than
 //! [`MAX_READINGS`] times (polling it in a loop) is no longer replayable,
@@ -43,11 +43,18 @@ struct ClockLog {
     monotonic_read: usize,
     /// More than [`MAX_READINGS`] were taken: later ones are not kept.
     overflowed: bool,
+    /// How many readings (of both clocks) the journal holds: those read
+    /// from it, or written to it by [`TaskClocks::journal_if_new`].
+    journaled: usize,
 }
 
 impl ClockLog {
     fn full(&self) -> bool {
-        self.wall.len() + self.monotonic.len() >= MAX_READINGS
+        self.readings() >= MAX_READINGS
+    }
+
+    fn readings(&self) -> usize {
+        self.wall.len() + self.monotonic.len()
     }
 }
 
@@ -75,6 +82,7 @@ impl TaskClocks {
             .unwrap_or_else(Instant::now);
         Arc::new(TaskClocks {
             log: Mutex::new(ClockLog {
+                journaled: kept.wall.len() + kept.monotonic.len(),
                 wall: kept.wall.into_iter().map(Duration::from_nanos).collect(),
                 monotonic: kept.monotonic,
                 ..ClockLog::default()
@@ -99,6 +107,21 @@ impl TaskClocks {
             monotonic: log.monotonic.clone(),
         };
         Some(serde_json::to_string(&kept).expect("numbers serialize"))
+    }
+
+    /// The readings so far, as [`TaskClocks::journal`] gives them, when the
+    /// journal does not hold them all yet; from then on it is taken to.
+    pub fn journal_if_new(&self) -> Option<String> {
+        let readings = {
+            let log = self.lock();
+            if log.readings() == log.journaled {
+                return None;
+            }
+            log.readings()
+        };
+        let journal = self.journal()?;
+        self.lock().journaled = readings;
+        Some(journal)
     }
 
     /// The next run reads the kept readings from the first.
@@ -217,6 +240,32 @@ mod tests {
         assert_eq!((wall.now(), monotonic.now()), first);
         assert!(monotonic.now() >= first.1);
         assert_eq!(TaskClocks::new().journal(), None);
+    }
+
+    #[test]
+    fn readings_go_to_the_journal_once_each_time_there_are_new_ones() {
+        let clocks = TaskClocks::new();
+        assert_eq!(clocks.journal_if_new(), None, "nothing read yet");
+        let (wall, monotonic) = clocks.for_store();
+        wall.now();
+        let first = clocks.journal_if_new().expect("one new reading");
+        assert_eq!(clocks.journal_if_new(), None, "written already");
+        monotonic.now();
+        let second = clocks.journal_if_new().expect("one more reading");
+        assert_ne!(first, second);
+        // A run elsewhere holds what its journal held: nothing new until
+        // it reads past it.
+        let elsewhere = TaskClocks::from_journal(&second);
+        assert_eq!(elsewhere.journal_if_new(), None);
+        let (wall, _) = elsewhere.for_store();
+        wall.now();
+        assert_eq!(
+            elsewhere.journal_if_new(),
+            None,
+            "a reading from the journal"
+        );
+        wall.now();
+        assert!(elsewhere.journal_if_new().is_some(), "a live reading");
     }
 
     #[test]

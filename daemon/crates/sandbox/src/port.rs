@@ -34,6 +34,36 @@ pub struct AgentCall {
     pub metadata: Value,
 }
 
+/// Most bytes of one outbound HTTP response body kept for a task's journal;
+/// past them the response streams on to the guest but is not kept.
+pub const MAX_KEPT_RESPONSE_BYTES: usize = 4 << 20;
+
+/// An outbound HTTP exchange as a task's journal keeps it: a run after
+/// this one is given the response without sending the request again.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct KeptResponse {
+    /// The request's method and URI, checked against the run's request.
+    pub method: String,
+    pub uri: String,
+    /// The response's status, headers and body (base64).
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+/// What [`TaskPort::outbound_request`] says of a request.
+#[derive(Debug)]
+pub enum Outbound {
+    /// A run before this one had this response: given, nothing sent.
+    Kept(KeptResponse),
+    /// Send it; keep its response under this number.
+    Keep(usize),
+    /// Send it; its response is not kept.
+    Unkept,
+    /// A run before this one sent another request at this place: why.
+    Mismatch(String),
+}
+
 /// What one task's host calls need from outside the sandbox; one per task.
 ///
 /// Waits (for replies, for the user) happen inside the port; the durations
@@ -89,10 +119,26 @@ pub trait TaskPort: Send + Sync + 'static {
     }
 
     /// The task learned something from outside that its journal does not
-    /// keep (`what`: an outbound HTTP response): from now on it cannot be
-    /// run again from the journal, so it keeps its instance while it waits.
+    /// keep (`what`: e.g. an outbound HTTP response not read to its end):
+    /// from now on it cannot be run again from the journal, so it keeps its
+    /// instance while it waits.
     fn unjournaled(&self, what: &'static str) {
         let _ = what;
+    }
+
+    /// Numbers the task's next outbound HTTP request (`method`, `uri`): the
+    /// response a run before this one kept for it, or the number to keep
+    /// this one's under (see [`TaskPort::outbound_response`]).
+    fn outbound_request(&self, method: &str, uri: &str) -> Outbound {
+        let _ = (method, uri);
+        Outbound::Unkept
+    }
+
+    /// The response to request `n` of [`Outbound::Keep`], read by the guest
+    /// to its end; `None` when it was not (failed, dropped before its end,
+    /// past [`MAX_KEPT_RESPONSE_BYTES`]).
+    fn outbound_response(&self, n: usize, response: Option<KeptResponse>) {
+        let _ = (n, response);
     }
 
     /// The task's guest wrote `lines` lines to its log past its budget;
