@@ -507,7 +507,7 @@ pub const JOURNAL_TIMED_OUT: &str = "!timed-out";
 #[derive(Debug, Clone, PartialEq)]
 pub enum Journaled {
     /// Its reply or answer.
-    Reply(Reply),
+    Reply(Box<Reply>),
     /// Its wait timed out.
     TimedOut,
 }
@@ -517,7 +517,9 @@ impl Journaled {
         if raw == JOURNAL_TIMED_OUT {
             return Some(Journaled::TimedOut);
         }
-        serde_json::from_str(raw).ok().map(Journaled::Reply)
+        serde_json::from_str(raw)
+            .ok()
+            .map(|reply| Journaled::Reply(Box::new(reply)))
     }
 }
 
@@ -571,7 +573,7 @@ pub async fn journal_timeouts(
     Ok(raw
         .into_iter()
         .map(|entry| match entry.as_deref().and_then(Journaled::parse) {
-            Some(Journaled::Reply(reply)) => Some(reply),
+            Some(Journaled::Reply(reply)) => Some(*reply),
             _ => None,
         })
         .collect())

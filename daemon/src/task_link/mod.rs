@@ -206,9 +206,7 @@ impl Known {
     /// it would not take (another session's) tells it nothing.
     fn from_journal(entry: Option<Journaled>, expect: &Expect) -> Option<Known> {
         match entry? {
-            Journaled::Reply(reply) => expect
-                .accepts(&reply)
-                .then(|| Known::Reply(Box::new(reply))),
+            Journaled::Reply(reply) => expect.accepts(&reply).then_some(Known::Reply(reply)),
             Journaled::TimedOut => Some(Known::TimedOut),
         }
     }

@@ -271,18 +271,19 @@ impl WasiHttpHooks for OutboundPolicy {
     }
 }
 
+/// A response and the future that ends with its connection, as
+/// [`WasiHttpHooks::send_request`] gives them.
+type Exchanged = (
+    http::Response<WasiBody>,
+    Box<dyn Future<Output = Result<(), HttpError>> + Send>,
+);
+
+/// Told once what a [`KeepingBody`] kept.
+type OnEnd = Box<dyn FnOnce(Option<Vec<u8>>) + Send>;
+
 /// The response a run before kept, as the guest reads it again: nothing is
 /// sent.
-#[allow(clippy::type_complexity)]
-fn replay(
-    kept: KeptResponse,
-) -> Result<
-    (
-        http::Response<WasiBody>,
-        Box<dyn Future<Output = Result<(), HttpError>> + Send>,
-    ),
-    HttpError,
-> {
+fn replay(kept: KeptResponse) -> Result<Exchanged, HttpError> {
     let unusable = |why: String| HttpError::InternalError(Some(why));
     let body = base64::engine::general_purpose::STANDARD
         .decode(&kept.body)
@@ -343,7 +344,7 @@ struct KeepingBody {
     /// The bytes so far; `None` once past the bound.
     kept: Option<Vec<u8>>,
     /// Told once, at the end or when dropped.
-    done: Option<Box<dyn FnOnce(Option<Vec<u8>>) + Send>>,
+    done: Option<OnEnd>,
 }
 
 impl KeepingBody {
