@@ -398,7 +398,7 @@ async fn a_task_run_again_after_a_crash_reads_and_is_told_what_the_first_run_was
     // The journal says the call timed out: the late reply was dropped, not
     // taken as the call's answer by the second run.
     let journaled: Option<String> = redis::cmd("HGET")
-        .arg(format!("byai_gateway:journal:{{{task}}}"))
+        .arg(byclaw_protocol::keys::task_journal(&session, task))
         .arg(&child)
         .query_async(&mut conn)
         .await?;
@@ -446,6 +446,77 @@ async fn a_task_run_again_after_a_crash_is_given_its_http_response_not_fetched_a
     let events = task_events(&mut conn, &session, task, LONG).await?;
     fetched_once(&events, &served);
     assert_eq!(second.stats.metrics.reruns_total(), 1);
+    second.stop().await?;
+    Ok(())
+}
+
+/// A task's daemon dies (SIGKILL) while the task waits for the user. Before
+/// another daemon takes the task over, it reads an answer naming the task
+/// in the task's session but without its tenant, then the owner's answer.
+/// The foreign answer is refused and never enters the task's journal (had
+/// it, the owner's answer would have found the prompt answered and been
+/// dropped); the owner's is journaled, and the run after the crash takes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_answer_read_while_no_daemon_runs_the_task_stays_out_of_its_journal()
+-> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let conn = redis.connect().await?;
+    let workspace = tempfile::tempdir()?;
+    let plugins = plugin_dir(&["faults"]);
+    let mut first =
+        DaemonProcess::start(&redis, plugins.path(), workspace.path(), "ask-twice").await?;
+    let client = Client::connect(&redis.url()).await?;
+    let acme = client.for_tenant("acme");
+    let session = format!("acme-{}", suffix());
+    let sent = acme.send("ask-twice", &session, "go", json!({})).await?;
+    let task = &sent.message_id;
+    prompt_event(&conn, &session, task, 1, LONG).await?;
+    first.kill();
+    client
+        .answer_user("ask-twice", &session, task, "no tenant")
+        .await?;
+    let owners = acme.answer_user("ask-twice", &session, task, "one").await?;
+
+    // Both answers are read long before the task can be taken over.
+    let mut config = test_config(&redis, plugins.path(), workspace.path());
+    config.worker.claim_idle_ms = 8000;
+    let mut second = Daemon::start(config, &redis, "ask-twice").await?;
+    let journal = byclaw_protocol::keys::task_journal(&session, task);
+    let prompt = format!("{task}:u1");
+    let metrics = second.stats.metrics.clone();
+    wait_for(
+        "the foreign answer refused, the owner's journaled",
+        LONG,
+        || {
+            let (mut conn, journal, prompt) = (conn.clone(), journal.clone(), prompt.clone());
+            let (metrics, owners) = (metrics.clone(), owners.message_id.clone());
+            async move {
+                let kept: Option<String> = redis::cmd("HGET")
+                    .arg(&journal)
+                    .arg(&prompt)
+                    .query_async(&mut conn)
+                    .await?;
+                let journaled = kept.is_some_and(|kept| kept.contains(&owners));
+                Ok((journaled && metrics.foreign_replies_total() == 1).then_some(()))
+            }
+        },
+    )
+    .await?;
+    assert_eq!(
+        second.stats.metrics.reruns_total(),
+        0,
+        "taken over before both answers were read: the journal's path went untested"
+    );
+    // Taken over after claim_idle, the task is given its owner's answer.
+    prompt_event(&conn, &session, task, 2, LONG).await?;
+    acme.answer_user("ask-twice", &session, task, "two").await?;
+    let events = task_events(&mut conn.clone(), &session, task, LONG).await?;
+    assert_eq!(
+        task_result(&events).unwrap(),
+        &json!({ "first": "one", "second": "two" })
+    );
+    assert_eq!(second.stats.metrics.reruns_total(), 1);
+    assert_eq!(second.stats.metrics.foreign_replies_total(), 1);
     second.stop().await?;
     Ok(())
 }

@@ -2,7 +2,8 @@
 //! edges: Redis refusing writes while tasks finish, another daemon taking
 //! an entry over, replies and answers that arrive twice, two prompts in one
 //! task, an answer from another session or tenant, a cancel racing the
-//! task's start, the worker lock lost.
+//! task's start, the worker lock lost, a wait's timeout Redis refuses to
+//! journal.
 
 use byclaw_client::{CancelMode, Client};
 use integration_tests::*;
@@ -158,6 +159,100 @@ async fn writes_refused_by_a_full_redis_leave_entries_pending_until_they_apply()
     wait_all_acked(&bed.conn, stream, LONG).await?;
     bed.daemon.stop().await?;
     Ok(())
+}
+
+/// How many `command` calls Redis refused before running them (`INFO
+/// commandstats`, `rejected_calls`: out of memory, in a transaction too).
+async fn rejected_calls(conn: &mut MultiplexedConnection, command: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .unwrap_or_default();
+    info.lines()
+        .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:")))
+        .and_then(|stats| {
+            stats
+                .split(',')
+                .find_map(|stat| stat.strip_prefix("rejected_calls="))
+                .and_then(|n| n.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// A `late-call` task (faults fixture) waits for a call that times out
+/// while Redis is full (`noeviction`): the timeout cannot be journaled, so
+/// the run stops there and leaves its entry pending. Once Redis takes writes
+/// again the task runs again from its journal and ends once, its call's
+/// outcome streamed once — with its instance kept (`evict_after_ms` past the
+/// wait) or dropped at once (0).
+async fn a_timeout_refused_by_a_full_redis(evict_after_ms: u64) -> anyhow::Result<()> {
+    let mut bed = TestBed::start(&["faults"], "late-call", |config| {
+        config.worker.claim_idle_ms = 1000;
+        config.worker.evict_after_ms = evict_after_ms;
+    })
+    .await?;
+    let task = send_ask(&mut bed.conn, "late-call", "go").await?;
+    let child = format!("{}:c1", task.message_id);
+    wait_record_status(&bed.conn, &task.session_id, &child, "RUNNING").await?;
+    let refused_before = rejected_calls(&mut bed.conn, "hsetnx").await;
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("noeviction")
+        .arg("maxmemory")
+        .arg("1")
+        .query_async::<()>(&mut bed.conn)
+        .await?;
+    // The call times out 1.5 s after it was sent; its journal write is refused.
+    wait_for("the timeout's journal write refused", LONG, || {
+        let mut conn = bed.conn.clone();
+        async move {
+            Ok((rejected_calls(&mut conn, "hsetnx").await > refused_before).then_some(()))
+        }
+    })
+    .await?;
+    assert_eq!(
+        bed.daemon.stats.metrics.reruns_total(),
+        0,
+        "the task ran again before Redis took writes"
+    );
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("0")
+        .query_async::<()>(&mut bed.conn)
+        .await?;
+
+    let events = task_events(&mut bed.conn, &task.session_id, &task.message_id, LONG).await?;
+    let call = task_result(&events).expect("a result")["call"]
+        .as_str()
+        .expect("the call's outcome")
+        .to_owned();
+    assert_eq!(
+        chunks(&events),
+        [format!("call {call}").as_str()],
+        "{events:#?}"
+    );
+    assert_eq!(
+        terminals(&mut bed.conn, &task.session_id, &task.message_id).await?,
+        ["COMPLETED"]
+    );
+    assert!(bed.daemon.stats.metrics.reruns_total() >= 1);
+    wait_all_acked(&bed.conn, "byai_gateway:ctrl:capability:late-call", LONG).await?;
+    bed.daemon.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeout_redis_refuses_to_journal_stops_the_run_and_it_ends_once_later()
+-> anyhow::Result<()> {
+    a_timeout_refused_by_a_full_redis(60_000).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evicted_tasks_timeout_redis_refuses_to_journal_ends_once_later() -> anyhow::Result<()> {
+    a_timeout_refused_by_a_full_redis(0).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,8 +13,10 @@
 //! the worker's control stream), [`dead_letter`].
 
 mod dead_letter;
+mod finish;
 mod readers;
 mod replies;
+mod rerun;
 mod task;
 
 use crate::broker::{self, Delivery};

@@ -105,18 +105,7 @@ impl Dispatcher {
                 return true;
             }
             Delivered::Foreign => {
-                self.services.metrics.foreign_reply();
-                tracing::warn!(
-                    parent_message_id = %header.parent_message_id,
-                    resume_id = %header.message_id,
-                    session_id = %header.session_id,
-                    tenant_id = %header.tenant_id,
-                    "reply refused: it comes from another session or tenant than the task it names"
-                );
-                let _ = self
-                    .writer
-                    .commit(&header.session_id, vec![self.ack(delivery)])
-                    .await;
+                self.refuse_foreign(delivery, header).await;
                 return true;
             }
             Delivered::NoWaiter => {}
@@ -139,6 +128,13 @@ impl Dispatcher {
                     "its call was answered or cancelled before, or has another answer",
                 )
                 .await;
+                true
+            }
+            Ok(Routed {
+                route: Route::Foreign,
+                ..
+            }) => {
+                self.refuse_foreign(delivery, header).await;
                 true
             }
             Ok(Routed {
@@ -202,8 +198,28 @@ impl Dispatcher {
         }
     }
 
+    /// Acknowledges a reply that names a task of another session or
+    /// tenant, and counts it: it reaches neither the task nor its journal.
+    async fn refuse_foreign(&self, delivery: &Delivery, header: &wire::Header) {
+        self.services.metrics.foreign_reply();
+        tracing::warn!(
+            parent_message_id = %header.parent_message_id,
+            resume_id = %header.message_id,
+            session_id = %header.session_id,
+            tenant_id = %header.tenant_id,
+            "reply refused: it comes from another session or tenant than the task it names"
+        );
+        let _ = self
+            .writer
+            .commit(&header.session_id, vec![self.ack(delivery)])
+            .await;
+    }
+
     /// Acknowledges a reply nobody may take (a duplicate, a late answer, a
-    /// reply to a cancelled task) and counts it.
+    /// reply to a cancelled task or to a call that timed out) and counts it.
+    /// A task group's reply is still counted into the reference's group
+    /// counter, in the same pipeline: once per child (a set), so a
+    /// redelivery adds nothing while a reply that came too late still shows.
     async fn drop_duplicate(&self, delivery: &Delivery, header: &wire::Header, why: &str) {
         self.services.metrics.duplicate_reply();
         tracing::info!(
@@ -212,10 +228,12 @@ impl Dispatcher {
             why,
             "reply dropped"
         );
-        let _ = self
-            .writer
-            .commit(&header.session_id, vec![self.ack(delivery)])
-            .await;
+        let mut writes = Vec::with_capacity(2);
+        if !header.task_group_id.is_empty() {
+            writes.push(Write::Command(count_group_reply(header)));
+        }
+        writes.push(self.ack(delivery));
+        let _ = self.writer.commit(&header.session_id, writes).await;
     }
 
     /// For an orphan RESUME of a task group: counts it in, as the reference

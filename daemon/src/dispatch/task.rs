@@ -2,6 +2,7 @@
 //! with its permit and the plugin's own limit, then the writes that end it
 //! in order (events, reply to a calling agent, execution record, XACK).
 
+use super::rerun::Rerun;
 use super::*;
 
 impl Dispatcher {
@@ -71,6 +72,7 @@ impl Dispatcher {
                     redis_message_id: &delivery.id,
                     plugin_sha256: &plugin_sha256,
                     random_seed: &random_seed,
+                    tenant_id: &header.tenant_id,
                 },
             ),
             async {
@@ -120,7 +122,7 @@ impl Dispatcher {
         let replayed = if rerun {
             let (emitted, journal) = tokio::join!(
                 self.events_emitted(&header.session_id, &header.message_id),
-                self.journaled_reads(&header.message_id)
+                self.journaled_reads(&header.session_id, &header.message_id)
             );
             match emitted.and_then(|emitted| Ok((emitted, journal?))) {
                 Ok(emitted) => {
@@ -577,175 +579,6 @@ impl Dispatcher {
             };
         }
     }
-
-    /// Waits, without an instance, until what a run stopped in a wait for
-    /// is in (or timed out), then takes a permit again: what the task has
-    /// learned by then, for its next run. Ends with the task's outcome when
-    /// it is cancelled, cut off, or past its deadline meanwhile.
-    #[allow(clippy::too_many_arguments)]
-    async fn wait_suspended(
-        &self,
-        suspension: Suspension,
-        link: &TaskLink,
-        awaiting: &Mutex<Vec<AwaitedChild>>,
-        cancel: &CancelSignal,
-        lease_lost: &CancellationToken,
-        deadline_at: tokio::time::Instant,
-        deadline: Duration,
-    ) -> Result<(Learned, OwnedSemaphorePermit), Outcome> {
-        let _suspended = self.services.metrics.evicted();
-        tracing::debug!(
-            waits = suspension.waits.len(),
-            "instance dropped while waiting; the task runs again when the reply comes"
-        );
-        let mut conn = self.services.redis.clone();
-        let got = tokio::select! {
-            got = suspension.wait(&mut conn, &link.origin.message_id) => got,
-            _ = cancel.requested_token.cancelled() => return Err(Outcome::Cancelled(cancel.reason())),
-            _ = self.force_stop.cancelled() => return Err(Outcome::CutOff),
-            _ = lease_lost.cancelled() => return Err(Outcome::CutOff),
-            _ = tokio::time::sleep_until(deadline_at) => {
-                return Err(Outcome::Failed(format!(
-                    "deadline of {} s exceeded",
-                    deadline.as_secs_f64()
-                )));
-            }
-        };
-        let got = got.map_err(|error| {
-            tracing::warn!(%error, "cannot journal a timed-out wait; entry left pending");
-            Outcome::CutOff
-        })?;
-        let mut learned =
-            std::mem::take(&mut *link.learned.lock().expect("learned lock is never poisoned"));
-        learned.merge(got);
-        // Calls answered while it waited are no longer awaited.
-        awaiting
-            .lock()
-            .expect("awaiting lock is never poisoned")
-            .retain(|a| {
-                a.child_message_id
-                    .as_ref()
-                    .is_none_or(|child| !learned.settled(child))
-            });
-        // A permit again, in line with new work (the semaphore is fair).
-        let permit = tokio::select! {
-            permit = self.services.permits.clone().acquire_owned() => permit.map_err(|_| Outcome::CutOff)?,
-            _ = self.force_stop.cancelled() => return Err(Outcome::CutOff),
-            _ = lease_lost.cancelled() => return Err(Outcome::CutOff),
-        };
-        Ok((learned, permit))
-    }
-
-    /// The writes that end a task, in order: events, the reply to a calling
-    /// agent, the execution record, the XACK.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn finish_writes(
-        &self,
-        command: &ControlCommand,
-        agent_type: &str,
-        origin: &EventOrigin,
-        delivery: &Delivery,
-        execution: &mut wire::Execution,
-        outcome: Outcome,
-        cancel: &CancelSignal,
-    ) -> Vec<Write> {
-        let header = &command.header;
-        let stream: Arc<str> = Arc::from(keys::session_data_stream(&header.session_id));
-        let event = |data: String| Write::Event {
-            stream: stream.clone(),
-            data,
-        };
-        let caller = match command.action {
-            Action::AskAgent { .. } if !header.source_agent_id.is_empty() => {
-                Some(header.source_agent_id.as_str())
-            }
-            _ => None,
-        };
-        let mut writes = Vec::with_capacity(5);
-        let reply_to_caller = |status: &str, reply_data: serde_json::Value| {
-            let caller = caller?;
-            let resume_header = wire::Header {
-                message_id: wire::new_message_id(),
-                session_id: header.session_id.clone(),
-                trace_id: header.trace_id.clone(),
-                source_agent_id: if agent_type.is_empty() {
-                    self.settings.worker_id.to_string()
-                } else {
-                    agent_type.to_owned()
-                },
-                target_agent_type: caller.to_owned(),
-                parent_message_id: header.message_id.clone(),
-                task_group_id: header.task_group_id.clone(),
-                tenant_id: header.tenant_id.clone(),
-                metadata: serde_json::json!({}),
-            };
-            let body = serde_json::json!({
-                "content": "",
-                "status": status,
-                "reply_data": reply_data,
-            });
-            Some(Write::Control {
-                stream: keys::capability_stream(caller),
-                data: wire::control_json("RESUME", &resume_header, &body),
-            })
-        };
-        let status = match outcome {
-            Outcome::Completed(json) => {
-                let result: serde_json::Value =
-                    serde_json::from_str(&json).unwrap_or(serde_json::Value::Null);
-                let metadata = RawValue::from_string(format!("{{\"result\":{json}}}")).ok();
-                let terminal = match caller {
-                    Some(caller) => format!("QUEUED: {caller}"),
-                    None => state::COMPLETED.to_owned(),
-                };
-                if let Some(resume) = reply_to_caller(state::COMPLETED, result) {
-                    writes.push(resume);
-                }
-                writes.push(event(wire::state_event(
-                    origin,
-                    &terminal,
-                    metadata.as_deref(),
-                )));
-                tracing::debug!(elapsed_ms = execution_elapsed(execution), "completed");
-                state::COMPLETED
-            }
-            Outcome::Failed(reason) => {
-                if let Some(resume) =
-                    reply_to_caller(state::FAILED, serde_json::json!({ "error": reason }))
-                {
-                    writes.push(resume);
-                }
-                writes.push(event(wire::state_event(
-                    origin,
-                    &format!("FAILED: {reason}"),
-                    None,
-                )));
-                tracing::warn!(%reason, "failed");
-                state::FAILED
-            }
-            Outcome::Cancelled(reason) => {
-                writes.push(event(wire::state_event(origin, state::CANCELLING, None)));
-                if let Some(resume) =
-                    reply_to_caller(state::CANCELLED, serde_json::json!({ "reason": reason }))
-                {
-                    writes.push(resume);
-                }
-                writes.push(event(wire::state_event(origin, state::CANCELLED, None)));
-                tracing::info!(%reason, "cancelled");
-                state::CANCELLED
-            }
-            Outcome::CutOff | Outcome::Unserved => {
-                unreachable!("cut-off and unserved tasks write nothing")
-            }
-        };
-        if cancel.is_requested() {
-            execution.cancel_requested = true;
-            execution.cancel_reason = cancel.reason();
-        }
-        writes.push(self.executions.finish(execution, status).into());
-        writes.push(self.ack(delivery));
-        writes
-    }
 }
 
 impl Dispatcher {
@@ -757,73 +590,6 @@ impl Dispatcher {
             .commit(session_id, vec![self.ack(delivery)])
             .await;
     }
-
-    /// The clock readings and the reads past the task that a run before
-    /// this one kept in the journal, in one round trip.
-    async fn journaled_reads(
-        &self,
-        message_id: &str,
-    ) -> Result<(Option<String>, Vec<String>), redis::RedisError> {
-        redis::pipe()
-            .cmd("HGET")
-            .arg(keys::task_journal(message_id))
-            .arg(routing::JOURNAL_CLOCKS_FIELD)
-            .cmd("LRANGE")
-            .arg(keys::task_journal_reads(message_id))
-            .arg(0)
-            .arg(-1)
-            .query_async(&mut self.services.redis.clone())
-            .await
-    }
-
-    /// How many events of `message_id` its session's stream holds: what a
-    /// run before this one emitted (read only on a run after another).
-    async fn events_emitted(
-        &self,
-        session_id: &str,
-        message_id: &str,
-    ) -> Result<usize, redis::RedisError> {
-        const PAGE: usize = 500;
-        let stream = keys::session_data_stream(session_id);
-        let mut conn = self.services.redis.clone();
-        let mut start = "-".to_owned();
-        let mut emitted = 0;
-        loop {
-            let page: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-                .arg(&stream)
-                .arg(&start)
-                .arg("+")
-                .arg("COUNT")
-                .arg(PAGE)
-                .query_async(&mut conn)
-                .await?;
-            for entry in &page.ids {
-                let data: Option<String> = entry.get("data");
-                let mine = data
-                    .and_then(|data| serde_json::from_str::<serde_json::Value>(&data).ok())
-                    .is_some_and(|event| event["message_id"] == message_id);
-                if mine {
-                    emitted += 1;
-                }
-            }
-            match page.ids.last() {
-                Some(last) if page.ids.len() == PAGE => start = format!("({}", last.id),
-                _ => return Ok(emitted),
-            }
-        }
-    }
-}
-
-/// What a run after another knows of the run before.
-pub(super) struct Rerun<'a> {
-    /// Events the run before emitted: not emitted again.
-    events: usize,
-    /// SHA-256 (hex) of the plugin it ran on ('' if unknown).
-    plugin_sha256: &'a str,
-    /// The clock readings it journaled, if it read the clocks.
-    clocks: Option<String>,
-    /// The reads past the task it journaled, in order.
-    reads: Vec<String>,
 }
 
 /// Closes a task's link when dropped.
@@ -833,8 +599,4 @@ impl Drop for CloseOnReturn {
     fn drop(&mut self) {
         self.0.close();
     }
-}
-
-fn execution_elapsed(execution: &wire::Execution) -> u64 {
-    wire::now_ms().saturating_sub(execution.started_at)
 }

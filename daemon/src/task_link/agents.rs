@@ -140,6 +140,7 @@ impl TaskLink {
             let read = routing::route_then_read_journal(
                 &mut services.redis.clone(),
                 routes,
+                &origin.session_id,
                 &origin.message_id,
                 &children_ids,
             )

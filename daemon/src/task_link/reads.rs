@@ -167,7 +167,7 @@ impl TaskLink {
             return None;
         }
         let count = ready.len();
-        let key = keys::task_journal_reads(&self.origin.message_id);
+        let key = keys::task_journal_reads(&self.origin.session_id, &self.origin.message_id);
         let mut rpush = redis::cmd("RPUSH");
         rpush.arg(&key).arg(ready);
         learned.reads_journaled = from + count;

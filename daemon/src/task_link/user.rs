@@ -90,6 +90,7 @@ impl TaskLink {
             let read = routing::route_then_read_journal(
                 &mut self.services.redis.clone(),
                 vec![route.clone()],
+                &origin.session_id,
                 &origin.message_id,
                 std::slice::from_ref(&prompt_id),
             )

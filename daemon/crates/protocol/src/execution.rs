@@ -36,6 +36,11 @@ pub struct Execution {
     /// run of the task. Ours, as `plugin_sha256`.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub random_seed: String,
+    /// The tenant the task runs for (`header.tenant_id`), always written
+    /// (even empty): a reply journaled for the task must carry the same.
+    /// Ours, as `plugin_sha256`; a record without it checks nothing.
+    #[serde(default)]
+    pub tenant_id: String,
 }
 
 /// Looks up the execution of a message and, unless it is terminal or runs
@@ -219,6 +224,8 @@ pub struct NewExecution<'a> {
     pub plugin_sha256: &'a str,
     /// A new seed, kept when the task is new (see `Execution::random_seed`).
     pub random_seed: &'a str,
+    /// The tenant of the message (see `Execution::tenant_id`).
+    pub tenant_id: &'a str,
 }
 
 impl Executions {
@@ -255,6 +262,7 @@ impl Executions {
             updated_at: now,
             plugin_sha256: new.plugin_sha256.to_owned(),
             random_seed: new.random_seed.to_owned(),
+            tenant_id: new.tenant_id.to_owned(),
         };
         let json = serde_json::to_string(&execution).expect("execution serializes");
         let reply: Vec<String> = self
@@ -377,6 +385,7 @@ impl Executions {
                 updated_at: now,
                 plugin_sha256: String::new(),
                 random_seed: String::new(),
+                tenant_id: String::new(),
             };
             let json = serde_json::to_string(&execution).expect("execution serializes");
             (execution.execution_id, json)

@@ -41,17 +41,26 @@ pub fn task_group_replied(task_group_id: &str) -> String {
 /// The journal of one task (a hash, ours, not the reference's): each
 /// reply or answer the task received, under the id of the call or prompt it
 /// answers (`<message id>:c<n>`, `:g<n>.<k>`, `:u<n>`), so that a run of the
-/// task after its daemon died finds what the first run was told. The
-/// message id is the key's hash tag: a cluster keeps it on one node.
-pub fn task_journal(message_id: &str) -> String {
-    format!("{PREFIX}:journal:{{{message_id}}}")
+/// task after its daemon died finds what the first run was told. A task is
+/// its message id in its session (the session registry maps message ids
+/// per session): a client that sends another task under the same message id
+/// in another session has a journal of its own, and can neither read nor
+/// fill this one. The message id is the key's hash tag: a cluster keeps a
+/// task's journal keys on one node.
+pub fn task_journal(session_id: &str, message_id: &str) -> String {
+    format!("{PREFIX}:journal:{{{message_id}}}:calls:{session_id}")
 }
 /// What one task read from outside besides replies (a list, ours, not the
-/// reference's): each `history-recent` or `active-workers` result, in the
-/// order the task read them, so that a run of the task after its daemon
-/// died reads the same. Beside [`task_journal`], in its hash slot.
-pub fn task_journal_reads(message_id: &str) -> String {
-    format!("{PREFIX}:journal:{{{message_id}}}:reads")
+/// reference's): each `history-recent`, `active-workers` or outbound HTTP
+/// result, in the order the task read them, so that a run of the task after
+/// its daemon died reads the same. Beside [`task_journal`], in its slot.
+pub fn task_journal_reads(session_id: &str, message_id: &str) -> String {
+    format!("{PREFIX}:journal:{{{message_id}}}:reads:{session_id}")
+}
+/// The clock readings of one task (a string, ours), appended with each batch
+/// of its writes; beside [`task_journal`], in its slot.
+pub fn task_journal_clocks(session_id: &str, message_id: &str) -> String {
+    format!("{PREFIX}:journal:{{{message_id}}}:clocks:{session_id}")
 }
 /// One live process per worker id.
 pub fn worker_lock(worker_id: &str) -> String {

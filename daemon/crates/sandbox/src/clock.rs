@@ -9,6 +9,9 @@
 //! the task writes ([`TaskClocks::journal_if_new`],
 //! [`TaskClocks::from_journal`]), so a run of it on another daemon after a
 //! crash reads the times the first run read before any event it emitted.
+//! The journal only grows: each batch appends the readings taken since the
+//! last (`w<ns>,` for the wall clock, `m<ns>,` for the monotonic one), so a
+//! task that reads the clock before every chunk writes each reading once.
 //!
 //! The log is bounded: a guest that reads the clock more than
 //! [`MAX_READINGS`] times (polling it in a loop) is no longer replayable,
@@ -43,9 +46,11 @@ struct ClockLog {
     monotonic_read: usize,
     /// More than [`MAX_READINGS`] were taken: later ones are not kept.
     overflowed: bool,
-    /// How many readings (of both clocks) the journal holds: those read
-    /// from it, or written to it by [`TaskClocks::journal_if_new`].
-    journaled: usize,
+    /// How many of `wall` the journal holds: read from it, or appended to
+    /// it by [`TaskClocks::journal_if_new`].
+    wall_journaled: usize,
+    /// How many of `monotonic` the journal holds.
+    monotonic_journaled: usize,
 }
 
 impl ClockLog {
@@ -71,57 +76,62 @@ impl TaskClocks {
         !self.lock().overflowed
     }
 
-    /// Clocks that give the readings of `journal` (as [`TaskClocks::journal`]
-    /// wrote it) first, then live ones: for a run of the task on another
-    /// daemon. The monotonic clock goes on from the last reading kept.
+    /// Clocks that give the readings of `journal` (what
+    /// [`TaskClocks::journal_if_new`] appended, in order) first, then live
+    /// ones: for a run of the task on another daemon. The monotonic clock
+    /// goes on from the last reading kept. A token that does not parse ends
+    /// what is read (a journal is only ever appended whole tokens).
     pub fn from_journal(journal: &str) -> Arc<Self> {
-        let kept: JournalOfClocks = serde_json::from_str(journal).unwrap_or_default();
-        let last = kept.monotonic.iter().copied().max().unwrap_or(0);
+        let mut wall = Vec::new();
+        let mut monotonic = Vec::new();
+        for token in journal.split(',').filter(|token| !token.is_empty()) {
+            let (clock, nanos) = token.split_at(1);
+            let Ok(nanos) = nanos.parse::<u64>() else {
+                break;
+            };
+            match clock {
+                "w" => wall.push(Duration::from_nanos(nanos)),
+                "m" => monotonic.push(nanos),
+                _ => break,
+            }
+        }
+        let last = monotonic.iter().copied().max().unwrap_or(0);
         let origin = Instant::now()
             .checked_sub(Duration::from_nanos(last))
             .unwrap_or_else(Instant::now);
         Arc::new(TaskClocks {
             log: Mutex::new(ClockLog {
-                journaled: kept.wall.len() + kept.monotonic.len(),
-                wall: kept.wall.into_iter().map(Duration::from_nanos).collect(),
-                monotonic: kept.monotonic,
+                wall_journaled: wall.len(),
+                monotonic_journaled: monotonic.len(),
+                wall,
+                monotonic,
                 ..ClockLog::default()
             }),
             origin,
         })
     }
 
-    /// The readings so far, as JSON for the task's journal; `None` when
-    /// there are none, or when they are not all kept.
-    pub fn journal(&self) -> Option<String> {
-        let log = self.lock();
-        if log.overflowed || (log.wall.is_empty() && log.monotonic.is_empty()) {
+    /// The readings the journal does not hold yet, as text to append to it
+    /// (`w<ns>,` and `m<ns>,` tokens); `None` when there are none. From then
+    /// on the journal is taken to hold them.
+    pub fn journal_if_new(&self) -> Option<String> {
+        use std::fmt::Write as _;
+        let mut log = self.lock();
+        let (wall, monotonic) = (log.wall_journaled, log.monotonic_journaled);
+        if wall == log.wall.len() && monotonic == log.monotonic.len() {
             return None;
         }
-        let kept = JournalOfClocks {
-            wall: log
-                .wall
-                .iter()
-                .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-                .collect(),
-            monotonic: log.monotonic.clone(),
-        };
-        Some(serde_json::to_string(&kept).expect("numbers serialize"))
-    }
-
-    /// The readings so far, as [`TaskClocks::journal`] gives them, when the
-    /// journal does not hold them all yet; from then on it is taken to.
-    pub fn journal_if_new(&self) -> Option<String> {
-        let readings = {
-            let log = self.lock();
-            if log.readings() == log.journaled {
-                return None;
-            }
-            log.readings()
-        };
-        let journal = self.journal()?;
-        self.lock().journaled = readings;
-        Some(journal)
+        let mut tail = String::with_capacity(24 * (log.readings() - wall - monotonic));
+        for reading in &log.wall[wall..] {
+            let nanos = u64::try_from(reading.as_nanos()).unwrap_or(u64::MAX);
+            let _ = write!(tail, "w{nanos},");
+        }
+        for nanos in &log.monotonic[monotonic..] {
+            let _ = write!(tail, "m{nanos},");
+        }
+        log.wall_journaled = log.wall.len();
+        log.monotonic_journaled = log.monotonic.len();
+        Some(tail)
     }
 
     /// The next run reads the kept readings from the first.
@@ -175,13 +185,6 @@ impl TaskClocks {
     }
 }
 
-/// The clock readings of a task as its journal keeps them: nanoseconds.
-#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
-struct JournalOfClocks {
-    wall: Vec<u64>,
-    monotonic: Vec<u64>,
-}
-
 /// `wasi:clocks/wall-clock` of one store.
 pub(crate) struct WallOf(Arc<TaskClocks>);
 
@@ -233,13 +236,18 @@ mod tests {
     fn a_run_on_another_daemon_reads_the_times_of_the_journal_then_goes_on() {
         let clocks = TaskClocks::new();
         let (wall, monotonic) = clocks.for_store();
-        let first = (wall.now(), monotonic.now());
-        let journal = clocks.journal().expect("readings were taken");
+        let first = (wall.now(), monotonic.now(), wall.now());
+        let journal = clocks.journal_if_new().expect("readings were taken");
         let elsewhere = TaskClocks::from_journal(&journal);
         let (wall, monotonic) = elsewhere.for_store();
-        assert_eq!((wall.now(), monotonic.now()), first);
+        assert_eq!((wall.now(), monotonic.now(), wall.now()), first);
         assert!(monotonic.now() >= first.1);
-        assert_eq!(TaskClocks::new().journal(), None);
+        assert_eq!(TaskClocks::new().journal_if_new(), None);
+        // A torn or foreign token ends what is read: later readings are live.
+        let torn = TaskClocks::from_journal(&format!("{journal}w12x,m5,"));
+        let (wall, monotonic) = torn.for_store();
+        assert_eq!((wall.now(), monotonic.now(), wall.now()), first);
+        assert_ne!(wall.now().as_nanos(), 12);
     }
 
     #[test]
@@ -252,10 +260,18 @@ mod tests {
         assert_eq!(clocks.journal_if_new(), None, "written already");
         monotonic.now();
         let second = clocks.journal_if_new().expect("one more reading");
-        assert_ne!(first, second);
+        // Each batch appends only what is new: one token each.
+        assert!(
+            first.starts_with('w') && second.starts_with('m'),
+            "{first}{second}"
+        );
+        assert_eq!(
+            (first.matches(',').count(), second.matches(',').count()),
+            (1, 1)
+        );
         // A run elsewhere holds what its journal held: nothing new until
         // it reads past it.
-        let elsewhere = TaskClocks::from_journal(&second);
+        let elsewhere = TaskClocks::from_journal(&(first + &second));
         assert_eq!(elsewhere.journal_if_new(), None);
         let (wall, _) = elsewhere.for_store();
         wall.now();
