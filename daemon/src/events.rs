@@ -93,8 +93,8 @@ pub enum Committed {
 }
 
 /// Applies the commands in ARGV (each as its word count, then its words)
-/// only while consumer ARGV[2] holds entry ARGV[3] of stream KEYS[1] in
-/// group ARGV[1]. 1 when applied, 0 when another consumer holds it, -1 when
+/// only while consumer `ARGV[2]` holds entry `ARGV[3]` of stream `KEYS[1]` in
+/// group `ARGV[1]`. 1 when applied, 0 when another consumer holds it, -1 when
 /// it is not pending. The shebang makes Redis refuse the whole script when
 /// it is out of memory, rather than fail half way.
 pub const OWNED_BATCH: &str = r#"#!lua

@@ -4,13 +4,16 @@
 //! [`run`] is the whole daemon; `main.rs` only parses flags, sets up logging
 //! and waits for a signal. Tests start the daemon in-process through [`run`].
 //!
-//! Modules, from the wire inwards: [`wire`] (the protocol's shapes),
-//! [`broker`] (stream commands), [`events`] (the pipelined writer),
-//! [`executions`] (the session registry), [`plugin`] (engine, sandbox, host
-//! functions, loading), [`dispatch`] (task lifecycle and the consuming
-//! loops), [`workspace`] (task directories), [`registry`] (worker
-//! membership), [`config`]; beside them [`bridge`] (HTTP, SSE and
-//! WebSocket for front ends, over [`client`]).
+//! Modules, from the wire inwards: [`broker`] (stream commands), [`events`]
+//! (the pipelined writer), [`dispatch`] (task lifecycle and the consuming
+//! loops), [`task_link`] (a task's host calls over Redis), [`routing`] (which
+//! task awaits which reply, and the journal), [`workspace`] (task
+//! directories), [`registry`] (worker membership), [`history`], [`config`],
+//! [`reload`] and [`config_reload`], [`http`] and [`metrics`]. Beside them,
+//! crates of their own: [`byclaw_protocol`] (the wire's shapes, key names,
+//! the session registry's scripts), [`byclaw_sandbox`] (engine, bindings,
+//! host functions, loading), `byclaw-client` and `byclaw-bridge` (HTTP, SSE
+//! and WebSocket for front ends).
 
 pub mod broker;
 pub mod config;

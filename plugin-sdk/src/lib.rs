@@ -48,6 +48,8 @@
 //! [`is_cancelled`])
 //! look blocking.
 
+#![warn(missing_docs)]
+
 use serde_json::Value;
 use std::fmt;
 use std::path::PathBuf;
@@ -141,11 +143,18 @@ pub trait Hooks {
 /// One of the [`Hooks`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hook {
+    /// The worker loaded this plugin (at start or on a reload).
     WorkerStartup,
+    /// The worker is stopping (after its tasks ended), or this version was
+    /// replaced or removed.
     WorkerShutdown,
+    /// A task is about to be handled (its workspace ready).
     TaskStart,
+    /// A task of this plugin completed.
     TaskComplete,
+    /// A task failed (its error, a trap, the deadline).
     TaskError,
+    /// A task of this plugin was cancelled.
     TaskCancel,
 }
 
@@ -169,6 +178,7 @@ pub struct TaskInfo {
     pub action_type: String,
     /// The agent type it was routed to.
     pub agent_type: String,
+    /// The task's routing header.
     pub header: Header,
 }
 
@@ -508,8 +518,11 @@ impl Manifest {
 /// A tool: name, description, JSON Schema of its arguments.
 #[derive(Debug, Clone)]
 pub struct Tool {
+    /// What a caller names (`call-tool`), unique in the plugin.
     pub name: String,
+    /// What it does, for people and for models choosing a tool.
     pub description: String,
+    /// JSON Schema of its arguments: the host checks every call against it.
     pub input_schema: Value,
 }
 
@@ -531,8 +544,11 @@ impl Tool {
 /// A prompt template with `{variable}` placeholders.
 #[derive(Debug, Clone)]
 pub struct Prompt {
+    /// Its name, unique in the plugin.
     pub name: String,
+    /// What it is for.
     pub description: String,
+    /// The text, with `{variable}` placeholders.
     pub template: String,
 }
 
@@ -554,14 +570,22 @@ impl Prompt {
 /// The routing header of a command; absent fields are empty.
 #[derive(Debug, Clone, Default)]
 pub struct Header {
+    /// This command's id (a RESUME's own id, not the task's it answers).
     pub message_id: String,
+    /// The conversation it belongs to: events, history and answers are
+    /// per session.
     pub session_id: String,
+    /// The W3C trace id (32 hex) of the request that led here.
     pub trace_id: String,
     /// The calling agent type when another agent sent this and waits.
     pub source_agent_id: String,
+    /// The agent type it was sent to.
     pub target_agent_type: String,
+    /// A RESUME: the task it answers (a child's id for an agent's reply).
     pub parent_message_id: String,
+    /// The task group of a `dispatch-group` child, else empty.
     pub task_group_id: String,
+    /// The tenant it runs for, passed on to the agents it calls.
     pub tenant_id: String,
     /// A JSON object.
     pub metadata: Value,
@@ -591,6 +615,7 @@ pub struct Command {
     pub action_type: String,
     /// The agent type it was routed to.
     pub agent_type: String,
+    /// Its routing header.
     pub header: Header,
     /// `body.content`: a JSON string, or a list of message objects.
     pub content: Value,
@@ -893,9 +918,13 @@ pub mod agents {
     /// One task of [`dispatch_group`].
     #[derive(Debug, Clone)]
     pub struct AgentTask {
+        /// The agent type to run it.
         pub target_agent_type: String,
+        /// Its text (`body.content`).
         pub content: String,
+        /// `body.extra_payload`, an object.
         pub payload: Option<Value>,
+        /// Header metadata for the child, an object.
         pub metadata: Option<Value>,
     }
 
@@ -920,7 +949,9 @@ pub mod agents {
     /// A worker of the cluster.
     #[derive(Debug, Clone, PartialEq)]
     pub struct WorkerInfo {
+        /// Its worker id.
         pub worker_id: String,
+        /// The agent types it serves.
         pub capabilities: Vec<String>,
         /// Last heartbeat, ms since the Unix epoch.
         pub last_seen_ms: u64,
@@ -1072,6 +1103,7 @@ pub mod history {
     pub struct HistoryEntry {
         /// `user`, `assistant`, `system` or `tool`.
         pub role: String,
+        /// The message's text.
         pub content: String,
         /// An object (`message_id`, `trace_id`, `agent_id`, ...).
         pub metadata: Value,

@@ -7,10 +7,11 @@
 //! abandoned entries, the worker's control stream).
 
 //!
-//! Modules: [`task`] (one task, from the replay check to the XACK),
-//! [`replies`] (RESUMEs handed to the tasks awaiting them, cancels),
-//! [`readers`] (the loops reading capability streams, abandoned entries and
-//! the worker's control stream), [`dead_letter`].
+//! Modules: `task` (one task, from the replay check to the XACK), `finish`
+//! (the writes that end it), `rerun` (a task run again, and the wait of one
+//! without its instance), `replies` (RESUMEs handed to the tasks awaiting
+//! them, cancels), `readers` (the loops reading capability streams,
+//! abandoned entries and the worker's control stream), `dead_letter`.
 
 mod dead_letter;
 mod finish;

@@ -90,7 +90,7 @@ redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
 return {'route', worker, 1}
 "#;
 
-/// Routes a reply no local waiter took (see [`ROUTE_REPLY`]): one script,
+/// Routes a reply no local waiter took (see `ROUTE_REPLY`): one script,
 /// plus an EXISTS of the worker lock when the route names another worker.
 pub async fn route_reply(
     conn: &mut ConnectionManager,
@@ -193,7 +193,7 @@ impl Journaled {
 /// On a run after a crash: points the routes of the calls about to be
 /// waited for at this worker, then reads what the task's journal holds for
 /// them — one transaction, so a reply is either in what is read or routed
-/// here (see [`ROUTE_REPLY`]).
+/// here (see `ROUTE_REPLY`).
 pub async fn route_then_read_journal(
     conn: &mut ConnectionManager,
     routes: Vec<redis::Cmd>,

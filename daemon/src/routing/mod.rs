@@ -31,7 +31,7 @@
 //! `ask-user` apart: both carry the child's message id.
 //!
 //! Every reply or answer to a task that is still unfinished is also kept in
-//! the task's journal: see [`journal`].
+//! the task's journal: see `journal.rs`.
 
 mod journal;
 

@@ -12,18 +12,34 @@ use std::time::Duration;
 /// Why a client call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    /// Redis could not be reached (or refused the credentials).
     #[error("cannot connect to Redis at {url}: {source}")]
     Connect {
+        /// The URL, without its password.
         url: String,
+        /// What redis-rs said.
         source: redis::RedisError,
     },
+    /// Nobody would run the task: no worker registered for the agent type.
     #[error("no worker serves agent type {agent_type:?} (the registry set is empty)")]
-    NoWorker { agent_type: String },
+    NoWorker {
+        /// The agent type asked for.
+        agent_type: String,
+    },
+    /// A dead letter that cannot be put back on its stream.
     #[error("dead letter {id} cannot be replayed: {reason}")]
-    NotReplayable { id: String, reason: String },
+    NotReplayable {
+        /// Its id in the dead-letter stream.
+        id: String,
+        /// Why not (no source stream, no fields, ...).
+        reason: String,
+    },
+    /// A Redis command failed.
     #[error("Redis {command} failed: {source}")]
     Redis {
+        /// Which command (or script).
         command: &'static str,
+        /// What redis-rs said.
         source: redis::RedisError,
     },
 }
@@ -35,7 +51,9 @@ pub(crate) fn redis_error(command: &'static str) -> impl FnOnce(redis::RedisErro
 /// A command that was sent.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sent {
+    /// The task's id: what its events, its cancel and its answers name.
     pub message_id: String,
+    /// The W3C trace id (32 hex) stamped on the task and what it causes.
     pub trace_id: String,
     /// The stream entry id.
     pub entry_id: String,
@@ -72,8 +90,11 @@ impl CancelStatus {
 /// What a cancel found and did.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CancelResponse {
+    /// What the cancel found.
     pub status: CancelStatus,
+    /// The execution cancelled ('' when none was found).
     pub execution_id: String,
+    /// The worker running it, sent the CANCEL_TASK ('' when none).
     pub worker_id: String,
     /// Why it did not cancel, for the non-success answers.
     pub error: Option<String>,
@@ -83,8 +104,11 @@ pub struct CancelResponse {
 /// stops it at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CancelMode {
+    /// The agent sees `is-cancelled` and may return; stopped after the
+    /// worker's grace (`worker.cancel_grace_ms`) if it does not.
     #[default]
     Graceful,
+    /// Stopped at once.
     Force,
 }
 
@@ -237,7 +261,7 @@ impl Client {
     }
 
     /// Answers the question a task asked with `ask-user` (its ask-user
-    /// event, [`SessionEvent::ask_user_prompt`]): a RESUME to `agent_type`
+    /// event, [`SessionEvent::ask_user_prompt`](crate::SessionEvent::ask_user_prompt)): a RESUME to `agent_type`
     /// whose parent is the waiting task's `message_id`, status
     /// `USER_REPLIED`, the text as `content` and as the form's field
     /// (`reply_data.user_input`). The task goes on under its own message id.

@@ -45,7 +45,9 @@ pub struct TlsPaths {
 pub struct TlsFileError {
     /// `ca_file`, `cert_file` or `key_file`.
     pub which: &'static str,
+    /// The file as configured.
     pub path: PathBuf,
+    /// What was wrong with it (unreadable, not PEM, no key in it, ...).
     pub reason: String,
 }
 

@@ -33,11 +33,13 @@ pub struct DeadLetter {
     pub id: String,
     /// Why it could not be run.
     pub reason: String,
-    /// The stream it was read from, and its id there.
+    /// The stream it was read from.
     pub source_stream: String,
+    /// Its id there.
     pub source_id: String,
-    /// Who gave up on it.
+    /// The consumer group that gave up on it.
     pub consumer_group: String,
+    /// The worker that gave up on it.
     pub worker_id: String,
     /// How often it had been delivered.
     pub delivery_count: u64,

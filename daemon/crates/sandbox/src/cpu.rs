@@ -2,12 +2,12 @@
 //! the host, measured on the thread that runs it, not the time it spends
 //! waiting for other agents, the user or the network.
 //!
-//! The guest runtime polls a task's future ([`CpuMeter::measure`] wraps each
+//! The guest runtime polls a task's future (`CpuMeter::measure` wraps each
 //! poll with the thread's CPU clock); the guest's code runs inside those
 //! polls, and so do the host functions it calls, its tools' instances
 //! included. The epoch callback, which runs on the same thread every
 //! [`EPOCH_TICK`](crate::EPOCH_TICK) of guest execution, asks
-//! [`CpuMeter::check`] and ends the store with [`CpuBudgetExceeded`] once the
+//! `CpuMeter::check` and ends the store with [`CpuBudgetExceeded`] once the
 //! task has used its budget. Without a budget nothing is measured.
 
 use std::future::Future;

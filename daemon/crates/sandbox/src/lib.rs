@@ -3,7 +3,7 @@
 //! policy.
 //!
 //! It owns the engine and everything a plugin is made of — the WIT
-//! bindings ([`bindings`], one `bindgen!`), the host functions ([`host`],
+//! bindings (`bindings`, one `bindgen!`), the host functions ([`host`],
 //! one file per WIT interface), loading and checking a plugin directory
 //! ([`loader`]), the compile cache, per-plugin policies ([`policy`],
 //! `[plugins]` in [`config`]), lifecycle hooks ([`hooks`]) — and nothing of

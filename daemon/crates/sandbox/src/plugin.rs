@@ -270,7 +270,7 @@ impl Plugin {
     /// Runs `handle(command)` in a fresh instance on the guest runtime.
     /// Deadline and cancellation are the caller's: drop the future to stop
     /// the guest (it yields at every epoch tick, so it stops within
-    /// [`EPOCH_TICK`]).
+    /// [`EPOCH_TICK`](crate::EPOCH_TICK)).
     pub async fn handle(
         self: &Arc<Self>,
         host: TaskHost,
