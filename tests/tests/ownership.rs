@@ -79,6 +79,50 @@ async fn info_field(conn: &mut MultiplexedConnection, section: &str, field: &str
         .unwrap_or(0)
 }
 
+/// Puts Redis at its memory limit under `noeviction`: XADD, HSET, HSETNX
+/// and the like are refused (OOM), XACK and XDEL are not.
+async fn fill_redis(conn: &mut MultiplexedConnection) -> anyhow::Result<()> {
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("noeviction")
+        .arg("maxmemory")
+        .arg("1")
+        .query_async::<()>(conn)
+        .await?;
+    Ok(())
+}
+
+/// Lifts the limit [`fill_redis`] set.
+async fn redis_takes_writes_again(conn: &mut MultiplexedConnection) -> anyhow::Result<()> {
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("0")
+        .query_async::<()>(conn)
+        .await?;
+    Ok(())
+}
+
+/// How many `command` calls Redis refused before running them (`INFO
+/// commandstats`, `rejected_calls`: out of memory, in a transaction too).
+async fn rejected_calls(conn: &mut MultiplexedConnection, command: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .unwrap_or_default();
+    info.lines()
+        .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:")))
+        .and_then(|stats| {
+            stats
+                .split(',')
+                .find_map(|stat| stat.strip_prefix("rejected_calls="))
+                .and_then(|n| n.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_refused_by_a_full_redis_leave_entries_pending_until_they_apply()
 -> anyhow::Result<()> {
@@ -97,14 +141,7 @@ async fn writes_refused_by_a_full_redis_leave_entries_pending_until_they_apply()
     // Redis full, noeviction: XADD and HSET are refused, XACK and XDEL are
     // not. Held while every task streams its chunks and finishes.
     let oom_before = info_field(&mut bed.conn, "errorstats", "errorstat_OOM").await;
-    redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("maxmemory-policy")
-        .arg("noeviction")
-        .arg("maxmemory")
-        .arg("1")
-        .query_async::<()>(&mut bed.conn)
-        .await?;
+    fill_redis(&mut bed.conn).await?;
     wait_for("the daemon's writes refused", LONG, || {
         let mut conn = bed.conn.clone();
         async move {
@@ -136,12 +173,7 @@ async fn writes_refused_by_a_full_redis_leave_entries_pending_until_they_apply()
         sent.len() as u64,
         "every entry stays pending while its outcome cannot be written"
     );
-    redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("maxmemory")
-        .arg("0")
-        .query_async::<()>(&mut bed.conn)
-        .await?;
+    redis_takes_writes_again(&mut bed.conn).await?;
 
     for task in &sent {
         let events = task_events(&mut bed.conn, &task.session_id, &task.message_id, LONG).await?;
@@ -161,25 +193,6 @@ async fn writes_refused_by_a_full_redis_leave_entries_pending_until_they_apply()
     Ok(())
 }
 
-/// How many `command` calls Redis refused before running them (`INFO
-/// commandstats`, `rejected_calls`: out of memory, in a transaction too).
-async fn rejected_calls(conn: &mut MultiplexedConnection, command: &str) -> u64 {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(conn)
-        .await
-        .unwrap_or_default();
-    info.lines()
-        .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:")))
-        .and_then(|stats| {
-            stats
-                .split(',')
-                .find_map(|stat| stat.strip_prefix("rejected_calls="))
-                .and_then(|n| n.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// A `late-call` task (faults fixture) waits for a call that times out
 /// while Redis is full (`noeviction`): the timeout cannot be journaled, so
 /// the run stops there and leaves its entry pending. Once Redis takes writes
@@ -196,14 +209,7 @@ async fn a_timeout_refused_by_a_full_redis(evict_after_ms: u64) -> anyhow::Resul
     let child = format!("{}:c1", task.message_id);
     wait_record_status(&bed.conn, &task.session_id, &child, "RUNNING").await?;
     let refused_before = rejected_calls(&mut bed.conn, "hsetnx").await;
-    redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("maxmemory-policy")
-        .arg("noeviction")
-        .arg("maxmemory")
-        .arg("1")
-        .query_async::<()>(&mut bed.conn)
-        .await?;
+    fill_redis(&mut bed.conn).await?;
     // The call times out 1.5 s after it was sent; its journal write is refused.
     wait_for("the timeout's journal write refused", LONG, || {
         let mut conn = bed.conn.clone();
@@ -217,12 +223,7 @@ async fn a_timeout_refused_by_a_full_redis(evict_after_ms: u64) -> anyhow::Resul
         0,
         "the task ran again before Redis took writes"
     );
-    redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("maxmemory")
-        .arg("0")
-        .query_async::<()>(&mut bed.conn)
-        .await?;
+    redis_takes_writes_again(&mut bed.conn).await?;
 
     let events = task_events(&mut bed.conn, &task.session_id, &task.message_id, LONG).await?;
     let call = task_result(&events).expect("a result")["call"]
