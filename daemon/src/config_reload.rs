@@ -7,6 +7,7 @@
 //! changes nothing. Values are never logged (they hold API keys).
 
 use crate::config::{Config, PluginsConfig, Source};
+use crate::metrics::{ConfigApplied, ConfigRejected};
 use crate::reload::{WatchError, settle, watch_dir};
 use arc_swap::ArcSwap;
 use byclaw_sandbox::loader::PluginTable;
@@ -95,11 +96,10 @@ impl ConfigReloader {
         let fresh = match self.source.load() {
             Ok(fresh) => fresh,
             Err(errors) => {
-                self.stats.metrics.config_reload(false);
-                tracing::error!(
-                    file = %self.source.file.display(),
-                    "configuration not reloaded; the running one stays:\n{errors}"
-                );
+                self.stats.metrics.emit(ConfigRejected {
+                    file: &self.source.file,
+                    errors: &errors,
+                });
                 return;
             }
         };
@@ -124,15 +124,11 @@ impl ConfigReloader {
                 );
             }
             self.current.plugins = keep_restart_only(&self.current.plugins, fresh.plugins);
-            tracing::info!(keys = ?live, plugins = plugins.plugins().count(), "plugin policies reloaded; tasks started from now on get them");
         }
-        if !at_restart.is_empty() {
-            tracing::warn!(keys = ?at_restart, "changed in the configuration file; takes effect at the next restart");
-        }
-        if live.is_empty() && at_restart.is_empty() {
-            tracing::debug!("configuration file read again; nothing changed");
-        }
-        self.stats.metrics.config_reload(true);
+        self.stats.metrics.emit(ConfigApplied {
+            live: &live,
+            at_restart: &at_restart,
+        });
     }
 }
 

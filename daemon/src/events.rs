@@ -524,16 +524,12 @@ impl Lane {
                 return Some(Vec::new());
             }
             attempt += 1;
-            self.config
-                .metrics
-                .redis_error(crate::metrics::RedisOperation::Write);
-            tracing::warn!(
-                lane = self.index,
+            self.config.metrics.emit(crate::metrics::PipelineRefused {
+                lane: self.index,
                 writes,
                 attempt,
-                %error,
-                "event pipeline not applied; retrying"
-            );
+                error: &error,
+            });
             tokio::select! {
                 _ = tokio::time::sleep(backoff.next_wait()) => {}
                 _ = self.force_stop.cancelled() => return None,

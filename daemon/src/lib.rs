@@ -132,11 +132,13 @@ pub async fn run_with(
     let loaded = byclaw_sandbox::loader::load_dir(&sandbox, &config.plugins.dir).await?;
     let metrics = options.stats.metrics.clone();
     for rejected in &loaded.rejected {
-        tracing::error!(error = %rejected, "plugin skipped");
-        metrics.plugin_load(false);
+        metrics.emit(metrics::PluginRejected { error: rejected });
     }
-    for _ in loaded.table.plugins() {
-        metrics.plugin_load(true);
+    for plugin in loaded.table.plugins() {
+        metrics.emit(metrics::PluginLoaded {
+            plugin: &plugin.label(),
+            path: &plugin.path,
+        });
     }
     for (capability, plugin) in &loaded.table.by_capability {
         tracing::info!(%capability, plugin = %plugin.label(), path = %plugin.path.display(), "serving");

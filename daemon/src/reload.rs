@@ -10,6 +10,7 @@
 //! streams from the next fetch; the worker registry follows after it.
 
 use crate::broker;
+use crate::metrics::{PluginLoaded, PluginRejected};
 use crate::registry::Membership;
 use arc_swap::ArcSwap;
 use byclaw_protocol::keys;
@@ -114,8 +115,7 @@ impl Reloader {
             .await
             .map_err(ReloadError::Dir)?;
         for rejected in &loaded.rejected {
-            tracing::error!(error = %rejected, "plugin file not loaded");
-            self.metrics.plugin_load(false);
+            self.metrics.emit(PluginRejected { error: rejected });
         }
         for (path, serving) in &loaded.kept {
             tracing::warn!(path = %path.display(), plugin = %serving, "the file did not load; the previous version keeps serving");
@@ -133,8 +133,11 @@ impl Reloader {
                 .plugin(&plugin.manifest.id)
                 .is_none_or(|old| !Arc::ptr_eq(old, plugin))
         };
-        for _ in loaded.table.plugins().filter(is_new) {
-            self.metrics.plugin_load(true);
+        for plugin in loaded.table.plugins().filter(is_new) {
+            self.metrics.emit(PluginLoaded {
+                plugin: &plugin.label(),
+                path: &plugin.path,
+            });
         }
         hooks::worker_hooks(loaded.table.plugins().filter(is_new), true, &self.worker_id).await;
         let capabilities: Vec<String> = after.iter().cloned().collect();

@@ -12,13 +12,6 @@ impl Dispatcher {
         reason: String,
         session: Option<String>,
     ) {
-        tracing::warn!(
-            stream = %delivery.stream,
-            entry_id = %delivery.id,
-            deliveries = delivery.deliveries,
-            %reason,
-            "entry dead-lettered"
-        );
         let mut fields: Vec<(String, Vec<u8>)> = vec![
             ("reason".into(), reason.clone().into_bytes()),
             ("source_stream".into(), delivery.stream.as_bytes().to_vec()),
@@ -82,7 +75,12 @@ impl Dispatcher {
         if self.writer.commit(lane, writes).await.is_err() {
             tracing::warn!(entry_id = %delivery.id, "writer stopped; dead-letter entry left pending");
         } else {
-            self.services.metrics.dead_lettered();
+            self.services.metrics.emit(DeadLettered {
+                stream: &delivery.stream,
+                entry_id: &delivery.id,
+                deliveries: delivery.deliveries,
+                reason: &reason,
+            });
         }
     }
 }

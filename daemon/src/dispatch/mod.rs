@@ -24,7 +24,11 @@ use crate::broker::{self, Delivery};
 use crate::config::HistoryBackend;
 use crate::events::{Committed, Lease, Write, Writer};
 use crate::history::{HistoryEntry, Role};
-use crate::metrics::{RedisOperation, TaskOutcome, TaskTimer};
+use crate::metrics::{
+    CopySkipped, DeadLettered, EntryTakenOver, LeaseLost, MemoryBudgetWaited, RedisFailed,
+    RedisOperation, RedisReadsAgain, ReplyDropped, ReplyJournaled, ReplyRefused, StreamTrimmed,
+    TaskEvicted, TaskOutcome, TaskRerun, TaskTimer,
+};
 use crate::routing::{self, Delivered, Reply, ReplyKind, Route, Routed, WaitKey};
 use crate::task_link::{AwaitedChild, Learned, Services, Suspension, TaskLink};
 use crate::workspace::Workspaces;

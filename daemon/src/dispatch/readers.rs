@@ -105,8 +105,7 @@ impl Dispatcher {
             match read {
                 Ok(deliveries) => {
                     if backoff.succeeded() {
-                        self.services.metrics.redis_reconnected();
-                        tracing::info!("reading capability streams works again");
+                        self.services.metrics.emit(RedisReadsAgain);
                     }
                     for delivery in interleave_streams(deliveries) {
                         match held.pop() {
@@ -116,8 +115,10 @@ impl Dispatcher {
                     }
                 }
                 Err(error) => {
-                    self.services.metrics.redis_error(RedisOperation::Read);
-                    tracing::warn!(%error, "reading capability streams failed; retrying");
+                    self.services.metrics.emit(RedisFailed {
+                        operation: RedisOperation::Read,
+                        error: &error,
+                    });
                     if error.is_missing_group() {
                         self.recreate_groups(&mut conn, table.streams()).await;
                     }
@@ -197,8 +198,10 @@ impl Dispatcher {
                     return;
                 }
                 if let Err(error) = self.claim_stream(&mut conn, stream, &permits).await {
-                    self.services.metrics.redis_error(RedisOperation::Claim);
-                    tracing::warn!(%error, "claiming abandoned entries failed");
+                    self.services.metrics.emit(RedisFailed {
+                        operation: RedisOperation::Claim,
+                        error: &error,
+                    });
                 }
             }
         }
@@ -228,24 +231,17 @@ impl Dispatcher {
                     return;
                 }
                 match broker::trim(&mut conn, stream, self.settings.control_maxlen).await {
-                    Ok(trimmed) => {
-                        let metrics = &self.services.metrics;
-                        metrics.control_trimmed(stream, "consumed", trimmed.consumed);
-                        metrics.control_trimmed(stream, "maxlen", trimmed.over_cap);
-                        if trimmed.over_cap > 0 {
-                            tracing::warn!(
-                                %stream,
-                                trimmed = trimmed.over_cap,
-                                control_maxlen = self.settings.control_maxlen,
-                                "capability stream past streams.control_maxlen; its oldest entries were trimmed, read or not"
-                            );
-                        } else if trimmed.consumed > 0 {
-                            tracing::debug!(%stream, trimmed = trimmed.consumed, "consumed entries trimmed");
-                        }
-                    }
+                    Ok(trimmed) => self.services.metrics.emit(StreamTrimmed {
+                        stream,
+                        consumed: trimmed.consumed,
+                        over_cap: trimmed.over_cap,
+                        control_maxlen: self.settings.control_maxlen,
+                    }),
                     Err(error) => {
-                        self.services.metrics.redis_error(RedisOperation::Trim);
-                        tracing::warn!(%error, "trimming a capability stream failed");
+                        self.services.metrics.emit(RedisFailed {
+                            operation: RedisOperation::Trim,
+                            error: &error,
+                        });
                     }
                 }
             }
@@ -323,8 +319,10 @@ impl Dispatcher {
         backlog.retain(|(delivery, _)| {
             let keep = !(delivery.stream == *stream && lost.contains(&delivery.id));
             if !keep {
-                self.services.metrics.lease_lost();
-                tracing::warn!(%stream, entry_id = %delivery.id, "another worker took over an entry waiting here; dropped");
+                self.services.metrics.emit(LeaseLost::WhileQueued {
+                    stream,
+                    entry_id: &delivery.id,
+                });
             }
             keep
         });
@@ -381,20 +379,18 @@ impl Dispatcher {
             &candidates,
         )
         .await?;
-        self.services.metrics.claimed(claimed.len() as u64);
         for delivery in claimed {
             let from = candidates
                 .iter()
                 .find(|c| c.id == delivery.id)
                 .map(|c| c.consumer.clone())
                 .unwrap_or_default();
-            tracing::info!(
-                stream = %delivery.stream,
-                entry_id = %delivery.id,
-                from_consumer = %from,
-                deliveries = delivery.deliveries,
-                "took over an abandoned entry"
-            );
+            self.services.metrics.emit(EntryTakenOver {
+                stream: &delivery.stream,
+                entry_id: &delivery.id,
+                from_consumer: &from,
+                deliveries: delivery.deliveries,
+            });
             let permit = held.pop().expect("one permit per candidate");
             self.spawn(delivery, permit);
         }
@@ -458,8 +454,10 @@ impl Dispatcher {
                     deliveries
                 }
                 Err(error) => {
-                    self.services.metrics.redis_error(RedisOperation::Control);
-                    tracing::warn!(%error, "reading the worker control stream failed; retrying");
+                    self.services.metrics.emit(RedisFailed {
+                        operation: RedisOperation::Control,
+                        error: &error,
+                    });
                     if error.is_missing_group() {
                         self.recreate_groups(&mut conn, &streams).await;
                     }

@@ -173,12 +173,10 @@ impl Dispatcher {
                         "reply handed to the task awaiting it"
                     );
                 } else {
-                    self.services.metrics.journaled_reply();
-                    tracing::info!(
-                        parent_message_id = %header.parent_message_id,
-                        resume_id = %header.message_id,
-                        "reply kept in its task's journal; the task is not waiting here"
-                    );
+                    self.services.metrics.emit(ReplyJournaled {
+                        parent_message_id: &header.parent_message_id,
+                        resume_id: &header.message_id,
+                    });
                 }
                 let mut writes = Vec::with_capacity(2);
                 if !header.task_group_id.is_empty() {
@@ -201,14 +199,12 @@ impl Dispatcher {
     /// Acknowledges a reply that names a task of another session or
     /// tenant, and counts it: it reaches neither the task nor its journal.
     async fn refuse_foreign(&self, delivery: &Delivery, header: &wire::Header) {
-        self.services.metrics.foreign_reply();
-        tracing::warn!(
-            parent_message_id = %header.parent_message_id,
-            resume_id = %header.message_id,
-            session_id = %header.session_id,
-            tenant_id = %header.tenant_id,
-            "reply refused: it comes from another session or tenant than the task it names"
-        );
+        self.services.metrics.emit(ReplyRefused {
+            parent_message_id: &header.parent_message_id,
+            resume_id: &header.message_id,
+            session_id: &header.session_id,
+            tenant_id: &header.tenant_id,
+        });
         let _ = self
             .writer
             .commit(&header.session_id, vec![self.ack(delivery)])
@@ -221,13 +217,11 @@ impl Dispatcher {
     /// counter, in the same pipeline: once per child (a set), so a
     /// redelivery adds nothing while a reply that came too late still shows.
     async fn drop_duplicate(&self, delivery: &Delivery, header: &wire::Header, why: &str) {
-        self.services.metrics.duplicate_reply();
-        tracing::info!(
-            parent_message_id = %header.parent_message_id,
-            resume_id = %header.message_id,
+        self.services.metrics.emit(ReplyDropped {
+            parent_message_id: &header.parent_message_id,
+            resume_id: &header.message_id,
             why,
-            "reply dropped"
-        );
+        });
         let mut writes = Vec::with_capacity(2);
         if !header.task_group_id.is_empty() {
             writes.push(Write::Command(count_group_reply(header)));

@@ -32,11 +32,9 @@ impl Dispatcher {
         deadline_at: tokio::time::Instant,
         deadline: Duration,
     ) -> Result<(Learned, OwnedSemaphorePermit), Outcome> {
-        let _suspended = self.services.metrics.evicted();
-        tracing::debug!(
-            waits = suspension.waits.len(),
-            "instance dropped while waiting; the task runs again when the reply comes"
-        );
+        let _suspended = self.services.metrics.emit(TaskEvicted {
+            waits: suspension.waits.len(),
+        });
         let mut conn = self.services.redis.clone();
         let got = tokio::select! {
             got = suspension.wait(&mut conn, &link.origin.session_id, &link.origin.message_id) => got,

@@ -93,8 +93,10 @@ impl Dispatcher {
             }) => {
                 // The message sent again (by a caller run again after its
                 // daemon died): it runs from the entry that started it.
-                self.services.metrics.copy_skipped();
-                tracing::info!(%execution_id, runs_from = %entry, "already running from another entry; this copy acknowledged and skipped");
+                self.services.metrics.emit(CopySkipped {
+                    execution_id: &execution_id,
+                    runs_from: &entry,
+                });
                 self.ack_skipped(&delivery, &header.session_id).await;
                 unregister();
                 return;
@@ -126,11 +128,9 @@ impl Dispatcher {
             );
             match emitted.and_then(|emitted| Ok((emitted, journal?))) {
                 Ok(emitted) => {
-                    self.services.metrics.rerun();
-                    tracing::info!(
-                        events_emitted = emitted.0,
-                        "run again after another run stopped; replies from its journal, emitted events not repeated"
-                    );
+                    self.services.metrics.emit(TaskRerun {
+                        events_emitted: emitted.0,
+                    });
                     Some(emitted)
                 }
                 Err(error) => {
@@ -218,10 +218,7 @@ impl Dispatcher {
             )
             .await;
         if lease_lost.is_cancelled() {
-            self.services.metrics.lease_lost();
-            tracing::warn!(
-                "another worker took the entry over; this run stopped and wrote no outcome"
-            );
+            self.services.metrics.emit(LeaseLost::WhileRunning);
         } else if let Outcome::CutOff = outcome {
             tracing::warn!("cut off by shutdown; entry left pending for another worker");
         } else if let Outcome::Unserved = outcome {
@@ -295,10 +292,7 @@ impl Dispatcher {
             match self.writer.commit(&header.session_id, vec![owned]).await {
                 Ok(Committed::Applied) => {}
                 Ok(Committed::NotOwner) => {
-                    self.services.metrics.lease_lost();
-                    tracing::warn!(
-                        "another worker took the entry over before the outcome was written; nothing written, the other run's outcome stands"
-                    );
+                    self.services.metrics.emit(LeaseLost::BeforeOutcome);
                 }
                 Ok(Committed::Gone) => tracing::info!(
                     "entry no longer pending when the outcome was written; nothing written"
@@ -439,7 +433,7 @@ impl Dispatcher {
             tokio::select! {
                 waited = plugin.guest_memory().admit() => {
                     if waited {
-                        self.services.metrics.memory_budget_wait();
+                        self.services.metrics.emit(MemoryBudgetWaited);
                     }
                 }
                 _ = cancel.requested_token.cancelled() => return Outcome::Cancelled(cancel.reason()),

@@ -446,15 +446,23 @@ impl TaskPort for TaskLink {
     }
 
     fn host_call(&self, import: HostImport, took: Duration) {
-        self.services.metrics.host_call(import, took);
+        self.services
+            .metrics
+            .emit(crate::metrics::HostCallEnded { import, took });
     }
 
     fn guest_output_dropped(&self, lines: u64) {
-        self.services.metrics.guest_log_dropped(lines);
+        self.services
+            .metrics
+            .emit(crate::metrics::GuestLogDropped { lines });
     }
 
     fn tool_call(&self, caller: &str, owner: &str, allowed: bool) {
-        self.services.metrics.tool_call(caller, owner, allowed);
+        self.services.metrics.emit(crate::metrics::ToolCalled {
+            caller,
+            owner,
+            allowed,
+        });
     }
 }
 

@@ -1,12 +1,18 @@
 //! What the daemon counts for operators, and its Prometheus exposition.
 //!
-//! Counters and histograms are updated where things happen (dispatch, the
-//! host functions, the loops); the capability streams' lag, pending count
+//! Counters and histograms move where things happen (dispatch, the host
+//! functions, the loops), only through the internal events of
+//! [`events`], each of which also writes the log line that explains it;
+//! the capability streams' lag, pending count
 //! and oldest pending age are read from Redis when `/metrics` is scraped
 //! (one pipelined round trip); lifecycle hook and history counts are read
 //! from their own stats then. Labels are low-cardinality only: agent type,
 //! plugin `id@version`, outcome, stream, host import — never a session or
 //! message id.
+
+mod events;
+
+pub use events::*;
 
 use byclaw_sandbox::{HookStats, HostImport};
 use prometheus_client::collector::Collector;
@@ -395,68 +401,6 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
-    /// A call of a host function that ended after `took`.
-    pub fn host_call(&self, import: HostImport, took: Duration) {
-        let (calls, duration) = &self.host_calls[import as usize];
-        calls.inc();
-        duration.observe(took.as_secs_f64());
-    }
-
-    /// An entry went to the dead-letter stream.
-    pub fn dead_lettered(&self) {
-        self.dead_letters.inc();
-    }
-
-    /// `count` abandoned entries were taken over.
-    pub fn claimed(&self, count: u64) {
-        self.claimed.inc_by(count);
-    }
-
-    /// Entries trimmed from `stream` for `reason` (`consumed`, `maxlen`).
-    pub fn control_trimmed(&self, stream: &str, reason: &'static str, count: u64) {
-        if count > 0 {
-            self.control_trimmed
-                .get_or_create(&vec![
-                    ("stream", stream.to_owned()),
-                    ("reason", reason.to_owned()),
-                ])
-                .inc_by(count);
-        }
-    }
-
-    /// Another worker took over an entry a task of ours was running.
-    pub fn lease_lost(&self) {
-        self.leases_lost.inc();
-    }
-
-    /// A reply to a call already answered was dropped.
-    pub fn duplicate_reply(&self) {
-        self.duplicate_replies.inc();
-    }
-
-    /// A reply was kept in its task's journal, nobody waiting for it now.
-    pub fn journaled_reply(&self) {
-        self.journaled_replies.inc();
-    }
-
-    /// A task runs again from its journal.
-    pub fn rerun(&self) {
-        self.reruns.inc();
-    }
-
-    /// An entry was skipped: its message runs from another entry.
-    pub fn copy_skipped(&self) {
-        self.copies_skipped.inc();
-    }
-
-    /// A waiting task's instance was dropped; it waits without one until
-    /// the returned guard is dropped.
-    pub fn evicted(&self) -> SuspendedGuard {
-        self.evictions.inc();
-        self.tasks_suspended.inc();
-        SuspendedGuard(self.tasks_suspended.clone())
-    }
-
     /// How many waiting tasks had their instance dropped so far.
     pub fn evictions_total(&self) -> u64 {
         self.evictions.get()
@@ -467,53 +411,21 @@ impl Metrics {
         self.tasks_suspended.get()
     }
 
-    /// A task waited for the memory budget before it started.
-    pub fn memory_budget_wait(&self) {
-        self.memory_budget_waits.inc();
-    }
-
     /// How many tasks waited for the memory budget so far.
     pub fn memory_budget_waits_total(&self) -> u64 {
         self.memory_budget_waits.get()
     }
 
-    /// Code of the plugin `caller` called (or was refused) a tool of `owner`.
-    pub fn tool_call(&self, caller: &str, owner: &str, allowed: bool) {
-        let outcome = if allowed { "called" } else { "refused" };
-        self.tool_calls
-            .get_or_create(&vec![
-                ("caller", caller.to_owned()),
-                ("plugin", owner.to_owned()),
-                ("outcome", outcome.to_owned()),
-            ])
-            .inc();
-    }
-
     /// How many tool calls `caller` made to `owner`'s tools with this outcome.
     pub fn tool_calls_total(&self, caller: &str, owner: &str, allowed: bool) -> u64 {
-        let outcome = if allowed { "called" } else { "refused" };
         self.tool_calls
-            .get_or_create(&vec![
-                ("caller", caller.to_owned()),
-                ("plugin", owner.to_owned()),
-                ("outcome", outcome.to_owned()),
-            ])
+            .get_or_create(&tool_call_labels(caller, owner, allowed))
             .get()
-    }
-
-    /// A reply from another session or tenant was refused.
-    pub fn foreign_reply(&self) {
-        self.foreign_replies.inc();
     }
 
     /// How many replies from another session or tenant were refused so far.
     pub fn foreign_replies_total(&self) -> u64 {
         self.foreign_replies.get()
-    }
-
-    /// A task's guest wrote `lines` log lines past its budget.
-    pub fn guest_log_dropped(&self, lines: u64) {
-        self.guest_log_dropped.inc_by(lines);
     }
 
     /// How many guest log lines were dropped so far.
@@ -542,32 +454,18 @@ impl Metrics {
         self.duplicate_replies.get()
     }
 
-    /// A plugin file was loaded (`true`) or rejected.
-    pub fn plugin_load(&self, loaded: bool) {
-        let result = if loaded { "loaded" } else { "failed" };
+    /// How many plugin files loaded so far (at start and on reloads).
+    pub fn plugins_loaded_total(&self) -> u64 {
         self.plugin_loads
-            .get_or_create(&vec![("result", result.to_owned())])
-            .inc();
+            .get_or_create(&vec![("result", "loaded".to_owned())])
+            .get()
     }
 
-    /// The configuration file was read again: applied or rejected.
-    pub fn config_reload(&self, applied: bool) {
-        let result = if applied { "applied" } else { "rejected" };
-        self.config_reloads
-            .get_or_create(&vec![("result", result.to_owned())])
-            .inc();
-    }
-
-    /// A Redis command failed.
-    pub fn redis_error(&self, operation: RedisOperation) {
-        self.redis_errors
-            .get_or_create(&vec![("operation", operation.name().to_owned())])
-            .inc();
-    }
-
-    /// Reading worked again after a failure.
-    pub fn redis_reconnected(&self) {
-        self.redis_reconnects.inc();
+    /// How many plugin files failed to load so far.
+    pub fn plugins_failed_total(&self) -> u64 {
+        self.plugin_loads
+            .get_or_create(&vec![("result", "failed".to_owned())])
+            .get()
     }
 
     /// Replaces the stream gauges with what was just read (streams no
@@ -595,6 +493,16 @@ impl Metrics {
             .expect("writing to a String cannot fail");
         text
     }
+}
+
+/// The labels of a tool call's series.
+fn tool_call_labels(caller: &str, owner: &str, allowed: bool) -> Labels {
+    let outcome = if allowed { "called" } else { "refused" };
+    vec![
+        ("caller", caller.to_owned()),
+        ("plugin", owner.to_owned()),
+        ("outcome", outcome.to_owned()),
+    ]
 }
 
 /// A task in flight; see [`Metrics::task_started`].
