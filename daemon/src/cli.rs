@@ -85,6 +85,13 @@ pub(crate) enum Command {
     /// list, show, replay onto their streams, purge.
     #[command(subcommand)]
     DeadLetters(DeadLettersCommand),
+    /// The plugin author's loop: build the plugin project in DIR (its
+    /// `build.sh OUT.wasm`, else cargo for wasm32-wasip2), serve it on the
+    /// configured Redis (a redis-server is started when none answers on a
+    /// loopback address), rebuild and hot-reload on every save of its
+    /// sources, and talk to it as `chat` does. Exits when standard input
+    /// ends (or at Ctrl-C with --no-chat), stopping what it started.
+    Dev(DevArgs),
     /// Run only the bridge for front ends ([bridge] listen, tokens: HTTP
     /// API, SSE, WebSocket, chat page), whatever bridge.enabled says; workers
     /// run elsewhere on the same Redis.
@@ -135,6 +142,20 @@ pub(crate) struct ChatArgs {
     /// Continue this session [default: a new one, printed on stderr].
     #[arg(long, value_name = "ID")]
     pub(crate) session: Option<String>,
+}
+
+/// `gatewayd dev [DIR] [--agent TYPE] [--no-chat]`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct DevArgs {
+    /// The plugin project.
+    #[arg(value_name = "DIR", default_value = ".")]
+    pub(crate) dir: PathBuf,
+    /// The agent type to talk to [default: the plugin's first capability].
+    #[arg(long, value_name = "TYPE")]
+    pub(crate) agent: Option<String>,
+    /// Serve and rebuild only; no conversation (stop with Ctrl-C).
+    #[arg(long)]
+    pub(crate) no_chat: bool,
 }
 
 /// `gatewayd dead-letters list|show|replay|purge`.
@@ -222,6 +243,28 @@ pub(crate) enum PluginsCommand {
     /// List what the daemon would load from plugins.dir (JSON, one line per
     /// plugin; rejected files on stderr).
     List,
+    /// Write a working plugin project to start from: an agent that streams
+    /// its answer word by word and offers a tool with a JSON Schema, a
+    /// README, and `build.sh OUT.wasm` with pinned tools. Prints the files
+    /// written and the commands to run next. Needs no configuration or
+    /// Redis; exits 2 for an invalid NAME, 1 when it cannot write.
+    New {
+        /// The plugin's id and the agent type it serves: lowercase letters,
+        /// digits and '-', starting with a letter.
+        #[arg(value_name = "NAME")]
+        name: String,
+        /// The template's language.
+        #[arg(long, value_enum)]
+        lang: gatewayd::scaffold::Lang,
+        /// Where to write it, a new or empty directory [default: ./NAME].
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        /// Rust: the plugin SDK's directory (plugin-sdk/ of the gatewayd
+        /// source) for the project's Cargo.toml [default: $BYCLAW_PLUGIN_SDK,
+        /// else the source tree gatewayd was built from].
+        #[arg(long, value_name = "PATH")]
+        sdk: Option<PathBuf>,
+    },
 }
 
 /// `gatewayd history SESSION_ID [--limit N] [--json]`.

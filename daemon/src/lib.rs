@@ -27,6 +27,7 @@ pub mod registry;
 pub mod reload;
 mod retry;
 pub mod routing;
+pub mod scaffold;
 pub mod task_link;
 pub mod workspace;
 

@@ -13,6 +13,7 @@ use tracing_subscriber::EnvFilter;
 
 mod cli;
 mod console;
+mod dev;
 
 use cli::*;
 
@@ -29,7 +30,24 @@ fn main() -> ExitCode {
         // SAFETY: called first thing in main, before any other thread exists.
         unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
     }
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    // Writing a plugin project needs no configuration, Redis or logging.
+    if let Some(Command::Plugins(PluginsCommand::New {
+        name,
+        lang,
+        dir,
+        sdk,
+    })) = cli
+        .command
+        .take_if(|command| matches!(command, Command::Plugins(PluginsCommand::New { .. })))
+    {
+        return new_plugin(gatewayd::scaffold::NewPlugin {
+            name,
+            lang,
+            dir,
+            sdk,
+        });
+    }
     // An operator command prints its result; the daemon's info lines would
     // only get in the way.
     let log_level = match (&cli.command, cli.log_level) {
@@ -67,6 +85,7 @@ fn main() -> ExitCode {
             }),
         ),
         Some(Command::Bridge) => run_bridge(config),
+        Some(Command::Dev(args)) => run_dev(config, args),
         Some(command) => run_command(config, command),
     }
 }
@@ -98,6 +117,21 @@ fn run_daemon(config: Config, source: Option<Source>) -> ExitCode {
         Err(error) => {
             tracing::error!(%error, "gatewayd stopped");
             eprintln!("gatewayd: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `gatewayd dev`: a daemon runs beside the conversation, so the runtime
+/// is multi-threaded.
+fn run_dev(config: Config, args: DevArgs) -> ExitCode {
+    let Some(runtime) = runtime(tokio::runtime::Builder::new_multi_thread()) else {
+        return ExitCode::FAILURE;
+    };
+    match runtime.block_on(dev::dev(config, args)) {
+        Ok(code) => ExitCode::from(code),
+        Err(error) => {
+            eprintln!("gatewayd dev: {error:#}");
             ExitCode::FAILURE
         }
     }
@@ -145,6 +179,7 @@ fn run_command(config: Config, command: Command) -> ExitCode {
             Command::Plugins(command) => plugins(&config, command).await.map(|()| 0),
             Command::DeadLetters(command) => dead_letters(&config, command).await.map(|()| 0),
             Command::Bridge => unreachable!("run by run_bridge"),
+            Command::Dev(_) => unreachable!("run by run_dev"),
         }
     });
     match result {
@@ -341,6 +376,24 @@ async fn cancel(config: &Config, args: CancelArgs) -> anyhow::Result<()> {
     }
 }
 
+/// `gatewayd plugins new NAME --lang LANG`: writes the project, prints what
+/// it wrote and what to run next.
+fn new_plugin(request: gatewayd::scaffold::NewPlugin) -> ExitCode {
+    match gatewayd::scaffold::new_plugin(&request) {
+        Ok(project) => {
+            print!("{}", project.summary());
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("gatewayd: {error}");
+            match error {
+                gatewayd::scaffold::ScaffoldError::InvalidName { .. } => ExitCode::from(2),
+                _ => ExitCode::FAILURE,
+            }
+        }
+    }
+}
+
 /// `gatewayd plugins check FILE` / `gatewayd plugins list`.
 async fn plugins(config: &Config, command: PluginsCommand) -> anyhow::Result<()> {
     let limits = config.plugins.limits();
@@ -364,6 +417,7 @@ async fn plugins(config: &Config, command: PluginsCommand) -> anyhow::Result<()>
             println!("{}", serde_json::to_string_pretty(&described)?);
             Ok(())
         }
+        PluginsCommand::New { .. } => unreachable!("run by new_plugin, before the configuration"),
         PluginsCommand::List => {
             let loaded = byclaw_sandbox::loader::load_dir(&sandbox, &config.plugins.dir)
                 .await
