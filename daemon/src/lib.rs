@@ -29,6 +29,7 @@ mod retry;
 pub mod routing;
 pub mod scaffold;
 pub mod task_link;
+pub mod telemetry;
 pub mod workspace;
 
 use arc_swap::ArcSwap;

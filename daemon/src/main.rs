@@ -72,11 +72,17 @@ fn main() -> ExitCode {
         println!("configuration is valid");
         return ExitCode::SUCCESS;
     }
-    if let Err(error) = init_logging(&config) {
-        eprintln!("gatewayd: {error:#}");
-        return ExitCode::from(2);
-    }
-    match cli.command {
+    // Traces come from the daemon's tasks: the daemon and `dev` export
+    // them when [telemetry] says so; client commands never do.
+    let traced = matches!(cli.command, None | Some(Command::Dev(_)));
+    let telemetry = match init_logging(&config, traced) {
+        Ok(telemetry) => telemetry,
+        Err(error) => {
+            eprintln!("gatewayd: {error:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let code = match cli.command {
         None => run_daemon(
             config,
             cli.config.map(|file| Source {
@@ -87,7 +93,11 @@ fn main() -> ExitCode {
         Some(Command::Bridge) => run_bridge(config),
         Some(Command::Dev(args)) => run_dev(config, args),
         Some(command) => run_command(config, command),
+    };
+    if let Some(telemetry) = telemetry {
+        telemetry.shutdown();
     }
+    code
 }
 
 /// The async runtime: multi-threaded for the daemon, one thread for a
@@ -486,21 +496,39 @@ async fn print_history(config: &Config, args: HistoryArgs) -> anyhow::Result<()>
     }
 }
 
-fn init_logging(config: &Config) -> anyhow::Result<()> {
+/// The log (to stderr, as `[log]` says) and, when `traced` and
+/// `[telemetry] enabled`, the traces exporter to shut down at the end.
+fn init_logging(
+    config: &Config,
+    traced: bool,
+) -> anyhow::Result<Option<gatewayd::telemetry::Telemetry>> {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = EnvFilter::try_new(&config.log.level)
         .with_context(|| format!("log.level {:?} is not a valid filter", config.log.level))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match config.log.format {
-        LogFormat::Json => builder
+    let log = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let log = match config.log.format {
+        LogFormat::Json => log
             .json()
             .flatten_event(true)
             .with_current_span(true)
-            .init(),
-        LogFormat::Human => builder.init(),
-    }
-    Ok(())
+            .boxed(),
+        LogFormat::Human => log.boxed(),
+    };
+    // Spans for traces whatever log.level says: a quiet log still exports
+    // its tasks' traces.
+    let (traces, telemetry) = if traced && config.telemetry.enabled {
+        let (layer, telemetry) = gatewayd::telemetry::layer(&config.telemetry)?;
+        (Some(layer), Some(telemetry))
+    } else {
+        (None, None)
+    };
+    tracing_subscriber::registry()
+        .with(log.with_filter(filter))
+        .with(traces)
+        .init();
+    Ok(telemetry)
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -7,7 +7,7 @@
 //! beyond reading the one file (and the TLS files it names, to check them).
 //!
 //! One module per table of the daemon's own (`redis`, `worker`, `workspace`,
-//! `streams`, `history`, `log`, `http`; `[plugins]` and `[bridge]` belong to
+//! `streams`, `history`, `log`, `http`, `telemetry`; `[plugins]` and `[bridge]` belong to
 //! their crates), `load` for the layering and `validate` for the rules; the
 //! whole configuration and its errors are here.
 
@@ -17,6 +17,7 @@ mod load;
 mod log;
 mod redis;
 mod streams;
+mod telemetry;
 mod validate;
 mod worker;
 mod workspace;
@@ -26,6 +27,7 @@ pub use http::HttpConfig;
 pub use log::{LogConfig, LogFormat};
 pub use redis::RedisConfig;
 pub use streams::StreamsConfig;
+pub use telemetry::TelemetryConfig;
 pub use worker::WorkerConfig;
 pub use workspace::WorkspaceConfig;
 
@@ -61,6 +63,8 @@ pub struct Config {
     pub log: LogConfig,
     /// The operator's HTTP listener: health, readiness, metrics.
     pub http: HttpConfig,
+    /// Traces over OTLP.
+    pub telemetry: TelemetryConfig,
 }
 
 /// Where a configuration came from, to read it again the same way (a

@@ -192,6 +192,24 @@ impl Config {
             "log.level",
             "is not a tracing filter (e.g. `info`, `gatewayd=debug,info`)",
         );
+        let telemetry = &self.telemetry;
+        check(
+            (0.0..=1.0).contains(&telemetry.sample_ratio),
+            "telemetry.sample_ratio",
+            "must be between 0.0 and 1.0",
+        );
+        if let Some(endpoint) = &telemetry.endpoint {
+            check(
+                endpoint.starts_with("http://") || endpoint.starts_with("https://"),
+                "telemetry.endpoint",
+                "must be an http:// or https:// URL (OTLP over HTTP)",
+            );
+        }
+        check(
+            !telemetry.service_name.trim().is_empty(),
+            "telemetry.service_name",
+            "must not be empty",
+        );
         if errors.is_empty() {
             Ok(())
         } else {

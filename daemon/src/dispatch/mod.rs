@@ -310,6 +310,18 @@ impl Dispatcher {
             agent_type = %agent_type,
             action = command.action.name(),
             plugin = tracing::field::Empty,
+            otel.kind = "consumer",
+            otel.status_code = tracing::field::Empty,
+            otel.status_description = tracing::field::Empty,
+        );
+        crate::telemetry::join_trace(
+            &span,
+            &command.header.trace_id,
+            command
+                .header
+                .metadata
+                .get(crate::telemetry::TRACEPARENT)
+                .and_then(serde_json::Value::as_str),
         );
         self.run(delivery, agent_type, command, permit)
             .instrument(span)

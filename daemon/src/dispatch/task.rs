@@ -262,6 +262,12 @@ impl Dispatcher {
                 if let Some(ended) = ended {
                     timer.finish(&agent_type, &plugin, ended);
                 }
+                if let Outcome::Failed(reason) = &outcome {
+                    // The task's span, for traces: a failed task is an error.
+                    let span = tracing::Span::current();
+                    span.record("otel.status_code", "ERROR");
+                    span.record("otel.status_description", reason.as_str());
+                }
             }
             let mut writes = Vec::new();
             // A task that ends while calls are still awaited (cancelled, or

@@ -111,6 +111,8 @@ impl TaskLink {
                 }
             })
             .collect();
+        // The host call's span (call-agent, dispatch-group), in traces.
+        tracing::Span::current().record("child_message_id", children_ids.join(",").as_str());
         let wait_keys: Vec<WaitKey> = children_ids
             .iter()
             .map(|child| WaitKey {
@@ -462,6 +464,7 @@ impl TaskLink {
         };
         let origin = &self.origin;
         let child = wire::call_message_id(&origin.message_id, call_number);
+        tracing::Span::current().record("child_message_id", child.as_str());
         let header = wire::Header {
             message_id: child.clone(),
             session_id: origin.session_id.clone(),

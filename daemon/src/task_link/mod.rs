@@ -184,14 +184,19 @@ pub struct TaskLink {
 
 /// A called task's header metadata: the caller's, with `call_depth`.
 fn with_call_depth(metadata: Value, depth: u32) -> Value {
-    match metadata {
+    let mut metadata = match metadata {
         Value::Object(mut fields) => {
             fields.insert("call_depth".into(), depth.into());
             Value::Object(fields)
         }
         Value::Null => json!({ "call_depth": depth }),
         other => json!({ "call_depth": depth, "metadata": other }),
+    };
+    // Traces exported: the child's task span hangs under the host call's.
+    if let Some(traceparent) = crate::telemetry::current_traceparent() {
+        metadata[crate::telemetry::TRACEPARENT] = Value::String(traceparent);
     }
+    metadata
 }
 
 /// How many calls led to a task, from its header's metadata.

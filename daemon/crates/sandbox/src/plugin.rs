@@ -291,8 +291,10 @@ impl Plugin {
         }
     }
 
-    /// Runs a call into the guest on the guest runtime; dropping the handle
-    /// stops it at its next yield.
+    /// Runs a call into the guest on the guest runtime, in the caller's
+    /// span (the task's: what the host functions log, and the spans they
+    /// open for traces, belong to it); dropping the handle stops it at its
+    /// next yield.
     pub(crate) fn on_guest_runtime<T: Send + 'static>(
         &self,
         call: impl std::future::Future<Output = T> + Send + 'static,
@@ -302,7 +304,7 @@ impl Plugin {
             .guests
             .as_ref()
             .expect("guest runtime lives as long as the sandbox");
-        AbortOnDrop(guests.spawn(call))
+        AbortOnDrop(guests.spawn(tracing::Instrument::in_current_span(call)))
     }
 
     async fn run_handle(&self, host: TaskHost, command: Command) -> Result<String, CallError> {

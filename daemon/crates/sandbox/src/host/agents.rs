@@ -12,6 +12,8 @@ use crate::port::{AgentCall, HostImport};
 use byclaw_protocol as wire;
 use serde_json::{Value, json};
 use std::time::Duration;
+use tracing::Instrument as _;
+use tracing::field::Empty;
 
 /// Parses optional guest JSON that must be an object.
 fn json_object(json: Option<&str>, what: &str) -> Result<Value, GuestError> {
@@ -84,9 +86,23 @@ impl Host for TaskState {
             options.payload.as_deref(),
             options.metadata.as_deref(),
         );
+        // A child of the task's span in traces; the daemon records the
+        // child's message id on it and sends it as the child's parent.
+        let span = tracing::info_span!(
+            "call-agent",
+            target_agent_type = call.as_ref().map(|c| c.target.as_str()).unwrap_or_default(),
+            wait_for_reply = options.wait_for_reply != Some(false),
+            child_message_id = Empty,
+            otel.kind = "producer",
+        );
         if options.wait_for_reply == Some(false) {
             return match call {
-                Ok(call) => task.port.send_agent(call).await.map_err(|_| stopping()),
+                Ok(call) => task
+                    .port
+                    .send_agent(call)
+                    .instrument(span)
+                    .await
+                    .map_err(|_| stopping()),
                 Err(error) => Ok(Err(error)),
             };
         }
@@ -99,6 +115,7 @@ impl Host for TaskState {
         let mut results = task
             .port
             .call_agents(vec![call], false, timeout)
+            .instrument(span)
             .await
             .map_err(|_| stopping())?;
         Ok(results.pop().expect("one result per call"))
@@ -120,7 +137,7 @@ impl Host for TaskState {
                 .map(|_| Err(GuestError::Cancelled("the task is being cancelled".into())))
                 .collect());
         }
-        let calls = tasks
+        let calls: Vec<_> = tasks
             .into_iter()
             .map(|task| {
                 check_call(
@@ -132,8 +149,15 @@ impl Host for TaskState {
             })
             .collect();
         let timeout = task.wait_budget(timeout_ms);
+        let span = tracing::info_span!(
+            "dispatch-group",
+            tasks = calls.len(),
+            child_message_id = Empty,
+            otel.kind = "producer",
+        );
         task.port
             .call_agents(calls, true, timeout)
+            .instrument(span)
             .await
             .map_err(|_| stopping())
     }
@@ -155,8 +179,10 @@ impl Host for TaskState {
             )));
         }
         let timeout = task.wait_budget(options.timeout_ms);
+        let span = tracing::info_span!("ask-user", timeout_ms = timeout.as_millis() as u64);
         task.port
             .ask_user(prompt, metadata, timeout)
+            .instrument(span)
             .await
             .map_err(|_| stopping())
     }

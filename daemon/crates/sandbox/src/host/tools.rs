@@ -98,8 +98,24 @@ impl Host for TaskState {
             depth: host.depth + 1,
         };
         tracing::debug!(caller = %host.plugin.label(), plugin = %plugin.label(), %tool, message_id = %host.task.message_id, "tool call");
+        // A child of the task's span (or of the tool call this one is
+        // nested in) in traces.
+        let span = tracing::info_span!(
+            "call-tool",
+            tool = %tool,
+            plugin = %plugin.label(),
+            caller = %host.plugin.label(),
+            otel.status_code = tracing::field::Empty,
+        );
         // Boxed: the nested call may itself call tools.
-        let result = Box::pin(plugin.invoke_tool(nested, &tool, &args)).await;
+        let result = tracing::Instrument::instrument(
+            Box::pin(plugin.invoke_tool(nested, &tool, &args)),
+            span.clone(),
+        )
+        .await;
+        if result.is_err() {
+            span.record("otel.status_code", "ERROR");
+        }
         Ok(match result {
             Ok(json) if json.len() > self.max_tool_bytes => Err(GuestError::Failed(format!(
                 "tool {name:?} returned {} bytes, over the limit of {} bytes (plugins.max_result_bytes)",

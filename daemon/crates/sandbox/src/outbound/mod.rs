@@ -244,29 +244,51 @@ impl WasiHttpHooks for OutboundPolicy {
             Some(Outbound::Unkept) | None => None,
         };
         let plugin = self.plugin.clone();
-        Box::new(async move {
-            let sent = async {
-                let addr = checked_address(&host, port, reach).await.inspect_err(|error| {
+        // A child of the task's span in traces (this future runs on a task
+        // of its own, so it carries the span with it).
+        let span = tracing::info_span!(
+            "http-request",
+            otel.kind = "client",
+            http.request.method = %method,
+            server.address = %host,
+            server.port = port,
+            http.response.status_code = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        let recorded = span.clone();
+        Box::new(tracing::Instrument::instrument(
+            async move {
+                let sent = async {
+                    let addr = checked_address(&host, port, reach).await.inspect_err(|error| {
                     tracing::warn!(plugin = %plugin, %scheme, %host, port, ?error, "outbound HTTP request refused where it would go");
                 })?;
-                let connect_timeout = options
-                    .and_then(|o| o.connect_timeout)
-                    .unwrap_or(CONNECT_TIMEOUT);
-                send_to(request, addr, &host, scheme == "https", connect_timeout).await
-            };
-            match (sent.await, keep) {
-                (Ok(sent), None) => Ok(sent),
-                (Err(error), keep) => {
-                    if let Some((journal, n)) = keep {
-                        journal.outbound_response(n, None);
+                    let connect_timeout = options
+                        .and_then(|o| o.connect_timeout)
+                        .unwrap_or(CONNECT_TIMEOUT);
+                    send_to(request, addr, &host, scheme == "https", connect_timeout).await
+                };
+                let result = match (sent.await, keep) {
+                    (Ok(sent), None) => Ok(sent),
+                    (Err(error), keep) => {
+                        if let Some((journal, n)) = keep {
+                            journal.outbound_response(n, None);
+                        }
+                        Err(error)
                     }
-                    Err(error)
-                }
-                (Ok((response, connection)), Some((journal, n))) => {
-                    Ok((keeping(response, method, uri, journal, n), connection))
-                }
-            }
-        })
+                    (Ok((response, connection)), Some((journal, n))) => {
+                        Ok((keeping(response, method, uri, journal, n), connection))
+                    }
+                };
+                result
+                    .inspect(|(response, _)| {
+                        recorded.record("http.response.status_code", response.status().as_u16());
+                    })
+                    .inspect_err(|_| {
+                        recorded.record("otel.status_code", "ERROR");
+                    })
+            },
+            span,
+        ))
     }
 }
 
