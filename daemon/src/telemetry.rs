@@ -66,7 +66,7 @@ impl Telemetry {
 /// task.
 const EXPORTED: &str = "warn,gatewayd=info,byclaw_sandbox=info";
 
-/// A [`layer`]: OpenTelemetry's, seeing only what [`EXPORTED`] lets through.
+/// A [`layer`]: OpenTelemetry's, seeing only the daemon's and the sandbox's spans at `info`.
 pub type TraceLayer<S> = tracing_subscriber::filter::Filtered<
     tracing_opentelemetry::OpenTelemetryLayer<S, opentelemetry_sdk::trace::Tracer>,
     tracing_subscriber::EnvFilter,

@@ -2,8 +2,8 @@
 //!
 //! Counters and histograms move where things happen (dispatch, the host
 //! functions, the loops), only through the internal events of
-//! [`events`], each of which also writes the log line that explains it;
-//! the capability streams' lag, pending count
+//! `metrics/events.rs` (re-exported here), each of which also writes the
+//! log line that explains it; the capability streams' lag, pending count
 //! and oldest pending age are read from Redis when `/metrics` is scraped
 //! (one pipelined round trip); lifecycle hook and history counts are read
 //! from their own stats then. Labels are low-cardinality only: agent type,
