@@ -199,9 +199,11 @@ fn a_workflow_is_one_trace_with_each_call_under_the_task_that_made_it() -> anyho
     let task = &sent.message_id;
     let planner = the(&spans, "task", "message_id", task);
     assert_eq!(attribute(planner, "agent_type").as_deref(), Some("planner"));
-    assert!(
-        attribute(planner, "plugin").is_some_and(|p| p.starts_with("planner@")),
-        "{planner:#?}"
+    assert_eq!(attribute(planner, "plugin.id").as_deref(), Some("planner"));
+    let version = attribute(planner, "plugin.version").expect("the plugin's version");
+    assert_eq!(
+        attribute(planner, "plugin"),
+        Some(format!("planner@{version}"))
     );
     // No caller span known: its parent stands for the request, the low
     // half of the trace id.

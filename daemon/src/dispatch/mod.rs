@@ -310,6 +310,8 @@ impl Dispatcher {
             agent_type = %agent_type,
             action = command.action.name(),
             plugin = tracing::field::Empty,
+            plugin.id = tracing::field::Empty,
+            plugin.version = tracing::field::Empty,
             otel.kind = "consumer",
             otel.status_code = tracing::field::Empty,
             otel.status_description = tracing::field::Empty,

@@ -360,7 +360,10 @@ impl Dispatcher {
             None => (None, None, Learned::default()),
         };
         let label = plugin.label();
-        tracing::Span::current().record("plugin", &label);
+        let span = tracing::Span::current();
+        span.record("plugin", &label);
+        span.record("plugin.id", plugin.manifest.id.as_str());
+        span.record("plugin.version", plugin.manifest.version.as_str());
         leftovers.timer = Some((
             self.services.metrics.task_started(agent_type, &label),
             label,
