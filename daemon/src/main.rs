@@ -507,6 +507,22 @@ fn init_logging(
     use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = EnvFilter::try_new(&config.log.level)
         .with_context(|| format!("log.level {:?} is not a valid filter", config.log.level))?;
+    if !(traced && config.telemetry.enabled) {
+        // The log alone, its filter global, the subscriber of the releases
+        // before traces: what is filtered out stops at its call site.
+        let log = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr);
+        match config.log.format {
+            LogFormat::Json => log
+                .json()
+                .flatten_event(true)
+                .with_current_span(true)
+                .init(),
+            LogFormat::Human => log.init(),
+        }
+        return Ok(None);
+    }
     let log = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let log = match config.log.format {
         LogFormat::Json => log
@@ -518,17 +534,12 @@ fn init_logging(
     };
     // Spans for traces whatever log.level says: a quiet log still exports
     // its tasks' traces.
-    let (traces, telemetry) = if traced && config.telemetry.enabled {
-        let (layer, telemetry) = gatewayd::telemetry::layer(&config.telemetry)?;
-        (Some(layer), Some(telemetry))
-    } else {
-        (None, None)
-    };
+    let (traces, telemetry) = gatewayd::telemetry::layer(&config.telemetry)?;
     tracing_subscriber::registry()
         .with(log.with_filter(filter))
         .with(traces)
         .init();
-    Ok(telemetry)
+    Ok(Some(telemetry))
 }
 
 /// Resolves on SIGINT or SIGTERM.
