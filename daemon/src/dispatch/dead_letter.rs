@@ -73,7 +73,7 @@ impl Dispatcher {
         writes.push(self.ack(delivery));
         let lane = session.as_deref().unwrap_or(&delivery.id);
         if self.writer.commit(lane, writes).await.is_err() {
-            tracing::warn!(entry_id = %delivery.id, "writer stopped; dead-letter entry left pending");
+            tracing::warn!(stream = %delivery.stream, entry_id = %delivery.id, %reason, "writer stopped; entry not dead-lettered, left pending");
         } else {
             self.services.metrics.emit(DeadLettered {
                 stream: &delivery.stream,
