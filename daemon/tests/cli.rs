@@ -802,3 +802,72 @@ fn questions_are_answered_by_the_next_chat_line_and_fail_send_without_a_terminal
         "{stderr}"
     );
 }
+
+/// `gatewayd plugins new` refuses a non-empty directory (exit 1), a name
+/// that is not an agent type (exit 2) and an `--sdk` that is not the SDK
+/// (exit 1), saying why, and writes nothing. (What it writes is tested in
+/// tests/tests/templates.rs: each template built and served.)
+#[test]
+fn plugins_new_refuses_a_non_empty_dir_and_a_bad_name() {
+    let root = tempfile::tempdir().unwrap();
+    let new = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_gatewayd"))
+            .current_dir(root.path())
+            .env_remove("BYCLAW_PLUGIN_SDK")
+            .args(["plugins", "new"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let entries = |dir: &std::path::Path| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+
+    // A directory with something in it is left alone.
+    let taken = root.path().join("taken");
+    std::fs::create_dir(&taken).unwrap();
+    std::fs::write(taken.join("notes.txt"), "mine").unwrap();
+    let out = new(&["fine", "--lang", "python", "--dir", "taken"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("taken exists and is not empty") && stderr.contains("--dir"),
+        "{stderr}"
+    );
+    assert_eq!(entries(&taken), ["notes.txt"]);
+
+    // A name that is not an agent type: nothing is written (the default
+    // directory is ./NAME).
+    for (name, why) in [
+        ("My-Agent", "'M' is not allowed"),
+        ("my_agent", "'_' is not allowed"),
+        ("1st", "it does not start with a letter"),
+        ("", "it is empty"),
+    ] {
+        let out = new(&[name, "--lang", "js"]);
+        assert_eq!(out.status.code(), Some(2), "{name:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(&format!("invalid plugin name {name:?}: {why}"))
+                && stderr.contains("lowercase letters (a-z), digits and '-'"),
+            "{stderr}"
+        );
+    }
+    assert_eq!(entries(root.path()), ["taken"]);
+
+    // --sdk must be the SDK itself, not the source tree around it.
+    let source_tree = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let out = new(&["fine", "--lang", "rust", "--sdk", source_tree]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("is not the plugin SDK") && stderr.contains("--sdk PATH"),
+        "{stderr}"
+    );
+    assert_eq!(entries(root.path()), ["taken"]);
+}
