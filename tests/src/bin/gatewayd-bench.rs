@@ -25,9 +25,18 @@
 //! By default it starts its own redis-server and the `gatewayd` binary next
 //! to this one (`cargo build --release -p gatewayd` first; `scripts/bench`
 //! does everything); `--gatewayd PATH` runs another build side by side.
+//!
+//! `--reference` first runs the same load against the reference Python
+//! worker (byclaw-gateway-sdk, installed into a cached venv by
+//! `tests/python/venv.sh`) serving an echo agent that does the same work
+//! (`tests/python/bench_reference.py`), on the same Redis, then gatewayd:
+//! the ratio comes from one run. It gets `--reference-tasks` tasks (default
+//! the smaller of `--tasks` and 3,000: it is much slower).
 
 use anyhow::{Context as _, Result, bail};
-use integration_tests::{RedisServer, ask_agent_json, built_plugins, delta_content, suffix};
+use integration_tests::{
+    RedisServer, ask_agent_json, built_plugins, delta_content, python_venv, repo_root, suffix,
+};
 use redis::aio::MultiplexedConnection;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -48,6 +57,8 @@ struct Args {
     examples: bool,
     hostile: bool,
     gatewayd: Option<PathBuf>,
+    /// Run the reference Python worker first, with this many tasks.
+    reference: Option<usize>,
     /// `KEY=VALUE` for the daemon's environment (e.g. `GATEWAYD_HISTORY__BACKEND=off`).
     env: Vec<(String, String)>,
 }
@@ -67,8 +78,10 @@ fn parse_args() -> Result<Args> {
         examples: false,
         hostile: false,
         gatewayd: None,
+        reference: None,
         env: Vec::new(),
     };
+    let mut reference_tasks = None;
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
@@ -86,6 +99,8 @@ fn parse_args() -> Result<Args> {
             "--examples" => args.examples = true,
             "--hostile" => args.hostile = true,
             "--gatewayd" => args.gatewayd = Some(PathBuf::from(value()?)),
+            "--reference" => args.reference = Some(0),
+            "--reference-tasks" => reference_tasks = Some(value()?.parse()?),
             "--env" => {
                 let pair = value()?;
                 let (key, val) = pair
@@ -97,7 +112,8 @@ fn parse_args() -> Result<Args> {
                 println!(
                     "gatewayd-bench [--tasks 20000] [--in-flight 200] [--idle 200] [--readers 4] \
                      [--concurrency 256] [--fetch 64] [--text T] [--redis-url URL] [--reloads N] \
-                     [--idle-plugins N] [--examples] [--hostile] [--gatewayd PATH] [--env KEY=VALUE]..."
+                     [--idle-plugins N] [--examples] [--hostile] [--gatewayd PATH] [--env KEY=VALUE]... \
+                     [--reference [--reference-tasks N]]"
                 );
                 std::process::exit(0);
             }
@@ -105,6 +121,9 @@ fn parse_args() -> Result<Args> {
         }
     }
     args.readers = args.readers.clamp(1, args.in_flight.max(1));
+    if args.reference.is_some() || reference_tasks.is_some() {
+        args.reference = Some(reference_tasks.unwrap_or(args.tasks.min(3_000)));
+    }
     Ok(args)
 }
 
@@ -244,16 +263,16 @@ async fn drive(
                 if !data.contains(&slot.message) {
                     continue; // an event of the slot's previous task
                 }
-                if data.contains("\"event_type\":\"answerDelta\"") {
+                if has_field(&data, "event_type", "answerDelta") {
                     slot.first_chunk.get_or_insert(arrived - slot.sent);
-                } else if data.contains("\"contentType\":\"3003\"") {
-                    let completed = data.contains("\"content\":\"COMPLETED\"");
+                } else if has_field(&data, "contentType", "3003") {
+                    let completed = has_field(&data, "content", "COMPLETED");
                     if completed {
                         samples.push(Sample {
                             first_chunk: slot.first_chunk.unwrap_or(arrived - slot.sent),
                             completed: arrived - slot.sent,
                             at: Some(arrived),
-                            new_version: data.contains("\"plugin_version\":\"0.2.0\""),
+                            new_version: has_field(&data, "plugin_version", "0.2.0"),
                         });
                     } else {
                         failures += 1;
@@ -263,6 +282,158 @@ async fn drive(
             }
         }
     }
+}
+
+/// Whether event JSON `data` holds `"key":"value"` — compact as gatewayd
+/// writes it, or with a space after the colon as Python's `json.dumps`
+/// does. A substring test: the load generator must not cost more than the
+/// workers it measures.
+fn has_field(data: &str, key: &str, value: &str) -> bool {
+    let mut at = 0;
+    while let Some(found) = data[at..].find(key) {
+        let rest = &data[at + found + key.len()..];
+        if let Some(rest) = rest.strip_prefix("\":")
+            && let Some(rest) = rest.strip_prefix(' ').or(Some(rest))
+            && let Some(rest) = rest.strip_prefix('"')
+            && rest.starts_with(value)
+            && rest[value.len()..].starts_with('"')
+        {
+            return true;
+        }
+        at += found + key.len();
+    }
+    false
+}
+
+/// `total` tasks over `args.readers` connections, `args.in_flight` in all.
+async fn drive_all(
+    client: &redis::Client,
+    args: &Args,
+    next: Arc<AtomicUsize>,
+    total: usize,
+    text: Arc<str>,
+) -> Result<Driven> {
+    let mut drivers = Vec::new();
+    for r in 0..args.readers {
+        let slots = args.in_flight / args.readers + usize::from(r < args.in_flight % args.readers);
+        // Its reads block up to a second when no event comes (a slow
+        // worker): no response timeout.
+        let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+        let conn = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        drivers.push(tokio::spawn(drive(
+            conn,
+            slots,
+            next.clone(),
+            total,
+            text.clone(),
+        )));
+    }
+    let mut all = Driven {
+        samples: Vec::new(),
+        failures: 0,
+        commands: 0,
+    };
+    for driver in drivers {
+        let driven = driver.await??;
+        all.samples.extend(driven.samples);
+        all.failures += driven.failures;
+        all.commands += driven.commands;
+    }
+    Ok(all)
+}
+
+/// `--reference`: the reference Python worker serving echo on the same
+/// Redis, warmed up, then `tasks` tasks; stopped before gatewayd starts.
+async fn reference_run(
+    client: &redis::Client,
+    conn: &mut MultiplexedConnection,
+    url: &str,
+    args: &Args,
+    tasks: usize,
+) -> Result<()> {
+    let python = python_venv().await?;
+    let worker = format!("bench-reference-{}", suffix());
+    // The SDK writes a log file into its working directory.
+    let cwd = tempfile::tempdir()?;
+    let log = tempfile::NamedTempFile::new()?;
+    let mut process = tokio::process::Command::new(&python)
+        .arg(repo_root().join("tests/python/bench_reference.py"))
+        .args(["--redis-url", url, "--worker-id", &worker])
+        .args(["--max-concurrency", &args.concurrency.to_string()])
+        .args(["--fetch-count", &args.fetch.to_string()])
+        .current_dir(cwd.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(log.reopen()?)
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = process
+        .id()
+        .context("the reference worker exited at once")?;
+    let ready = Instant::now();
+    loop {
+        let member: bool = redis::cmd("SISMEMBER")
+            .arg("byai_gateway:registry:capability:workers:echo")
+            .arg(&worker)
+            .query_async(conn)
+            .await?;
+        if member {
+            break;
+        }
+        if ready.elapsed() > Duration::from_secs(60) || process.try_wait()?.is_some() {
+            bail!(
+                "the reference worker did not start: {}",
+                std::fs::read_to_string(log.path())?
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "reference Python worker {python} (max_concurrency {}, fetch {}) · {tasks} tasks, {} in flight",
+        args.concurrency, args.fetch, args.in_flight
+    );
+    let text: Arc<str> = Arc::from(args.text.as_str());
+    for (label, total) in [
+        ("reference warm-up", args.in_flight),
+        ("reference throughput", tasks),
+    ] {
+        let next = Arc::new(AtomicUsize::new(0));
+        let before = usage(conn, pid).await?;
+        let started = Instant::now();
+        let driven = drive_all(client, args, next, total, text.clone()).await?;
+        let wall = started.elapsed();
+        let after = usage(conn, pid).await?;
+        if label == "reference throughput" {
+            report(label, &driven.samples, driven.failures, wall);
+            report_cost(
+                "reference",
+                &before,
+                &after,
+                driven.samples.len() + driven.failures,
+                driven.commands,
+            );
+        }
+        delete_bench_keys(conn).await?;
+    }
+    let _ = tokio::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status()
+        .await;
+    if tokio::time::timeout(Duration::from_secs(10), process.wait())
+        .await
+        .is_err()
+    {
+        process.kill().await?;
+    }
+    // Whatever it left in the registry: gatewayd's run must not count it.
+    let _: () = redis::cmd("SREM")
+        .arg("byai_gateway:registry:capability:workers:echo")
+        .arg(&worker)
+        .query_async(conn)
+        .await?;
+    Ok(())
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -510,13 +681,14 @@ async fn redis_info(
 
 /// What the daemon and Redis had used at one moment.
 struct Usage {
-    gatewayd_cpu_s: f64,
+    /// The worker's: gatewayd, or the reference Python worker.
+    worker_cpu_s: f64,
     redis_cpu_s: f64,
     /// Calls per command, from `INFO commandstats`.
     redis_calls: std::collections::BTreeMap<String, u64>,
 }
 
-async fn usage(conn: &mut MultiplexedConnection, gatewayd_pid: u32) -> Result<Usage> {
+async fn usage(conn: &mut MultiplexedConnection, worker_pid: u32) -> Result<Usage> {
     let cpu = redis_info(conn, "cpu").await?;
     let field = |name: &str| -> f64 {
         cpu.iter()
@@ -539,14 +711,14 @@ async fn usage(conn: &mut MultiplexedConnection, gatewayd_pid: u32) -> Result<Us
         redis_calls.insert(command.to_owned(), calls);
     }
     Ok(Usage {
-        gatewayd_cpu_s: process_cpu_s(gatewayd_pid)?,
+        worker_cpu_s: process_cpu_s(worker_pid)?,
         redis_cpu_s,
         redis_calls,
     })
 }
 
 /// CPU per task and the daemon's Redis commands per task over a run.
-fn report_cost(before: &Usage, after: &Usage, tasks: usize, generator_commands: u64) {
+fn report_cost(worker: &str, before: &Usage, after: &Usage, tasks: usize, generator_commands: u64) {
     let tasks = tasks.max(1) as f64;
     let mut calls: Vec<(String, u64)> = after
         .redis_calls
@@ -561,8 +733,8 @@ fn report_cost(before: &Usage, after: &Usage, tasks: usize, generator_commands: 
     let total: u64 = calls.iter().map(|(_, n)| n).sum();
     let daemon_commands = total.saturating_sub(generator_commands);
     println!(
-        "  cpu per task   gatewayd {:.0} µs  redis {:.0} µs (redis also serves the load generator)",
-        (after.gatewayd_cpu_s - before.gatewayd_cpu_s) / tasks * 1e6,
+        "  cpu per task   {worker} {:.0} µs  redis {:.0} µs (redis also serves the load generator)",
+        (after.worker_cpu_s - before.worker_cpu_s) / tasks * 1e6,
         (after.redis_cpu_s - before.redis_cpu_s) / tasks * 1e6,
     );
     let breakdown: Vec<String> = calls
@@ -570,7 +742,7 @@ fn report_cost(before: &Usage, after: &Usage, tasks: usize, generator_commands: 
         .map(|(command, n)| format!("{command} {:.2}", *n as f64 / tasks))
         .collect();
     println!(
-        "  redis commands per task  {:.2} by gatewayd ({:.2} in all: {})",
+        "  redis commands per task  {:.2} by {worker} ({:.2} in all: {})",
         daemon_commands as f64 / tasks,
         total as f64 / tasks,
         breakdown.join(", ")
@@ -635,6 +807,10 @@ async fn main() -> Result<()> {
         .unwrap_or_else(|| own_redis.as_ref().unwrap().url());
     let client = redis::Client::open(url.as_str())?;
     let mut conn = client.get_multiplexed_async_connection().await?;
+
+    if let Some(tasks) = args.reference {
+        reference_run(&client, &mut conn, &url, &args, tasks).await?;
+    }
 
     let plugins = built_plugins();
     let plugin_dir = plugin_directory(&args, plugins)?;
@@ -750,28 +926,11 @@ async fn main() -> Result<()> {
                 hostile(conn, stop).await
             })
         });
-        let mut drivers = Vec::new();
-        for r in 0..args.readers {
-            let slots =
-                args.in_flight / args.readers + usize::from(r < args.in_flight % args.readers);
-            let conn = client.get_multiplexed_async_connection().await?;
-            drivers.push(tokio::spawn(drive(
-                conn,
-                slots,
-                next.clone(),
-                total,
-                text.clone(),
-            )));
-        }
-        let mut samples = Vec::new();
-        let mut failures = 0;
-        let mut generator_commands = 0;
-        for driver in drivers {
-            let driven = driver.await??;
-            samples.extend(driven.samples);
-            failures += driven.failures;
-            generator_commands += driven.commands;
-        }
+        let Driven {
+            samples,
+            failures,
+            commands: generator_commands,
+        } = drive_all(&client, &args, next, total, text.clone()).await?;
         let wall = started.elapsed();
         let after = usage(&mut conn, daemon_pid).await?;
         stop_hostile.store(true, Ordering::Relaxed);
@@ -782,6 +941,7 @@ async fn main() -> Result<()> {
             // The usage reads themselves: two INFO calls each (not counted),
             // and nothing else of ours ran in between.
             report_cost(
+                "gatewayd",
                 &before,
                 &after,
                 samples.len() + failures,
