@@ -10,7 +10,7 @@ impl Dispatcher {
         &self,
         delivery: Delivery,
         agent_type: String,
-        mut command: ControlCommand,
+        command: ControlCommand,
         permit: OwnedSemaphorePermit,
     ) {
         let history = &self.services.history;
@@ -78,10 +78,10 @@ impl Dispatcher {
             async {
                 if inject {
                     history
-                        .recent(&header.session_id, self.settings.history_inject)
+                        .recent_json(&header.session_id, self.settings.history_inject)
                         .await
                 } else {
-                    Vec::new()
+                    Default::default()
                 }
             }
         );
@@ -145,27 +145,16 @@ impl Dispatcher {
         let mut recent = recent;
         if rerun {
             // The first run saved this message already.
-            recent.retain(|entry| {
-                entry.metadata.get("message_id")
-                    != Some(&serde_json::Value::String(header.message_id.clone()))
-            });
+            recent.without_message(&header.message_id);
         }
 
-        if let Action::AskAgent {
-            content,
-            extra_payload,
-            ..
-        } = &mut command.action
+        // As the reference: history before this message is injected (into
+        // `extra_payload.history`, when the payload is an object), then the
+        // message is saved.
+        let injected_history = inject.then(|| recent.to_json());
+        if let Action::AskAgent { content, .. } = &command.action
             && inject
         {
-            // As the reference: history before this message is injected,
-            // then the message is saved.
-            if let Some(payload) = extra_payload.as_object_mut() {
-                payload.insert(
-                    "history".into(),
-                    serde_json::to_value(&recent).expect("history entries serialize"),
-                );
-            }
             let text = match content {
                 serde_json::Value::String(text) => text.clone(),
                 other => other.to_string(),
@@ -215,6 +204,7 @@ impl Dispatcher {
                     reads,
                 }),
                 &execution.random_seed,
+                injected_history.as_deref(),
             )
             .await;
         if lease_lost.is_cancelled() {
@@ -333,6 +323,7 @@ impl Dispatcher {
         awaiting: Arc<Mutex<Vec<AwaitedChild>>>,
         rerun: Option<Rerun<'_>>,
         random_seed: &str,
+        history: Option<&serde_json::value::RawValue>,
     ) -> Outcome {
         if cancel.is_requested() {
             return Outcome::Cancelled(cancel.reason());
@@ -501,8 +492,10 @@ impl Dispatcher {
                 plugin: plugin.clone(),
                 depth: 0,
             };
-            let call =
-                tokio::time::timeout_at(deadline_at, plugin.handle(host, command, agent_type));
+            let call = tokio::time::timeout_at(
+                deadline_at,
+                plugin.handle(host, command, agent_type, history),
+            );
             let result = tokio::select! {
                 result = call => result,
                 _ = cancel.force.cancelled() => {

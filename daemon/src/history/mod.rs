@@ -145,6 +145,89 @@ impl HistoryEntry {
     }
 }
 
+/// A session's newest entries as JSON, oldest first, ready to be
+/// injected as `extra_payload.history` (see [`History::recent_json`]).
+#[derive(Debug, Default)]
+pub struct RecentJson {
+    /// Each entry's JSON object: `role`, `content`, `metadata` (`{}` when
+    /// it had none).
+    entries: Vec<String>,
+}
+
+impl RecentJson {
+    /// Leaves out the entries saved for message `message_id` (a run after
+    /// another: the first run saved its message already). Parses each
+    /// entry; reruns are rare.
+    pub fn without_message(&mut self, message_id: &str) {
+        self.entries.retain(|entry| {
+            serde_json::from_str::<Value>(entry).ok().and_then(|entry| {
+                entry
+                    .get("metadata")
+                    .and_then(|m| m.get("message_id"))
+                    .map(|id| id == message_id)
+            }) != Some(true)
+        });
+    }
+
+    /// How many entries.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The entries as one JSON array.
+    pub fn to_json(&self) -> Box<serde_json::value::RawValue> {
+        let mut array =
+            String::with_capacity(2 + self.entries.iter().map(|e| e.len() + 1).sum::<usize>());
+        array.push('[');
+        for (n, entry) in self.entries.iter().enumerate() {
+            if n > 0 {
+                array.push(',');
+            }
+            array.push_str(entry);
+        }
+        array.push(']');
+        serde_json::value::RawValue::from_string(array)
+            .expect("a JSON array of JSON objects is JSON")
+    }
+}
+
+/// A stored entry, borrowed from its JSON: checked to be an entry without
+/// building its metadata.
+#[derive(Deserialize)]
+struct StoredEntry<'a> {
+    role: Role,
+    #[serde(borrow)]
+    content: std::borrow::Cow<'a, str>,
+    /// `None` when missing or `null`.
+    #[serde(default, borrow)]
+    metadata: Option<&'a serde_json::value::RawValue>,
+}
+
+/// An entry as injected: `metadata` is `{}` when it had none.
+#[derive(Serialize)]
+struct InjectedEntry<'a> {
+    role: Role,
+    content: &'a str,
+    metadata: &'a serde_json::value::RawValue,
+}
+
+/// One stored entry's JSON, normalized for injection; `Err` when it is not
+/// an entry.
+fn injected_entry(stored: &[u8]) -> Result<String, serde_json::Error> {
+    let entry: StoredEntry<'_> = serde_json::from_slice(stored)?;
+    let empty: &serde_json::value::RawValue = serde_json::from_str("{}").expect("{} is JSON");
+    serde_json::to_string(&InjectedEntry {
+        role: entry.role,
+        content: &entry.content,
+        metadata: entry.metadata.unwrap_or(empty),
+    })
+}
+
 /// Counters since the store was started; each only grows.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct HistoryStats {
@@ -361,6 +444,37 @@ impl History {
         }
     }
 
+    /// [`History::recent`] as JSON, for injecting into a task: the entries
+    /// as a JSON array, each checked to be an entry and normalized as
+    /// `recent` does, without building a tree of them (from Redis, each
+    /// entry's text is copied as it is stored, its metadata untouched).
+    /// Never fails; empty when history is off or cannot be read.
+    pub async fn recent_json(&self, session_id: &str, limit: usize) -> RecentJson {
+        let Some(handle) = &self.inner else {
+            return RecentJson::default();
+        };
+        if limit == 0 {
+            return RecentJson::default();
+        }
+        let read = handle.shared.store.read_json(session_id, limit);
+        let result = match tokio::time::timeout(handle.read_timeout, read).await {
+            Ok(result) => result,
+            Err(_) => Err(HistoryError::Timeout {
+                operation: "read",
+                context: format!("session {session_id}"),
+                after: handle.read_timeout,
+            }),
+        };
+        match result {
+            Ok(entries) => RecentJson { entries },
+            Err(error) => {
+                Counters::add(&handle.shared.counters.read_failures, 1);
+                tracing::warn!(session_id, limit, %error, "history read failed; going on without history");
+                RecentJson::default()
+            }
+        }
+    }
+
     /// Like [`History::recent`], but says why nothing could be read (for
     /// the command line). Failures are counted all the same.
     pub async fn read(
@@ -515,6 +629,19 @@ impl Store {
             Store::Postgres(store) => store.read(session_id, limit).await,
         }
     }
+
+    /// [`Store::read`], each entry as injected JSON.
+    async fn read_json(&self, session_id: &str, limit: usize) -> Result<Vec<String>, HistoryError> {
+        match self {
+            Store::Redis(store) => store.read_json(session_id, limit).await,
+            Store::Postgres(store) => Ok(store
+                .read(session_id, limit)
+                .await?
+                .iter()
+                .map(|entry| serde_json::to_string(entry).expect("history entries serialize"))
+                .collect()),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -535,6 +662,52 @@ mod tests {
             serde_json::from_str(r#"{"role":"user","content":"x","metadata":null}"#).unwrap();
         assert_eq!(null.normalized().metadata, serde_json::json!({}));
         assert!(serde_json::from_str::<HistoryEntry>(r#"{"role":"bot","content":"x"}"#).is_err());
+    }
+
+    #[test]
+    fn injected_json_is_what_the_parsed_entries_would_serialize_to() {
+        // Each stored form (compact, spaced, escaped, extra fields, no or
+        // null metadata) injected from its text equals the entry parsed,
+        // normalized and serialized — the path this replaces.
+        let stored = [
+            r#"{"role":"user","content":"hi","metadata":{"message_id":"m1","trace_id":"t"}}"#,
+            r#"{"role": "assistant", "content": "a \"quoted\"\nline \u00e9", "metadata": {"n": [1, 2]}}"#,
+            r#"{"role":"tool","content":"x"}"#,
+            r#"{"role":"system","content":"y","metadata":null,"timestamp":17}"#,
+        ];
+        for text in stored {
+            let injected: Value =
+                serde_json::from_str(&injected_entry(text.as_bytes()).unwrap()).unwrap();
+            let parsed: HistoryEntry = serde_json::from_str(text).unwrap();
+            assert_eq!(
+                injected,
+                serde_json::to_value(parsed.normalized()).unwrap(),
+                "{text}"
+            );
+        }
+        // Not entries: skipped, as the parsed path skips them.
+        for text in [
+            r#"{"role":"bot","content":"x"}"#,
+            r#"{"content":"x"}"#,
+            "[1]",
+            "not json",
+        ] {
+            assert!(injected_entry(text.as_bytes()).is_err(), "{text}");
+        }
+
+        let mut recent = RecentJson {
+            entries: stored
+                .iter()
+                .map(|text| injected_entry(text.as_bytes()).unwrap())
+                .collect(),
+        };
+        let array: Value = serde_json::from_str(recent.to_json().get()).unwrap();
+        assert_eq!(array.as_array().unwrap().len(), 4);
+        recent.without_message("m1");
+        assert_eq!(recent.len(), 3);
+        let array: Value = serde_json::from_str(recent.to_json().get()).unwrap();
+        assert_eq!(array[0]["role"], "assistant");
+        assert_eq!(RecentJson::default().to_json().get(), "[]");
     }
 
     #[test]

@@ -144,6 +144,47 @@ impl RedisStore {
         session_id: &str,
         limit: usize,
     ) -> Result<Vec<HistoryEntry>, HistoryError> {
+        let (key, raw) = self.read_raw(session_id, limit).await?;
+        Ok(raw
+            .iter()
+            .filter_map(
+                |bytes| match serde_json::from_slice::<HistoryEntry>(bytes) {
+                    Ok(entry) => Some(entry.normalized()),
+                    Err(error) => {
+                        tracing::warn!(%key, %error, "skipping a history entry that is not one");
+                        None
+                    }
+                },
+            )
+            .collect())
+    }
+
+    /// [`RedisStore::read`] as injected JSON: each entry checked and
+    /// normalized from its borrowed text, no tree built.
+    pub(super) async fn read_json(
+        &self,
+        session_id: &str,
+        limit: usize,
+    ) -> Result<Vec<String>, HistoryError> {
+        let (key, raw) = self.read_raw(session_id, limit).await?;
+        Ok(raw
+            .iter()
+            .filter_map(|bytes| match injected_entry(bytes) {
+                Ok(entry) => Some(entry),
+                Err(error) => {
+                    tracing::warn!(%key, %error, "skipping a history entry that is not one");
+                    None
+                }
+            })
+            .collect())
+    }
+
+    /// The newest `limit` stored entries, oldest first, and the key.
+    async fn read_raw(
+        &self,
+        session_id: &str,
+        limit: usize,
+    ) -> Result<(String, Vec<Vec<u8>>), HistoryError> {
         let key = history_key(session_id);
         let from = -i64::try_from(limit).unwrap_or(i64::MAX);
         let mut connection = self.connection.clone();
@@ -158,17 +199,6 @@ impl RedisStore {
                 key: key.clone(),
                 source,
             })?;
-        Ok(raw
-            .iter()
-            .filter_map(
-                |bytes| match serde_json::from_slice::<HistoryEntry>(bytes) {
-                    Ok(entry) => Some(entry.normalized()),
-                    Err(error) => {
-                        tracing::warn!(%key, %error, "skipping a history entry that is not one");
-                        None
-                    }
-                },
-            )
-            .collect())
+        Ok((key, raw))
     }
 }

@@ -276,8 +276,9 @@ impl Plugin {
         host: TaskHost,
         command: &ControlCommand,
         agent_type: &str,
+        history: Option<&serde_json::value::RawValue>,
     ) -> Result<String, CallError> {
-        let command = to_wit_command(command, agent_type, host.task.dirs.is_some());
+        let command = to_wit_command(command, agent_type, host.task.dirs.is_some(), history);
         let plugin = self.clone();
         let mut task = self.on_guest_runtime(async move {
             let task = host.task.clone();
@@ -364,8 +365,15 @@ impl Plugin {
     }
 }
 
-/// The WIT view of a command.
-fn to_wit_command(command: &ControlCommand, agent_type: &str, workspace: bool) -> Command {
+/// The WIT view of a command. `history`, a JSON array, goes into
+/// `extra_payload.history` (replacing what the sender put there) when the
+/// payload is an object.
+fn to_wit_command(
+    command: &ControlCommand,
+    agent_type: &str,
+    workspace: bool,
+    history: Option<&serde_json::value::RawValue>,
+) -> Command {
     let header = to_wit_header(&command.header);
     let (content, extra_payload, wait_for_reply, status, reply_data) = match &command.action {
         Action::AskAgent {
@@ -398,7 +406,10 @@ fn to_wit_command(command: &ControlCommand, agent_type: &str, workspace: bool) -
         agent_type: agent_type.to_owned(),
         header,
         content: content.to_string(),
-        extra_payload: extra_payload.to_string(),
+        extra_payload: match (history, extra_payload.as_object()) {
+            (Some(history), Some(payload)) => with_history(payload, history),
+            _ => extra_payload.to_string(),
+        },
         wait_for_reply,
         status,
         reply_data,
@@ -415,6 +426,27 @@ fn to_wit_command(command: &ControlCommand, agent_type: &str, workspace: bool) -
     }
 }
 
+/// `payload` as a JSON object with `history` in it, the history's text
+/// copied as it is (no tree of it is built).
+fn with_history(
+    payload: &serde_json::Map<String, serde_json::Value>,
+    history: &serde_json::value::RawValue,
+) -> String {
+    use serde::ser::{SerializeMap, Serializer};
+    let mut out = Vec::with_capacity(history.get().len() + 64);
+    let mut serializer = serde_json::Serializer::new(&mut out);
+    let written = (|| {
+        let mut map = serializer.serialize_map(None)?;
+        for (key, value) in payload.iter().filter(|(key, _)| *key != "history") {
+            map.serialize_entry(key, value)?;
+        }
+        map.serialize_entry("history", history)?;
+        map.end()
+    })();
+    written.expect("a JSON object serializes into memory");
+    String::from_utf8(out).expect("serde_json writes UTF-8")
+}
+
 /// The WIT view of a command's header.
 pub(crate) fn to_wit_header(h: &byclaw_protocol::Header) -> Header {
     Header {
@@ -427,5 +459,34 @@ pub(crate) fn to_wit_header(h: &byclaw_protocol::Header) -> Header {
         task_group_id: h.task_group_id.clone(),
         tenant_id: h.tenant_id.clone(),
         metadata: h.metadata.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_history;
+    use serde_json::{Value, json, value::RawValue};
+
+    #[test]
+    fn injected_history_replaces_the_senders_and_keeps_the_rest() {
+        let payload = json!({"history": "the sender's", "tone": "dry", "n": [1, {"a": null}]});
+        let history =
+            RawValue::from_string(r#"[{"role":"user","content":"hi","metadata":{}}]"#.into())
+                .unwrap();
+        let text = with_history(payload.as_object().unwrap(), &history);
+        let injected: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            injected,
+            json!({
+                "tone": "dry",
+                "n": [1, {"a": null}],
+                "history": [{"role": "user", "content": "hi", "metadata": {}}],
+            })
+        );
+        let empty = RawValue::from_string("[]".into()).unwrap();
+        assert_eq!(
+            with_history(&serde_json::Map::new(), &empty),
+            r#"{"history":[]}"#
+        );
     }
 }
