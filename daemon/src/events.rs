@@ -33,9 +33,16 @@ use tokio_util::sync::CancellationToken;
 /// One Redis command the writer may issue.
 #[derive(Debug)]
 pub enum Write {
-    /// XADD an event to a session data stream (`MAXLEN ~`), and refresh the
-    /// stream's EXPIRE (once per pipeline per key).
-    Event { stream: Arc<str>, data: String },
+    /// XADD an event to a session data stream (`MAXLEN ~`), and, when
+    /// `refresh_ttl`, refresh the stream's EXPIRE (once per pipeline per
+    /// key, before the next XACK). A task refreshes it with its first event,
+    /// then at most once per half TTL, and with its final writes (see
+    /// `TaskLink::pace_ttl`), not with every batch of events.
+    Event {
+        stream: Arc<str>,
+        data: String,
+        refresh_ttl: bool,
+    },
     /// XADD an entry with one `data` field to a control stream.
     Control { stream: String, data: String },
     /// XADD an entry with several fields (dead letters, forwarded
@@ -115,7 +122,7 @@ impl Write {
     /// writer's byte bound.
     fn bytes(&self) -> usize {
         match self {
-            Write::Event { stream, data } => stream.len() + data.len(),
+            Write::Event { stream, data, .. } => stream.len() + data.len(),
             Write::Control { stream, data } => stream.len() + data.len(),
             Write::Fields { stream, fields, .. } => {
                 stream.len()
@@ -187,6 +194,8 @@ pub struct Writer {
     bytes: Arc<Semaphore>,
     /// `queue_bytes`: a batch bigger than this takes all of it.
     queue_bytes: u32,
+    /// The session streams' EXPIRE, for tasks pacing their refreshes.
+    session_ttl: Duration,
 }
 
 impl Writer {
@@ -218,9 +227,15 @@ impl Writer {
                 hasher: RandomState::new(),
                 bytes: Arc::new(Semaphore::new(queue_bytes as usize)),
                 queue_bytes,
+                session_ttl: Duration::from_secs(config.session_ttl_s),
             },
             handles,
         )
+    }
+
+    /// The EXPIRE given to session data streams.
+    pub fn session_ttl(&self) -> Duration {
+        self.session_ttl
     }
 
     /// Bytes queued or in flight now.
@@ -402,14 +417,20 @@ impl Lane {
     /// the end.
     fn commands(&self, write: &Write, expire: &mut HashSet<Arc<str>>) -> Vec<redis::Cmd> {
         match write {
-            Write::Event { stream, data } => {
+            Write::Event {
+                stream,
+                data,
+                refresh_ttl,
+            } => {
                 let mut cmd = redis::cmd("XADD");
                 cmd.arg(&**stream);
                 if self.config.session_maxlen > 0 {
                     cmd.arg("MAXLEN").arg("~").arg(self.config.session_maxlen);
                 }
                 cmd.arg("*").arg("data").arg(data);
-                expire.insert(stream.clone());
+                if *refresh_ttl {
+                    expire.insert(stream.clone());
+                }
                 vec![cmd]
             }
             Write::Control { stream, data } => {

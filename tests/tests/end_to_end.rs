@@ -265,3 +265,81 @@ async fn a_plugin_built_against_the_first_wit_still_runs() -> anyhow::Result<()>
     daemon.stop().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_streaming_longer_than_the_session_ttl_keeps_its_stream_with_few_expires()
+-> anyhow::Result<()> {
+    use futures::StreamExt;
+    // A 5 s session TTL and a task streaming a tick every 50 ms for 6 s:
+    // each tick goes out in a pipeline of its own. The stream's EXPIRE is
+    // refreshed with the first event and then once per half TTL, not with
+    // every tick — and the stream never expires under the task.
+    let mut bed = TestBed::start(&["faults"], "slow", |config| {
+        config.streams.session_ttl_s = 5;
+    })
+    .await?;
+    let mut conn = bed.conn.clone();
+    // What Redis does to session streams, command by command, in order.
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("notify-keyspace-events")
+        .arg("Kgt")
+        .query_async(&mut conn)
+        .await?;
+    let mut pubsub = redis::Client::open(bed.redis.url())?
+        .get_async_pubsub()
+        .await?;
+    pubsub
+        .psubscribe("__keyspace@0__:byai_gateway:session:*:data_stream")
+        .await?;
+    let mut notices = pubsub.on_message();
+
+    let sent = send_ask(&mut conn, "slow", "6000").await?;
+    let events = events_until_terminal(&mut conn, &sent.session_id, WAIT).await?;
+    assert_eq!(delta_content(events.last().unwrap()), "COMPLETED");
+    let ticks = events.iter().filter(|e| delta_content(e) == "tick").count();
+    assert_eq!(ticks, 120, "{events:#?}");
+
+    let stream = format!("byai_gateway:session:{}:data_stream", sent.session_id);
+    let stored: Vec<redis::Value> = redis::cmd("XRANGE")
+        .arg(&stream)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await?;
+    assert_eq!(
+        stored.len(),
+        events.len(),
+        "every event the task wrote over 6 s is still in its stream (TTL 5 s)"
+    );
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(&stream)
+        .query_async(&mut conn)
+        .await?;
+    assert!(
+        (1..=5).contains(&ttl),
+        "the stream's TTL counts from the task's end: {ttl}"
+    );
+
+    // The notices up to the EXPIRE that follows the terminal event's XADD.
+    let (mut xadds, mut expires, mut last) = (0, 0, String::new());
+    while xadds < events.len() || last != "expire" {
+        let notice = tokio::time::timeout(WAIT, notices.next())
+            .await?
+            .expect("subscribed");
+        last = notice.get_payload()?;
+        match last.as_str() {
+            "xadd" => xadds += 1,
+            "expire" => expires += 1,
+            _ => {}
+        }
+    }
+    // With the first event, at 2.5 s and 5 s, and with the final writes.
+    assert!(
+        (2..=5).contains(&expires),
+        "{expires} EXPIRE of the stream for {xadds} XADD: one per half TTL, not one per event"
+    );
+    drop(notices);
+    bed.daemon.stop().await?;
+    Ok(())
+}

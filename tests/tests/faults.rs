@@ -846,6 +846,7 @@ async fn the_writer_holds_no_more_than_its_byte_bound_while_redis_is_slow() -> a
             let write = Write::Event {
                 stream,
                 data: "x".repeat(EVENT),
+                refresh_ttl: true,
             };
             writer.send(&format!("session-{i}"), vec![write]).await?;
             queued.fetch_add(1, std::sync::atomic::Ordering::SeqCst);

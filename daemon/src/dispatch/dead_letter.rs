@@ -68,6 +68,7 @@ impl Dispatcher {
             writes.push(Write::Event {
                 stream: Arc::from(keys::session_data_stream(session_id)),
                 data: wire::state_event(&origin, &format!("FAILED: {reason}"), None),
+                refresh_ttl: true,
             });
         }
         writes.push(self.ack(delivery));

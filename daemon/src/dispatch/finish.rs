@@ -20,9 +20,11 @@ impl Dispatcher {
     ) -> Vec<Write> {
         let header = &command.header;
         let stream: Arc<str> = Arc::from(keys::session_data_stream(&header.session_id));
+        // The stream's TTL counts from the task's last writes.
         let event = |data: String| Write::Event {
             stream: stream.clone(),
             data,
+            refresh_ttl: true,
         };
         let caller = match command.action {
             Action::AskAgent { .. } if !header.source_agent_id.is_empty() => {

@@ -422,6 +422,7 @@ impl Dispatcher {
                 produced: Default::default(),
                 clocks: clocks.clone(),
                 unjournaled_by: Default::default(),
+                ttl_refreshed: Mutex::new(None),
                 suspension: Mutex::new(None),
                 services: self.services.clone(),
             });
@@ -460,9 +461,12 @@ impl Dispatcher {
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if !link.replayed() {
                     let resumed = wire::state_event(origin, state::RESUMED, None);
+                    // Written past the task's link (which paces the
+                    // stream's TTL): it refreshes the TTL itself.
                     let write = Write::Event {
                         stream: stream.clone(),
                         data: resumed,
+                        refresh_ttl: true,
                     };
                     if self
                         .writer

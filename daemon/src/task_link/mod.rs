@@ -33,7 +33,7 @@ use redis::aio::ConnectionManager;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Lifetime of a task-group hash (the reference's `TASK_GROUP_TTL_SECONDS`).
@@ -176,6 +176,9 @@ pub struct TaskLink {
     /// Why the task can no longer be run again from its journal (it
     /// learned something the journal does not keep), if it cannot.
     pub unjournaled_by: std::sync::OnceLock<&'static str>,
+    /// When this run last let an event refresh the session stream's
+    /// EXPIRE (see [`TaskLink::pace_ttl`]).
+    pub ttl_refreshed: Mutex<Option<Instant>>,
     /// Set when a wait dropped the instance: what the task waits for. The
     /// dispatcher waits for it and runs the task again.
     pub suspension: Mutex<Option<Suspension>>,
@@ -284,13 +287,39 @@ impl TaskLink {
             .fetch_add(events, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Lets only the first event of `writes` refresh the session stream's
+    /// EXPIRE, and only when the task has not refreshed it within half the
+    /// TTL: one EXPIRE with the task's first event instead of one with
+    /// every batch. The stream never expires while the task writes to it,
+    /// and its final writes refresh it again (the TTL counts from there).
+    fn pace_ttl(&self, writes: &mut [Write]) {
+        let mut events = writes.iter_mut().filter_map(|write| match write {
+            Write::Event { refresh_ttl, .. } => Some(refresh_ttl),
+            _ => None,
+        });
+        let Some(first) = events.next() else { return };
+        let mut refreshed = self
+            .ttl_refreshed
+            .lock()
+            .expect("ttl lock is never poisoned");
+        let due = refreshed.is_none_or(|at| at.elapsed() >= self.writer.session_ttl() / 2);
+        *first = due;
+        if due {
+            *refreshed = Some(Instant::now());
+        }
+        for later in events {
+            *later = false;
+        }
+    }
+
     /// Queues writes of the running task; refused once it is closed.
     async fn send(&self, writes: Vec<Write>) -> Result<(), Stopping> {
         if self.is_closed() {
             return Err(Stopping);
         }
         self.count_produced(&writes);
-        let writes = self.with_journal(self.without_replayed(writes));
+        let mut writes = self.with_journal(self.without_replayed(writes));
+        self.pace_ttl(&mut writes);
         if writes.is_empty() {
             return Ok(());
         }
@@ -307,7 +336,8 @@ impl TaskLink {
             return Err(Stopping);
         }
         self.count_produced(&writes);
-        let writes = self.with_journal(self.without_replayed(writes));
+        let mut writes = self.with_journal(self.without_replayed(writes));
+        self.pace_ttl(&mut writes);
         if writes.is_empty() {
             return Ok(());
         }
@@ -385,6 +415,7 @@ impl TaskPort for TaskLink {
             let write = Write::Event {
                 stream: self.stream.clone(),
                 data,
+                refresh_ttl: true,
             };
             self.send(vec![write]).await
         })
@@ -477,6 +508,7 @@ impl TaskLink {
         Write::Event {
             stream: self.stream.clone(),
             data: wire::state_event(&self.origin, state, metadata.as_deref()),
+            refresh_ttl: true,
         }
     }
 

@@ -110,6 +110,7 @@ impl TaskLink {
             Write::Event {
                 stream: self.stream.clone(),
                 data: form_event,
+                refresh_ttl: true,
             },
             self.state_write(
                 state::WAITING_USER,
