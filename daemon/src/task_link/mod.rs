@@ -177,7 +177,7 @@ pub struct TaskLink {
     /// learned something the journal does not keep), if it cannot.
     pub unjournaled_by: std::sync::OnceLock<&'static str>,
     /// When this run last let an event refresh the session stream's
-    /// EXPIRE (see [`TaskLink::pace_ttl`]).
+    /// EXPIRE (see `TaskLink::pace_ttl`).
     pub ttl_refreshed: Mutex<Option<Instant>>,
     /// Set when a wait dropped the instance: what the task waits for. The
     /// dispatcher waits for it and runs the task again.
