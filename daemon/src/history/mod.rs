@@ -262,6 +262,29 @@ impl fmt::Debug for History {
     }
 }
 
+impl Handle {
+    /// `read` within `history.read_timeout`; a failure or a timeout is
+    /// counted.
+    async fn timed_read<T>(
+        &self,
+        session_id: &str,
+        read: impl std::future::Future<Output = Result<T, HistoryError>>,
+    ) -> Result<T, HistoryError> {
+        let result = match tokio::time::timeout(self.read_timeout, read).await {
+            Ok(result) => result,
+            Err(_) => Err(HistoryError::Timeout {
+                operation: "read",
+                context: format!("session {session_id}"),
+                after: self.read_timeout,
+            }),
+        };
+        if result.is_err() {
+            Counters::add(&self.shared.counters.read_failures, 1);
+        }
+        result
+    }
+}
+
 /// What the clones of one [`History`] share.
 struct Handle {
     /// Feeds the writer; dropping the last one lets it drain and end.
@@ -456,19 +479,12 @@ impl History {
         if limit == 0 {
             return RecentJson::default();
         }
-        let read = handle.shared.store.read_json(session_id, limit);
-        let result = match tokio::time::timeout(handle.read_timeout, read).await {
-            Ok(result) => result,
-            Err(_) => Err(HistoryError::Timeout {
-                operation: "read",
-                context: format!("session {session_id}"),
-                after: handle.read_timeout,
-            }),
-        };
+        let result = handle
+            .timed_read(session_id, handle.shared.store.read_json(session_id, limit))
+            .await;
         match result {
             Ok(entries) => RecentJson { entries },
             Err(error) => {
-                Counters::add(&handle.shared.counters.read_failures, 1);
                 tracing::warn!(session_id, limit, %error, "history read failed; going on without history");
                 RecentJson::default()
             }
@@ -488,19 +504,9 @@ impl History {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let read = handle.shared.store.read(session_id, limit);
-        let result = match tokio::time::timeout(handle.read_timeout, read).await {
-            Ok(result) => result,
-            Err(_) => Err(HistoryError::Timeout {
-                operation: "read",
-                context: format!("session {session_id}"),
-                after: handle.read_timeout,
-            }),
-        };
-        if result.is_err() {
-            Counters::add(&handle.shared.counters.read_failures, 1);
-        }
-        result
+        handle
+            .timed_read(session_id, handle.shared.store.read(session_id, limit))
+            .await
     }
 
     /// The counters so far; all zero when history is off.

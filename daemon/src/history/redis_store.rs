@@ -144,19 +144,10 @@ impl RedisStore {
         session_id: &str,
         limit: usize,
     ) -> Result<Vec<HistoryEntry>, HistoryError> {
-        let (key, raw) = self.read_raw(session_id, limit).await?;
-        Ok(raw
-            .iter()
-            .filter_map(
-                |bytes| match serde_json::from_slice::<HistoryEntry>(bytes) {
-                    Ok(entry) => Some(entry.normalized()),
-                    Err(error) => {
-                        tracing::warn!(%key, %error, "skipping a history entry that is not one");
-                        None
-                    }
-                },
-            )
-            .collect())
+        self.read_with(session_id, limit, |bytes| {
+            serde_json::from_slice::<HistoryEntry>(bytes).map(HistoryEntry::normalized)
+        })
+        .await
     }
 
     /// [`RedisStore::read`] as injected JSON: each entry checked and
@@ -166,10 +157,21 @@ impl RedisStore {
         session_id: &str,
         limit: usize,
     ) -> Result<Vec<String>, HistoryError> {
+        self.read_with(session_id, limit, injected_entry).await
+    }
+
+    /// The newest `limit` entries, oldest first, each made by `entry` from
+    /// its stored text; one that is not an entry is logged and skipped.
+    async fn read_with<T>(
+        &self,
+        session_id: &str,
+        limit: usize,
+        entry: impl Fn(&[u8]) -> Result<T, serde_json::Error>,
+    ) -> Result<Vec<T>, HistoryError> {
         let (key, raw) = self.read_raw(session_id, limit).await?;
         Ok(raw
             .iter()
-            .filter_map(|bytes| match injected_entry(bytes) {
+            .filter_map(|bytes| match entry(bytes) {
                 Ok(entry) => Some(entry),
                 Err(error) => {
                     tracing::warn!(%key, %error, "skipping a history entry that is not one");

@@ -344,6 +344,36 @@ async fn drive_all(
     Ok(all)
 }
 
+/// Waits until `worker` serves echo in the registry; fails with the
+/// process' log when it exits or `limit` passes first.
+async fn wait_registered(
+    conn: &mut MultiplexedConnection,
+    worker: &str,
+    process: &mut tokio::process::Child,
+    log: &tempfile::NamedTempFile,
+    limit: Duration,
+    what: &str,
+) -> Result<()> {
+    let started = Instant::now();
+    loop {
+        let member: bool = redis::cmd("SISMEMBER")
+            .arg("byai_gateway:registry:capability:workers:echo")
+            .arg(worker)
+            .query_async(conn)
+            .await?;
+        if member {
+            return Ok(());
+        }
+        if started.elapsed() > limit || process.try_wait()?.is_some() {
+            bail!(
+                "{what} did not start: {}",
+                std::fs::read_to_string(log.path())?
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// `--reference`: the reference Python worker serving echo on the same
 /// Redis, warmed up, then `tasks` tasks; stopped before gatewayd starts.
 async fn reference_run(
@@ -371,24 +401,15 @@ async fn reference_run(
     let pid = process
         .id()
         .context("the reference worker exited at once")?;
-    let ready = Instant::now();
-    loop {
-        let member: bool = redis::cmd("SISMEMBER")
-            .arg("byai_gateway:registry:capability:workers:echo")
-            .arg(&worker)
-            .query_async(conn)
-            .await?;
-        if member {
-            break;
-        }
-        if ready.elapsed() > Duration::from_secs(60) || process.try_wait()?.is_some() {
-            bail!(
-                "the reference worker did not start: {}",
-                std::fs::read_to_string(log.path())?
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_registered(
+        conn,
+        &worker,
+        &mut process,
+        &log,
+        Duration::from_secs(60),
+        "the reference worker",
+    )
+    .await?;
     println!(
         "reference Python worker {python} (max_concurrency {}, fetch {}) · {tasks} tasks, {} in flight",
         args.concurrency, args.fetch, args.in_flight
@@ -856,24 +877,15 @@ async fn main() -> Result<()> {
     }
     let mut daemon = command.stderr(log.reopen()?).kill_on_drop(true).spawn()?;
     let daemon_pid = daemon.id().context("gatewayd exited at once")?;
-    let ready = Instant::now();
-    loop {
-        let member: bool = redis::cmd("SISMEMBER")
-            .arg("byai_gateway:registry:capability:workers:echo")
-            .arg(&worker)
-            .query_async(&mut conn)
-            .await?;
-        if member {
-            break;
-        }
-        if ready.elapsed() > Duration::from_secs(120) || daemon.try_wait()?.is_some() {
-            bail!(
-                "gatewayd did not start: {}",
-                std::fs::read_to_string(log.path())?
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_registered(
+        &mut conn,
+        &worker,
+        &mut daemon,
+        &log,
+        Duration::from_secs(120),
+        "gatewayd",
+    )
+    .await?;
     println!(
         "gatewayd {} (max_concurrency {}, fetch {}, {} plugins loaded) · {} tasks, {} in flight, {} reader connections",
         gatewayd.display(),
