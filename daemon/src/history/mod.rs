@@ -169,16 +169,6 @@ impl RecentJson {
         });
     }
 
-    /// How many entries.
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    /// Whether there are none.
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
     /// The entries as one JSON array.
     pub fn to_json(&self) -> Box<serde_json::value::RawValue> {
         let mut array =
@@ -219,12 +209,14 @@ struct InjectedEntry<'a> {
 /// One stored entry's JSON, normalized for injection; `Err` when it is not
 /// an entry.
 fn injected_entry(stored: &[u8]) -> Result<String, serde_json::Error> {
+    /// The metadata of an entry that has none, checked once.
+    static EMPTY: std::sync::LazyLock<&'static serde_json::value::RawValue> =
+        std::sync::LazyLock::new(|| serde_json::from_str("{}").expect("{} is JSON"));
     let entry: StoredEntry<'_> = serde_json::from_slice(stored)?;
-    let empty: &serde_json::value::RawValue = serde_json::from_str("{}").expect("{} is JSON");
     serde_json::to_string(&InjectedEntry {
         role: entry.role,
         content: &entry.content,
-        metadata: entry.metadata.unwrap_or(empty),
+        metadata: entry.metadata.unwrap_or(*EMPTY),
     })
 }
 
@@ -710,8 +702,8 @@ mod tests {
         let array: Value = serde_json::from_str(recent.to_json().get()).unwrap();
         assert_eq!(array.as_array().unwrap().len(), 4);
         recent.without_message("m1");
-        assert_eq!(recent.len(), 3);
         let array: Value = serde_json::from_str(recent.to_json().get()).unwrap();
+        assert_eq!(array.as_array().unwrap().len(), 3);
         assert_eq!(array[0]["role"], "assistant");
         assert_eq!(RecentJson::default().to_json().get(), "[]");
     }
