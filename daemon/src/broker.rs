@@ -3,9 +3,9 @@
 //!
 //! This module knows stream commands, not what the entries mean.
 
+use byclaw_client::connection::Connection;
 use byclaw_client::connection::redact_password;
 use byclaw_protocol::EntryId;
-use redis::aio::ConnectionManager;
 use redis::streams::{StreamClaimReply, StreamId, StreamPendingCountReply, StreamReadReply};
 use redis::{RedisError, Value};
 use std::sync::Arc;
@@ -43,7 +43,7 @@ fn err<'a>(operation: &'static str, key: &'a str) -> impl FnOnce(RedisError) -> 
 pub async fn connect(
     endpoint: &byclaw_client::connection::Endpoint,
     response_timeout: Duration,
-) -> Result<ConnectionManager, BrokerError> {
+) -> Result<Connection, BrokerError> {
     let shown = redact_password(endpoint.url());
     byclaw_client::connection::connect(endpoint, response_timeout)
         .await
@@ -52,7 +52,7 @@ pub async fn connect(
 
 /// `XGROUP CREATE <stream> <group> 0 MKSTREAM`, BUSYGROUP ignored.
 pub async fn ensure_group(
-    conn: &mut ConnectionManager,
+    conn: &mut Connection,
     stream: &str,
     group: &str,
 ) -> Result<(), BrokerError> {
@@ -118,7 +118,7 @@ fn value_bytes(value: Value) -> Vec<u8> {
 
 /// `XREADGROUP GROUP g c COUNT n BLOCK ms STREAMS s... > ...`.
 pub async fn read_group(
-    conn: &mut ConnectionManager,
+    conn: &mut Connection,
     group: &str,
     consumer: &str,
     streams: &[Arc<str>],
@@ -162,7 +162,7 @@ pub async fn read_group(
 /// after `after` (XREADGROUP with an id; start with `0`): what this worker
 /// id left behind when it last stopped.
 pub async fn read_own_pending(
-    conn: &mut ConnectionManager,
+    conn: &mut Connection,
     group: &str,
     consumer: &str,
     stream: &Arc<str>,
@@ -201,7 +201,7 @@ pub struct Pending {
 
 /// `XPENDING <stream> <group> IDLE <ms> - + <count>`: entries idle at least `min_idle`.
 pub async fn pending_idle(
-    conn: &mut ConnectionManager,
+    conn: &mut Connection,
     stream: &str,
     group: &str,
     min_idle: Duration,
@@ -233,7 +233,7 @@ pub async fn pending_idle(
 /// `XCLAIM` entries idle at least `min_idle` for `consumer`. Entries deleted
 /// meanwhile are dropped from the pending list by Redis and not returned.
 pub async fn claim(
-    conn: &mut ConnectionManager,
+    conn: &mut Connection,
     stream: &Arc<str>,
     group: &str,
     consumer: &str,
@@ -294,7 +294,7 @@ return lost
 /// another worker took them over (after this one stalled longer than its
 /// claim time) or acknowledged them; their tasks here must stop.
 pub async fn renew(
-    conn: &mut ConnectionManager,
+    conn: &mut Connection,
     stream: &str,
     group: &str,
     consumer: &str,
@@ -324,7 +324,7 @@ pub async fn renew(
 /// is unchanged), so the claimers of the workers that serve its stream take
 /// it over at their next pass instead of after a full `claim_idle`.
 pub async fn release(
-    conn: &mut ConnectionManager,
+    conn: &mut Connection,
     stream: &str,
     group: &str,
     consumer: &str,
@@ -360,7 +360,7 @@ pub struct Trimmed {
 /// it holds none. `None` without groups (nobody consumes the stream, so
 /// nothing counts as consumed).
 pub async fn first_needed_id(
-    conn: &mut ConnectionManager,
+    conn: &mut Connection,
     stream: &str,
 ) -> Result<Option<String>, BrokerError> {
     let groups: redis::streams::StreamInfoGroupsReply = redis::cmd("XINFO")
@@ -403,7 +403,7 @@ pub async fn first_needed_id(
 /// 0, `XTRIM MAXLEN` to it. A group created later from id 0 does not see
 /// what was trimmed before it existed.
 pub async fn trim(
-    conn: &mut ConnectionManager,
+    conn: &mut Connection,
     stream: &str,
     maxlen: u64,
 ) -> Result<Trimmed, BrokerError> {
@@ -440,7 +440,7 @@ pub fn policy_evicts(policy: &str) -> bool {
 /// Warns when Redis may evict keys: tasks, their events and their
 /// execution records could then vanish without anyone acknowledging them.
 /// Servers that refuse CONFIG (managed services, ACLs) are not checked.
-pub async fn warn_if_evicting(conn: &mut ConnectionManager) {
+pub async fn warn_if_evicting(conn: &mut Connection) {
     let reply: Result<Vec<String>, _> = redis::cmd("CONFIG")
         .arg("GET")
         .arg("maxmemory-policy")

@@ -21,6 +21,15 @@ pub(crate) struct Cli {
     /// Redis URL, e.g. redis://127.0.0.1:6379/0 (overrides [redis]).
     #[arg(long, value_name = "URL", global = true)]
     pub(crate) redis_url: Option<String>,
+    /// Redis Sentinel: the master's name (overrides redis.sentinel_master);
+    /// the master is the one the sentinels name, followed across failovers.
+    #[arg(long, value_name = "NAME", global = true)]
+    pub(crate) redis_sentinel_master: Option<String>,
+    /// Redis Sentinel: the sentinels, e.g.
+    /// redis://10.0.0.1:26379,redis://10.0.0.2:26379 (overrides
+    /// redis.sentinel_nodes).
+    #[arg(long, value_name = "URLS", value_delimiter = ',', global = true)]
+    pub(crate) redis_sentinel_nodes: Option<Vec<String>>,
     /// Log format (overrides log.format).
     #[arg(long, value_enum, global = true)]
     pub(crate) log_format: Option<LogFormat>,

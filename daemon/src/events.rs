@@ -22,7 +22,7 @@
 //! whoever writes waits — a guest emitting big events as fast as it can is
 //! slowed to Redis' pace instead of growing the daemon.
 
-use redis::aio::ConnectionManager;
+use byclaw_client::connection::Connection;
 use std::collections::HashSet;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
@@ -203,7 +203,7 @@ impl Writer {
     /// they drain what is queued) or `force_stop` fires (then they give up
     /// retrying and drop what is left; those entries stay pending).
     pub fn start(
-        connection: ConnectionManager,
+        connection: Connection,
         config: WriterConfig,
         force_stop: CancellationToken,
     ) -> (Self, Vec<tokio::task::JoinHandle<()>>) {
@@ -304,7 +304,7 @@ struct Lane {
     /// For logs.
     index: usize,
     /// Multiplexed; lanes share it and their pipelines interleave.
-    connection: ConnectionManager,
+    connection: Connection,
     config: WriterConfig,
     /// Stops retrying during a forced shutdown.
     force_stop: CancellationToken,

@@ -11,8 +11,8 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use byclaw_client::connection::Connection;
 use byclaw_sandbox::loader::PluginTable;
-use redis::aio::ConnectionManager;
 use serde_json::json;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -38,7 +38,7 @@ pub enum ListenError {
 #[derive(Clone)]
 pub struct Ops {
     /// For PING and the stream statistics.
-    pub redis: ConnectionManager,
+    pub redis: Connection,
     /// The plugins serving now: loaded or not, and their streams.
     pub plugins: Arc<ArcSwap<PluginTable>>,
     /// The consumer group whose lag and pending entries are reported.
@@ -139,7 +139,7 @@ async fn metrics(State(ops): State<Ops>) -> Response {
 
 /// XINFO GROUPS and XPENDING of every stream, in one pipeline.
 async fn stream_states(
-    conn: &mut ConnectionManager,
+    conn: &mut Connection,
     streams: &[Arc<str>],
     group: &str,
 ) -> redis::RedisResult<Vec<(String, StreamState)>> {

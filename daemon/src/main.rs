@@ -56,6 +56,8 @@ fn main() -> ExitCode {
     };
     let overrides = Overrides {
         redis_url: cli.redis_url,
+        redis_sentinel_master: cli.redis_sentinel_master,
+        redis_sentinel_nodes: cli.redis_sentinel_nodes,
         plugin_dir: cli.daemon.plugin_dir,
         worker_id: cli.daemon.worker_id,
         log_format: cli.log_format,

@@ -1,8 +1,8 @@
 //! This worker's membership in the reference registry: the worker-id lock,
 //! the heartbeat that lets clients find it, and leaving cleanly.
 
+use byclaw_client::connection::Connection;
 use byclaw_protocol::{self as wire, keys};
-use redis::aio::ConnectionManager;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -67,7 +67,7 @@ pub struct Membership {
 impl Membership {
     /// Takes the worker-id lock (`SET NX EX`) and announces the capabilities.
     pub async fn join(
-        conn: &mut ConnectionManager,
+        conn: &mut Connection,
         worker_id: &str,
         capabilities: Vec<String>,
         lock_ttl_s: u64,
@@ -101,12 +101,12 @@ impl Membership {
 
     /// The heartbeat: ZADD the worker with the current time and re-add its
     /// capability sets (a Redis restart or a peer's cleanup may have lost them).
-    async fn announce(&self, conn: &mut ConnectionManager) -> Result<(), redis::RedisError> {
+    async fn announce(&self, conn: &mut Connection) -> Result<(), redis::RedisError> {
         let _updating = self.updating.lock().await;
         self.announce_locked(conn).await
     }
 
-    async fn announce_locked(&self, conn: &mut ConnectionManager) -> Result<(), redis::RedisError> {
+    async fn announce_locked(&self, conn: &mut Connection) -> Result<(), redis::RedisError> {
         let capabilities = self.capabilities();
         let mut pipe = redis::pipe();
         pipe.cmd("ZADD")
@@ -143,7 +143,7 @@ impl Membership {
     /// those it no longer serves and joins the new ones.
     pub async fn set_capabilities(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Connection,
         capabilities: Vec<String>,
     ) -> Result<(), redis::RedisError> {
         let _updating = self.updating.lock().await;
@@ -174,7 +174,7 @@ impl Membership {
     }
 
     /// Refreshes the lock (taking it again if it is gone) and the heartbeat.
-    async fn beat(&self, conn: &mut ConnectionManager) -> Result<Lock, redis::RedisError> {
+    async fn beat(&self, conn: &mut Connection) -> Result<Lock, redis::RedisError> {
         let refreshed: i64 = redis::Script::new(REFRESH_LOCK)
             .key(keys::worker_lock(&self.worker_id))
             .arg(&self.token)
@@ -192,7 +192,7 @@ impl Membership {
     /// Beats every `interval` until `stop` fires.
     pub async fn heartbeat(
         &self,
-        mut conn: ConnectionManager,
+        mut conn: Connection,
         interval: Duration,
         stop: CancellationToken,
     ) {
@@ -221,7 +221,7 @@ impl Membership {
     }
 
     /// Removes the worker from the registry and releases the lock.
-    pub async fn leave(&self, conn: &mut ConnectionManager) -> Result<(), redis::RedisError> {
+    pub async fn leave(&self, conn: &mut Connection) -> Result<(), redis::RedisError> {
         let mut pipe = redis::pipe();
         pipe.cmd("ZREM")
             .arg(keys::ACTIVE_WORKERS)

@@ -13,11 +13,11 @@ use crate::broker;
 use crate::metrics::{PluginLoaded, PluginRejected};
 use crate::registry::Membership;
 use arc_swap::ArcSwap;
+use byclaw_client::connection::Connection;
 use byclaw_protocol::keys;
 use byclaw_sandbox::loader::{self, PluginTable};
 use byclaw_sandbox::{Plugin, Sandbox, hooks};
 use notify::{EventKind, RecursiveMode, Watcher};
-use redis::aio::ConnectionManager;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -63,7 +63,7 @@ impl Reloader {
     /// Dropping it stops the watcher.
     pub fn watch(
         self,
-        conn: ConnectionManager,
+        conn: Connection,
         stop: CancellationToken,
     ) -> Result<impl std::future::Future<Output = ()>, WatchError> {
         // Capacity 1: events only say "look again"; more than one pending
@@ -79,7 +79,7 @@ impl Reloader {
 
     async fn run(
         self,
-        mut conn: ConnectionManager,
+        mut conn: Connection,
         mut changes: mpsc::Receiver<()>,
         retry: mpsc::Sender<()>,
         stop: CancellationToken,
@@ -109,7 +109,7 @@ impl Reloader {
     }
 
     /// Loads the directory again and swaps the result in.
-    async fn reload(&self, conn: &mut ConnectionManager) -> Result<(), ReloadError> {
+    async fn reload(&self, conn: &mut Connection) -> Result<(), ReloadError> {
         let previous = self.plugins.load_full();
         let loaded = loader::reload_dir(&self.sandbox, &self.dir, &previous)
             .await

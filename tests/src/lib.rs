@@ -36,6 +36,7 @@ pub fn init_logging() {
 }
 
 pub mod postgres;
+pub mod sentinel;
 pub mod tls;
 
 /// A redis-server of its own on a free port, killed on drop.
@@ -331,8 +332,14 @@ pub fn suffix() -> String {
 
 /// A config for a test: its own worker id, short timings.
 pub fn test_config(redis: &RedisServer, plugins: &Path, workspace: &Path) -> Config {
-    let mut config = Config::default();
+    let mut config = test_config_without_redis(plugins, workspace);
     config.redis.url = Some(redis.url());
+    config
+}
+
+/// [`test_config`] before it says where Redis is.
+pub fn test_config_without_redis(plugins: &Path, workspace: &Path) -> Config {
+    let mut config = Config::default();
     config.worker.id = format!("test-worker-{}", suffix());
     config.worker.block_ms = 200;
     config.worker.claim_interval_ms = 200;
@@ -374,6 +381,18 @@ impl Daemon {
         redis: &RedisServer,
         ready_capability: &str,
     ) -> Result<Self> {
+        let conn = redis.connect().await?;
+        Self::start_on(config, source, conn, ready_capability).await
+    }
+
+    /// Like [`Daemon::start_from`], watching for its registration on `conn`
+    /// (a Redis the test reaches otherwise than through a [`RedisServer`]).
+    pub async fn start_on(
+        config: Config,
+        source: Option<gatewayd::config::Source>,
+        mut conn: MultiplexedConnection,
+        ready_capability: &str,
+    ) -> Result<Self> {
         init_logging();
         let worker_id = config.worker.id.clone();
         let (tx, rx) = oneshot::channel::<()>();
@@ -389,7 +408,6 @@ impl Daemon {
             },
             options,
         ));
-        let mut conn = redis.connect().await?;
         let key = format!("byai_gateway:registry:capability:workers:{ready_capability}");
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {

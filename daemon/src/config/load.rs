@@ -132,6 +132,23 @@ impl Config {
         if let Some(url) = &overrides.redis_url {
             flag("redis", "url", Value::String(url.clone()), "redis-url");
         }
+        if let Some(name) = &overrides.redis_sentinel_master {
+            flag(
+                "redis",
+                "sentinel_master",
+                Value::String(name.clone()),
+                "redis-sentinel-master",
+            );
+        }
+        if let Some(nodes) = &overrides.redis_sentinel_nodes {
+            let nodes = nodes.iter().cloned().map(Value::String).collect();
+            flag(
+                "redis",
+                "sentinel_nodes",
+                Value::Array(nodes),
+                "redis-sentinel-nodes",
+            );
+        }
         if let Some(dir) = &overrides.plugin_dir {
             flag(
                 "plugins",
@@ -225,6 +242,14 @@ fn typed(defaults: &Value, table: &str, key: &str, text: &str) -> Value {
             "false" | "0" | "no" => Value::Bool(false),
             _ => Value::String(text.to_owned()),
         },
+        // A list: comma-separated (`GATEWAYD_REDIS__SENTINEL_NODES=a,b`).
+        Some(Value::Array(_)) => Value::Array(
+            text.split(',')
+                .map(str::trim)
+                .filter(|item| !item.is_empty())
+                .map(|item| Value::String(item.to_owned()))
+                .collect(),
+        ),
         _ => Value::String(text.to_owned()),
     }
 }

@@ -90,6 +90,10 @@ impl Source {
 pub struct Overrides {
     /// `--redis-url`: sets `redis.url`, so it also wins over the parts.
     pub redis_url: Option<String>,
+    /// `--redis-sentinel-master`: sets `redis.sentinel_master`.
+    pub redis_sentinel_master: Option<String>,
+    /// `--redis-sentinel-nodes`: sets `redis.sentinel_nodes`.
+    pub redis_sentinel_nodes: Option<Vec<String>>,
     /// `--plugin-dir`: sets `plugins.dir`, to try a build without editing the file.
     pub plugin_dir: Option<PathBuf>,
     /// `--worker-id`: sets `worker.id`, so one file serves several workers.
@@ -447,6 +451,94 @@ mod tests {
             "{errors}"
         );
         assert!(errors.errors.iter().all(|e| e.source.is_none()));
+    }
+
+    #[test]
+    fn sentinel_is_configured_from_the_environment_or_flags_and_checked() {
+        let config = Config::load_from(
+            None,
+            env(&[
+                ("GATEWAYD_REDIS__SENTINEL_MASTER", "mymaster"),
+                (
+                    "GATEWAYD_REDIS__SENTINEL_NODES",
+                    "redis://10.0.0.1:26379, redis://:pw@10.0.0.2:26379",
+                ),
+                ("REDIS_PASSWORD", "master-secret"),
+            ]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(config.redis.sentinel_master.as_deref(), Some("mymaster"));
+        assert_eq!(
+            config.redis.sentinel_nodes,
+            ["redis://10.0.0.1:26379", "redis://:pw@10.0.0.2:26379"]
+        );
+        let endpoint = config.redis.endpoint().unwrap();
+        let sentinel = endpoint
+            .sentinel()
+            .expect("the endpoint goes through sentinel");
+        assert_eq!(sentinel.master_name, "mymaster");
+        assert_eq!(sentinel.nodes.len(), 2);
+        assert!(
+            endpoint.url().contains(":master-secret@"),
+            "the master's password is kept"
+        );
+
+        let flagged = Config::load_from(
+            None,
+            env(&[]),
+            &Overrides {
+                redis_sentinel_master: Some("other".into()),
+                redis_sentinel_nodes: Some(vec!["redis://s1:26379".into()]),
+                ..Overrides::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(flagged.redis.sentinel_master.as_deref(), Some("other"));
+        assert_eq!(flagged.redis.sentinel_nodes, ["redis://s1:26379"]);
+
+        // Every problem at once, each under its key.
+        let errors = Config::load_from(
+            None,
+            env(&[
+                (
+                    "GATEWAYD_REDIS__SENTINEL_NODES",
+                    "s1:26379,redis://:secret@h/abc",
+                ),
+                ("GATEWAYD_REDIS__URL", "redis://one:6379"),
+            ]),
+            &Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            errors.contains("redis.sentinel_master: must be set"),
+            "{errors}"
+        );
+        assert!(
+            errors.contains("redis.sentinel_nodes: s1:26379: must start with redis://"),
+            "{errors}"
+        );
+        assert!(errors.contains("Invalid database number"), "{errors}");
+        assert!(
+            !errors.contains("secret"),
+            "passwords stay out of errors: {errors}"
+        );
+        let errors = Config::load_from(
+            None,
+            env(&[
+                ("GATEWAYD_REDIS__SENTINEL_MASTER", "mymaster"),
+                ("GATEWAYD_REDIS__URL", "redis://one:6379"),
+            ]),
+            &Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            errors.contains("redis.sentinel_nodes: must name at least one sentinel"),
+            "{errors}"
+        );
+        assert!(errors.contains("redis.url: names one Redis"), "{errors}");
     }
 
     #[test]

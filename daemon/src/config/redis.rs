@@ -28,6 +28,15 @@ pub struct RedisConfig {
     pub tls_cert_file: Option<PathBuf>,
     /// TLS: PEM file of the client certificate's private key.
     pub tls_key_file: Option<PathBuf>,
+    /// Redis Sentinel: the name the sentinels monitor the master under.
+    /// With `sentinel_nodes`, the master is the one they name, followed
+    /// across failovers; `url`, `host` and `port` are then not used (the
+    /// user name, password, `db` and TLS settings above are the master's).
+    pub sentinel_master: Option<String>,
+    /// Redis Sentinel: `redis://host:port` (or `rediss://`) of each
+    /// sentinel, with the sentinels' own user name and password if they ask
+    /// for one. In the environment: comma-separated.
+    pub sentinel_nodes: Vec<String>,
 }
 
 impl Default for RedisConfig {
@@ -43,6 +52,8 @@ impl Default for RedisConfig {
             tls_ca_file: None,
             tls_cert_file: None,
             tls_key_file: None,
+            sentinel_master: None,
+            sentinel_nodes: Vec::new(),
         }
     }
 }
@@ -80,13 +91,21 @@ impl RedisConfig {
             cert_file: self.tls_cert_file.clone(),
             key_file: self.tls_key_file.clone(),
         };
-        byclaw_client::connection::Endpoint::with_tls(self.connection_url(), &paths).map_err(
-            |error| ConfigError {
+        let endpoint = byclaw_client::connection::Endpoint::with_tls(self.connection_url(), &paths)
+            .map_err(|error| ConfigError {
                 key: format!("redis.tls_{}", error.which),
                 message: format!("{}: {}", error.path.display(), error.reason),
                 source: None,
-            },
-        )
+            })?;
+        Ok(match &self.sentinel_master {
+            Some(master_name) => {
+                endpoint.through_sentinel(byclaw_client::connection::SentinelNodes {
+                    master_name: master_name.clone(),
+                    nodes: self.sentinel_nodes.clone(),
+                })
+            }
+            None => endpoint,
+        })
     }
 }
 

@@ -148,6 +148,48 @@ impl Config {
         self.bridge.validate(&mut check);
         let r = &self.redis;
         check(r.port != 0, "redis.port", "must not be 0");
+        match (&r.sentinel_master, r.sentinel_nodes.is_empty()) {
+            (Some(name), _) => {
+                check(
+                    !name.trim().is_empty(),
+                    "redis.sentinel_master",
+                    "must not be empty",
+                );
+                check(
+                    !r.sentinel_nodes.is_empty(),
+                    "redis.sentinel_nodes",
+                    "must name at least one sentinel (redis://host:port) when redis.sentinel_master is set",
+                );
+                check(
+                    r.url.is_none(),
+                    "redis.url",
+                    "names one Redis, but redis.sentinel_master says the sentinels name it: set redis.username, password, db and tls instead",
+                );
+            }
+            (None, false) => check(
+                false,
+                "redis.sentinel_master",
+                "must be set when redis.sentinel_nodes is (the name the sentinels monitor the master under)",
+            ),
+            (None, true) => {}
+        }
+        for node in &r.sentinel_nodes {
+            let problem = if !(node.starts_with("redis://") || node.starts_with("rediss://")) {
+                Err("must start with redis:// or rediss://".to_owned())
+            } else {
+                redis_url_problem(node)
+            };
+            if let Err(reason) = problem {
+                check(
+                    false,
+                    "redis.sentinel_nodes",
+                    &format!(
+                        "{}: {reason}",
+                        byclaw_client::connection::redact_password(node)
+                    ),
+                );
+            }
+        }
         match &r.url {
             Some(url) => {
                 let scheme_ok = ["redis://", "rediss://", "unix://", "redis+unix://"]

@@ -32,11 +32,11 @@ use crate::metrics::{
 use crate::routing::{self, Delivered, Reply, ReplyKind, Route, Routed, WaitKey};
 use crate::task_link::{AwaitedChild, Learned, Services, Suspension, TaskLink};
 use crate::workspace::Workspaces;
+use byclaw_client::connection::Connection;
 use byclaw_protocol::{self as wire, Action, ControlCommand, EventOrigin, keys, state};
 use byclaw_protocol::{Begin, CancelLookup, Executions, NewExecution};
 use byclaw_sandbox::TaskDirs;
 use byclaw_sandbox::{CallError, CancelSignal, Hook, HookCall, TaskContext, TaskHost};
-use redis::aio::ConnectionManager;
 use serde_json::value::RawValue;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

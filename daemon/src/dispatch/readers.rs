@@ -16,7 +16,7 @@ impl Dispatcher {
     /// consumer and then forgotten.
     pub async fn consume(
         self: Arc<Self>,
-        mut conn: ConnectionManager,
+        mut conn: Connection,
         permits: Arc<Semaphore>,
         stop: CancellationToken,
     ) {
@@ -178,7 +178,7 @@ impl Dispatcher {
     /// `claim_idle` (those past `max_deliveries` are dead-lettered).
     pub async fn reclaim(
         self: Arc<Self>,
-        mut conn: ConnectionManager,
+        mut conn: Connection,
         permits: Arc<Semaphore>,
         stop: CancellationToken,
     ) {
@@ -210,11 +210,7 @@ impl Dispatcher {
     /// Every `trim_interval`: trims each capability stream served here of
     /// what every consumer group has read and acknowledged, then to
     /// `control_maxlen` when set ([`broker::trim`]).
-    pub async fn trim_streams(
-        self: Arc<Self>,
-        mut conn: ConnectionManager,
-        stop: CancellationToken,
-    ) {
+    pub async fn trim_streams(self: Arc<Self>, mut conn: Connection, stop: CancellationToken) {
         let Some(interval) = self.settings.trim_interval else {
             return;
         };
@@ -250,7 +246,7 @@ impl Dispatcher {
 
     pub(super) async fn renew_leases(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Connection,
     ) -> Result<(), broker::BrokerError> {
         // Each entry is renewed a third of claim_idle after it was read or
         // last renewed: twice more before anyone may take it over, and
@@ -330,7 +326,7 @@ impl Dispatcher {
 
     pub(super) async fn claim_stream(
         self: &Arc<Self>,
-        conn: &mut ConnectionManager,
+        conn: &mut Connection,
         stream: &Arc<str>,
         permits: &Arc<Semaphore>,
     ) -> Result<(), broker::BrokerError> {
@@ -399,7 +395,7 @@ impl Dispatcher {
 
     /// Creates the consumer group of `streams` again, after Redis lost it
     /// (a restart without persistence): new entries are read from then on.
-    pub(super) async fn recreate_groups(&self, conn: &mut ConnectionManager, streams: &[Arc<str>]) {
+    pub(super) async fn recreate_groups(&self, conn: &mut Connection, streams: &[Arc<str>]) {
         for stream in streams {
             match broker::ensure_group(conn, stream, &self.settings.group).await {
                 Ok(()) => {
@@ -417,7 +413,7 @@ impl Dispatcher {
     /// permit is taken.
     pub async fn control(
         self: Arc<Self>,
-        mut conn: ConnectionManager,
+        mut conn: Connection,
         stream: Arc<str>,
         stop: CancellationToken,
     ) {

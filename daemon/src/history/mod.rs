@@ -27,10 +27,10 @@ mod writer;
 pub use error::HistoryError;
 
 use crate::config::{HistoryBackend, HistoryConfig};
+use byclaw_client::connection::Connection;
 use byclaw_protocol::PREFIX;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use postgres_store::PostgresStore;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis_store::RedisStore;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;

@@ -17,7 +17,7 @@ struct SessionWrites<'a> {
 /// `max_entries`, EXPIRE; read with LRANGE.
 pub(super) struct RedisStore {
     /// Multiplexed and reconnecting; cloned per command.
-    connection: ConnectionManager,
+    connection: Connection,
     /// `history.max_entries`.
     max_entries: usize,
     /// `history.ttl_s`.
@@ -29,14 +29,8 @@ impl RedisStore {
         endpoint: &byclaw_client::connection::Endpoint,
         config: &HistoryConfig,
     ) -> Result<RedisStore, HistoryError> {
-        let client = endpoint.client().map_err(HistoryError::RedisConnect)?;
         let response_timeout = config.write_timeout().max(config.read_timeout());
-        let settings = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(response_timeout))
-            .set_connection_timeout(Some(Duration::from_secs(5)))
-            .set_number_of_retries(6)
-            .set_max_delay(Duration::from_secs(2));
-        let connection = ConnectionManager::new_with_config(client, settings)
+        let connection = byclaw_client::connection::connect(endpoint, response_timeout)
             .await
             .map_err(HistoryError::RedisConnect)?;
         Ok(RedisStore {

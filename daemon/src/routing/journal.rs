@@ -16,8 +16,8 @@
 
 use super::{JOURNAL_TTL_S, Reply, ReplyKind, WaitKey};
 use crate::events::Write;
+use byclaw_client::connection::Connection;
 use byclaw_protocol::keys;
-use redis::aio::ConnectionManager;
 
 /// Where a RESUME that no local waiter took must go.
 #[derive(Debug, PartialEq)]
@@ -93,7 +93,7 @@ return {'route', worker, 1}
 /// Routes a reply no local waiter took (see `ROUTE_REPLY`): one script,
 /// plus an EXISTS of the worker lock when the route names another worker.
 pub async fn route_reply(
-    conn: &mut ConnectionManager,
+    conn: &mut Connection,
     key: &WaitKey,
     reply: &Reply,
     own_worker_id: &str,
@@ -195,7 +195,7 @@ impl Journaled {
 /// them — one transaction, so a reply is either in what is read or routed
 /// here (see `ROUTE_REPLY`).
 pub async fn route_then_read_journal(
-    conn: &mut ConnectionManager,
+    conn: &mut Connection,
     routes: Vec<redis::Cmd>,
     session_id: &str,
     message_id: &str,
@@ -221,7 +221,7 @@ pub async fn route_then_read_journal(
 /// holds now — the reply that won, or `None` for a timeout. A run after a
 /// crash then reads the same (see [`JOURNAL_TIMED_OUT`]).
 pub async fn journal_timeouts(
-    conn: &mut ConnectionManager,
+    conn: &mut Connection,
     session_id: &str,
     message_id: &str,
     fields: &[String],

@@ -7,9 +7,9 @@
 use super::{Stopping, TaskLink};
 use crate::events::Write;
 use crate::routing::{self, Expect, Journaled, Reply, Waiting};
+use byclaw_client::connection::Connection;
 use byclaw_protocol::keys;
 use futures::{FutureExt, StreamExt, stream::FuturesUnordered};
-use redis::aio::ConnectionManager;
 use tokio::sync::OwnedSemaphorePermit;
 
 /// What a task learned from outside, by call or prompt id: a run after
@@ -110,7 +110,7 @@ impl Suspension {
     /// `message_id`.
     pub async fn wait(
         self,
-        conn: &mut ConnectionManager,
+        conn: &mut Connection,
         session_id: &str,
         message_id: &str,
     ) -> Result<Vec<(String, Option<Reply>)>, redis::RedisError> {

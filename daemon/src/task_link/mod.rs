@@ -21,6 +21,7 @@ pub use learned::{Learned, Suspension};
 use crate::events::{Write, Writer};
 use crate::routing::{self, Expect, Reply, ReplyKind, WaitKey, Waiters, Waiting};
 use arc_swap::ArcSwap;
+use byclaw_client::connection::Connection;
 use byclaw_protocol::{
     self as wire, Delta, EventOrigin, EventSpec, content_type, event_type, keys, state,
 };
@@ -29,7 +30,6 @@ use byclaw_sandbox::{
     AgentCall, CancelSignal, HostImport, PluginTable, PortFuture, Stopping, TaskPort,
 };
 use futures::{FutureExt, StreamExt, stream::FuturesUnordered};
-use redis::aio::ConnectionManager;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -49,7 +49,7 @@ pub struct Services {
     /// This worker: the route of every reply awaited here names it.
     pub worker_id: Arc<str>,
     /// Registry lookups and reads (`active-workers`, target checks).
-    pub redis: ConnectionManager,
+    pub redis: Connection,
     /// The plugins loaded now (swapped as a whole on reload), for routing
     /// and for tools of other plugins.
     pub plugins: Arc<ArcSwap<PluginTable>>,

@@ -2,10 +2,10 @@
 //! exactly as the reference Python client (`ByaiGatewayClient`) does.
 
 use crate::EventReader;
+use crate::connection::Connection;
 pub use byclaw_protocol::workers::WorkerInfo;
 use byclaw_protocol::{self as wire, Header, keys};
 use byclaw_protocol::{CancelLookup, Executions};
-use redis::aio::ConnectionManager;
 use serde_json::{Value, json};
 use std::time::Duration;
 
@@ -118,7 +118,7 @@ pub struct Client {
     /// The Redis, for the event readers' own connections.
     endpoint: crate::connection::Endpoint,
     /// Multiplexed; every command of the client and its clones.
-    pub(crate) conn: ConnectionManager,
+    pub(crate) conn: Connection,
     registry: std::sync::Arc<Executions>,
     /// `header.tenant_id` of every command sent (empty: none).
     tenant_id: String,

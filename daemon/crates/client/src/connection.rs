@@ -1,12 +1,18 @@
 //! Connections to the gateway's Redis, the same for every program that
 //! talks to it: reconnecting, multiplexed, with timeouts, over TLS when the
 //! URL says `rediss://` (with the system's trust store, or a CA file and a
-//! client certificate: [`Endpoint`]).
+//! client certificate: [`Endpoint`]), to one Redis or to the master that
+//! Redis Sentinel names, followed across failovers ([`Connection`]).
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use arc_swap::ArcSwap;
+use redis::aio::{
+    ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
+};
+use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
+use redis::{AsyncConnectionConfig, Cmd, IntoConnectionInfo as _, RedisError, RedisFuture, Value};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Where the gateway's Redis is and how to trust it: a URL, and for TLS
 /// (`rediss://`) optionally the CA that signed the server's certificate and
@@ -18,6 +24,20 @@ pub struct Endpoint {
     /// PEM files read at start; `None`: the system's trust store, no client
     /// certificate.
     tls: Option<Arc<TlsFiles>>,
+    /// Set when the master is found through Redis Sentinel: `url` then
+    /// gives the master's credentials, database and scheme, not its address.
+    sentinel: Option<Arc<SentinelNodes>>,
+}
+
+/// The sentinels that know where the master is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentinelNodes {
+    /// The name the sentinels monitor the master under (`sentinel monitor
+    /// <name> ...`).
+    pub master_name: String,
+    /// `redis://host:port` (or `rediss://`) of each sentinel, with the
+    /// sentinels' own user name and password when they ask for one.
+    pub nodes: Vec<String>,
 }
 
 /// The PEM contents of the TLS files of an [`Endpoint`].
@@ -58,7 +78,21 @@ impl Endpoint {
         Endpoint {
             url: url.into(),
             tls: None,
+            sentinel: None,
         }
+    }
+
+    /// This endpoint's master as Redis Sentinel names it: the URL's user
+    /// name, password, database and scheme (`rediss://`: TLS, with this
+    /// endpoint's files) are the master's; its host and port are not used.
+    pub fn through_sentinel(mut self, sentinel: SentinelNodes) -> Self {
+        self.sentinel = Some(Arc::new(sentinel));
+        self
+    }
+
+    /// The sentinels, when the master is found through them.
+    pub fn sentinel(&self) -> Option<&SentinelNodes> {
+        self.sentinel.as_deref()
     }
 
     /// The Redis at `url` with these TLS files (read now). Without any file
@@ -106,6 +140,7 @@ impl Endpoint {
         Ok(Endpoint {
             url: url.into(),
             tls,
+            sentinel: None,
         })
     }
 
@@ -124,19 +159,75 @@ impl Endpoint {
         }
         match &self.tls {
             None => redis::Client::open(self.url.as_str()),
-            Some(files) => redis::Client::build_with_tls(
-                self.url.as_str(),
-                redis::TlsCertificates {
-                    client_tls: files
-                        .client
-                        .as_ref()
-                        .map(|(cert, key)| redis::ClientTlsConfig {
-                            client_cert: cert.clone(),
-                            client_key: key.clone(),
-                        }),
-                    root_cert: files.ca.clone(),
-                },
-            ),
+            Some(files) => redis::Client::build_with_tls(self.url.as_str(), files.certificates()),
+        }
+    }
+
+    /// A client of the sentinels that finds the master for `sentinel`,
+    /// connecting to it as the URL says (credentials, database, TLS).
+    fn sentinel_client(&self, sentinel: &SentinelNodes) -> Result<SentinelClient, RedisError> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let master = self.url.as_str().into_connection_info()?;
+        let mut addresses = Vec::with_capacity(sentinel.nodes.len());
+        let mut sentinel_auth = None;
+        for node in &sentinel.nodes {
+            let info = node.as_str().into_connection_info()?;
+            let settings = info.redis_settings();
+            if sentinel_auth.is_none() && settings.password().is_some() {
+                sentinel_auth = Some((
+                    settings.username().map(str::to_owned),
+                    settings.password().unwrap_or_default().to_owned(),
+                ));
+            }
+            addresses.push(info.addr().clone());
+        }
+        let all_tls = addresses
+            .iter()
+            .all(|addr| matches!(addr, redis::ConnectionAddr::TcpTls { .. }));
+        let settings = master.redis_settings();
+        let mut builder = SentinelClientBuilder::new(
+            addresses,
+            &sentinel.master_name,
+            SentinelServerType::Master,
+        )?
+        .set_client_to_redis_db(settings.db());
+        if let Some(user) = settings.username() {
+            builder = builder.set_client_to_redis_username(user);
+        }
+        if let Some(password) = settings.password() {
+            builder = builder.set_client_to_redis_password(password);
+        }
+        if matches!(master.addr(), redis::ConnectionAddr::TcpTls { .. }) {
+            builder = builder.set_client_to_redis_tls_mode(redis::TlsMode::Secure);
+            if let Some(files) = &self.tls {
+                builder = builder.set_client_to_redis_certificates(files.certificates());
+            }
+        }
+        if let Some((user, password)) = sentinel_auth {
+            if let Some(user) = user {
+                builder = builder.set_client_to_sentinel_username(user);
+            }
+            builder = builder.set_client_to_sentinel_password(password);
+        }
+        if all_tls && let Some(files) = &self.tls {
+            builder = builder.set_client_to_sentinel_certificates(files.certificates());
+        }
+        builder.build()
+    }
+}
+
+impl TlsFiles {
+    /// The files as redis-rs takes them.
+    fn certificates(&self) -> redis::TlsCertificates {
+        redis::TlsCertificates {
+            client_tls: self
+                .client
+                .as_ref()
+                .map(|(cert, key)| redis::ClientTlsConfig {
+                    client_cert: cert.clone(),
+                    client_key: key.clone(),
+                }),
+            root_cert: self.ca.clone(),
         }
     }
 }
@@ -146,6 +237,7 @@ impl std::fmt::Debug for Endpoint {
         f.debug_struct("Endpoint")
             .field("url", &redact_password(&self.url))
             .field("tls_files", &self.tls.is_some())
+            .field("sentinel", &self.sentinel)
             .finish()
     }
 }
@@ -179,14 +271,244 @@ impl From<&Endpoint> for Endpoint {
 pub async fn connect(
     endpoint: impl Into<Endpoint>,
     response_timeout: Duration,
-) -> Result<ConnectionManager, redis::RedisError> {
-    let client = endpoint.into().client()?;
+) -> Result<Connection, RedisError> {
+    let endpoint = endpoint.into();
+    if let Some(sentinel) = endpoint.sentinel.clone() {
+        let config = AsyncConnectionConfig::new()
+            .set_response_timeout(Some(response_timeout))
+            .set_connection_timeout(Some(CONNECTION_TIMEOUT));
+        let follower = SentinelFollower::connect(&endpoint, &sentinel, config).await?;
+        return Ok(Connection(Route::Sentinel(Arc::new(follower))));
+    }
+    let client = endpoint.client()?;
     let config = ConnectionManagerConfig::new()
         .set_response_timeout(Some(response_timeout))
-        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_connection_timeout(Some(CONNECTION_TIMEOUT))
         .set_number_of_retries(6)
         .set_max_delay(Duration::from_secs(2));
-    ConnectionManager::new_with_config(client, config).await
+    Ok(Connection(Route::Direct(
+        ConnectionManager::new_with_config(client, config).await?,
+    )))
+}
+
+/// How long opening a connection (and asking the sentinels) may take.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Least time between two failed searches for the master: a burst of
+/// failing commands asks the sentinels once, not once each.
+const SEARCH_INTERVAL: Duration = Duration::from_millis(200);
+
+/// A connection to the gateway's Redis: cheap to clone (clones share it),
+/// multiplexed, reconnecting. To one Redis it is redis-rs'
+/// `ConnectionManager`; through Sentinel it asks the sentinels for the
+/// master again when a command fails in a way a failover explains (the
+/// connection dropped or timed out, `READONLY` from a demoted master,
+/// `MASTERDOWN`, `LOADING`, an aborted transaction) and moves to the new
+/// one. Either way the failing command returns its error: callers retry as
+/// they do across any reconnect.
+#[derive(Clone)]
+pub struct Connection(Route);
+
+/// What a [`Connection`] talks to.
+#[derive(Clone)]
+enum Route {
+    /// One Redis, reconnected to the same address.
+    Direct(ConnectionManager),
+    /// The master the sentinels name.
+    Sentinel(Arc<SentinelFollower>),
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Route::Direct(_) => f.write_str("Connection(direct)"),
+            Route::Sentinel(follower) => f
+                .debug_struct("Connection")
+                .field("master_name", &follower.master_name)
+                .field("master", &follower.current.load().address)
+                .finish(),
+        }
+    }
+}
+
+impl ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match &mut self.0 {
+            Route::Direct(manager) => manager.req_packed_command(cmd),
+            Route::Sentinel(follower) => Box::pin(async move {
+                let master = follower.current.load_full();
+                let result = master.connection.clone().req_packed_command(cmd).await;
+                if let Err(error) = &result {
+                    follower.after_error(master.generation, error).await;
+                }
+                result
+            }),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match &mut self.0 {
+            Route::Direct(manager) => manager.req_packed_commands(pipeline, offset, count),
+            Route::Sentinel(follower) => Box::pin(async move {
+                let master = follower.current.load_full();
+                let result = master
+                    .connection
+                    .clone()
+                    .req_packed_commands(pipeline, offset, count)
+                    .await;
+                if let Err(error) = &result {
+                    follower.after_error(master.generation, error).await;
+                }
+                result
+            }),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match &self.0 {
+            Route::Direct(manager) => manager.get_db(),
+            Route::Sentinel(follower) => follower.current.load().connection.get_db(),
+        }
+    }
+}
+
+/// The master Redis Sentinel names, and the connection to it.
+struct SentinelFollower {
+    /// The name the sentinels know the master by (for logs).
+    master_name: String,
+    /// Asks the sentinels; the lock also makes searches one at a time.
+    sentinels: tokio::sync::Mutex<SentinelSearch>,
+    /// Timeouts of the connection to the master.
+    config: AsyncConnectionConfig,
+    /// The master connected to now; replaced whole when it changes.
+    current: ArcSwap<Master>,
+}
+
+/// The sentinels' client and when asking them last failed.
+struct SentinelSearch {
+    /// Finds the master and checks that it says it is one (`ROLE`).
+    client: SentinelClient,
+    /// End of the last search that found no usable master.
+    failed_at: Option<Instant>,
+}
+
+/// One master and the connection to it.
+struct Master {
+    /// Counts the masters connected to, so that of many commands failing on
+    /// one connection only the first replaces it.
+    generation: u64,
+    /// `host:port`, for logs and to tell whether the master moved.
+    address: String,
+    connection: MultiplexedConnection,
+}
+
+impl SentinelFollower {
+    async fn connect(
+        endpoint: &Endpoint,
+        sentinel: &SentinelNodes,
+        config: AsyncConnectionConfig,
+    ) -> Result<Self, RedisError> {
+        let mut client = endpoint.sentinel_client(sentinel)?;
+        let (address, connection) = Self::find_master(&mut client, &config).await?;
+        Ok(SentinelFollower {
+            master_name: sentinel.master_name.clone(),
+            sentinels: tokio::sync::Mutex::new(SentinelSearch {
+                client,
+                failed_at: None,
+            }),
+            config,
+            current: ArcSwap::from_pointee(Master {
+                generation: 0,
+                address,
+                connection,
+            }),
+        })
+    }
+
+    /// Asks the sentinels for the master and connects to it.
+    async fn find_master(
+        client: &mut SentinelClient,
+        config: &AsyncConnectionConfig,
+    ) -> Result<(String, MultiplexedConnection), RedisError> {
+        let search = async {
+            let master = client.async_get_client().await?;
+            let address = master.get_connection_info().addr().to_string();
+            let connection = master
+                .get_multiplexed_async_connection_with_config(config)
+                .await?;
+            Ok::<_, RedisError>((address, connection))
+        };
+        tokio::time::timeout(2 * CONNECTION_TIMEOUT, search)
+            .await
+            .unwrap_or_else(|_| {
+                Err(RedisError::from((
+                    redis::ErrorKind::Io,
+                    "the sentinels did not name a reachable master in time",
+                )))
+            })
+    }
+
+    /// After a command on master `generation` failed: when the failure
+    /// could be a failover, asks the sentinels where the master is and
+    /// moves there (once for all the commands that failed on it).
+    async fn after_error(&self, generation: u64, error: &RedisError) {
+        let dropped = error.is_io_error() || error.is_connection_dropped() || error.is_timeout();
+        let topology = matches!(
+            error.code(),
+            Some("READONLY" | "MASTERDOWN" | "LOADING" | "EXECABORT")
+        );
+        if !dropped && !topology {
+            return;
+        }
+        let mut search = self.sentinels.lock().await;
+        let current = self.current.load();
+        if current.generation != generation {
+            return; // Another command already moved on.
+        }
+        if search
+            .failed_at
+            .is_some_and(|at| at.elapsed() < SEARCH_INTERVAL)
+        {
+            return;
+        }
+        match Self::find_master(&mut search.client, &self.config).await {
+            Ok((address, _)) if address == current.address && !dropped => {
+                // The same master, and the connection is fine: the error
+                // was the command's own.
+                search.failed_at = None;
+            }
+            Ok((address, connection)) => {
+                if address != current.address {
+                    tracing::info!(
+                        master_name = %self.master_name,
+                        from = %current.address,
+                        to = %address,
+                        "redis: following the master sentinel names"
+                    );
+                }
+                search.failed_at = None;
+                self.current.store(Arc::new(Master {
+                    generation: generation + 1,
+                    address,
+                    connection,
+                }));
+            }
+            Err(search_error) => {
+                tracing::warn!(
+                    master_name = %self.master_name,
+                    master = %current.address,
+                    error = %search_error,
+                    "redis: no master found through the sentinels yet"
+                );
+                search.failed_at = Some(Instant::now());
+            }
+        }
+    }
 }
 
 /// The URL as logs and errors may show it: a password becomes `***`.

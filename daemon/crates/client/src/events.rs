@@ -3,8 +3,8 @@
 
 use crate::ClientError;
 use crate::client::redis_error;
+use crate::connection::Connection;
 use byclaw_protocol::{self as wire, keys};
-use redis::aio::ConnectionManager;
 use serde_json::Value;
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -107,7 +107,7 @@ impl SessionEvent {
 
 /// Reads session data streams with `XREAD BLOCK`, on its own connection.
 pub struct EventReader {
-    conn: ConnectionManager,
+    conn: Connection,
 }
 
 /// The longest a single [`EventReader::read`] blocks.
