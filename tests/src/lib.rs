@@ -35,6 +35,7 @@ pub fn init_logging() {
     });
 }
 
+pub mod cluster;
 pub mod postgres;
 pub mod sentinel;
 pub mod tls;

@@ -286,9 +286,33 @@ pub async fn connect(
         .set_connection_timeout(Some(CONNECTION_TIMEOUT))
         .set_number_of_retries(6)
         .set_max_delay(Duration::from_secs(2));
-    Ok(Connection(Route::Direct(
+    let mut connection = Connection(Route::Direct(
         ConnectionManager::new_with_config(client, config).await?,
-    )))
+    ));
+    refuse_cluster(&mut connection).await?;
+    Ok(connection)
+}
+
+/// Refuses a Redis Cluster node: in cluster mode Redis answers MOVED for
+/// keys of other nodes and CROSSSLOT for transactions and scripts over
+/// keys of several slots (even when one node holds every slot), which the
+/// gateway's writes are. Better a clear error at start than failing
+/// writes. A user whose ACL forbids INFO is not checked.
+async fn refuse_cluster(connection: &mut Connection) -> Result<(), RedisError> {
+    let info: Result<String, RedisError> = redis::cmd("INFO")
+        .arg("cluster")
+        .query_async(connection)
+        .await;
+    if info.is_ok_and(|info| info.contains("cluster_enabled:1")) {
+        return Err(RedisError::from((
+            redis::ErrorKind::InvalidClientConfig,
+            "Redis Cluster is not supported",
+            "this Redis runs in cluster mode (cluster_enabled:1); the gateway speaks to one Redis, \
+             or to the master Redis Sentinel names (redis.sentinel_master)"
+                .to_owned(),
+        )));
+    }
+    Ok(())
 }
 
 /// How long opening a connection (and asking the sentinels) may take.
