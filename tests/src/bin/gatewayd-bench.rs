@@ -61,6 +61,10 @@ struct Args {
     reference: Option<usize>,
     /// `KEY=VALUE` for the daemon's environment (e.g. `GATEWAYD_HISTORY__BACKEND=off`).
     env: Vec<(String, String)>,
+    /// Serve through Redis Sentinel: a master, a replica and three
+    /// sentinels of the bench's own; the daemon finds the master through
+    /// the sentinels.
+    sentinel: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -80,6 +84,7 @@ fn parse_args() -> Result<Args> {
         gatewayd: None,
         reference: None,
         env: Vec::new(),
+        sentinel: false,
     };
     let mut reference_tasks = None;
     let mut it = std::env::args().skip(1);
@@ -97,6 +102,7 @@ fn parse_args() -> Result<Args> {
             "--reloads" => args.reloads = value()?.parse()?,
             "--idle-plugins" => args.idle_plugins = value()?.parse()?,
             "--examples" => args.examples = true,
+            "--sentinel" => args.sentinel = true,
             "--hostile" => args.hostile = true,
             "--gatewayd" => args.gatewayd = Some(PathBuf::from(value()?)),
             "--reference" => args.reference = Some(0),
@@ -113,7 +119,7 @@ fn parse_args() -> Result<Args> {
                     "gatewayd-bench [--tasks 20000] [--in-flight 200] [--idle 200] [--readers 4] \
                      [--concurrency 256] [--fetch 64] [--text T] [--redis-url URL] [--reloads N] \
                      [--idle-plugins N] [--examples] [--hostile] [--gatewayd PATH] [--env KEY=VALUE]... \
-                     [--reference [--reference-tasks N]]"
+                     [--reference [--reference-tasks N]] [--sentinel]"
                 );
                 std::process::exit(0);
             }
@@ -818,14 +824,19 @@ fn plugin_directory(args: &Args, plugins: &std::path::Path) -> Result<tempfile::
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = parse_args()?;
-    let own_redis = match &args.redis_url {
-        Some(_) => None,
-        None => Some(RedisServer::start().await?),
+    let sentinel = match args.sentinel {
+        true => Some(integration_tests::sentinel::SentinelSet::start().await?),
+        false => None,
     };
-    let url = args
-        .redis_url
-        .clone()
-        .unwrap_or_else(|| own_redis.as_ref().unwrap().url());
+    let own_redis = match (&args.redis_url, &sentinel) {
+        (None, None) => Some(RedisServer::start().await?),
+        _ => None,
+    };
+    let url = match (&sentinel, &args.redis_url, &own_redis) {
+        (Some(set), _, _) => format!("redis://127.0.0.1:{}/0", set.master_port().await?),
+        (None, Some(url), _) => url.clone(),
+        (None, None, own) => own.as_ref().expect("started above").url(),
+    };
     let client = redis::Client::open(url.as_str())?;
     let mut conn = client.get_multiplexed_async_connection().await?;
 
@@ -849,15 +860,14 @@ async fn main() -> Result<()> {
     let worker = format!("bench-{}", suffix());
     let log = tempfile::NamedTempFile::new()?;
     let mut command = tokio::process::Command::new(&gatewayd);
+    match &sentinel {
+        Some(set) => command
+            .args(["--redis-sentinel-master", &set.master_name])
+            .args(["--redis-sentinel-nodes", &set.sentinel_urls().join(",")]),
+        None => command.args(["--redis-url", &url]),
+    };
     command
-        .args([
-            "--redis-url",
-            &url,
-            "--worker-id",
-            &worker,
-            "--log-level",
-            "warn",
-        ])
+        .args(["--worker-id", &worker, "--log-level", "warn"])
         .arg("--plugin-dir")
         .arg(plugin_dir.path())
         .env(
