@@ -4,7 +4,6 @@
 //! This module knows stream commands, not what the entries mean.
 
 use byclaw_client::connection::Connection;
-use byclaw_client::connection::redact_password;
 use byclaw_protocol::EntryId;
 use redis::streams::{StreamClaimReply, StreamId, StreamPendingCountReply, StreamReadReply};
 use redis::{RedisError, Value};
@@ -44,7 +43,7 @@ pub async fn connect(
     endpoint: &byclaw_client::connection::Endpoint,
     response_timeout: Duration,
 ) -> Result<Connection, BrokerError> {
-    let shown = redact_password(endpoint.url());
+    let shown = endpoint.shown();
     byclaw_client::connection::connect(endpoint, response_timeout)
         .await
         .map_err(err("connect", &shown))

@@ -15,7 +15,8 @@ pub enum ClientError {
     /// Redis could not be reached (or refused the credentials).
     #[error("cannot connect to Redis at {url}: {source}")]
     Connect {
-        /// The URL, without its password.
+        /// The URL without its password, or the master's name and its
+        /// sentinels ([`Endpoint::shown`](crate::connection::Endpoint::shown)).
         url: String,
         /// What redis-rs said.
         source: redis::RedisError,
@@ -134,7 +135,7 @@ impl Client {
         let conn = crate::connection::connect(&endpoint, Duration::from_secs(10))
             .await
             .map_err(|source| ClientError::Connect {
-                url: crate::connection::redact_password(endpoint.url()),
+                url: endpoint.shown(),
                 source,
             })?;
         Ok(Client {

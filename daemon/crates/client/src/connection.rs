@@ -95,6 +95,23 @@ impl Endpoint {
         self.sentinel.as_deref()
     }
 
+    /// Where this endpoint connects, as logs and errors may show it (no
+    /// password): the URL, or the master's name and its sentinels.
+    pub fn shown(&self) -> String {
+        match &self.sentinel {
+            None => redact_password(&self.url),
+            Some(sentinel) => {
+                let nodes: Vec<String> =
+                    sentinel.nodes.iter().map(|n| redact_password(n)).collect();
+                format!(
+                    "master {} of sentinels {}",
+                    sentinel.master_name,
+                    nodes.join(",")
+                )
+            }
+        }
+    }
+
     /// The Redis at `url` with these TLS files (read now). Without any file
     /// it is [`Endpoint::new`].
     pub fn with_tls(url: impl Into<String>, paths: &TlsPaths) -> Result<Self, TlsFileError> {
@@ -235,9 +252,8 @@ impl TlsFiles {
 impl std::fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Endpoint")
-            .field("url", &redact_password(&self.url))
+            .field("at", &self.shown())
             .field("tls_files", &self.tls.is_some())
-            .field("sentinel", &self.sentinel)
             .finish()
     }
 }
@@ -318,8 +334,9 @@ async fn refuse_cluster(connection: &mut Connection) -> Result<(), RedisError> {
 /// How long opening a connection (and asking the sentinels) may take.
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Least time between two failed searches for the master: a burst of
-/// failing commands asks the sentinels once, not once each.
+/// Least time between two searches for the master: commands failing on
+/// and on (a master out of memory refusing every transaction, a dead one
+/// the sentinels still name) ask the sentinels at most this often.
 const SEARCH_INTERVAL: Duration = Duration::from_millis(200);
 
 /// A connection to the gateway's Redis: cheap to clone (clones share it),
@@ -413,12 +430,12 @@ struct SentinelFollower {
     current: ArcSwap<Master>,
 }
 
-/// The sentinels' client and when asking them last failed.
+/// The sentinels' client and when it last asked them.
 struct SentinelSearch {
     /// Finds the master and checks that it says it is one (`ROLE`).
     client: SentinelClient,
-    /// End of the last search that found no usable master.
-    failed_at: Option<Instant>,
+    /// End of the last search.
+    searched_at: Option<Instant>,
 }
 
 /// One master and the connection to it.
@@ -443,7 +460,7 @@ impl SentinelFollower {
             master_name: sentinel.master_name.clone(),
             sentinels: tokio::sync::Mutex::new(SentinelSearch {
                 client,
-                failed_at: None,
+                searched_at: None,
             }),
             config,
             current: ArcSwap::from_pointee(Master {
@@ -495,16 +512,17 @@ impl SentinelFollower {
             return; // Another command already moved on.
         }
         if search
-            .failed_at
+            .searched_at
             .is_some_and(|at| at.elapsed() < SEARCH_INTERVAL)
         {
             return;
         }
-        match Self::find_master(&mut search.client, &self.config).await {
+        let found = Self::find_master(&mut search.client, &self.config).await;
+        search.searched_at = Some(Instant::now());
+        match found {
             Ok((address, _)) if address == current.address && !dropped => {
                 // The same master, and the connection is fine: the error
-                // was the command's own.
-                search.failed_at = None;
+                // was the command's own (out of memory, loading).
             }
             Ok((address, connection)) => {
                 if address != current.address {
@@ -515,7 +533,6 @@ impl SentinelFollower {
                         "redis: following the master sentinel names"
                     );
                 }
-                search.failed_at = None;
                 self.current.store(Arc::new(Master {
                     generation: generation + 1,
                     address,
@@ -529,7 +546,6 @@ impl SentinelFollower {
                     error = %search_error,
                     "redis: no master found through the sentinels yet"
                 );
-                search.failed_at = Some(Instant::now());
             }
         }
     }
@@ -559,7 +575,29 @@ pub fn redact_password(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::redact_password;
+    use super::{Endpoint, SentinelNodes, redact_password};
+
+    #[test]
+    fn endpoints_show_no_password_in_logs_or_errors() {
+        let endpoint =
+            Endpoint::new("redis://:master-pw@127.0.0.1:6379/0").through_sentinel(SentinelNodes {
+                master_name: "gateway".into(),
+                nodes: vec![
+                    "redis://:sentinel-pw@10.0.0.1:26379".into(),
+                    "redis://10.0.0.2:26379".into(),
+                ],
+            });
+        assert_eq!(
+            endpoint.shown(),
+            "master gateway of sentinels redis://:***@10.0.0.1:26379,redis://10.0.0.2:26379"
+        );
+        let debug = format!("{endpoint:?}");
+        assert!(!debug.contains("-pw"), "{debug}");
+        assert_eq!(
+            Endpoint::new("redis://app:pw@cache:6379/2").shown(),
+            "redis://app:***@cache:6379/2"
+        );
+    }
 
     #[test]
     fn passwords_never_reach_errors() {

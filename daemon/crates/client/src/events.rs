@@ -122,7 +122,7 @@ impl EventReader {
         let conn = crate::connection::connect(&endpoint, MAX_EVENT_BLOCK + Duration::from_secs(10))
             .await
             .map_err(|source| ClientError::Connect {
-                url: crate::connection::redact_password(endpoint.url()),
+                url: endpoint.shown(),
                 source,
             })?;
         Ok(EventReader { conn })
