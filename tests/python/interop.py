@@ -19,6 +19,10 @@
       answers a task waiting in ask-user with the reference client's
       send_message(action_type="RESUME", parent_message_id=...).
 
+With `--sentinel NAME@HOST:PORT,HOST:PORT` instead of a usable --redis-url,
+the client talks to the master those sentinels name (redis-py's Sentinel
+handing the SDK its client: the SDK itself only takes host and port).
+
 The result is the one stdout line starting with `{` (the SDK logs to stdout too).
 """
 
@@ -86,11 +90,19 @@ async def main():
     parser.add_argument("--text", required=True)
     parser.add_argument("--timeout", type=float, default=30)
     parser.add_argument("--tenant", default="")
+    parser.add_argument("--sentinel", default="")
     args = parser.parse_args()
 
     url = urlparse(args.redis_url)
-    redis = Redis(host=url.hostname, port=url.port or 6379, db=int((url.path or "/0")[1:] or 0),
-                  decode_responses=True)
+    if args.sentinel:
+        from redis.asyncio.sentinel import Sentinel
+        name, nodes = args.sentinel.split("@", 1)
+        addresses = [(host, int(port)) for host, port in
+                     (node.rsplit(":", 1) for node in nodes.split(","))]
+        redis = Sentinel(addresses).master_for(name, decode_responses=True)
+    else:
+        redis = Redis(host=url.hostname, port=url.port or 6379,
+                      db=int((url.path or "/0")[1:] or 0), decode_responses=True)
     client = ByaiGatewayClient(registry=WorkerRegistry(redis), redis_client=redis)
     session_id = f"py-{uuid.uuid4().hex[:12]}"
     if args.mode == "call-agent":

@@ -1,7 +1,8 @@
 //! Redis Sentinel: the daemon and the client library find the master
 //! through the sentinels, and follow it when it fails over — killed with
 //! SIGKILL and its replica promoted, or demoted by a planned failover while
-//! it stays up. Every task the new master knows of ends.
+//! it stays up. Every task the new master knows of ends. The reference
+//! Python client, given a redis-py Sentinel client, is served through them.
 
 use integration_tests::sentinel::SentinelSet;
 use integration_tests::*;
@@ -151,6 +152,64 @@ async fn failover_under_load(failover: Failover) -> anyhow::Result<()> {
          written twice; the client's sends failed {failed_sends} times before reaching the new master",
         before.len() + after.len()
     );
+    daemon.stop().await?;
+    Ok(())
+}
+
+/// The reference SDK takes a host and port only, but its client takes any
+/// redis-py client: given the one redis-py's Sentinel makes for the
+/// master, it finds our worker, sends, and reads our events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_client_reaches_us_through_the_sentinels() -> anyhow::Result<()> {
+    let python = python_venv().await?;
+    let set = SentinelSet::start().await?;
+    let plugins = plugin_dir(&["echo"]);
+    let workspace = tempfile::tempdir()?;
+    let mut config = test_config_without_redis(plugins.path(), workspace.path());
+    config.redis.sentinel_master = Some(set.master_name.clone());
+    config.redis.sentinel_nodes = set.sentinel_urls();
+    let mut daemon = Daemon::start_on(config, None, set.connect_master().await?, "echo").await?;
+
+    let nodes: Vec<String> = set
+        .sentinel_urls()
+        .iter()
+        .map(|url| url.trim_start_matches("redis://").to_owned())
+        .collect();
+    let text = "hello through the sentinels";
+    let run = tokio::process::Command::new(&python)
+        .arg(repo_root().join("tests/python/interop.py"))
+        // Nothing listens there: the client must go through the sentinels.
+        .args([
+            "--redis-url",
+            &format!("redis://127.0.0.1:{}/0", free_port()),
+        ])
+        .args([
+            "--sentinel",
+            &format!("{}@{}", set.master_name, nodes.join(",")),
+        ])
+        .args(["send", "--agent-type", "echo", "--text", text])
+        // The SDK writes a log file into its working directory.
+        .current_dir(std::env::temp_dir())
+        .output();
+    let out = tokio::time::timeout(WAIT, run).await??;
+    anyhow::ensure!(
+        out.status.success(),
+        "interop.py failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout)?;
+    let line = stdout
+        .lines()
+        .find(|line| line.starts_with('{'))
+        .ok_or_else(|| anyhow::anyhow!("no JSON result in:\n{stdout}"))?;
+    let result: serde_json::Value = serde_json::from_str(line)?;
+    assert_eq!(
+        result["target_worker_id"],
+        daemon.worker_id.as_str(),
+        "{result}"
+    );
+    assert_eq!(result["terminal"], "COMPLETED", "{result}");
+    assert_eq!(result["chunks"], text, "{result}");
     daemon.stop().await?;
     Ok(())
 }
