@@ -982,6 +982,32 @@ pub async fn wait_all_acked(
     .await
 }
 
+/// Runs `tests/python/interop.py --redis-url URL ARGS...` (the reference
+/// Python SDK driving us) with the venv's `python`; its JSON result.
+pub async fn python_interop(python: &str, redis_url: &str, args: &[&str]) -> Result<Value> {
+    let script = repo_root().join("tests/python/interop.py");
+    let run = tokio::process::Command::new(python)
+        .arg(script)
+        .args(["--redis-url", redis_url])
+        .args(args)
+        // The SDK writes a log file into its working directory.
+        .current_dir(std::env::temp_dir())
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), run).await??;
+    anyhow::ensure!(
+        out.status.success(),
+        "interop.py {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The SDK logs to stdout as well; the result is the JSON line.
+    let stdout = String::from_utf8(out.stdout)?;
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .ok_or_else(|| anyhow::anyhow!("no JSON result in:\n{stdout}"))?;
+    Ok(serde_json::from_str(line)?)
+}
+
 /// The python of a venv holding the reference SDK and componentize-py
 /// (created once by `tests/python/venv.sh`).
 pub async fn python_venv() -> Result<String> {

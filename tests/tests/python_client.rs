@@ -8,27 +8,7 @@ use serde_json::Value;
 use std::time::Duration;
 
 async fn interop(python: &str, redis: &RedisServer, args: &[&str]) -> anyhow::Result<Value> {
-    let script = repo_root().join("tests/python/interop.py");
-    let run = tokio::process::Command::new(python)
-        .arg(script)
-        .args(["--redis-url", &redis.url()])
-        .args(args)
-        // The SDK writes a log file into its working directory.
-        .current_dir(std::env::temp_dir())
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(60), run).await??;
-    anyhow::ensure!(
-        out.status.success(),
-        "interop.py {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // The SDK logs to stdout as well; the result is the JSON line.
-    let stdout = String::from_utf8(out.stdout)?;
-    let line = stdout
-        .lines()
-        .find(|l| l.starts_with('{'))
-        .ok_or_else(|| anyhow::anyhow!("no JSON result in:\n{stdout}"))?;
-    Ok(serde_json::from_str(line)?)
+    python_interop(python, &redis.url(), args).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -176,33 +176,23 @@ async fn the_python_client_reaches_us_through_the_sentinels() -> anyhow::Result<
         .map(|url| url.trim_start_matches("redis://").to_owned())
         .collect();
     let text = "hello through the sentinels";
-    let run = tokio::process::Command::new(&python)
-        .arg(repo_root().join("tests/python/interop.py"))
-        // Nothing listens there: the client must go through the sentinels.
-        .args([
-            "--redis-url",
-            &format!("redis://127.0.0.1:{}/0", free_port()),
-        ])
-        .args([
+    // Nothing listens at the URL: the client must go through the sentinels.
+    let nowhere = format!("redis://127.0.0.1:{}/0", free_port());
+    let sentinel = format!("{}@{}", set.master_name, nodes.join(","));
+    let result = python_interop(
+        &python,
+        &nowhere,
+        &[
+            "send",
+            "--agent-type",
+            "echo",
+            "--text",
+            text,
             "--sentinel",
-            &format!("{}@{}", set.master_name, nodes.join(",")),
-        ])
-        .args(["send", "--agent-type", "echo", "--text", text])
-        // The SDK writes a log file into its working directory.
-        .current_dir(std::env::temp_dir())
-        .output();
-    let out = tokio::time::timeout(WAIT, run).await??;
-    anyhow::ensure!(
-        out.status.success(),
-        "interop.py failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout)?;
-    let line = stdout
-        .lines()
-        .find(|line| line.starts_with('{'))
-        .ok_or_else(|| anyhow::anyhow!("no JSON result in:\n{stdout}"))?;
-    let result: serde_json::Value = serde_json::from_str(line)?;
+            &sentinel,
+        ],
+    )
+    .await?;
     assert_eq!(
         result["target_worker_id"],
         daemon.worker_id.as_str(),
