@@ -121,6 +121,7 @@ pub async fn run_with(
     let mut limits = config.plugins.limits();
     limits.memory_budget_bytes =
         usize::try_from(worker.memory_budget_mb << 20).unwrap_or(usize::MAX);
+    limits.guest_threads = config.threads().guests;
     // Waiting tasks keep their instances while their permits serve others.
     let sandbox = byclaw_sandbox::Sandbox::with_options(
         limits,

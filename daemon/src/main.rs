@@ -117,7 +117,9 @@ fn runtime(mut builder: tokio::runtime::Builder) -> Option<tokio::runtime::Runti
 /// Runs the daemon; with a configuration file, its policy changes apply
 /// while serving.
 fn run_daemon(config: Config, source: Option<Source>) -> ExitCode {
-    let Some(runtime) = runtime(tokio::runtime::Builder::new_multi_thread()) else {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.worker_threads(config.threads().io);
+    let Some(runtime) = runtime(builder) else {
         return ExitCode::FAILURE;
     };
     let options = gatewayd::RunOptions {

@@ -462,6 +462,7 @@ async fn bad_plugin_files_are_reported_and_skipped() -> anyhow::Result<()> {
             max_tool_bytes: 1 << 20,
             guest_log: Default::default(),
             memory_budget_bytes: 0,
+            guest_threads: 0,
         },
         4,
     )?;

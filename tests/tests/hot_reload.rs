@@ -228,6 +228,7 @@ async fn compiled_plugins_are_cached_across_restarts() -> anyhow::Result<()> {
         max_tool_bytes: 1 << 20,
         guest_log: Default::default(),
         memory_budget_bytes: 0,
+        guest_threads: 0,
     };
     let path = built_plugins().join("planner.wasm");
     let bytes = std::fs::read(&path)?;

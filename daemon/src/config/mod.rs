@@ -28,7 +28,7 @@ pub use log::{LogConfig, LogFormat};
 pub use redis::RedisConfig;
 pub use streams::StreamsConfig;
 pub use telemetry::TelemetryConfig;
-pub use worker::WorkerConfig;
+pub use worker::{Threads, WorkerConfig};
 pub use workspace::WorkspaceConfig;
 
 pub use byclaw_sandbox::{PluginPolicy, PluginsConfig};

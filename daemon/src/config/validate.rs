@@ -74,6 +74,11 @@ impl Config {
         );
         check(w.block_ms >= 1, "worker.block_ms", "must be at least 1");
         check(
+            w.io_threads <= 1024,
+            "worker.io_threads",
+            "must be at most 1024 (0: half the CPUs)",
+        );
+        check(
             w.claim_idle_ms >= 1000,
             "worker.claim_idle_ms",
             "must be at least 1000",

@@ -53,6 +53,10 @@ pub struct PluginsConfig {
     pub read_only_dirs: std::collections::BTreeMap<String, PathBuf>,
     /// Budget of one lifecycle hook call (a plugin's `on-task-start`, ...), ms.
     pub hook_timeout_ms: u64,
+    /// Threads running plugin code, apart from the daemon's own so a busy
+    /// guest never holds up Redis; 0: one per CPU (a guest computing for
+    /// its whole deadline then holds one of them, not all).
+    pub guest_threads: usize,
     /// `[plugins.<id>]` tables: what one plugin gets instead of the above.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub policy: std::collections::BTreeMap<String, PluginPolicy>,
@@ -112,6 +116,7 @@ impl PluginsConfig {
                 bytes: self.guest_log_bytes,
             },
             memory_budget_bytes: 0,
+            guest_threads: 0,
         }
     }
 
@@ -200,6 +205,7 @@ impl Default for PluginsConfig {
             allowed_outbound_hosts: Vec::new(),
             read_only_dirs: std::collections::BTreeMap::new(),
             hook_timeout_ms: 5000,
+            guest_threads: 0,
             policy: std::collections::BTreeMap::new(),
         }
     }
@@ -220,6 +226,11 @@ impl PluginsConfig {
             p.deadline_s >= 1,
             "plugins.deadline_s",
             "must be at least 1",
+        );
+        check(
+            p.guest_threads <= 1024,
+            "plugins.guest_threads",
+            "must be at most 1024 (0: one per CPU)",
         );
         check(
             (1..=600_000).contains(&p.hook_timeout_ms),

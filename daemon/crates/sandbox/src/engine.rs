@@ -167,7 +167,11 @@ impl Sandbox {
                 }
             })
             .map_err(|e| PluginError::Engine(format!("cannot start the epoch ticker: {e}")))?;
-        let guests = tokio::runtime::Builder::new_multi_thread()
+        let mut guest_runtime = tokio::runtime::Builder::new_multi_thread();
+        if limits.guest_threads > 0 {
+            guest_runtime.worker_threads(limits.guest_threads);
+        }
+        let guests = guest_runtime
             .thread_name("guest")
             .enable_all()
             .build()

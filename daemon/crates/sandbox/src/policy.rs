@@ -27,6 +27,8 @@ pub struct Limits {
     /// Budget of the linear memory of all stores together, bytes; past it
     /// new tasks wait to start. 0: none (`worker.memory_budget_mb`).
     pub memory_budget_bytes: usize,
+    /// Threads of the runtime guest code runs on; 0: one per CPU.
+    pub guest_threads: usize,
 }
 
 /// What the tasks of one plugin get (`[plugins.<id>]`, else `[plugins]`).
