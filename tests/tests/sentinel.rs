@@ -1,8 +1,11 @@
 //! Redis Sentinel: the daemon and the client library find the master
 //! through the sentinels, and follow it when it fails over — killed with
-//! SIGKILL and its replica promoted, or demoted by a planned failover while
-//! it stays up. Every task the new master knows of ends. The reference
-//! Python client, given a redis-py Sentinel client, is served through them.
+//! SIGKILL and its replica promoted, demoted by a planned failover while
+//! it stays up, or cut off from the sentinels but not from us (followed on
+//! the sentinels' `+switch-master` alone). Every task the new master knows
+//! of ends. Sentinels, master and replica speaking TLS only serve the same.
+//! The reference Python client, given a redis-py Sentinel client, is served
+//! through them.
 
 use integration_tests::sentinel::SentinelSet;
 use integration_tests::*;
@@ -202,4 +205,269 @@ async fn the_python_client_reaches_us_through_the_sentinels() -> anyhow::Result<
     assert_eq!(result["chunks"], text, "{result}");
     daemon.stop().await?;
     Ok(())
+}
+
+/// The user the daemon and the client library log in to the master and
+/// the replica as; the sentinels log in as `default`, which the partition
+/// switches off on the master.
+const USER: &str = "gateway";
+const PASSWORD: &str = "gateway-secret";
+
+/// A master cut off from the sentinels but not from us (a partition): the
+/// sentinels promote its replica while every command on the old master
+/// still succeeds, so no failing command makes a connection ask them
+/// again. Only their `+switch-master` announcement tells the daemon and
+/// the client library to move; without following it they would go on
+/// writing into the old master, whose writes are dropped when it comes
+/// back and is demoted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_cut_off_from_the_sentinels_is_left_when_they_announce_the_switch()
+-> anyhow::Result<()> {
+    let set = SentinelSet::start().await?;
+    set.add_user(USER, PASSWORD).await?;
+    let plugins = plugin_dir(&["echo"]);
+    let workspace = tempfile::tempdir()?;
+    let mut config = test_config_without_redis(plugins.path(), workspace.path());
+    config.redis.sentinel_master = Some(set.master_name.clone());
+    config.redis.sentinel_nodes = set.sentinel_urls();
+    config.redis.username = Some(USER.into());
+    config.redis.password = Some(PASSWORD.into());
+    config.validate()?;
+    let endpoint = config.redis.endpoint()?;
+    let mut daemon = Daemon::start_on(config, None, set.connect_master().await?, "echo").await?;
+    let client = byclaw_client::Client::connect(endpoint).await?;
+    wait_for(
+        "the connections to listen to the sentinels",
+        WAIT,
+        || async { Ok((watchers(&set).await? > 0).then_some(())) },
+    )
+    .await?;
+
+    let old_port = set.master_port().await?;
+    let mut old = set.connect_to(old_port, Some((USER, PASSWORD))).await?;
+    let served = send_echo_tasks(&client, "before", 5).await?;
+    for session in &served {
+        assert_completed(&mut old, session).await?;
+    }
+
+    let started = Instant::now();
+    set.cut_master_off_from_sentinels(USER, PASSWORD).await?;
+    let new_port = set.wait_failover(old_port, WAIT).await?;
+    let promoted_after = started.elapsed();
+    // The old master is still up and a master to us: our commands on it
+    // succeed, and nothing but the sentinels' announcement says to leave.
+    let role: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut old).await?;
+    assert!(
+        matches!(role.first(), Some(redis::Value::BulkString(b)) if b == b"master"),
+        "the old master stays a master: {role:?}"
+    );
+    let _: () = redis::cmd("SET")
+        .arg(format!("still-writable-{}", suffix()))
+        .arg(1)
+        .query_async(&mut old)
+        .await?;
+
+    // Every connection of the daemon and of the client library leaves it.
+    let own_id: i64 = redis::cmd("CLIENT").arg("ID").query_async(&mut old).await?;
+    wait_for(
+        "the daemon's and the client library's connections to leave the old master",
+        WAIT,
+        || {
+            let mut old = old.clone();
+            async move {
+                let clients: String = redis::cmd("CLIENT")
+                    .arg("LIST")
+                    .query_async(&mut old)
+                    .await?;
+                let ours = clients
+                    .lines()
+                    .filter(|line| line.contains(&format!(" user={USER} ")))
+                    .filter(|line| !line.starts_with(&format!("id={own_id} ")))
+                    .count();
+                Ok((ours == 0).then_some(()))
+            }
+        },
+    )
+    .await?;
+    eprintln!(
+        "sentinel (partition): master {old_port} replaced by {new_port} {promoted_after:?} after \
+         the cut; every connection left it {:?} after the cut",
+        started.elapsed()
+    );
+
+    // What is sent now runs on the new master, and none of it reaches the
+    // old one.
+    let mut new = set.connect_to(new_port, None).await?;
+    let after = send_echo_tasks(&client, "after", 20).await?;
+    for session in &after {
+        assert_completed(&mut new, session).await?;
+        let on_old: bool = redis::cmd("EXISTS")
+            .arg(format!("byai_gateway:session:{session}:data_stream"))
+            .query_async(&mut old)
+            .await?;
+        assert!(!on_old, "{session}: events written to the old master");
+    }
+    wait_all_acked(&new, "byai_gateway:ctrl:capability:echo", WAIT).await?;
+
+    // The watchers end with the last clone of their connection.
+    daemon.stop().await?;
+    drop(client);
+    wait_for("the watchers to end", WAIT, || async {
+        Ok((watchers(&set).await? == 0).then_some(()))
+    })
+    .await?;
+    Ok(())
+}
+
+/// Sentinels over TLS: the master, its replica and the three sentinels
+/// listen with TLS only (a private CA; every client, replication and the
+/// sentinels' own connections show a certificate of it). The daemon and
+/// the client library find the master through `rediss://` sentinel URLs
+/// with the `[redis]` TLS files; the master is killed with SIGKILL, and
+/// tasks sent after the promotion complete on the new master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_go_on_through_sentinels_that_speak_tls_only() -> anyhow::Result<()> {
+    let mut set = SentinelSet::start_tls().await?;
+    let tls = set.tls_material().expect("started with TLS").clone();
+    let plugins = plugin_dir(&["echo"]);
+    let workspace = tempfile::tempdir()?;
+    let mut config = test_config_without_redis(plugins.path(), workspace.path());
+    config.redis.sentinel_master = Some(set.master_name.clone());
+    config.redis.sentinel_nodes = set.sentinel_urls();
+    assert!(config.redis.sentinel_nodes[0].starts_with("rediss://"));
+    config.redis.tls = true;
+    config.redis.tls_ca_file = Some(tls.ca_cert.clone());
+    config.redis.tls_cert_file = Some(tls.client_cert.clone());
+    config.redis.tls_key_file = Some(tls.client_key.clone());
+    config.validate()?;
+    let endpoint = config.redis.endpoint()?;
+    // Nothing is reached without TLS, or trusting another CA.
+    let mut plain = config.redis.clone();
+    plain.sentinel_nodes = plain
+        .sentinel_nodes
+        .iter()
+        .map(|url| url.replace("rediss://", "redis://"))
+        .collect();
+    let mut other_ca = config.redis.clone();
+    other_ca.tls_ca_file = Some(tls.other_ca_cert.clone());
+    for (what, redis_config) in [("plain sentinel URLs", plain), ("another CA", other_ca)] {
+        let refused = byclaw_client::Client::connect(redis_config.endpoint()?).await;
+        assert!(refused.is_err(), "connected with {what}");
+    }
+    let mut daemon = Daemon::start_on(config, None, set.connect_master().await?, "echo").await?;
+    let client = byclaw_client::Client::connect(endpoint).await?;
+    wait_for(
+        "the connections to listen to the sentinels",
+        WAIT,
+        || async { Ok((watchers(&set).await? > 0).then_some(())) },
+    )
+    .await?;
+
+    let mut master = set.connect_master().await?;
+    let before = send_echo_tasks(&client, "before", 5).await?;
+    for session in &before {
+        assert_completed(&mut master, session).await?;
+    }
+
+    let started = Instant::now();
+    let old_port = set.kill_master().await?;
+    let new_port = set.wait_failover(old_port, WAIT).await?;
+    eprintln!(
+        "sentinel (TLS): master {old_port} replaced by {new_port} after {:?}",
+        started.elapsed()
+    );
+
+    // Sent through the connection made before the kill: a send may fail
+    // until it has moved (the dropped connection tells it to, as does
+    // `+switch-master`); it is retried until the new master takes it.
+    let mut after = Vec::new();
+    let mut failed_sends = 0;
+    for i in 0..20 {
+        let session = byclaw_client::new_session_id();
+        let deadline = Instant::now() + WAIT;
+        loop {
+            match client
+                .send(
+                    "echo",
+                    &session,
+                    &format!("after {i}"),
+                    serde_json::json!({}),
+                )
+                .await
+            {
+                Ok(_) => break,
+                Err(error) if Instant::now() < deadline => {
+                    failed_sends += 1;
+                    eprintln!("send after the failover failed, retrying: {error}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+        after.push(session);
+    }
+    let mut new = set.connect_to(new_port, None).await?;
+    for session in before.iter().chain(&after) {
+        assert_completed(&mut new, session).await?;
+    }
+    wait_all_acked(&new, "byai_gateway:ctrl:capability:echo", WAIT).await?;
+    eprintln!("sentinel (TLS): the client's sends failed {failed_sends} times after the kill");
+    daemon.stop().await?;
+    Ok(())
+}
+
+/// Sends `count` echo tasks through the client library, each in a session
+/// of its own; their sessions.
+async fn send_echo_tasks(
+    client: &byclaw_client::Client,
+    label: &str,
+    count: usize,
+) -> anyhow::Result<Vec<String>> {
+    let mut sessions = Vec::with_capacity(count);
+    for i in 0..count {
+        let session = byclaw_client::new_session_id();
+        client
+            .send(
+                "echo",
+                &session,
+                &format!("{label} {i}"),
+                serde_json::json!({}),
+            )
+            .await?;
+        sessions.push(session);
+    }
+    Ok(sessions)
+}
+
+/// Reads `session`'s events on `conn` until its terminal state, which
+/// must be COMPLETED.
+async fn assert_completed(
+    conn: &mut redis::aio::MultiplexedConnection,
+    session: &str,
+) -> anyhow::Result<()> {
+    let events = events_until_terminal(conn, session, WAIT).await?;
+    assert_eq!(
+        delta_content(events.last().expect("a terminal event")),
+        "COMPLETED",
+        "{session}: {events:#?}"
+    );
+    Ok(())
+}
+
+/// How many connections listen to the sentinels' announcements (their
+/// pub/sub clients: the sentinels themselves talk to each other through
+/// the masters' `__sentinel__:hello` channel, not through these).
+async fn watchers(set: &SentinelSet) -> anyhow::Result<usize> {
+    let mut listening = 0;
+    for port in set.sentinel_ports() {
+        let mut sentinel = set.connect_to(port, None).await?;
+        let clients: String = redis::cmd("CLIENT")
+            .arg("LIST")
+            .arg("TYPE")
+            .arg("pubsub")
+            .query_async(&mut sentinel)
+            .await?;
+        listening += clients.lines().count();
+    }
+    Ok(listening)
 }

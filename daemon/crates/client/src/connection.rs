@@ -2,7 +2,10 @@
 //! talks to it: reconnecting, multiplexed, with timeouts, over TLS when the
 //! URL says `rediss://` (with the system's trust store, or a CA file and a
 //! client certificate: [`Endpoint`]), to one Redis or to the master that
-//! Redis Sentinel names, followed across failovers ([`Connection`]).
+//! Redis Sentinel names, followed across failovers ([`Connection`]): after
+//! a command failed the way a failover explains, and as soon as the
+//! sentinels announce a new master (`+switch-master`, watched by
+//! `switch_watch`).
 
 use arc_swap::ArcSwap;
 use redis::aio::{
@@ -13,6 +16,9 @@ use redis::{AsyncConnectionConfig, Cmd, IntoConnectionInfo as _, RedisError, Red
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+mod switch_watch;
 
 /// Where the gateway's Redis is and how to trust it: a URL, and for TLS
 /// (`rediss://`) optionally the CA that signed the server's certificate and
@@ -180,18 +186,17 @@ impl Endpoint {
         }
     }
 
-    /// A client of the sentinels that finds the master for `sentinel`,
-    /// connecting to it as the URL says (credentials, database, TLS).
-    fn sentinel_client(&self, sentinel: &SentinelNodes) -> Result<SentinelClient, RedisError> {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let master = self.url.as_str().into_connection_info()?;
+    /// How to reach the sentinels of `sentinel`: their addresses, their
+    /// own credentials and, when every one is `rediss://`, this endpoint's
+    /// TLS files.
+    fn sentinel_access(&self, sentinel: &SentinelNodes) -> Result<SentinelAccess, RedisError> {
         let mut addresses = Vec::with_capacity(sentinel.nodes.len());
-        let mut sentinel_auth = None;
+        let mut auth = None;
         for node in &sentinel.nodes {
             let info = node.as_str().into_connection_info()?;
             let settings = info.redis_settings();
-            if sentinel_auth.is_none() && settings.password().is_some() {
-                sentinel_auth = Some((
+            if auth.is_none() && settings.password().is_some() {
+                auth = Some((
                     settings.username().map(str::to_owned),
                     settings.password().unwrap_or_default().to_owned(),
                 ));
@@ -201,9 +206,25 @@ impl Endpoint {
         let all_tls = addresses
             .iter()
             .all(|addr| matches!(addr, redis::ConnectionAddr::TcpTls { .. }));
+        Ok(SentinelAccess {
+            addresses,
+            auth,
+            tls: self.tls.clone().filter(|_| all_tls),
+        })
+    }
+
+    /// A client of the sentinels that finds the master for `sentinel`,
+    /// connecting to it as the URL says (credentials, database, TLS).
+    fn sentinel_client(
+        &self,
+        sentinel: &SentinelNodes,
+        access: &SentinelAccess,
+    ) -> Result<SentinelClient, RedisError> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let master = self.url.as_str().into_connection_info()?;
         let settings = master.redis_settings();
         let mut builder = SentinelClientBuilder::new(
-            addresses,
+            access.addresses.clone(),
             &sentinel.master_name,
             SentinelServerType::Master,
         )?
@@ -220,16 +241,59 @@ impl Endpoint {
                 builder = builder.set_client_to_redis_certificates(files.certificates());
             }
         }
-        if let Some((user, password)) = sentinel_auth {
+        if let Some((user, password)) = &access.auth {
             if let Some(user) = user {
                 builder = builder.set_client_to_sentinel_username(user);
             }
             builder = builder.set_client_to_sentinel_password(password);
         }
-        if all_tls && let Some(files) = &self.tls {
+        if let Some(files) = &access.tls {
             builder = builder.set_client_to_sentinel_certificates(files.certificates());
         }
         builder.build()
+    }
+}
+
+/// How to reach the sentinels themselves, shared by the search for the
+/// master and the `+switch-master` watcher so that both reach them alike.
+struct SentinelAccess {
+    /// Each sentinel's address, TLS or not as its URL says.
+    addresses: Vec<redis::ConnectionAddr>,
+    /// The sentinels' user name and password: those of the first URL that
+    /// gives a password (redis-rs takes one pair for every sentinel).
+    auth: Option<(Option<String>, String)>,
+    /// The endpoint's CA and client certificate, used when every sentinel
+    /// is `rediss://` (a mixed list gets the system's trust store).
+    tls: Option<Arc<TlsFiles>>,
+}
+
+impl SentinelAccess {
+    /// A client of each sentinel, in the configured order, for the
+    /// watcher's subscriptions.
+    fn node_clients(&self) -> Result<Vec<redis::Client>, RedisError> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut settings = redis::RedisConnectionInfo::default();
+        if let Some((user, password)) = &self.auth {
+            if let Some(user) = user {
+                settings = settings.set_username(user);
+            }
+            settings = settings.set_password(password);
+        }
+        self.addresses
+            .iter()
+            .map(|address| {
+                let info = address
+                    .clone()
+                    .into_connection_info()?
+                    .set_redis_settings(settings.clone());
+                match (&self.tls, address) {
+                    (Some(files), redis::ConnectionAddr::TcpTls { .. }) => {
+                        redis::Client::build_with_tls(info, files.certificates())
+                    }
+                    _ => redis::Client::open(info),
+                }
+            })
+            .collect()
     }
 }
 
@@ -294,7 +358,7 @@ pub async fn connect(
             .set_response_timeout(Some(response_timeout))
             .set_connection_timeout(Some(CONNECTION_TIMEOUT));
         let follower = SentinelFollower::connect(&endpoint, &sentinel, config).await?;
-        return Ok(Connection(Route::Sentinel(Arc::new(follower))));
+        return Ok(Connection(Route::Sentinel(follower)));
     }
     let client = endpoint.client()?;
     let config = ConnectionManagerConfig::new()
@@ -339,6 +403,11 @@ const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
 /// the sentinels still name) ask the sentinels at most this often.
 const SEARCH_INTERVAL: Duration = Duration::from_millis(200);
 
+/// How long, after a `+switch-master`, the sentinels are asked again while
+/// they still name the master they announced replaced (one of them may not
+/// have heard of the switch yet: they tell each other every 2 s).
+const SWITCH_FOLLOW_TIME: Duration = Duration::from_secs(10);
+
 /// A connection to the gateway's Redis: cheap to clone (clones share it),
 /// multiplexed, reconnecting. To one Redis it is redis-rs'
 /// `ConnectionManager`; through Sentinel it asks the sentinels for the
@@ -346,7 +415,10 @@ const SEARCH_INTERVAL: Duration = Duration::from_millis(200);
 /// connection dropped or timed out, `READONLY` from a demoted master,
 /// `MASTERDOWN`, `LOADING`, an aborted transaction) and moves to the new
 /// one. Either way the failing command returns its error: callers retry as
-/// they do across any reconnect.
+/// they do across any reconnect. It also moves, without any command
+/// failing, when the sentinels announce that they replaced the master
+/// (`+switch-master`): a master cut off from them but not from us answers
+/// every command, and what it takes is lost when it is later demoted.
 #[derive(Clone)]
 pub struct Connection(Route);
 
@@ -428,6 +500,9 @@ struct SentinelFollower {
     config: AsyncConnectionConfig,
     /// The master connected to now; replaced whole when it changes.
     current: ArcSwap<Master>,
+    /// Stops the `+switch-master` watcher when the last clone of the
+    /// connection goes (the watcher holds only a `Weak` of this follower).
+    _watcher: DropGuard,
 }
 
 /// The sentinels' client and when it last asked them.
@@ -445,18 +520,25 @@ struct Master {
     generation: u64,
     /// `host:port`, for logs and to tell whether the master moved.
     address: String,
+    /// The multiplexed connection every command goes through; dropped
+    /// with the last command still running on it once the master changed.
     connection: MultiplexedConnection,
 }
 
 impl SentinelFollower {
+    /// Finds the master, connects to it, and starts the watcher of the
+    /// sentinels' `+switch-master` announcements.
     async fn connect(
         endpoint: &Endpoint,
         sentinel: &SentinelNodes,
         config: AsyncConnectionConfig,
-    ) -> Result<Self, RedisError> {
-        let mut client = endpoint.sentinel_client(sentinel)?;
+    ) -> Result<Arc<Self>, RedisError> {
+        let access = endpoint.sentinel_access(sentinel)?;
+        let mut client = endpoint.sentinel_client(sentinel, &access)?;
+        let watched = access.node_clients()?;
         let (address, connection) = Self::find_master(&mut client, &config).await?;
-        Ok(SentinelFollower {
+        let stop = CancellationToken::new();
+        let follower = Arc::new(SentinelFollower {
             master_name: sentinel.master_name.clone(),
             sentinels: tokio::sync::Mutex::new(SentinelSearch {
                 client,
@@ -468,7 +550,10 @@ impl SentinelFollower {
                 address,
                 connection,
             }),
-        })
+            _watcher: stop.clone().drop_guard(),
+        });
+        switch_watch::spawn(&follower, watched, stop);
+        Ok(follower)
     }
 
     /// Asks the sentinels for the master and connects to it.
@@ -547,6 +632,73 @@ impl SentinelFollower {
                     "redis: no master found through the sentinels yet"
                 );
             }
+        }
+    }
+
+    /// After the sentinels announced that they replaced the master at
+    /// `replaced` (`+switch-master`), or after the watcher could not hear
+    /// them for a while (`None`: a switch may have gone unheard): asks them
+    /// where the master is and moves there if it is not where we are.
+    /// Nothing failed here, so the connection is kept when they name the
+    /// master we are on. After an announcement, a sentinel that has not
+    /// heard of the switch yet may still name the replaced master, or none
+    /// be reachable: they are asked again, paced, for
+    /// [`SWITCH_FOLLOW_TIME`]; after it, failing commands are left to move
+    /// us.
+    async fn follow_switch(&self, replaced: Option<&str>) {
+        let deadline = Instant::now() + SWITCH_FOLLOW_TIME;
+        loop {
+            let mut search = self.sentinels.lock().await;
+            let current = self.current.load_full();
+            if replaced.is_some_and(|replaced| replaced != current.address) {
+                return; // Not on the replaced master (or no longer).
+            }
+            // Paced as after errors, but waited out rather than skipped: a
+            // search made just before the switch does not stand for one after.
+            if let Some(at) = search.searched_at {
+                tokio::time::sleep(SEARCH_INTERVAL.saturating_sub(at.elapsed())).await;
+            }
+            let found = Self::find_master(&mut search.client, &self.config).await;
+            search.searched_at = Some(Instant::now());
+            // The master is replaced while the lock is held, as after an
+            // error: a search of theirs cannot slip in between.
+            let why_not = match found {
+                Ok((address, connection)) if address != current.address => {
+                    tracing::info!(
+                        master_name = %self.master_name,
+                        from = %current.address,
+                        to = %address,
+                        "redis: following the master the sentinels switched to"
+                    );
+                    self.current.store(Arc::new(Master {
+                        generation: current.generation + 1,
+                        address,
+                        connection,
+                    }));
+                    return;
+                }
+                Ok((address, _)) if Some(address.as_str()) != replaced => {
+                    return; // Already on the master they name.
+                }
+                Ok(_) => "a sentinel still names the replaced master".to_owned(),
+                Err(search_error) => search_error.to_string(),
+            };
+            drop(search);
+            if replaced.is_none() || Instant::now() >= deadline {
+                tracing::warn!(
+                    master_name = %self.master_name,
+                    master = %current.address,
+                    error = %why_not,
+                    "redis: could not check the master the sentinels name; staying until a command fails"
+                );
+                return;
+            }
+            tracing::debug!(
+                master_name = %self.master_name,
+                master = %current.address,
+                error = %why_not,
+                "redis: no other master named after a switch yet; asking again"
+            );
         }
     }
 }
