@@ -236,12 +236,33 @@ async fn a_master_cut_off_from_the_sentinels_is_left_when_they_announce_the_swit
     let endpoint = config.redis.endpoint()?;
     let mut daemon = Daemon::start_on(config, None, set.connect_master().await?, "echo").await?;
     let client = byclaw_client::Client::connect(endpoint).await?;
+    // One watcher per endpoint: the daemon's connections share one, the
+    // client library and its event readers (the bridge opens one per
+    // browser stream) another.
+    let mut readers = Vec::new();
+    for _ in 0..10 {
+        let mut reader = client.event_reader().await?;
+        reader
+            .read(
+                &format!("nobody-{}", suffix()),
+                "0",
+                1,
+                Duration::from_millis(1),
+            )
+            .await?;
+        readers.push(reader);
+    }
     wait_for(
-        "the connections to listen to the sentinels",
+        "the daemon and the client library to listen to the sentinels",
         WAIT,
-        || async { Ok((watchers(&set).await? > 0).then_some(())) },
+        || async { Ok((watchers(&set).await? >= 2).then_some(())) },
     )
     .await?;
+    assert_eq!(
+        watchers(&set).await?,
+        2,
+        "one subscription per endpoint, not one per connection"
+    );
 
     let old_port = set.master_port().await?;
     let mut old = set.connect_to(old_port, Some((USER, PASSWORD))).await?;
@@ -312,6 +333,7 @@ async fn a_master_cut_off_from_the_sentinels_is_left_when_they_announce_the_swit
     // The watchers end with the last clone of their connection.
     daemon.stop().await?;
     drop(client);
+    drop(readers);
     wait_for("the watchers to end", WAIT, || async {
         Ok((watchers(&set).await? == 0).then_some(()))
     })
@@ -368,6 +390,14 @@ async fn tasks_go_on_through_sentinels_that_speak_tls_only() -> anyhow::Result<(
     for session in &before {
         assert_completed(&mut master, session).await?;
     }
+    // Replication is asynchronous: what the replica has not received when
+    // the master dies is lost, whoever wrote it.
+    let replicas: i64 = redis::cmd("WAIT")
+        .arg(1)
+        .arg(10_000)
+        .query_async(&mut master)
+        .await?;
+    assert_eq!(replicas, 1, "the replica has every write before the kill");
 
     let started = Instant::now();
     let old_port = set.kill_master().await?;
@@ -407,8 +437,12 @@ async fn tasks_go_on_through_sentinels_that_speak_tls_only() -> anyhow::Result<(
         after.push(session);
     }
     let mut new = set.connect_to(new_port, None).await?;
-    for session in before.iter().chain(&after) {
-        assert_completed(&mut new, session).await?;
+    for (phase, sessions) in [("before the kill", &before), ("after it", &after)] {
+        for session in sessions {
+            assert_completed(&mut new, session)
+                .await
+                .map_err(|error| error.context(format!("a task sent {phase}")))?;
+        }
     }
     wait_all_acked(&new, "byai_gateway:ctrl:capability:echo", WAIT).await?;
     eprintln!("sentinel (TLS): the client's sends failed {failed_sends} times after the kill");

@@ -14,9 +14,8 @@ use redis::aio::{
 use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
 use redis::{AsyncConnectionConfig, Cmd, IntoConnectionInfo as _, RedisError, RedisFuture, Value};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
-use tokio_util::sync::{CancellationToken, DropGuard};
 
 mod switch_watch;
 
@@ -33,6 +32,9 @@ pub struct Endpoint {
     /// Set when the master is found through Redis Sentinel: `url` then
     /// gives the master's credentials, database and scheme, not its address.
     sentinel: Option<Arc<SentinelNodes>>,
+    /// The `+switch-master` watcher of the connections made from this
+    /// endpoint and its clones, while one of them lives.
+    switch_watch: Arc<std::sync::Mutex<Weak<switch_watch::SwitchWatch>>>,
 }
 
 /// The sentinels that know where the master is.
@@ -85,6 +87,7 @@ impl Endpoint {
             url: url.into(),
             tls: None,
             sentinel: None,
+            switch_watch: Arc::default(),
         }
     }
 
@@ -93,6 +96,8 @@ impl Endpoint {
     /// endpoint's files) are the master's; its host and port are not used.
     pub fn through_sentinel(mut self, sentinel: SentinelNodes) -> Self {
         self.sentinel = Some(Arc::new(sentinel));
+        // Not the watcher of the sentinels this was cloned with.
+        self.switch_watch = Arc::default();
         self
     }
 
@@ -164,6 +169,7 @@ impl Endpoint {
             url: url.into(),
             tls,
             sentinel: None,
+            switch_watch: Arc::default(),
         })
     }
 
@@ -500,9 +506,10 @@ struct SentinelFollower {
     config: AsyncConnectionConfig,
     /// The master connected to now; replaced whole when it changes.
     current: ArcSwap<Master>,
-    /// Stops the `+switch-master` watcher when the last clone of the
-    /// connection goes (the watcher holds only a `Weak` of this follower).
-    _watcher: DropGuard,
+    /// The `+switch-master` watcher, shared with the other connections of
+    /// the endpoint; it stops when the last of them goes (it holds only a
+    /// `Weak` of each follower).
+    _switch_watch: Arc<switch_watch::SwitchWatch>,
 }
 
 /// The sentinels' client and when it last asked them.
@@ -535,9 +542,12 @@ impl SentinelFollower {
     ) -> Result<Arc<Self>, RedisError> {
         let access = endpoint.sentinel_access(sentinel)?;
         let mut client = endpoint.sentinel_client(sentinel, &access)?;
-        let watched = access.node_clients()?;
         let (address, connection) = Self::find_master(&mut client, &config).await?;
-        let stop = CancellationToken::new();
+        let switch_watch = switch_watch::SwitchWatch::get_or_start(
+            &endpoint.switch_watch,
+            &sentinel.master_name,
+            || access.node_clients(),
+        )?;
         let follower = Arc::new(SentinelFollower {
             master_name: sentinel.master_name.clone(),
             sentinels: tokio::sync::Mutex::new(SentinelSearch {
@@ -550,9 +560,9 @@ impl SentinelFollower {
                 address,
                 connection,
             }),
-            _watcher: stop.clone().drop_guard(),
+            _switch_watch: switch_watch.clone(),
         });
-        switch_watch::spawn(&follower, watched, stop);
+        switch_watch.add(&follower);
         Ok(follower)
     }
 

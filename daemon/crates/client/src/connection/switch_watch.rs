@@ -1,25 +1,98 @@
-//! The `+switch-master` watcher: a task per Sentinel connection
-//! (`super::Connection`) subscribed to the sentinels' announcement that
-//! they replaced a master, so that the connection moves when they do, not
-//! after a command failed. A master cut off from the sentinels but not from
+//! The `+switch-master` watcher: a task subscribed to the sentinels'
+//! announcement that they replaced a master, so that the connections
+//! (`super::Connection`) move when they do, not after a command failed.
+//! One watcher serves every connection made from one [`super::Endpoint`]
+//! and its clones (the daemon's, a client and its event readers — the
+//! bridge opens one per browser stream): a subscription per process, not
+//! per connection. A master cut off from the sentinels but not from
 //! us (a partition) answers every command: without this the gateway goes on
 //! writing into it until it is demoted, and what it wrote there is dropped
 //! when it resyncs from the new master.
 //!
 //! It listens to one sentinel at a time and moves on to the next when that
 //! one fails (closed, silent past a ping, refusing), waiting longer after
-//! each failure. It owns no master connection: it asks the follower to
+//! each failure. It owns no master connection: it asks each follower to
 //! search (`SentinelFollower::follow_switch`), which checks `ROLE` as
-//! every search does. It holds the follower by a `Weak`, and ends when the
-//! follower's `DropGuard` cancels it, that is when the last clone of the
-//! connection goes.
+//! every search does. Followers hold the [`SwitchWatch`]; it holds them by
+//! `Weak`, and its task ends when the last follower is dropped (the
+//! watch's `DropGuard` cancels it).
 
 use super::{CONNECTION_TIMEOUT, SentinelFollower};
 use futures::StreamExt as _;
 use redis::RedisError;
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+/// Most followers asked to search at once after a switch: many event
+/// readers must not all ask the sentinels in the same instant.
+const CONCURRENT_SEARCHES: usize = 16;
+
+/// The watcher shared by the connections of one endpoint.
+pub(super) struct SwitchWatch {
+    /// The followers to move; dead ones are pruned as new ones come.
+    followers: Mutex<Vec<Weak<SentinelFollower>>>,
+    /// Stops the watcher's task when the last follower drops this.
+    _stop: DropGuard,
+}
+
+impl SwitchWatch {
+    /// The watch of `slot` (an endpoint's, shared by its clones), started
+    /// on `sentinels` for `master_name` when none runs.
+    pub(super) fn get_or_start(
+        slot: &Mutex<Weak<SwitchWatch>>,
+        master_name: &str,
+        sentinels: impl FnOnce() -> Result<Vec<redis::Client>, RedisError>,
+    ) -> Result<Arc<SwitchWatch>, RedisError> {
+        let mut slot = slot.lock().expect("switch watch lock is never poisoned");
+        if let Some(watch) = slot.upgrade() {
+            return Ok(watch);
+        }
+        let sentinels = sentinels()?;
+        let stop = CancellationToken::new();
+        let watch = Arc::new(SwitchWatch {
+            followers: Mutex::new(Vec::new()),
+            _stop: stop.clone().drop_guard(),
+        });
+        *slot = Arc::downgrade(&watch);
+        let master_name = master_name.to_owned();
+        let weak = Arc::downgrade(&watch);
+        tokio::spawn(async move {
+            tokio::select! {
+                () = stop.cancelled() => {}
+                () = run(&weak, &master_name, &sentinels) => {}
+            }
+        });
+        Ok(watch)
+    }
+
+    /// Moves `follower` too when the sentinels switch masters.
+    pub(super) fn add(&self, follower: &Arc<SentinelFollower>) {
+        let mut followers = self
+            .followers
+            .lock()
+            .expect("switch watch lock is never poisoned");
+        followers.retain(|follower| follower.strong_count() > 0);
+        followers.push(Arc::downgrade(follower));
+    }
+
+    /// Asks every live follower to check where the master is (see
+    /// `SentinelFollower::follow_switch`), a few at a time.
+    async fn follow_switch(&self, replaced: Option<&str>) {
+        let followers: Vec<Arc<SentinelFollower>> = self
+            .followers
+            .lock()
+            .expect("switch watch lock is never poisoned")
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        futures::stream::iter(followers)
+            .for_each_concurrent(CONCURRENT_SEARCHES, |follower| async move {
+                follower.follow_switch(replaced).await;
+            })
+            .await;
+    }
+}
 
 /// The sentinels' channel announcing a new master:
 /// `<name> <old-ip> <old-port> <new-ip> <new-port>`.
@@ -95,31 +168,14 @@ impl Switch {
     }
 }
 
-/// Starts watching `sentinels` (a client of each) for `follower`, until
-/// `stop` is cancelled.
-pub(super) fn spawn(
-    follower: &Arc<SentinelFollower>,
-    sentinels: Vec<redis::Client>,
-    stop: CancellationToken,
-) {
-    let master_name = follower.master_name.clone();
-    let follower = Arc::downgrade(follower);
-    tokio::spawn(async move {
-        tokio::select! {
-            () = stop.cancelled() => {}
-            () = watch(&follower, &master_name, &sentinels) => {}
-        }
-    });
-}
-
-/// Listens to each sentinel in turn, for as long as the follower lives.
-async fn watch(follower: &Weak<SentinelFollower>, master_name: &str, sentinels: &[redis::Client]) {
+/// Listens to each sentinel in turn, for as long as the watch lives.
+async fn run(watch: &Weak<SwitchWatch>, master_name: &str, sentinels: &[redis::Client]) {
     let mut backoff = MIN_BACKOFF;
     let mut failed_in_a_row = 0;
     for sentinel in sentinels.iter().cycle() {
         let listened_since = Instant::now();
-        let Some(error) = listen(follower, master_name, sentinel).await else {
-            return; // The follower is gone.
+        let Some(error) = listen(watch, master_name, sentinel).await else {
+            return; // Every follower is gone.
         };
         let address = sentinel.get_connection_info().addr().to_string();
         if error.after_subscribing() {
@@ -160,9 +216,9 @@ async fn watch(follower: &Weak<SentinelFollower>, master_name: &str, sentinels: 
 }
 
 /// Subscribes to one sentinel and follows each switch of our master it
-/// announces; returns why it stopped, or `None` once the follower is gone.
+/// announces; returns why it stopped, or `None` once every follower is gone.
 async fn listen(
-    follower: &Weak<SentinelFollower>,
+    watch: &Weak<SwitchWatch>,
     master_name: &str,
     sentinel: &redis::Client,
 ) -> Option<WatchError> {
@@ -180,7 +236,7 @@ async fn listen(
     // A switch announced while nobody listened (before this connection
     // was made, or while the previous sentinel was failing) went unheard:
     // ask where the master is now.
-    follower.upgrade()?.follow_switch(None).await;
+    watch.upgrade()?.follow_switch(None).await;
     let mut ping =
         tokio::time::interval_at(tokio::time::Instant::now() + PING_INTERVAL, PING_INTERVAL);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -206,7 +262,7 @@ async fn listen(
                     to = %switch.to,
                     "redis: the sentinels switched masters"
                 );
-                follower.upgrade()?.follow_switch(Some(&switch.from)).await;
+                watch.upgrade()?.follow_switch(Some(&switch.from)).await;
             }
             _ = ping.tick() => {
                 let answered = tokio::time::timeout(CONNECTION_TIMEOUT, sink.ping::<redis::Value>()).await;
