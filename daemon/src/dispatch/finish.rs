@@ -33,8 +33,9 @@ impl Dispatcher {
             _ => None,
         };
         let mut writes = Vec::with_capacity(5);
-        let reply_to_caller = |status: &str, reply_data: serde_json::Value| {
+        let reply_to_caller = |status: &str, reply_data: &dyn Fn() -> serde_json::Value| {
             let caller = caller?;
+            let reply_data = reply_data();
             let resume_header = wire::Header {
                 message_id: wire::new_message_id(),
                 session_id: header.session_id.clone(),
@@ -62,14 +63,14 @@ impl Dispatcher {
         };
         let status = match outcome {
             Outcome::Completed(json) => {
-                let result: serde_json::Value =
-                    serde_json::from_str(&json).unwrap_or(serde_json::Value::Null);
+                // Parsed only for a calling agent's RESUME.
+                let result = || serde_json::from_str(&json).unwrap_or(serde_json::Value::Null);
                 let metadata = RawValue::from_string(format!("{{\"result\":{json}}}")).ok();
                 let terminal = match caller {
                     Some(caller) => format!("QUEUED: {caller}"),
                     None => state::COMPLETED.to_owned(),
                 };
-                if let Some(resume) = reply_to_caller(state::COMPLETED, result) {
+                if let Some(resume) = reply_to_caller(state::COMPLETED, &result) {
                     writes.push(resume);
                 }
                 writes.push(event(wire::state_event(
@@ -82,7 +83,7 @@ impl Dispatcher {
             }
             Outcome::Failed(reason) => {
                 if let Some(resume) =
-                    reply_to_caller(state::FAILED, serde_json::json!({ "error": reason }))
+                    reply_to_caller(state::FAILED, &|| serde_json::json!({ "error": reason }))
                 {
                     writes.push(resume);
                 }
@@ -96,9 +97,10 @@ impl Dispatcher {
             }
             Outcome::Cancelled(reason) => {
                 writes.push(event(wire::state_event(origin, state::CANCELLING, None)));
-                if let Some(resume) =
-                    reply_to_caller(state::CANCELLED, serde_json::json!({ "reason": reason }))
-                {
+                if let Some(resume) = reply_to_caller(
+                    state::CANCELLED,
+                    &|| serde_json::json!({ "reason": reason }),
+                ) {
                     writes.push(resume);
                 }
                 writes.push(event(wire::state_event(origin, state::CANCELLED, None)));
