@@ -50,3 +50,45 @@ async fn every_task_completes_across_a_redis_crash() -> anyhow::Result<()> {
     daemon.stop().await?;
     Ok(())
 }
+
+/// Redis drops every connection of the daemon (a restart, a failover, a
+/// `CLIENT KILL`): the first command sent on a connection that has not
+/// reconnected yet fails. When that command is a task's replay check — the
+/// entry having been read on the reader's own connection, reconnected
+/// already — the check is tried again, paced, and the task runs; it is not
+/// left pending for `worker.claim_idle_ms` (ten minutes here, past the
+/// test's wait).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_read_just_after_connections_dropped_runs_at_once() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let plugins = plugin_dir(&["echo"]);
+    let workspace = tempfile::tempdir()?;
+    let mut config = test_config(&redis, plugins.path(), workspace.path());
+    config.worker.claim_idle_ms = 600_000;
+    let mut daemon = Daemon::start(config, &redis, "echo").await?;
+    let mut conn = redis.connect().await?;
+    for round in 0..5 {
+        let task = send_ask(&mut conn, "echo", &format!("round {round}")).await?;
+        let events = events_until_terminal(&mut conn, &task.session_id, WAIT).await?;
+        assert_eq!(
+            delta_content(events.last().unwrap()),
+            "COMPLETED",
+            "round {round}: {events:#?}"
+        );
+        // Every connection but the test's own is dropped.
+        let _: i64 = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("normal")
+            .arg("SKIPME")
+            .arg("yes")
+            .query_async(&mut conn)
+            .await?;
+    }
+    let task = send_ask(&mut conn, "echo", "last").await?;
+    let events = events_until_terminal(&mut conn, &task.session_id, WAIT).await?;
+    assert_eq!(delta_content(events.last().unwrap()), "COMPLETED");
+    wait_all_acked(&conn, "byai_gateway:ctrl:capability:echo", WAIT).await?;
+    daemon.stop().await?;
+    Ok(())
+}

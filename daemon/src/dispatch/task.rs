@@ -5,6 +5,10 @@
 use super::rerun::Rerun;
 use super::*;
 
+/// Tries of the replay check after the first, when Redis could not take
+/// it (about 3 s in all, paced from 50 ms up to 1 s).
+const BEGIN_RETRIES: usize = 6;
+
 impl Dispatcher {
     pub(super) async fn run(
         &self,
@@ -60,22 +64,19 @@ impl Dispatcher {
         // The session's history is read alongside the replay check: no
         // round trip of its own on the way to the plugin.
         let mut conn = self.services.redis.clone();
-        let (begin, recent) = tokio::join!(
-            self.executions.begin(
-                &mut conn,
-                NewExecution {
-                    message_id: &header.message_id,
-                    session_id: &header.session_id,
-                    worker_id: &self.settings.worker_id,
-                    target_agent_type: &header.target_agent_type,
-                    stream_name: &delivery.stream,
-                    redis_message_id: &delivery.id,
-                    plugin_sha256: &plugin_sha256,
-                    random_seed: &random_seed,
-                    tenant_id: &header.tenant_id,
-                },
-            ),
-            async {
+        let new_execution = NewExecution {
+            message_id: &header.message_id,
+            session_id: &header.session_id,
+            worker_id: &self.settings.worker_id,
+            target_agent_type: &header.target_agent_type,
+            stream_name: &delivery.stream,
+            redis_message_id: &delivery.id,
+            plugin_sha256: &plugin_sha256,
+            random_seed: &random_seed,
+            tenant_id: &header.tenant_id,
+        };
+        let (mut begin, recent) =
+            tokio::join!(self.executions.begin(&mut conn, new_execution), async {
                 if inject {
                     history
                         .recent_json(&header.session_id, self.settings.history_inject)
@@ -83,8 +84,24 @@ impl Dispatcher {
                 } else {
                     Default::default()
                 }
+            });
+        // A failover (or a dropped connection) fails the first command on
+        // a connection that has not moved yet, though the entry was just
+        // read from the new master: tried again a few times, paced, rather
+        // than left pending for `worker.claim_idle_ms`. Running the check
+        // twice is safe: a record the first try wrote makes it a rerun.
+        let mut backoff =
+            crate::retry::Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
+        for _ in 0..BEGIN_RETRIES {
+            match &begin {
+                Err(error) if crate::events::refused_whole(error) => {
+                    tracing::debug!(%error, "cannot record the execution yet; trying again");
+                    tokio::time::sleep(backoff.next_wait()).await;
+                    begin = self.executions.begin(&mut conn, new_execution).await;
+                }
+                _ => break,
             }
-        );
+        }
         let (mut execution, rerun) = match begin {
             Ok(Begin::Run { execution, rerun }) => (execution, rerun),
             Ok(Begin::Elsewhere {
@@ -111,8 +128,9 @@ impl Dispatcher {
                 return;
             }
             Err(error) => {
-                // Redis is failing; leave the entry pending. It is retried
-                // when claimed again after worker.claim_idle_ms.
+                // Redis is still failing, or refused the script; leave the
+                // entry pending. It is retried when claimed again after
+                // worker.claim_idle_ms.
                 tracing::warn!(%error, "cannot record the execution; entry left pending");
                 unregister();
                 return;

@@ -213,6 +213,7 @@ pub struct Executions {
 }
 
 /// Everything `begin` needs to write a new record.
+#[derive(Debug, Clone, Copy)]
 pub struct NewExecution<'a> {
     pub message_id: &'a str,
     pub session_id: &'a str,
